@@ -1,0 +1,344 @@
+//! The tunnel WebSocket as a byte stream.
+//!
+//! HTTP/2 wants an `AsyncRead + AsyncWrite`; the tunnel is a WebSocket. Each
+//! write becomes one binary message of at most [`WRITE_CHUNK`] bytes, and
+//! reads return the binary messages' bytes in order. Pings and pongs are
+//! answered by tungstenite; a text message is a protocol error.
+//!
+//! A [`CloseSignal`] lets the owner of a session close the WebSocket with a
+//! code and reason even though HTTP/2 owns the stream, and tells it the
+//! reason the peer gave when the peer closed.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::handshake::{MAX_MESSAGE, WRITE_CHUNK};
+
+/// The WebSocket settings both sides use for the tunnel.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+        .write_buffer_size(WRITE_CHUNK * 2)
+}
+
+/// Why a tunnel WebSocket was closed, as carried in its close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The WebSocket close code (1000 normal, 1001 going away, …).
+    pub code: u16,
+    /// A sentence for the person at the other end.
+    pub reason: String,
+}
+
+impl CloseReason {
+    /// A close because this side is going away (shutdown).
+    pub fn going_away(reason: impl Into<String>) -> Self {
+        Self {
+            code: 1001,
+            reason: reason.into(),
+        }
+    }
+
+    /// A close because a policy ended the session (such as a takeover).
+    pub fn policy(reason: impl Into<String>) -> Self {
+        Self {
+            code: 1008,
+            reason: reason.into(),
+        }
+    }
+
+    fn to_frame(&self) -> CloseFrame {
+        // A close frame's payload is at most 125 bytes: 2 for the code and
+        // the rest for the reason, cut at a character boundary.
+        let mut end = self.reason.len().min(123);
+        while !self.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        CloseFrame {
+            code: CloseCode::from(self.code),
+            reason: self.reason[..end].to_owned().into(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct CloseState {
+    /// The reason this side will give when it closes.
+    local: Mutex<Option<CloseReason>>,
+    /// Set once the owner asks to close now rather than at shutdown.
+    now: AtomicBool,
+    /// The reason the peer gave in its close frame.
+    remote: Mutex<Option<CloseReason>>,
+    /// Wakes the stream's reader so that it notices `now`.
+    waker: AtomicWaker,
+}
+
+/// A handle to close a [`ByteStream`] from outside and to learn why the peer
+/// closed it. Clones share the same stream.
+#[derive(Clone, Default)]
+pub struct CloseSignal(Arc<CloseState>);
+
+impl CloseSignal {
+    /// Sets the reason sent when the stream closes, without closing it yet;
+    /// used before a graceful HTTP/2 shutdown that ends with a close.
+    pub fn set_reason(&self, reason: CloseReason) {
+        *self.0.local.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+    }
+
+    /// Closes the stream now with `reason`: the close frame is sent and
+    /// HTTP/2 reads the end of the stream, failing what is in flight.
+    pub fn close(&self, reason: CloseReason) {
+        self.set_reason(reason);
+        self.0.now.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+
+    /// The reason the peer gave when it closed, if it has.
+    pub fn remote_reason(&self) -> Option<CloseReason> {
+        self.0
+            .remote
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn local_frame(&self) -> Option<CloseFrame> {
+        self.0
+            .local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(CloseReason::to_frame)
+    }
+}
+
+/// Where the stream is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// A close was asked for; the close frame is being sent.
+    Closing,
+    /// No more bytes will be read.
+    Ended,
+}
+
+/// A WebSocket read and written as a stream of bytes.
+pub struct ByteStream<S> {
+    /// The WebSocket underneath.
+    ws: WebSocketStream<S>,
+    /// What is left of the binary message being read.
+    pending: Bytes,
+    /// Open, closing or ended.
+    phase: Phase,
+    /// Shared with whoever may close the stream from outside.
+    signal: CloseSignal,
+}
+
+impl<S> ByteStream<S> {
+    /// Wraps a WebSocket; `signal` closes it from outside.
+    pub fn new(ws: WebSocketStream<S>, signal: CloseSignal) -> Self {
+        Self {
+            ws,
+            pending: Bytes::new(),
+            phase: Phase::Open,
+            signal,
+        }
+    }
+}
+
+fn io_error(err: tungstenite::Error) -> io::Error {
+    match err {
+        tungstenite::Error::Io(err) => err,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "tunnel websocket is closed")
+        }
+        other => io::Error::other(other),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
+    /// Sends this side's close frame and flushes it.
+    fn poll_send_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.phase == Phase::Open {
+            ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(io_error)?;
+            let frame = self.signal.local_frame();
+            Pin::new(&mut self.ws)
+                .start_send(Message::Close(frame))
+                .map_err(io_error)?;
+            self.phase = Phase::Closing;
+        }
+        match ready!(Pin::new(&mut self.ws).poll_flush(cx)) {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => Poll::Ready(Ok(())),
+            Err(err) => Poll::Ready(Err(io_error(err))),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ByteStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.phase != Phase::Open && this.phase != Phase::Closing {
+                return Poll::Ready(Ok(()));
+            }
+            this.signal.0.waker.register(cx.waker());
+            if this.signal.0.now.load(Ordering::Acquire) {
+                // Best effort: the peer may already be gone.
+                let _ = ready!(this.poll_send_close(cx));
+                this.phase = Phase::Ended;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => this.pending = data,
+                Some(Ok(Message::Close(frame))) => {
+                    let reason = frame.map(|f| CloseReason {
+                        code: f.code.into(),
+                        reason: f.reason.to_string(),
+                    });
+                    *this
+                        .signal
+                        .0
+                        .remote
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = reason;
+                    this.phase = Phase::Ended;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text message on the tunnel websocket, which carries only binary",
+                    )))
+                }
+                Some(Err(
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                ))
+                | None => {
+                    this.phase = Phase::Ended;
+                }
+                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ByteStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io_error)?;
+        let n = buf.len().min(WRITE_CHUNK);
+        Pin::new(&mut this.ws)
+            .start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
+            .map_err(io_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws)
+            .poll_flush(cx)
+            .map_err(io_error)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.phase == Phase::Ended {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_send_close(cx))?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    use super::{websocket_config, ByteStream, CloseReason, CloseSignal};
+    use crate::handshake::WRITE_CHUNK;
+
+    async fn pair() -> (
+        ByteStream<tokio::io::DuplexStream>,
+        CloseSignal,
+        ByteStream<tokio::io::DuplexStream>,
+        CloseSignal,
+    ) {
+        let (a, b) = tokio::io::duplex(8);
+        let client =
+            WebSocketStream::from_raw_socket(a, Role::Client, Some(websocket_config())).await;
+        let server =
+            WebSocketStream::from_raw_socket(b, Role::Server, Some(websocket_config())).await;
+        let (cs, ss) = (CloseSignal::default(), CloseSignal::default());
+        (
+            ByteStream::new(client, cs.clone()),
+            cs,
+            ByteStream::new(server, ss.clone()),
+            ss,
+        )
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_in_order_in_bounded_chunks() {
+        let (mut client, _, mut server, _) = pair().await;
+        let data: Vec<u8> = (0..WRITE_CHUNK * 3 + 17).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_signal_ends_both_sides_with_a_reason() {
+        let (mut client, client_signal, mut server, server_signal) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            client.read_to_end(&mut buf).await.map(|_| buf)
+        });
+        server_signal.close(CloseReason::policy("taken over by another session"));
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(reader.await.unwrap().unwrap(), Vec::<u8>::new());
+        let remote = client_signal.remote_reason().unwrap();
+        assert_eq!(remote, CloseReason::policy("taken over by another session"));
+    }
+
+    #[test]
+    fn long_reasons_fit_a_close_frame() {
+        let frame = CloseReason::going_away("é".repeat(100)).to_frame();
+        assert!(frame.reason.len() <= 123);
+    }
+}

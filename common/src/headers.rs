@@ -1,0 +1,91 @@
+//! Header handling shared by both ends of the tunnel.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::handshake::meta;
+
+/// Headers that describe one connection rather than the message (RFC 9110
+/// §7.6.1), besides those the `Connection` header itself lists.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers: `Connection`, every header it names, and the
+/// fixed list above plus `Keep-Alive` and `Proxy-Connection`. `TE: trailers`
+/// is end-to-end in meaning and kept.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let keeps_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in named.iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if keeps_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes every `ferry-*` header, so a public caller cannot forge the
+/// metadata the relay adds.
+pub fn remove_ferry_headers(headers: &mut HeaderMap) {
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(meta::PREFIX))
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue};
+
+    use super::{remove_ferry_headers, remove_hop_by_hop};
+
+    #[test]
+    fn strips_connection_and_what_it_names() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        headers.append("connection", HeaderValue::from_static("close"));
+        headers.append("x-secret", HeaderValue::from_static("1"));
+        headers.append("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.append("transfer-encoding", HeaderValue::from_static("chunked"));
+        headers.append("te", HeaderValue::from_static("trailers"));
+        headers.append("x-keep", HeaderValue::from_static("a"));
+        headers.append("x-keep", HeaderValue::from_static("b"));
+        remove_hop_by_hop(&mut headers);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep", "te"]);
+        assert_eq!(headers.get_all("x-keep").iter().count(), 2);
+    }
+
+    #[test]
+    fn strips_forged_metadata() {
+        let mut headers = HeaderMap::new();
+        headers.append("ferry-client-ip", HeaderValue::from_static("6.6.6.6"));
+        headers.append("ferry-anything", HeaderValue::from_static("x"));
+        headers.append("ferryman", HeaderValue::from_static("kept"));
+        remove_ferry_headers(&mut headers);
+        assert_eq!(headers.len(), 1);
+    }
+}
