@@ -74,7 +74,7 @@ impl CloseReason {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct CloseState {
     /// The reason this side will give when it closes.
     local: Mutex<Option<CloseReason>>,
@@ -88,7 +88,7 @@ struct CloseState {
 
 /// A handle to close a [`ByteStream`] from outside and to learn why the peer
 /// closed it. Clones share the same stream.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CloseSignal(Arc<CloseState>);
 
 impl CloseSignal {

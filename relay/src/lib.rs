@@ -1,1 +1,122 @@
+//! The Ferry relay: the public side of Ferry's tunnels.
+//!
+//! - [`ingress`]: accepts public HTTP/1.1 and HTTP/2 connections, routes by
+//!   Host and forwards tunnel traffic to the client over HTTP/2.
+//! - [`session`]: the connect handshake and the life of one client's tunnel.
+//! - [`tunnels`]: the registry of subdomain → live session.
+//! - [`admin`]: the relay's own endpoints (`/healthz`, `/metrics`, the API).
+//! - [`config`]: the settings `main` validates.
+//! - [`shutdown`]: the signals that stop the process gracefully.
+//!
+//! [`run`] serves on an already-bound listener until its shutdown token is
+//! cancelled, so the binary, the client's embedded mode and the tests all run
+//! the very same relay.
 
+pub mod admin;
+pub mod config;
+pub mod ingress;
+pub mod session;
+pub mod shutdown;
+pub mod tunnels;
+
+use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_common::byte_stream::CloseReason;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::{Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, Token};
+
+/// The body type of every request and response the relay handles.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// How long in-flight public requests may run on after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long tunnel sessions get to send their close frames at shutdown.
+const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What every connection of one relay shares.
+pub(crate) struct State {
+    /// The validated settings.
+    config: Config,
+    /// The live tunnels.
+    tunnels: tunnels::Tunnels,
+    /// `:PORT` for public URLs, empty for the scheme's default port.
+    port_suffix: String,
+    /// Tunnel sessions and WebSocket bridges, awaited at shutdown.
+    tasks: TaskTracker,
+    /// Counters for `/metrics`.
+    metrics: admin::Metrics,
+    /// The next exchange id.
+    next_exchange: AtomicU64,
+}
+
+impl State {
+    /// The URL public callers use to reach tunnel `name`.
+    fn public_url(&self, name: &ferry_common::subdomain::Subdomain) -> String {
+        format!("http://{name}.{}{}", self.config.domain, self.port_suffix)
+    }
+}
+
+/// Serves the relay on `listener` until `shutdown` is cancelled, then stops
+/// accepting, lets in-flight requests finish (within a bounded wait) and
+/// closes every tunnel with a reason.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let port = listener.local_addr()?.port();
+    let state = Arc::new(State {
+        config,
+        tunnels: tunnels::Tunnels::default(),
+        port_suffix: if port == 80 {
+            String::new()
+        } else {
+            format!(":{port}")
+        },
+        tasks: TaskTracker::new(),
+        metrics: admin::Metrics::default(),
+        next_exchange: AtomicU64::new(1),
+    });
+    ingress::serve(Arc::clone(&state), listener, shutdown, SHUTDOWN_GRACE).await;
+    state
+        .tunnels
+        .close_all(&CloseReason::going_away("the relay is shutting down"));
+    state.tasks.close();
+    if tokio::time::timeout(SESSION_CLOSE_WAIT, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("tunnel sessions still open after the shutdown wait");
+    }
+    Ok(())
+}
+
+/// A plain-text response: the relay's errors are sentences for people.
+pub(crate) fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let mut message = message.into();
+    message.push('\n');
+    let mut response = Response::new(full(message));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A body from bytes in memory.
+pub(crate) fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
