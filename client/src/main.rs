@@ -1,1 +1,149 @@
-fn main() {}
+//! `ferry`: parses the command line, starts the embedded relay when no relay
+//! is configured, and prints the tunnel's events.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferry::embedded::Embedded;
+use ferry::{Config, Event, HostHeader, Target};
+use ferry_common::subdomain::Subdomain;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Expose a local server through a Ferry relay, so webhooks and browsers
+/// reach localhost.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Forward a public subdomain to a local HTTP server.
+    Http(HttpArgs),
+}
+
+#[derive(Args, Debug)]
+struct HttpArgs {
+    /// The local server: a port (3000), host:port (localhost:3000) or URL
+    /// (http://127.0.0.1:3000, https://localhost:8443).
+    #[arg(default_value = "http://localhost:3000", value_parser = Target::parse)]
+    target: Target,
+    /// The relay to use, such as wss://relay.example.com. Without one, ferry
+    /// starts a relay inside this process on 127.0.0.1.
+    #[arg(long, env = "FERRY_RELAY")]
+    relay: Option<String>,
+    /// The token the relay asks for.
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The subdomain to ask for; a random one otherwise.
+    #[arg(long, value_parser = Subdomain::parse)]
+    subdomain: Option<Subdomain>,
+    /// The Host header the local server sees: `preserve` (the public host),
+    /// `rewrite` (the target's host, for dev servers that check it) or a
+    /// fixed value.
+    #[arg(long, default_value = "preserve")]
+    host_header: HostHeader,
+    /// Seconds the local server may take to answer before the caller gets 504.
+    #[arg(long, value_name = "SECONDS", default_value_t = ferry::DEFAULT_LOCAL_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Http(args) = Cli::parse().command;
+    match http(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
+    let (relay, embedded) = match &args.relay {
+        Some(relay) => (ferry::relay_url(relay)?, None),
+        None => {
+            let embedded = Embedded::start().await.map_err(ferry::Error::Embedded)?;
+            (embedded.relay_url(), Some(embedded))
+        }
+    };
+    let config = Config {
+        relay,
+        token: args.token,
+        subdomain: args.subdomain,
+        target: args.target,
+        host_header: args.host_header,
+        local_timeout: Duration::from_secs(args.timeout),
+    };
+    let (events, receiver) = broadcast::channel(1024);
+    let embedded_addr = embedded.as_ref().map(|e| e.addr);
+    tokio::spawn(print(receiver, embedded_addr));
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        ferry_relay::shutdown::signal().await;
+        on_signal.cancel();
+    });
+    let result = ferry::run(config, events, shutdown).await;
+    if let Some(embedded) = embedded {
+        embedded.stop().await;
+    }
+    result
+}
+
+/// Prints the banner and a line per request.
+async fn print(mut events: broadcast::Receiver<Event>, embedded: Option<std::net::SocketAddr>) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                println!("… {missed} requests not shown");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        match event {
+            Event::Connected {
+                public_url,
+                target,
+                reconnected: false,
+            } => {
+                println!("{public_url} -> {target}");
+                if let Some(addr) = embedded {
+                    println!("embedded relay on http://localhost:{} (reachable from this machine only; use --relay for a public one)", addr.port());
+                }
+                println!("Ctrl-C to stop\n");
+            }
+            Event::Connected {
+                public_url,
+                reconnected: true,
+                ..
+            } => println!("reconnected: {public_url}"),
+            Event::Disconnected { reason } => println!("disconnected: {reason}"),
+            Event::Reconnecting { delay } => {
+                println!("reconnecting in {:.1} s", delay.as_secs_f64())
+            }
+            Event::Request(exchange) => {
+                let millis = exchange.elapsed.as_secs_f64() * 1000.0;
+                let note = exchange.error.map(|e| format!("  {e}")).unwrap_or_default();
+                println!(
+                    "{:<7} {:<40} {} {:>8.1} ms{note}",
+                    exchange.method, exchange.path, exchange.status, millis
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The relay `ferry http` starts in-process when no relay is configured.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The port tried first, then the ones after it.
+pub const PREFERRED_PORT: u16 = 8080;
+/// How many ports after [`PREFERRED_PORT`] are tried before any free one.
+const PORTS_TO_TRY: u16 = 20;
+
+/// A relay running inside this process; dropping it stops nothing, call
+/// [`Embedded::stop`] to shut it down and wait.
+pub struct Embedded {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Stops it.
+    shutdown: CancellationToken,
+    /// Its task.
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Embedded {
+    /// Starts a relay on 127.0.0.1, on port 8080 or the next free one.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = bind().await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ferry_relay::run(
+            ferry_relay::Config::default(),
+            listener,
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The URL the client connects to.
+    pub fn relay_url(&self) -> String {
+        format!(
+            "ws://{}{}",
+            self.addr,
+            ferry_common::handshake::CONNECT_PATH
+        )
+    }
+
+    /// Shuts the relay down and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "embedded relay failed"),
+            Err(err) => tracing::warn!(%err, "embedded relay task failed"),
+        }
+    }
+}
+
+async fn bind() -> std::io::Result<TcpListener> {
+    for port in PREFERRED_PORT..PREFERRED_PORT + PORTS_TO_TRY {
+        if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
+            return Ok(listener);
+        }
+    }
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await
+}

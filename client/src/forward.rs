@@ -1,0 +1,332 @@
+//! Forwarding: each HTTP/2 stream the relay opens becomes a request to the
+//! local target, and the target's response streams back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_common::handshake::meta;
+use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::broadcast;
+use tracing::debug;
+
+use crate::target::{HostHeader, Target};
+use crate::{Event, Exchange};
+
+/// The body type of everything the forwarder sends and answers.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// How long an idle keep-alive connection to the target is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Forwards tunnel requests to the local target over a pooled keep-alive client.
+pub struct Forwarder {
+    /// The local server.
+    target: Target,
+    /// What Host the local server sees.
+    host_header: HostHeader,
+    /// How long the target may take to answer with headers.
+    timeout: Duration,
+    /// The pooled client to the target.
+    client: Client<Connector, Body>,
+    /// Where each exchange is reported for the terminal.
+    events: broadcast::Sender<Event>,
+}
+
+/// Why a request did not reach the target. Mapped to a status in one place,
+/// [`error_response`].
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("ferry: the tunnel is up but nothing answers on {target} ({cause}). Start your server there, or run ferry http with the port it listens on")]
+    Unreachable { target: String, cause: String },
+    #[error("ferry: {target} did not answer within {} s", timeout.as_secs())]
+    Timeout { target: String, timeout: Duration },
+    #[error("ferry: could not build the request for {target}: {cause}")]
+    BadRequest { target: String, cause: String },
+}
+
+fn error_response(err: &ForwardError) -> Response<Body> {
+    let status = match err {
+        ForwardError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+        ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+    };
+    let mut response = Response::new(full(format!("{err}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn full(text: String) -> Body {
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The innermost cause of an error, which for a refused connection is the
+/// operating system's own words.
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+impl Forwarder {
+    /// A forwarder to `target`.
+    pub fn new(
+        target: Target,
+        host_header: HostHeader,
+        timeout: Duration,
+        events: broadcast::Sender<Event>,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let tls = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                crate::local_tls::AcceptAnyCertificate::new(),
+            ))
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Self {
+            target,
+            host_header,
+            timeout,
+            client,
+            events,
+        }
+    }
+
+    /// Forwards one request from the tunnel and reports it.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let (response, error) = match self.forward(req).await {
+            Ok(response) => (response, None),
+            Err(err) => {
+                debug!(%err, "forward failed");
+                (error_response(&err), Some(err.to_string()))
+            }
+        };
+        let exchange = Exchange {
+            method: method.to_string(),
+            path,
+            status: response.status().as_u16(),
+            elapsed: started.elapsed(),
+            error,
+        };
+        // Nobody listening is fine: the terminal view is optional.
+        let _ = self.events.send(Event::Request(exchange));
+        response
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Body>, ForwardError> {
+        let websocket = req.method() == Method::CONNECT
+            && req
+                .extensions()
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str() == "websocket");
+        let tunnel_side = websocket.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let public_host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = Uri::builder()
+            .scheme(self.target.scheme())
+            .authority(self.target.authority())
+            .path_and_query(path)
+            .build()
+            .map_err(|err| ForwardError::BadRequest {
+                target: self.target.to_string(),
+                cause: err.to_string(),
+            })?;
+        parts.version = Version::HTTP_11;
+        let client_ip = header_text(&parts.headers, meta::CLIENT_IP);
+        let scheme = header_text(&parts.headers, meta::SCHEME).unwrap_or_else(|| "http".to_owned());
+        remove_hop_by_hop(&mut parts.headers);
+        remove_ferry_headers(&mut parts.headers);
+        self.set_host(&mut parts.headers, &public_host);
+        add_forwarded(
+            &mut parts.headers,
+            client_ip.as_deref(),
+            &scheme,
+            &public_host,
+        );
+
+        if let Some(tunnel_side) = tunnel_side {
+            return self.forward_websocket(parts, tunnel_side).await;
+        }
+        let request = Request::from_parts(parts, body.boxed_unsync());
+        let response = self.send(request).await?;
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, ForwardError> {
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(ForwardError::Unreachable {
+                target: self.target.to_string(),
+                cause: root_cause(&err),
+            }),
+            Err(_) => Err(ForwardError::Timeout {
+                target: self.target.to_string(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// Turns an extended CONNECT (RFC 8441) into an HTTP/1.1 WebSocket
+    /// upgrade to the target, then copies bytes both ways.
+    async fn forward_websocket(
+        &self,
+        mut parts: hyper::http::request::Parts,
+        tunnel_side: hyper::upgrade::OnUpgrade,
+    ) -> Result<Response<Body>, ForwardError> {
+        parts.method = Method::GET;
+        parts.extensions = hyper::http::Extensions::new();
+        let headers = &mut parts.headers;
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        if let Ok(key) = HeaderValue::from_str(&key) {
+            headers.insert(header::SEC_WEBSOCKET_KEY, key);
+        }
+        headers
+            .entry(header::SEC_WEBSOCKET_VERSION)
+            .or_insert(HeaderValue::from_static("13"));
+        let empty = Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut response = self.send(Request::from_parts(parts, empty)).await?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        }
+        let local_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            let (local, tunnel) = match tokio::try_join!(local_side, tunnel_side) {
+                Ok(both) => both,
+                Err(err) => return debug!(%err, "websocket upgrade failed"),
+            };
+            let (mut local, mut tunnel) = (TokioIo::new(local), TokioIo::new(tunnel));
+            if let Err(err) = tokio::io::copy_bidirectional(&mut local, &mut tunnel).await {
+                debug!(%err, "websocket ended with an error");
+            }
+        });
+        let mut answer = Response::new(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        for name in [
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+        ] {
+            if let Some(value) = response.headers().get(&name) {
+                answer.headers_mut().insert(name, value.clone());
+            }
+        }
+        Ok(answer)
+    }
+
+    fn set_host(&self, headers: &mut HeaderMap, public_host: &str) {
+        let host = match &self.host_header {
+            HostHeader::Preserve => HeaderValue::from_str(public_host).ok(),
+            HostHeader::Rewrite => HeaderValue::from_str(self.target.authority()).ok(),
+            HostHeader::Value(value) => Some(value.clone()),
+        };
+        if let Some(host) = host {
+            headers.insert(header::HOST, host);
+        }
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Adds `X-Forwarded-For` (appending to what an earlier proxy sent),
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`.
+fn add_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: Option<&str>,
+    scheme: &str,
+    public_host: &str,
+) {
+    if let Some(ip) = client_ip {
+        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_owned(),
+        };
+        insert(headers, "x-forwarded-for", &chain);
+    }
+    insert(headers, "x-forwarded-proto", scheme);
+    if !public_host.is_empty() {
+        insert(headers, "x-forwarded-host", public_host);
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::header::{HeaderMap, HeaderValue};
+
+    use super::add_forwarded;
+
+    #[test]
+    fn forwarded_headers_extend_an_existing_chain() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        add_forwarded(
+            &mut headers,
+            Some("203.0.113.9"),
+            "https",
+            "demo.relay.test",
+        );
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 203.0.113.9");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "demo.relay.test");
+    }
+}

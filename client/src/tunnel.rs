@@ -1,0 +1,240 @@
+//! The tunnel session: connect to the relay, serve HTTP/2 over the
+//! WebSocket, and reconnect with backoff when the link drops.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::byte_stream::{websocket_config, ByteStream, CloseReason, CloseSignal};
+use ferry_common::handshake::{
+    ConnectAnswer, ASSIGNED_SUBDOMAIN_HEADER, CLIENT_KEY_HEADER, CONNECTION_WINDOW,
+    MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION,
+    PUBLIC_URL_HEADER, STREAM_WINDOW, SUBDOMAIN_HEADER, VERSION_HEADER,
+};
+use ferry_common::subdomain::Subdomain;
+use hyper::header::{HeaderValue, AUTHORIZATION};
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, http};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::forward::Forwarder;
+use crate::{Config, Error, Event};
+
+/// How long requests in flight may run on once the client shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long the close frame may take once the grace period is over.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// The first reconnect delay, before jitter; it doubles per failed attempt.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// The longest reconnect delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// The delay before reconnect attempt `attempt` (0 for the first): capped
+/// exponential backoff with "equal jitter", half fixed and half random, so
+/// clients of a restarted relay do not all return at once. `jitter` is a
+/// random number in `[0, 1)`.
+pub fn reconnect_delay(attempt: u32, jitter: f64) -> Duration {
+    let exponential = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let capped = exponential.min(BACKOFF_CAP);
+    capped / 2 + capped.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+type Tunnel = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How a session ended.
+enum SessionEnd {
+    /// This client is shutting down.
+    Shutdown,
+    /// The link dropped or the relay closed it.
+    Dropped(Option<CloseReason>),
+}
+
+/// Runs the tunnel until `shutdown`, reconnecting after drops. Returns an
+/// error when the relay refuses the client, or when the very first connect
+/// fails (a wrong relay address is better reported than retried).
+pub async fn run(
+    config: Config,
+    events: tokio::sync::broadcast::Sender<Event>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let forwarder = Arc::new(Forwarder::new(
+        config.target.clone(),
+        config.host_header.clone(),
+        config.local_timeout,
+        events.clone(),
+    ));
+    let client_key = format!("{:032x}", rand::random::<u128>());
+    let mut subdomain = config.subdomain.clone();
+    let mut connected_before = false;
+    let mut attempt = 0;
+    loop {
+        let connected = tokio::select! {
+            connected = connect(&config, subdomain.as_ref(), &client_key) => connected,
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        match connected {
+            Ok((ws, answer)) => {
+                attempt = 0;
+                subdomain = Some(answer.subdomain.clone());
+                let _ = events.send(Event::Connected {
+                    public_url: answer.public_url.clone(),
+                    target: config.target.to_string(),
+                    reconnected: connected_before,
+                });
+                connected_before = true;
+                match serve(ws, Arc::clone(&forwarder), &shutdown).await {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Dropped(Some(reason)) if reason.code == 1008 => {
+                        return Err(Error::Closed(reason.reason));
+                    }
+                    SessionEnd::Dropped(reason) => {
+                        let reason = reason.map_or_else(
+                            || "the connection to the relay was lost".to_owned(),
+                            |r| r.reason,
+                        );
+                        let _ = events.send(Event::Disconnected { reason });
+                    }
+                }
+            }
+            Err(err) if err.is_final() || !connected_before => return Err(err),
+            Err(err) => debug!(%err, "reconnect failed"),
+        }
+        let delay = reconnect_delay(attempt, rand::random::<f64>());
+        attempt = attempt.saturating_add(1);
+        let _ = events.send(Event::Reconnecting { delay });
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Opens the tunnel WebSocket and reads the relay's answer.
+async fn connect(
+    config: &Config,
+    subdomain: Option<&Subdomain>,
+    client_key: &str,
+) -> Result<(Tunnel, ConnectAnswer), Error> {
+    let mut request = config
+        .relay
+        .as_str()
+        .into_client_request()
+        .map_err(|err| Error::BadRelay(config.relay.clone(), err.to_string()))?;
+    let headers = request.headers_mut();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    put(VERSION_HEADER, &PROTOCOL_VERSION.to_string());
+    put(CLIENT_KEY_HEADER, client_key);
+    if let Some(name) = subdomain {
+        put(SUBDOMAIN_HEADER, name.as_str());
+    }
+    if let Some(token) = &config.token {
+        put(AUTHORIZATION.as_str(), &format!("Bearer {token}"));
+    }
+    let (ws, response) = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(websocket_config()),
+        true,
+        None,
+    )
+    .await
+    .map_err(|err| match err {
+        tungstenite::Error::Http(response) => {
+            let status = response.status();
+            let message = response
+                .body()
+                .as_deref()
+                .map(|body| String::from_utf8_lossy(body).trim().to_owned())
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| status.to_string());
+            Error::Refused {
+                status: status.as_u16(),
+                message,
+            }
+        }
+        other => Error::Unreachable(config.relay.clone(), other.to_string()),
+    })?;
+    let answer = read_answer(response.headers()).ok_or_else(|| {
+        Error::BadRelay(
+            config.relay.clone(),
+            "it did not assign a subdomain: is it a Ferry relay?".into(),
+        )
+    })?;
+    Ok((ws, answer))
+}
+
+fn read_answer(headers: &http::HeaderMap) -> Option<ConnectAnswer> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Some(ConnectAnswer {
+        subdomain: Subdomain::parse(text(ASSIGNED_SUBDOMAIN_HEADER)?).ok()?,
+        public_url: text(PUBLIC_URL_HEADER)?.to_owned(),
+    })
+}
+
+/// Serves the relay's HTTP/2 streams until the link ends or `shutdown`.
+async fn serve(ws: Tunnel, forwarder: Arc<Forwarder>, shutdown: &CancellationToken) -> SessionEnd {
+    let signal = CloseSignal::default();
+    let io = TokioIo::new(ByteStream::new(ws, signal.clone()));
+    let service = service_fn(move |req| {
+        let forwarder = Arc::clone(&forwarder);
+        async move { Ok::<_, std::convert::Infallible>(forwarder.handle(req).await) }
+    });
+    let connection = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .enable_connect_protocol()
+        .serve_connection(io, service);
+    let mut connection = pin!(connection);
+    // Both arms are cancel-safe: the connection is pinned outside the loop
+    // and polled again after the shutdown arm wins.
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(err) = result {
+                debug!(%err, "tunnel connection ended with an error");
+            }
+            SessionEnd::Dropped(signal.remote_reason())
+        }
+        () = shutdown.cancelled() => {
+            signal.set_reason(CloseReason::going_away("the ferry client is shutting down"));
+            connection.as_mut().graceful_shutdown();
+            if tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await.is_err() {
+                signal.close(CloseReason::going_away("the ferry client is shutting down"));
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection.as_mut()).await;
+            }
+            SessionEnd::Shutdown
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{reconnect_delay, BACKOFF_CAP};
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        assert_eq!(reconnect_delay(0, 0.0), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(0, 1.0), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(1, 0.0), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(3, 0.5), Duration::from_millis(1200));
+        for attempt in [10, 20, 1000, u32::MAX] {
+            assert!(reconnect_delay(attempt, 1.0) <= BACKOFF_CAP);
+            assert!(reconnect_delay(attempt, 0.0) >= BACKOFF_CAP / 2);
+        }
+    }
+}
