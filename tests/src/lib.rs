@@ -1,1 +1,282 @@
+//! The end-to-end harness: real relays, clients and origin servers on
+//! `127.0.0.1:0`, in-process, with handles that shut them down.
+//!
+//! - [`TestRelay`]: a relay on a port-0 listener (or a given address, to
+//!   restart one in place).
+//! - [`TestClient`]: a `ferry http` tunnel; its [`ferry::Event`]s are the
+//!   readiness signals tests await.
+//! - [`Origin`]: the local server behind a tunnel, a hyper server built from
+//!   a closure.
+//! - [`send`]: a public request to a relay with a chosen Host.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry::{Event, HostHeader, Target};
+use ferry_common::subdomain::Subdomain;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A body for test requests and origin responses.
+pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// How long any one awaited event may take before the test fails rather
+/// than hangs.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Awaits `future`, failing the test if it takes longer than [`PATIENCE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(PATIENCE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// A body from bytes.
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Reads a whole body.
+pub async fn read_body(body: Incoming) -> Vec<u8> {
+    within("a body", body.collect()).await.expect("body should arrive whole").to_bytes().to_vec()
+}
+
+/// A relay running in this process.
+pub struct TestRelay {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestRelay {
+    /// Starts a relay with `config` on a free port.
+    pub async fn start(config: ferry_relay::Config) -> Self {
+        Self::start_on("127.0.0.1:0".parse().expect("literal address"), config).await
+    }
+
+    /// Starts a relay with `config` on `addr`.
+    pub async fn start_on(addr: SocketAddr, config: ferry_relay::Config) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("relay should bind");
+        let addr = listener.local_addr().expect("bound listener has an address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ferry_relay::run(config, listener, shutdown.clone()));
+        Self { addr, shutdown, task }
+    }
+
+    /// An open relay on a free port.
+    pub async fn open() -> Self {
+        Self::start(ferry_relay::Config::default()).await
+    }
+
+    /// The URL a client connects to.
+    pub fn url(&self) -> String {
+        format!("ws://{}{}", self.addr, ferry_common::handshake::CONNECT_PATH)
+    }
+
+    /// Shuts the relay down gracefully and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within("the relay to stop", self.task).await.expect("relay task").expect("relay run");
+    }
+}
+
+/// Options for a [`TestClient`] beyond its relay and target.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// The token to present.
+    pub token: Option<String>,
+    /// The subdomain to ask for.
+    pub subdomain: Option<&'static str>,
+    /// The Host header mode.
+    pub host_header: HostHeader,
+    /// The local timeout; the default when `None`.
+    pub local_timeout: Option<Duration>,
+}
+
+/// A `ferry http` tunnel running in this process.
+pub struct TestClient {
+    /// The tunnel's public URL.
+    pub public_url: String,
+    /// The subdomain, from the public URL.
+    pub name: String,
+    events: broadcast::Receiver<Event>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ferry::Error>>,
+}
+
+impl TestClient {
+    /// Starts a tunnel from `relay` to `target` and waits until it is up.
+    pub async fn start(relay: &TestRelay, target: &str, options: ClientOptions) -> Self {
+        let mut client = Self::spawn(relay, target, options);
+        let event = within("the tunnel to connect", client.next_event()).await;
+        let Some(Event::Connected { public_url, .. }) = event else {
+            let outcome = within("the client to end", client.task).await;
+            panic!("tunnel did not connect: {event:?}, {outcome:?}");
+        };
+        let name = public_url
+            .trim_start_matches("http://")
+            .split('.')
+            .next()
+            .expect("public URL has a host")
+            .to_owned();
+        Self { public_url, name, ..client }
+    }
+
+    /// Starts a tunnel without waiting; for tests of refused connects.
+    pub fn spawn(relay: &TestRelay, target: &str, options: ClientOptions) -> Self {
+        let config = ferry::Config {
+            relay: relay.url(),
+            token: options.token,
+            subdomain: options.subdomain.map(|s| Subdomain::parse(s).expect("valid test subdomain")),
+            target: Target::parse(target).expect("valid test target"),
+            host_header: options.host_header,
+            local_timeout: options.local_timeout.unwrap_or(ferry::DEFAULT_LOCAL_TIMEOUT),
+        };
+        let (sender, events) = broadcast::channel(4096);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ferry::run(config, sender, shutdown.clone()));
+        Self { public_url: String::new(), name: String::new(), events, shutdown, task }
+    }
+
+    /// The next event, or `None` once the client has stopped.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            match self.events.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Waits for the first event that `matches`, skipping others.
+    pub async fn wait_for(&mut self, what: &str, matches: impl Fn(&Event) -> bool) -> Event {
+        within(what, async {
+            loop {
+                match self.next_event().await {
+                    Some(event) if matches(&event) => return event,
+                    Some(_) => continue,
+                    None => panic!("client stopped while waiting for {what}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits for the client to end by itself and returns how it ended.
+    pub async fn finished(self) -> Result<(), ferry::Error> {
+        within("the client to end", self.task).await.expect("client task")
+    }
+
+    /// Shuts the client down gracefully and waits for it.
+    pub async fn stop(self) -> Result<(), ferry::Error> {
+        self.shutdown.cancel();
+        self.finished().await
+    }
+
+    /// Kills the client at once, as a crash or a lost network would: its
+    /// sockets close without a goodbye.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// A local server behind a tunnel.
+pub struct Origin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Origin {
+    /// Starts a server on a free port answering each request with `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("origin should bind");
+        let addr = listener.local_addr().expect("bound listener has an address");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let connections = tokio_util::task::TaskTracker::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    () = stop.cancelled() => break,
+                };
+                let handler = handler.clone();
+                let service = service_fn(move |req| {
+                    let response = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
+                });
+                let stop = stop.clone();
+                connections.spawn(async move {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = connection => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+            connections.close();
+            connections.wait().await;
+        });
+        Self { addr, shutdown, task }
+    }
+
+    /// The target string for a client: `http://127.0.0.1:PORT`.
+    pub fn target(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        within("the origin to stop", self.task).await.expect("origin task");
+    }
+}
+
+/// Sends `request` to the relay at `relay` with `Host: host` over a new
+/// HTTP/1.1 connection and returns the response.
+pub async fn send(relay: SocketAddr, host: &str, mut request: Request<Body>) -> Response<Incoming> {
+    request
+        .headers_mut()
+        .insert(hyper::header::HOST, host.parse().expect("valid test host"));
+    let stream = TcpStream::connect(relay).await.expect("relay should accept");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http/1.1 handshake");
+    tokio::spawn(connection.with_upgrades());
+    within("a response", sender.send_request(request)).await.expect("response")
+}
+
+/// The host of a tunnel's public URL, with port: `brave-otter.localhost:PORT`.
+pub fn host_of(public_url: &str) -> String {
+    public_url.trim_start_matches("http://").trim_end_matches('/').to_owned()
+}

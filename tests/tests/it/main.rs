@@ -1,0 +1,9 @@
+//! End-to-end scenarios, one binary: real relays, clients and origins on
+//! loopback port 0.
+
+mod bad_input;
+mod forwarding;
+mod handshake;
+mod reconnect;
+mod streaming;
+mod websocket;
