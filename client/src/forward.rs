@@ -49,7 +49,7 @@ pub struct Forwarder {
 enum ForwardError {
     #[error("ferry: the tunnel is up but nothing answers on {target} ({cause}). Start your server there, or run ferry http with the port it listens on")]
     Unreachable { target: String, cause: String },
-    #[error("ferry: {target} did not answer within {} s", timeout.as_secs())]
+    #[error("ferry: {target} did not answer within {:.1} s (raise it with --timeout)", timeout.as_secs_f64())]
     Timeout { target: String, timeout: Duration },
     #[error("ferry: could not build the request for {target}: {cause}")]
     BadRequest { target: String, cause: String },

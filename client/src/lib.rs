@@ -110,6 +110,8 @@ pub enum Event {
         /// How long until the attempt.
         delay: Duration,
     },
+    /// The client is shutting down and waits for requests in flight.
+    Stopping,
     /// A request was forwarded (or failed to be).
     Request(Exchange),
 }

@@ -133,6 +133,7 @@ async fn print(mut events: broadcast::Receiver<Event>, embedded: Option<std::net
                 ..
             } => println!("reconnected: {public_url}"),
             Event::Disconnected { reason } => println!("disconnected: {reason}"),
+            Event::Stopping => println!("stopping: letting requests in flight finish"),
             Event::Reconnecting { delay } => {
                 println!("reconnecting in {:.1} s", delay.as_secs_f64())
             }

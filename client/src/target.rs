@@ -67,10 +67,18 @@ impl Target {
             .host()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| fail("the host is missing"))?;
+        // `http` reads `host:` and `host:abc` as having no port; a `:` after
+        // the host (past an IPv6 address's `]`) means one was meant.
+        let port_meant = rest
+            .rsplit(']')
+            .next()
+            .is_some_and(|tail| tail.contains(':'));
         let port = match uri.port() {
             Some(port) => parse_port(port.as_str())
                 .ok_or_else(|| fail("a port is a number from 1 to 65535"))?,
-            None if rest.ends_with(':') => return Err(fail("the port is missing after `:`")),
+            None if port_meant => {
+                return Err(fail("the port after `:` is missing or not a number"))
+            }
             None if scheme == "https" => 443,
             None => 80,
         };
@@ -175,7 +183,10 @@ mod tests {
             "a b:1",
             "http://x:0",
         ] {
-            let err = Target::parse(bad).unwrap_err().to_string();
+            let err = Target::parse(bad)
+                .map(|t| t.to_string())
+                .expect_err(bad)
+                .to_string();
             assert!(err.contains("Use a port"), "{bad}: {err}");
         }
     }

@@ -88,7 +88,7 @@ pub async fn run(
                     reconnected: connected_before,
                 });
                 connected_before = true;
-                match serve(ws, Arc::clone(&forwarder), &shutdown).await {
+                match serve(ws, Arc::clone(&forwarder), &events, &shutdown).await {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Dropped(Some(reason)) if reason.code == 1008 => {
                         return Err(Error::Closed(reason.reason));
@@ -181,7 +181,12 @@ fn read_answer(headers: &http::HeaderMap) -> Option<ConnectAnswer> {
 }
 
 /// Serves the relay's HTTP/2 streams until the link ends or `shutdown`.
-async fn serve(ws: Tunnel, forwarder: Arc<Forwarder>, shutdown: &CancellationToken) -> SessionEnd {
+async fn serve(
+    ws: Tunnel,
+    forwarder: Arc<Forwarder>,
+    events: &tokio::sync::broadcast::Sender<Event>,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let signal = CloseSignal::default();
     let io = TokioIo::new(ByteStream::new(ws, signal.clone()));
     let service = service_fn(move |req| {
@@ -211,6 +216,7 @@ async fn serve(ws: Tunnel, forwarder: Arc<Forwarder>, shutdown: &CancellationTok
         () = shutdown.cancelled() => {
             signal.set_reason(CloseReason::going_away("the ferry client is shutting down"));
             connection.as_mut().graceful_shutdown();
+            let _ = events.send(Event::Stopping);
             if tokio::time::timeout(SHUTDOWN_GRACE, connection.as_mut()).await.is_err() {
                 signal.close(CloseReason::going_away("the ferry client is shutting down"));
                 let _ = tokio::time::timeout(CLOSE_WAIT, connection.as_mut()).await;

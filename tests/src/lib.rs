@@ -45,7 +45,9 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 
 /// A body from bytes.
 pub fn full(data: impl Into<Bytes>) -> Body {
-    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// An empty body.
@@ -55,7 +57,11 @@ pub fn empty() -> Body {
 
 /// Reads a whole body.
 pub async fn read_body(body: Incoming) -> Vec<u8> {
-    within("a body", body.collect()).await.expect("body should arrive whole").to_bytes().to_vec()
+    within("a body", body.collect())
+        .await
+        .expect("body should arrive whole")
+        .to_bytes()
+        .to_vec()
 }
 
 /// A relay running in this process.
@@ -75,10 +81,16 @@ impl TestRelay {
     /// Starts a relay with `config` on `addr`.
     pub async fn start_on(addr: SocketAddr, config: ferry_relay::Config) -> Self {
         let listener = TcpListener::bind(addr).await.expect("relay should bind");
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ferry_relay::run(config, listener, shutdown.clone()));
-        Self { addr, shutdown, task }
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
     }
 
     /// An open relay on a free port.
@@ -88,13 +100,20 @@ impl TestRelay {
 
     /// The URL a client connects to.
     pub fn url(&self) -> String {
-        format!("ws://{}{}", self.addr, ferry_common::handshake::CONNECT_PATH)
+        format!(
+            "ws://{}{}",
+            self.addr,
+            ferry_common::handshake::CONNECT_PATH
+        )
     }
 
     /// Shuts the relay down gracefully and waits for it.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        within("the relay to stop", self.task).await.expect("relay task").expect("relay run");
+        within("the relay to stop", self.task)
+            .await
+            .expect("relay task")
+            .expect("relay run");
     }
 }
 
@@ -137,7 +156,11 @@ impl TestClient {
             .next()
             .expect("public URL has a host")
             .to_owned();
-        Self { public_url, name, ..client }
+        Self {
+            public_url,
+            name,
+            ..client
+        }
     }
 
     /// Starts a tunnel without waiting; for tests of refused connects.
@@ -145,15 +168,25 @@ impl TestClient {
         let config = ferry::Config {
             relay: relay.url(),
             token: options.token,
-            subdomain: options.subdomain.map(|s| Subdomain::parse(s).expect("valid test subdomain")),
+            subdomain: options
+                .subdomain
+                .map(|s| Subdomain::parse(s).expect("valid test subdomain")),
             target: Target::parse(target).expect("valid test target"),
             host_header: options.host_header,
-            local_timeout: options.local_timeout.unwrap_or(ferry::DEFAULT_LOCAL_TIMEOUT),
+            local_timeout: options
+                .local_timeout
+                .unwrap_or(ferry::DEFAULT_LOCAL_TIMEOUT),
         };
         let (sender, events) = broadcast::channel(4096);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ferry::run(config, sender, shutdown.clone()));
-        Self { public_url: String::new(), name: String::new(), events, shutdown, task }
+        Self {
+            public_url: String::new(),
+            name: String::new(),
+            events,
+            shutdown,
+            task,
+        }
     }
 
     /// The next event, or `None` once the client has stopped.
@@ -183,12 +216,19 @@ impl TestClient {
 
     /// Waits for the client to end by itself and returns how it ended.
     pub async fn finished(self) -> Result<(), ferry::Error> {
-        within("the client to end", self.task).await.expect("client task")
+        within("the client to end", self.task)
+            .await
+            .expect("client task")
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
     }
 
     /// Shuts the client down gracefully and waits for it.
     pub async fn stop(self) -> Result<(), ferry::Error> {
-        self.shutdown.cancel();
+        self.begin_stop();
         self.finished().await
     }
 
@@ -215,8 +255,12 @@ impl Origin {
         F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("origin should bind");
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("origin should bind");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -237,7 +281,8 @@ impl Origin {
                 let stop = stop.clone();
                 connections.spawn(async move {
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     tokio::select! {
                         _ = connection => {}
                         () = stop.cancelled() => {}
@@ -247,7 +292,11 @@ impl Origin {
             connections.close();
             connections.wait().await;
         });
-        Self { addr, shutdown, task }
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
     }
 
     /// The target string for a client: `http://127.0.0.1:PORT`.
@@ -258,7 +307,9 @@ impl Origin {
     /// Stops the server and waits for it.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        within("the origin to stop", self.task).await.expect("origin task");
+        within("the origin to stop", self.task)
+            .await
+            .expect("origin task");
     }
 }
 
@@ -268,15 +319,22 @@ pub async fn send(relay: SocketAddr, host: &str, mut request: Request<Body>) -> 
     request
         .headers_mut()
         .insert(hyper::header::HOST, host.parse().expect("valid test host"));
-    let stream = TcpStream::connect(relay).await.expect("relay should accept");
+    let stream = TcpStream::connect(relay)
+        .await
+        .expect("relay should accept");
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("http/1.1 handshake");
     tokio::spawn(connection.with_upgrades());
-    within("a response", sender.send_request(request)).await.expect("response")
+    within("a response", sender.send_request(request))
+        .await
+        .expect("response")
 }
 
 /// The host of a tunnel's public URL, with port: `brave-otter.localhost:PORT`.
 pub fn host_of(public_url: &str) -> String {
-    public_url.trim_start_matches("http://").trim_end_matches('/').to_owned()
+    public_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
 }

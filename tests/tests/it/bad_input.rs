@@ -1,1 +1,168 @@
-//! placeholder
+//! Bad input gets a clear error, never a panic, and other tunnels carry on.
+
+use ferry_tests::{
+    full, host_of, read_body, send, within, ClientOptions, Origin, TestClient, TestRelay,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Writes `bytes` to the relay on a fresh connection and returns all it
+/// answers before closing.
+async fn raw(relay: &TestRelay, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(relay.addr).await.expect("relay accepts");
+    stream.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    // The relay may close while we still write; what it said is what counts.
+    let _ = within(
+        "the relay to answer and close",
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn status_and_body(
+    relay: &TestRelay,
+    host: &str,
+    request: Request<ferry_tests::Body>,
+) -> (StatusCode, String) {
+    let response = send(relay.addr, host, request).await;
+    let status = response.status();
+    (
+        status,
+        String::from_utf8_lossy(&read_body(response.into_body()).await).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn garbage_and_malformed_requests_get_clear_errors_and_tunnels_carry_on() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|_req| async { Response::new(full("still here")) }).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let relay_host = relay.addr.to_string();
+    let port = relay.addr.port();
+
+    let answer = raw(&relay, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    let answer = raw(&relay, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert!(answer.contains("Host header"), "{answer}");
+
+    let (status, body) = status_and_body(&relay, &relay_host, Request::new(full(""))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // Not a WebSocket, on the connect path.
+    for method in [Method::GET, Method::POST] {
+        let request = Request::builder()
+            .method(method)
+            .uri("/api/v1/tunnels/connect")
+            .body(full("{\"hello\":1}"))
+            .expect("valid request");
+        let (status, body) = status_and_body(&relay, &relay_host, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("ferry http"), "{body}");
+    }
+    // A WebSocket upgrade that is not Ferry's.
+    let request = Request::builder()
+        .uri("/api/v1/tunnels/connect")
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("sec-websocket-version", "13")
+        .body(full(""))
+        .expect("valid request");
+    let (status, body) = status_and_body(&relay, &relay_host, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains("ferry-protocol-version"), "{body}");
+
+    // Hosts the relay does not serve.
+    for (host, status, says) in [
+        (
+            "example.org".to_owned(),
+            StatusCode::NOT_FOUND,
+            "not `example.org`",
+        ),
+        (
+            format!("a.b.localhost:{port}"),
+            StatusCode::NOT_FOUND,
+            "not `a.b.localhost`",
+        ),
+        (
+            format!("-x-.localhost:{port}"),
+            StatusCode::NOT_FOUND,
+            "not a valid tunnel name",
+        ),
+        (
+            "localhost:http".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "Host header",
+        ),
+    ] {
+        let (got, body) = status_and_body(&relay, &host, Request::new(full(""))).await;
+        assert_eq!(got, status, "{host}: {body}");
+        assert!(body.contains(says), "{host}: {body}");
+    }
+    // Upgrades other than WebSocket cannot pass.
+    let request = Request::builder()
+        .header("upgrade", "h2c")
+        .header("connection", "upgrade")
+        .body(full(""))
+        .expect("valid request");
+    let (status, body) = status_and_body(&relay, &host_of(&client.public_url), request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // Through all of that, the tunnel kept working.
+    let (status, body) =
+        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "still here"));
+
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_listening_on_the_target_gives_502_saying_so() {
+    let relay = TestRelay::open().await;
+    // A port that was free a moment ago and now has no listener.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let target = format!("http://{unused}");
+    let client = TestClient::start(&relay, &target, ClientOptions::default()).await;
+    let (status, body) =
+        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        body.contains("the tunnel is up but nothing answers on"),
+        "{body}"
+    );
+    assert!(body.contains(&target), "{body}");
+    client.stop().await.expect("client stops cleanly");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_target_slower_than_the_local_timeout_gives_504() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|_req| std::future::pending()).await;
+    let options = ClientOptions {
+        local_timeout: Some(std::time::Duration::from_millis(200)),
+        ..ClientOptions::default()
+    };
+    let client = TestClient::start(&relay, &origin.target(), options).await;
+    let (status, body) =
+        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.contains("did not answer within"), "{body}");
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}

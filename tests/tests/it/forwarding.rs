@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use ferry::HostHeader;
-use ferry_tests::{full, host_of, read_body, send, within, ClientOptions, Origin, TestClient, TestRelay};
+use ferry_tests::{
+    full, host_of, read_body, send, within, ClientOptions, Origin, TestClient, TestRelay,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, Barrier};
 
@@ -29,8 +31,17 @@ async fn echo_origin() -> (Origin, mpsc::UnboundedReceiver<Seen>) {
                 .iter()
                 .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
                 .collect();
-            let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
-            let _ = tx.send(Seen { method: parts.method, path, headers, body: body.clone() });
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            let _ = tx.send(Seen {
+                method: parts.method,
+                path,
+                headers,
+                body: body.clone(),
+            });
             Response::builder()
                 .header("set-cookie", "a=1")
                 .header("x-echo", "first")
@@ -56,7 +67,11 @@ async fn get_post_and_put_carry_binary_bodies_byte_exact() {
     let host = host_of(&client.public_url);
 
     for method in [Method::GET, Method::POST, Method::PUT] {
-        let body = if method == Method::GET { Vec::new() } else { binary_body() };
+        let body = if method == Method::GET {
+            Vec::new()
+        } else {
+            binary_body()
+        };
         let request = Request::builder()
             .method(method.clone())
             .uri("/hooks/stripe?event=charge.succeeded&x=%20y")
@@ -65,8 +80,14 @@ async fn get_post_and_put_carry_binary_bodies_byte_exact() {
             .expect("valid request");
         let response = send(relay.addr, &host, request).await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(read_body(response.into_body()).await, body, "{method} response body");
-        let got = within("the origin to see the request", seen.recv()).await.expect("origin saw it");
+        assert_eq!(
+            read_body(response.into_body()).await,
+            body,
+            "{method} response body"
+        );
+        let got = within("the origin to see the request", seen.recv())
+            .await
+            .expect("origin saw it");
         assert_eq!(got.method, method);
         assert_eq!(got.path, "/hooks/stripe?event=charge.succeeded&x=%20y");
         assert_eq!(got.body, body, "{method} request body");
@@ -98,7 +119,9 @@ async fn repeated_and_multi_value_headers_keep_their_order() {
     let echoes: Vec<_> = response.headers().get_all("x-echo").iter().collect();
     assert_eq!(echoes, ["first", "second"]);
 
-    let got = within("the request", seen.recv()).await.expect("origin saw it");
+    let got = within("the request", seen.recv())
+        .await
+        .expect("origin saw it");
     let multi: Vec<_> = got
         .headers
         .iter()
@@ -107,7 +130,10 @@ async fn repeated_and_multi_value_headers_keep_their_order() {
         .collect();
     assert_eq!(multi, ["one", "two", "three, four"]);
     // A caller cannot forge the relay's metadata, and none of it reaches the origin.
-    assert!(got.headers.iter().all(|(name, _)| !name.starts_with("ferry-")));
+    assert!(got
+        .headers
+        .iter()
+        .all(|(name, _)| !name.starts_with("ferry-")));
     let header = |name: &str| {
         got.headers
             .iter()
@@ -116,7 +142,10 @@ async fn repeated_and_multi_value_headers_keep_their_order() {
     };
     assert_eq!(header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(header("x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(header("x-forwarded-host"), Some(host_of(&client.public_url)));
+    assert_eq!(
+        header("x-forwarded-host"),
+        Some(host_of(&client.public_url))
+    );
     assert_eq!(header("host"), Some(host_of(&client.public_url)));
 
     client.stop().await.expect("client stops cleanly");
@@ -128,12 +157,26 @@ async fn repeated_and_multi_value_headers_keep_their_order() {
 async fn host_header_can_be_rewritten_to_the_target() {
     let relay = TestRelay::open().await;
     let (origin, mut seen) = echo_origin().await;
-    let options = ClientOptions { host_header: HostHeader::Rewrite, ..ClientOptions::default() };
+    let options = ClientOptions {
+        host_header: HostHeader::Rewrite,
+        ..ClientOptions::default()
+    };
     let client = TestClient::start(&relay, &origin.target(), options).await;
-    let response = send(relay.addr, &host_of(&client.public_url), Request::new(full(""))).await;
+    let response = send(
+        relay.addr,
+        &host_of(&client.public_url),
+        Request::new(full("")),
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
-    let got = within("the request", seen.recv()).await.expect("origin saw it");
-    let host = got.headers.iter().find(|(n, _)| n == "host").map(|(_, v)| v.clone());
+    let got = within("the request", seen.recv())
+        .await
+        .expect("origin saw it");
+    let host = got
+        .headers
+        .iter()
+        .find(|(n, _)| n == "host")
+        .map(|(_, v)| v.clone());
     assert_eq!(host, Some(origin.addr.to_string().into_bytes()));
     client.stop().await.expect("client stops cleanly");
     origin.stop().await;
@@ -162,10 +205,16 @@ async fn two_hundred_concurrent_requests_share_one_tunnel() {
         let host = host.clone();
         let relay = relay.addr;
         tokio::spawn(async move {
-            let request = Request::builder().uri(format!("/r/{i}")).body(full("")).expect("valid request");
+            let request = Request::builder()
+                .uri(format!("/r/{i}"))
+                .body(full(""))
+                .expect("valid request");
             let response = send(relay, &host, request).await;
             assert_eq!(response.status(), StatusCode::OK);
-            assert_eq!(read_body(response.into_body()).await, format!("/r/{i}").into_bytes());
+            assert_eq!(
+                read_body(response.into_body()).await,
+                format!("/r/{i}").into_bytes()
+            );
         })
     });
     for request in futures_util::future::join_all(requests).await {

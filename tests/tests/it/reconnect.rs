@@ -1,1 +1,138 @@
-//! placeholder
+//! Link drops, relay restarts and graceful shutdowns.
+
+use std::sync::Arc;
+
+use ferry::Event;
+use ferry_tests::{
+    full, host_of, read_body, send, within, Body, ClientOptions, Origin, TestClient, TestRelay,
+};
+use hyper::{Request, Response, StatusCode};
+use tokio::sync::{mpsc, Mutex};
+
+async fn hello_origin() -> Origin {
+    Origin::start(|_req| async { Response::new(full("hello")) }).await
+}
+
+/// An origin that reports each request, then answers only when the test
+/// sends it a go-ahead.
+async fn held_origin() -> (
+    Origin,
+    mpsc::UnboundedReceiver<()>,
+    mpsc::UnboundedSender<()>,
+) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let (release, release_rx) = mpsc::unbounded_channel::<()>();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let origin = Origin::start(move |_req| {
+        let (started_tx, release_rx) = (started_tx.clone(), Arc::clone(&release_rx));
+        async move {
+            let _ = started_tx.send(());
+            release_rx.lock().await.recv().await;
+            Response::<Body>::new(full("finished"))
+        }
+    })
+    .await;
+    (origin, started, release)
+}
+
+#[tokio::test]
+async fn the_client_comes_back_with_its_name_after_a_relay_restart() {
+    let relay = TestRelay::open().await;
+    let addr = relay.addr;
+    let origin = hello_origin().await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+
+    relay.stop().await;
+    let event = client
+        .wait_for("the disconnect", |e| {
+            matches!(e, Event::Disconnected { .. })
+        })
+        .await;
+    let Event::Disconnected { reason } = event else {
+        unreachable!()
+    };
+    assert!(reason.contains("relay is shutting down"), "{reason}");
+
+    let relay = TestRelay::start_on(addr, ferry_relay::Config::default()).await;
+    let event = client
+        .wait_for("the reconnect", |e| matches!(e, Event::Connected { .. }))
+        .await;
+    let Event::Connected {
+        public_url,
+        reconnected,
+        ..
+    } = event
+    else {
+        unreachable!()
+    };
+    assert!(reconnected);
+    assert_eq!(
+        public_url, client.public_url,
+        "the client keeps its subdomain"
+    );
+
+    let response = send(relay.addr, &host_of(&public_url), Request::new(full(""))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, b"hello");
+
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn requests_in_flight_when_the_link_drops_get_502() {
+    let relay = TestRelay::open().await;
+    let (origin, mut started, _release) = held_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    let relay_addr = relay.addr;
+    let caller_host = host.clone();
+    let caller =
+        tokio::spawn(async move { send(relay_addr, &caller_host, Request::new(full(""))).await });
+    within("the origin to get the request", started.recv())
+        .await
+        .expect("started");
+    client.kill().await;
+
+    let response = within("the caller's answer", caller)
+        .await
+        .expect("caller task");
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
+    assert!(body.contains("lost its client"), "{body}");
+
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_shutting_down_lets_requests_in_flight_finish() {
+    let relay = TestRelay::open().await;
+    let (origin, mut started, release) = held_origin().await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    let relay_addr = relay.addr;
+    let caller = tokio::spawn(async move { send(relay_addr, &host, Request::new(full(""))).await });
+    within("the origin to get the request", started.recv())
+        .await
+        .expect("started");
+    client.begin_stop();
+    client
+        .wait_for("the client to start stopping", |e| {
+            matches!(e, Event::Stopping)
+        })
+        .await;
+    release.send(()).expect("origin waiting");
+    let response = within("the caller's answer", caller)
+        .await
+        .expect("caller task");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, b"finished");
+    client.finished().await.expect("client stops cleanly");
+
+    origin.stop().await;
+    relay.stop().await;
+}

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_tests::{full, host_of, send, within, Body, ClientOptions, Origin, TestClient, TestRelay};
+use ferry_tests::{
+    full, host_of, send, within, Body, ClientOptions, Origin, TestClient, TestRelay,
+};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -41,7 +43,10 @@ async fn read_slowly(mut body: hyper::body::Incoming, produced: &AtomicU64) -> (
     while let Some(frame) = body.frame().await {
         let frame = frame.expect("body frame");
         if let Some(data) = frame.data_ref() {
-            assert!(data.iter().all(|b| *b == 0xA5), "body bytes changed in transit");
+            assert!(
+                data.iter().all(|b| *b == 0xA5),
+                "body bytes changed in transit"
+            );
             consumed += data.len() as u64;
             since_pause += data.len() as u64;
             lead = lead.max(produced.load(Ordering::Relaxed).saturating_sub(consumed));
@@ -78,9 +83,15 @@ async fn upload_of_256_mib_is_back_pressured_by_a_slow_origin() {
         .expect("valid request");
     let response = send(relay.addr, &host_of(&client.public_url), request).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let (consumed, lead) = within("the origin's report", reports.recv()).await.expect("report");
+    let (consumed, lead) = within("the origin's report", reports.recv())
+        .await
+        .expect("report");
     assert_eq!(consumed, TOTAL);
-    assert!(lead < MAX_IN_FLIGHT, "the caller got {} MiB ahead of the origin", lead >> 20);
+    assert!(
+        lead < MAX_IN_FLIGHT,
+        "the caller got {} MiB ahead of the origin",
+        lead >> 20
+    );
 
     client.stop().await.expect("client stops cleanly");
     origin.stop().await;
@@ -99,12 +110,20 @@ async fn download_of_256_mib_is_back_pressured_by_a_slow_caller() {
     .await;
     let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
 
-    let request = Request::builder().uri("/download").body(full("")).expect("valid request");
+    let request = Request::builder()
+        .uri("/download")
+        .body(full(""))
+        .expect("valid request");
     let response = send(relay.addr, &host_of(&client.public_url), request).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let (consumed, lead) = within("the download", read_slowly(response.into_body(), &produced)).await;
+    let (consumed, lead) =
+        within("the download", read_slowly(response.into_body(), &produced)).await;
     assert_eq!(consumed, TOTAL);
-    assert!(lead < MAX_IN_FLIGHT, "the origin got {} MiB ahead of the caller", lead >> 20);
+    assert!(
+        lead < MAX_IN_FLIGHT,
+        "the origin got {} MiB ahead of the caller",
+        lead >> 20
+    );
 
     client.stop().await.expect("client stops cleanly");
     origin.stop().await;
@@ -120,7 +139,9 @@ async fn server_sent_events_arrive_before_the_stream_ends() {
         let finished = finished.lock().expect("lock").take();
         async move {
             let first = futures_util::stream::once(async {
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(b"data: first\n\n")))
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(
+                    b"data: first\n\n",
+                )))
             });
             // The stream stays open until the test has seen the first event.
             let last = futures_util::stream::once(async move {
@@ -139,14 +160,23 @@ async fn server_sent_events_arrive_before_the_stream_ends() {
     .await;
     let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
 
-    let request = Request::builder().uri("/events").body(full("")).expect("valid request");
+    let request = Request::builder()
+        .uri("/events")
+        .body(full(""))
+        .expect("valid request");
     let response = send(relay.addr, &host_of(&client.public_url), request).await;
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
-    let first = within("the first event", body.frame()).await.expect("a frame").expect("frame");
+    let first = within("the first event", body.frame())
+        .await
+        .expect("a frame")
+        .expect("frame");
     assert_eq!(first.into_data().expect("data"), "data: first\n\n");
     finish.send(()).expect("origin still streaming");
-    let rest = within("the rest", body.collect()).await.expect("rest").to_bytes();
+    let rest = within("the rest", body.collect())
+        .await
+        .expect("rest")
+        .to_bytes();
     assert_eq!(rest, "data: last\n\n");
 
     client.stop().await.expect("client stops cleanly");
@@ -188,13 +218,20 @@ async fn a_caller_hanging_up_cancels_the_local_request() {
     let host = host_of(&client.public_url);
     let relay_addr = relay.addr;
     let caller = tokio::spawn(async move {
-        let request = Request::builder().uri("/slow").body(full("")).expect("valid request");
+        let request = Request::builder()
+            .uri("/slow")
+            .body(full(""))
+            .expect("valid request");
         send(relay_addr, &host, request).await
     });
-    within("the origin to get the request", started.recv()).await.expect("started");
+    within("the origin to get the request", started.recv())
+        .await
+        .expect("started");
     caller.abort();
     let _ = caller.await;
-    within("the local request to be cancelled", cancelled).await.expect("cancelled");
+    within("the local request to be cancelled", cancelled)
+        .await
+        .expect("cancelled");
 
     client.stop().await.expect("client stops cleanly");
     origin.stop().await;
