@@ -93,10 +93,7 @@ pub(crate) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol();
+    builder.http2().timer(TokioTimer::new());
     loop {
         // Both arms are cancel-safe: `accept` loses no connection when the
         // shutdown arm wins.

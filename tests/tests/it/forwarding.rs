@@ -224,3 +224,41 @@ async fn two_hundred_concurrent_requests_share_one_tunnel() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn http2_callers_are_routed_by_authority() {
+    let relay = TestRelay::open().await;
+    let (origin, mut seen) = echo_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+
+    let stream = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("relay accepts");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    let driver = tokio::spawn(connection);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{}/over-h2", client.public_url))
+        .body(full(binary_body()))
+        .expect("valid request");
+    let response = within("the h2 response", sender.send_request(request))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, binary_body());
+    let got = within("the request", seen.recv())
+        .await
+        .expect("origin saw it");
+    assert_eq!(got.path, "/over-h2");
+    drop(sender);
+    let _ = driver.await;
+
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
