@@ -1,6 +1,7 @@
 //! `ferry`: parses the command line, starts the embedded relay when no relay
 //! is configured, and prints the tunnel's events.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -104,47 +105,77 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
     result
 }
 
-/// Prints the banner and a line per request.
+/// The most events written in one go once the first has arrived.
+const PRINT_BATCH: usize = 512;
+
+/// Prints the banner and a line per request. Under load the lines that
+/// have queued up are written together, in one system call rather than one
+/// per line.
 async fn print(mut events: broadcast::Receiver<Event>, embedded: Option<std::net::SocketAddr>) {
     loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                println!("… {missed} requests not shown");
-                continue;
-            }
+        let first = match events.recv().await {
+            Ok(event) => Ok(event),
+            Err(broadcast::error::RecvError::Lagged(missed)) => Err(missed),
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        match event {
-            Event::Connected {
-                public_url,
-                target,
-                reconnected: false,
-            } => {
-                println!("{public_url} -> {target}");
-                if let Some(addr) = embedded {
-                    println!("embedded relay on http://localhost:{} (reachable from this machine only; use --relay for a public one)", addr.port());
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        write_event(&mut out, first, embedded);
+        for _ in 0..PRINT_BATCH {
+            match events.try_recv() {
+                Ok(event) => write_event(&mut out, Ok(event), embedded),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    write_event(&mut out, Err(missed), embedded)
                 }
-                println!("Ctrl-C to stop\n");
-            }
-            Event::Connected {
-                public_url,
-                reconnected: true,
-                ..
-            } => println!("reconnected: {public_url}"),
-            Event::Disconnected { reason } => println!("disconnected: {reason}"),
-            Event::Stopping => println!("stopping: letting requests in flight finish"),
-            Event::Reconnecting { delay } => {
-                println!("reconnecting in {:.1} s", delay.as_secs_f64())
-            }
-            Event::Request(exchange) => {
-                let millis = exchange.elapsed.as_secs_f64() * 1000.0;
-                let note = exchange.error.map(|e| format!("  {e}")).unwrap_or_default();
-                println!(
-                    "{:<7} {:<40} {} {:>8.1} ms{note}",
-                    exchange.method, exchange.path, exchange.status, millis
-                );
+                Err(_) => break,
             }
         }
+        // Stdout closed (a pipe whose reader left) is no reason to stop the tunnel.
+        let _ = out.flush();
     }
+}
+
+/// Writes one event, or a note of `Err(missed)` events dropped under load.
+fn write_event(
+    out: &mut impl Write,
+    event: Result<Event, u64>,
+    embedded: Option<std::net::SocketAddr>,
+) {
+    let _ = match event {
+        Err(missed) => writeln!(out, "… {missed} requests not shown"),
+        Ok(Event::Connected {
+            public_url,
+            target,
+            reconnected: false,
+        }) => {
+            let _ = writeln!(out, "{public_url} -> {target}");
+            if let Some(addr) = embedded {
+                let _ = writeln!(
+                    out,
+                    "embedded relay on http://localhost:{} (reachable from this machine only; use --relay for a public one)",
+                    addr.port()
+                );
+            }
+            writeln!(out, "Ctrl-C to stop\n")
+        }
+        Ok(Event::Connected {
+            public_url,
+            reconnected: true,
+            ..
+        }) => writeln!(out, "reconnected: {public_url}"),
+        Ok(Event::Disconnected { reason }) => writeln!(out, "disconnected: {reason}"),
+        Ok(Event::Stopping) => writeln!(out, "stopping: letting requests in flight finish"),
+        Ok(Event::Reconnecting { delay }) => {
+            writeln!(out, "reconnecting in {:.1} s", delay.as_secs_f64())
+        }
+        Ok(Event::Request(exchange)) => {
+            let millis = exchange.elapsed.as_secs_f64() * 1000.0;
+            let note = exchange.error.map(|e| format!("  {e}")).unwrap_or_default();
+            writeln!(
+                out,
+                "{:<7} {:<40} {} {:>8.1} ms{note}",
+                exchange.method, exchange.path, exchange.status, millis
+            )
+        }
+    };
 }

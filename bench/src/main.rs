@@ -1,0 +1,301 @@
+//! `ferry-bench`: measures Ferry against sending the same load straight to
+//! the origin, on the same machine, in the same run.
+//!
+//! - [`scenarios`]: what is measured, direct and through the tunnel.
+//! - [`procs`]: the relay, client and origin as separate release processes.
+//! - [`load`]: `wrk` where installed, and the built-in load generator.
+//! - [`origin`]: the fast origin everything is measured against.
+//!
+//! Without a subcommand it runs every scenario and prints a table; the
+//! subcommands are the pieces it starts as separate processes.
+
+mod load;
+mod origin;
+mod procs;
+mod scenarios;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::scenarios::{Row, Settings};
+
+/// Measures Ferry against a direct origin, side by side.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// About a second per scenario: checks the harness works, not the numbers.
+    #[arg(long)]
+    quick: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Use the built-in load generator even where wrk is installed.
+    #[arg(long)]
+    no_wrk: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the benchmark origin and print `listening ADDR`.
+    Origin {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// Drive HTTP/1.1 load and print the outcome as JSON.
+    Load {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/1k")]
+        path: String,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 1000)]
+        millis: u64,
+        /// A new connection per request.
+        #[arg(long)]
+        close: bool,
+    },
+    /// Upload or download once and print the time as JSON.
+    Transfer {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(
+            long,
+            conflicts_with = "download",
+            required_unless_present = "download"
+        )]
+        upload: bool,
+        #[arg(long)]
+        download: bool,
+    },
+    /// Open COUNT tunnels, print `connected in SECONDS`, and hold them until
+    /// standard input closes.
+    IdleTunnels {
+        #[arg(long)]
+        relay: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        count: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => bench(cli.quick, cli.json, !cli.no_wrk).await,
+        Some(Command::Origin { listen }) => match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => {
+                match listener.local_addr() {
+                    Ok(addr) => println!("listening {addr}"),
+                    Err(err) => return fail(&err.to_string()),
+                }
+                origin::serve(listener).await;
+                Ok(())
+            }
+            Err(err) => Err(format!("cannot listen on {listen}: {err}")),
+        },
+        Some(Command::Load {
+            addr,
+            host,
+            path,
+            connections,
+            millis,
+            close,
+        }) => {
+            let spec = load::Spec {
+                addr,
+                host,
+                path,
+                connections,
+                duration: Duration::from_millis(millis),
+                close,
+            };
+            print_json(&load::builtin(&spec).await)
+        }
+        Some(Command::Transfer {
+            addr,
+            host,
+            bytes,
+            upload,
+            ..
+        }) => match load::transfer(addr, &host, bytes, upload).await {
+            Ok(transfer) => print_json(&transfer),
+            Err(err) => Err(err),
+        },
+        Some(Command::IdleTunnels {
+            relay,
+            target,
+            count,
+        }) => idle_tunnels(&relay, &target, count).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string(value).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+async fn bench(quick: bool, json: bool, wrk: bool) -> Result<(), String> {
+    let bin = procs::bin_dir()?;
+    let wrk = wrk
+        && std::process::Command::new("wrk")
+            .arg("--version")
+            .output()
+            .is_ok();
+    let settings = if quick {
+        Settings::quick()
+    } else {
+        Settings::full(wrk)
+    };
+    let started = Instant::now();
+    let rows = scenarios::run(&bin, &settings).await?;
+    let machine = machine();
+    if json {
+        return print_json(&serde_json::json!({
+            "machine": machine,
+            "settings": settings,
+            "seconds": started.elapsed().as_secs_f64(),
+            "rows": rows,
+        }));
+    }
+    println!(
+        "{machine}; load by {}; {} rounds; {:.0} s\n",
+        if settings.wrk {
+            "wrk"
+        } else {
+            "the built-in generator"
+        },
+        settings.rounds,
+        started.elapsed().as_secs_f64()
+    );
+    print_table(&rows);
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let number = |v: Option<f64>| {
+        v.map_or_else(String::new, |v| {
+            if v.abs() >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        })
+    };
+    println!("| scenario | metric | direct | tunnel | tunnel/direct | target | met |");
+    println!("|---|---|---:|---:|---:|---|---|");
+    for row in rows {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.scenario,
+            row.metric,
+            number(row.direct),
+            number(row.tunnel),
+            row.ratio.map_or_else(String::new, |r| format!("{r:.2}")),
+            row.target,
+            met
+        );
+    }
+}
+
+/// The machine the run is on: CPU model, cores, kernel.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+/// How many tunnels connect at once.
+const CONNECT_BATCH: usize = 256;
+
+async fn idle_tunnels(relay: &str, target: &str, count: usize) -> Result<(), String> {
+    let target = ferry::Target::parse(target).map_err(|e| e.to_string())?;
+    let relay = ferry::relay_url(relay).map_err(|e| e.to_string())?;
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    let mut opened = 0;
+    while opened < count {
+        let batch = CONNECT_BATCH.min(count - opened);
+        let mut waiting = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let config = ferry::Config {
+                relay: relay.clone(),
+                token: None,
+                subdomain: None,
+                target: target.clone(),
+                host_header: ferry::HostHeader::Preserve,
+                local_timeout: ferry::DEFAULT_LOCAL_TIMEOUT,
+            };
+            let (events, receiver) = tokio::sync::broadcast::channel(4);
+            tasks.push(tokio::spawn(ferry::run(config, events, shutdown.clone())));
+            waiting.push(receiver);
+        }
+        for mut receiver in waiting {
+            match receiver.recv().await {
+                Ok(ferry::Event::Connected { .. }) => {}
+                other => return Err(format!("a tunnel did not connect: {other:?}")),
+            }
+        }
+        opened += batch;
+    }
+    println!("connected in {:.3}", started.elapsed().as_secs_f64());
+    // Hold the tunnels until the driver closes standard input or signals.
+    let (mut stdin, mut sink) = (tokio::io::stdin(), Vec::new());
+    tokio::select! {
+        _ = stdin.read_to_end(&mut sink) => {}
+        () = wait_for_term() => {}
+    }
+    shutdown.cancel();
+    Ok(())
+}
+
+async fn wait_for_term() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

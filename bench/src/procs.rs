@@ -1,0 +1,132 @@
+//! The processes a benchmark runs: release builds of the relay, the client
+//! and the origin, each read for its readiness line and its memory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// How long a process may take to print its readiness line.
+const READY_WAIT: Duration = Duration::from_secs(60);
+/// How long a process may take to exit after SIGTERM before it is killed.
+const EXIT_WAIT: Duration = Duration::from_secs(15);
+
+/// The folder holding this executable and its sibling release binaries.
+pub fn bin_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or("this executable has no folder")?
+        .to_path_buf();
+    for name in ["ferry", "ferry-relay"] {
+        if !dir.join(name).exists() {
+            return Err(format!(
+                "{} is missing: build everything first with `cargo build --release --workspace`",
+                dir.join(name).display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// A child process whose stdout lines are read as they come.
+pub struct Proc {
+    /// The child.
+    child: Child,
+    /// Its process id.
+    pub pid: u32,
+    /// Its stdout, line by line; lines are dropped when nobody reads them
+    /// fast enough, so a chatty child never blocks on a full pipe.
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `program` with `args`.
+    pub fn spawn(program: &Path, args: &[String]) -> Result<Self, String> {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        let pid = child.id().ok_or("child exited at once")?;
+        let stdout = child.stdout.take().ok_or("child has no stdout")?;
+        let (tx, lines) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = tx.try_send(line);
+            }
+        });
+        Ok(Self { child, pid, lines })
+    }
+
+    /// Waits for the first line `parse` accepts.
+    pub async fn wait_line<T>(
+        &mut self,
+        what: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, String> {
+        let wait = async {
+            while let Some(line) = self.lines.recv().await {
+                if let Some(value) = parse(&line) {
+                    return Ok(value);
+                }
+            }
+            Err(format!("the process ended before {what}"))
+        };
+        tokio::time::timeout(READY_WAIT, wait)
+            .await
+            .map_err(|_| format!("timed out waiting for {what}"))?
+    }
+
+    /// Sends SIGTERM and waits for the exit, killing it if it hangs.
+    pub async fn terminate(mut self) -> Result<(), String> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        match tokio::time::timeout(EXIT_WAIT, self.child.wait()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("waiting for {}: {e}", self.pid)),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(format!(
+                    "process {} ignored SIGTERM for {EXIT_WAIT:?}",
+                    self.pid
+                ))
+            }
+        }
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        status_field(self.pid, "VmRSS:")
+    }
+
+    /// Peak resident memory since start or the last [`Proc::reset_peak`], in KiB.
+    pub fn peak_kib(&self) -> Option<u64> {
+        status_field(self.pid, "VmHWM:")
+    }
+
+    /// Resets the peak resident memory to the current one (Linux
+    /// `clear_refs` value 5).
+    pub fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5");
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}

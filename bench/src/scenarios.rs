@@ -1,0 +1,503 @@
+//! The scenarios: each alternates direct and tunnel runs and reports
+//! medians and the tunnel/direct ratio against its target.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::load::{self, Outcome, Spec, Transfer};
+use crate::procs::Proc;
+
+/// How a run is sized.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Direct/tunnel pairs per scenario.
+    pub rounds: usize,
+    /// Length of each load run.
+    pub load_duration: Duration,
+    /// Bytes per upload and download.
+    pub transfer_bytes: u64,
+    /// Idle tunnels opened on one relay.
+    pub idle_tunnels: usize,
+    /// Relay restarts timed.
+    pub restarts: usize,
+    /// Whether wrk drives the plain HTTP load.
+    pub wrk: bool,
+}
+
+impl Settings {
+    /// The full run, for BENCHMARKS.md.
+    pub fn full(wrk: bool) -> Self {
+        Self {
+            rounds: 3,
+            load_duration: Duration::from_secs(10),
+            transfer_bytes: 512 << 20,
+            idle_tunnels: 10_000,
+            restarts: 10,
+            wrk,
+        }
+    }
+
+    /// About a second per scenario, so CI keeps the harness working.
+    pub fn quick() -> Self {
+        Self {
+            rounds: 3,
+            load_duration: Duration::from_millis(150),
+            transfer_bytes: 16 << 20,
+            idle_tunnels: 100,
+            restarts: 2,
+            wrk: false,
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// The scenario.
+    pub scenario: String,
+    /// What is measured, with its unit.
+    pub metric: String,
+    /// The direct figure, where there is one.
+    pub direct: Option<f64>,
+    /// The tunnel figure.
+    pub tunnel: Option<f64>,
+    /// Tunnel / direct, where both exist.
+    pub ratio: Option<f64>,
+    /// The target, as text.
+    pub target: String,
+    /// Whether the target was met, where there is one.
+    pub met: Option<bool>,
+}
+
+impl Row {
+    fn new(scenario: &str, metric: &str) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            metric: metric.to_owned(),
+            direct: None,
+            tunnel: None,
+            ratio: None,
+            target: String::new(),
+            met: None,
+        }
+    }
+
+    /// Direct and tunnel figures with their ratio.
+    fn pair(mut self, direct: f64, tunnel: f64) -> Self {
+        self.direct = Some(direct);
+        self.tunnel = Some(tunnel);
+        self.ratio = (direct > 0.0).then(|| tunnel / direct);
+        self
+    }
+
+    fn only(mut self, tunnel: f64) -> Self {
+        self.tunnel = Some(tunnel);
+        self
+    }
+
+    /// Target: the ratio is at least `min`.
+    fn ratio_at_least(mut self, min: f64) -> Self {
+        self.target = format!(">= {min:.2}x direct");
+        self.met = self.ratio.map(|r| r >= min);
+        self
+    }
+
+    /// Target: the tunnel figure is at most `max`.
+    fn at_most(mut self, max: f64, unit: &str) -> Self {
+        self.target = format!("<= {max} {unit}");
+        self.met = self.tunnel.map(|t| t <= max);
+        self
+    }
+
+    fn note(mut self, note: &str) -> Self {
+        self.target = note.to_owned();
+        self
+    }
+}
+
+/// The median of `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The processes of one measured setup: origin, relay, client.
+struct Stack {
+    bin: PathBuf,
+    origin: Proc,
+    origin_addr: SocketAddr,
+    relay: Proc,
+    relay_addr: SocketAddr,
+    client: Proc,
+    tunnel_host: String,
+}
+
+async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
+    let mut origin = Proc::spawn(&bin.join("ferry-bench"), &["origin".into()])?;
+    let addr = origin
+        .wait_line("the origin", |line| {
+            line.strip_prefix("listening ")?.parse().ok()
+        })
+        .await?;
+    Ok((origin, addr))
+}
+
+async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr), String> {
+    let mut relay = Proc::spawn(
+        &bin.join("ferry-relay"),
+        &["--listen".into(), listen.to_string()],
+    )?;
+    let port: u16 = relay
+        .wait_line("the relay", |line| {
+            line.strip_prefix("ferry-relay serving http://localhost:")?
+                .parse()
+                .ok()
+        })
+        .await?;
+    Ok((relay, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+async fn start_client(
+    bin: &Path,
+    relay: SocketAddr,
+    origin: SocketAddr,
+) -> Result<(Proc, String), String> {
+    let args = [
+        "http".into(),
+        format!("http://{origin}"),
+        "--relay".into(),
+        format!("ws://{relay}"),
+    ];
+    let mut client = Proc::spawn(&bin.join("ferry"), &args)?;
+    let host = client
+        .wait_line("the tunnel", |line| {
+            let (url, _) = line.split_once(" -> ")?;
+            Some(url.strip_prefix("http://")?.to_owned())
+        })
+        .await?;
+    Ok((client, host))
+}
+
+impl Stack {
+    async fn start(bin: &Path) -> Result<Self, String> {
+        let (origin, origin_addr) = start_origin(bin).await?;
+        let (relay, relay_addr) = start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let (client, tunnel_host) = start_client(bin, relay_addr, origin_addr).await?;
+        Ok(Self {
+            bin: bin.to_path_buf(),
+            origin,
+            origin_addr,
+            relay,
+            relay_addr,
+            client,
+            tunnel_host,
+        })
+    }
+
+    fn direct(&self, path: &str, connections: usize, duration: Duration, close: bool) -> Spec {
+        Spec {
+            addr: self.origin_addr,
+            host: self.origin_addr.to_string(),
+            path: path.to_owned(),
+            connections,
+            duration,
+            close,
+        }
+    }
+
+    fn tunnel(&self, path: &str, connections: usize, duration: Duration, close: bool) -> Spec {
+        Spec {
+            addr: self.relay_addr,
+            host: self.tunnel_host.clone(),
+            ..self.direct(path, connections, duration, close)
+        }
+    }
+
+    async fn stop(self) -> Result<(), String> {
+        self.client.terminate().await?;
+        self.relay.terminate().await?;
+        self.origin.terminate().await
+    }
+}
+
+/// Runs a load from a separate process: wrk where asked and installed,
+/// else this binary's `load` subcommand.
+async fn run_load(bin: &Path, spec: &Spec, wrk: bool) -> Result<Outcome, String> {
+    if wrk {
+        let spec = spec.clone();
+        if let Ok(Some(outcome)) = tokio::task::spawn_blocking(move || load::wrk(&spec)).await {
+            return Ok(outcome);
+        }
+    }
+    let mut args = vec![
+        "load".to_owned(),
+        "--addr".into(),
+        spec.addr.to_string(),
+        "--host".into(),
+        spec.host.clone(),
+        "--path".into(),
+        spec.path.clone(),
+        "--connections".into(),
+        spec.connections.to_string(),
+        "--millis".into(),
+        spec.duration.as_millis().to_string(),
+    ];
+    if spec.close {
+        args.push("--close".into());
+    }
+    json_output(bin, &args).await
+}
+
+async fn json_output<T: serde::de::DeserializeOwned>(
+    bin: &Path,
+    args: &[String],
+) -> Result<T, String> {
+    let output = tokio::process::Command::new(bin.join("ferry-bench"))
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run the load generator: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("{args:?} printed no result: {e}"))
+}
+
+/// Direct and tunnel outcomes of `rounds` alternating runs.
+async fn alternate(
+    stack: &Stack,
+    settings: &Settings,
+    path: &str,
+    connections: usize,
+    close: bool,
+) -> Result<(Vec<Outcome>, Vec<Outcome>), String> {
+    let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
+    for _ in 0..settings.rounds {
+        let d = run_load(
+            &stack.bin,
+            &stack.direct(path, connections, settings.load_duration, close),
+            settings.wrk,
+        )
+        .await?;
+        let t = run_load(
+            &stack.bin,
+            &stack.tunnel(path, connections, settings.load_duration, close),
+            settings.wrk,
+        )
+        .await?;
+        for (outcome, side) in [(&d, "direct"), (&t, "tunnel")] {
+            if outcome.requests == 0 {
+                return Err(format!(
+                    "the {side} run of {path} completed no request ({} errors)",
+                    outcome.errors
+                ));
+            }
+        }
+        direct.push(d);
+        tunnel.push(t);
+    }
+    Ok((direct, tunnel))
+}
+
+fn medians(outcomes: &[Outcome], field: fn(&Outcome) -> f64) -> f64 {
+    median(&mut outcomes.iter().map(field).collect::<Vec<_>>())
+}
+
+/// Runs every scenario and returns the report's rows.
+pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let stack = Stack::start(bin).await?;
+
+    let name = "1 KiB GET, 64 connections";
+    let (d, t) = alternate(&stack, settings, "/1k", 64, false).await?;
+    rows.push(
+        Row::new(name, "requests/s")
+            .pair(medians(&d, |o| o.rps), medians(&t, |o| o.rps))
+            .ratio_at_least(0.55),
+    );
+    rows.push(Row::new(name, "p50 µs").pair(medians(&d, |o| o.p50_us), medians(&t, |o| o.p50_us)));
+    rows.push(Row::new(name, "p99 µs").pair(medians(&d, |o| o.p99_us), medians(&t, |o| o.p99_us)));
+
+    let name = "1 KiB GET, one connection";
+    let (d, t) = alternate(&stack, settings, "/1k", 1, false).await?;
+    let (d50, t50) = (medians(&d, |o| o.p50_us), medians(&t, |o| o.p50_us));
+    rows.push(Row::new(name, "p50 µs").pair(d50, t50));
+    rows.push(Row::new(name, "p99 µs").pair(medians(&d, |o| o.p99_us), medians(&t, |o| o.p99_us)));
+    rows.push(
+        Row::new(name, "µs added at p50")
+            .only(t50 - d50)
+            .at_most(40.0, "µs"),
+    );
+
+    let name = "new connection per request, 64 concurrent";
+    let (d, t) = alternate(&stack, settings, "/1k", 64, true).await?;
+    rows.push(
+        Row::new(name, "requests/s")
+            .pair(medians(&d, |o| o.rps), medians(&t, |o| o.rps))
+            .ratio_at_least(0.35),
+    );
+
+    rows.extend(transfers(&stack, settings).await?);
+    rows.push(
+        Row::new("activity log capture on vs off", "-")
+            .note("not measured: the activity log is not built yet"),
+    );
+    rows.extend(reconnects(stack, settings).await?);
+    rows.extend(idle_tunnels(bin, settings).await?);
+    rows.push(Row::new("dispatcher", "-").note("not measured: the dispatcher is not built yet"));
+    Ok(rows)
+}
+
+async fn transfers(stack: &Stack, settings: &Settings) -> Result<Vec<Row>, String> {
+    let mib = settings.transfer_bytes as f64 / f64::from(1 << 20);
+    let name = format!("{mib:.0} MiB transfer");
+    let mut rows = Vec::new();
+    let (mut relay_peak, mut client_peak) = (0u64, 0u64);
+    for upload in [true, false] {
+        let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
+        for _ in 0..settings.rounds {
+            direct.push(transfer(stack, false, settings.transfer_bytes, upload).await?);
+            stack.relay.reset_peak();
+            stack.client.reset_peak();
+            tunnel.push(transfer(stack, true, settings.transfer_bytes, upload).await?);
+            relay_peak = relay_peak.max(stack.relay.peak_kib().unwrap_or(0));
+            client_peak = client_peak.max(stack.client.peak_kib().unwrap_or(0));
+        }
+        let speed =
+            |runs: &[Transfer]| median(&mut runs.iter().map(|t| mib / t.secs).collect::<Vec<_>>());
+        let metric = if upload {
+            "upload MiB/s"
+        } else {
+            "download MiB/s"
+        };
+        rows.push(
+            Row::new(&name, metric)
+                .pair(speed(&direct), speed(&tunnel))
+                .ratio_at_least(0.55),
+        );
+    }
+    rows.push(
+        Row::new(&name, "relay peak RSS MiB")
+            .only(relay_peak as f64 / 1024.0)
+            .at_most(32.0, "MiB"),
+    );
+    rows.push(
+        Row::new(&name, "client peak RSS MiB")
+            .only(client_peak as f64 / 1024.0)
+            .at_most(32.0, "MiB"),
+    );
+    Ok(rows)
+}
+
+async fn transfer(
+    stack: &Stack,
+    through_tunnel: bool,
+    bytes: u64,
+    upload: bool,
+) -> Result<Transfer, String> {
+    let (addr, host) = if through_tunnel {
+        (stack.relay_addr, stack.tunnel_host.clone())
+    } else {
+        (stack.origin_addr, stack.origin_addr.to_string())
+    };
+    let args = [
+        "transfer".to_owned(),
+        "--addr".into(),
+        addr.to_string(),
+        "--host".into(),
+        host,
+        "--bytes".into(),
+        bytes.to_string(),
+        if upload { "--upload" } else { "--download" }.into(),
+    ];
+    json_output(&stack.bin, &args).await
+}
+
+/// Restarts the relay in place and times how long until a request through
+/// the tunnel succeeds again, measured from the new relay being ready.
+async fn reconnects(mut stack: Stack, settings: &Settings) -> Result<Vec<Row>, String> {
+    let mut times = Vec::new();
+    for _ in 0..settings.restarts {
+        stack.relay.terminate().await?;
+        let (relay, addr) = start_relay(&stack.bin, stack.relay_addr).await?;
+        let ready = Instant::now();
+        stack.relay = relay;
+        let spec = stack.tunnel("/1k", 1, Duration::ZERO, true);
+        loop {
+            if ready.elapsed() > Duration::from_secs(30) {
+                return Err("the client did not come back within 30 s of a relay restart".into());
+            }
+            if probe(addr, &spec.host).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        times.push(ready.elapsed().as_secs_f64() * 1000.0);
+    }
+    stack.stop().await?;
+    let name = format!(
+        "reconnect after relay restart (median of {})",
+        settings.restarts
+    );
+    Ok(vec![Row::new(&name, "ms until a request succeeds")
+        .only(median(&mut times))
+        .at_most(1000.0, "ms")])
+}
+
+/// Whether one GET through the tunnel answers 200.
+async fn probe(addr: SocketAddr, host: &str) -> bool {
+    let spec = Spec {
+        addr,
+        host: host.to_owned(),
+        path: "/1k".into(),
+        connections: 1,
+        duration: Duration::from_millis(1),
+        close: true,
+    };
+    load::builtin(&spec).await.requests > 0
+}
+
+/// Opens many idle tunnels on a fresh relay and measures its memory per
+/// tunnel and the time to connect them.
+async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
+    let (origin, origin_addr) = start_origin(bin).await?;
+    let (relay, relay_addr) = start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let before = relay.rss_kib().unwrap_or(0);
+    let args = [
+        "idle-tunnels".to_owned(),
+        "--relay".into(),
+        format!("ws://{relay_addr}"),
+        "--target".into(),
+        format!("http://{origin_addr}"),
+        "--count".into(),
+        settings.idle_tunnels.to_string(),
+    ];
+    let mut tunnels = Proc::spawn(&bin.join("ferry-bench"), &args)?;
+    let secs: f64 = tunnels
+        .wait_line("the idle tunnels", |line| {
+            line.strip_prefix("connected in ")?.parse().ok()
+        })
+        .await?;
+    let after = relay.rss_kib().unwrap_or(0);
+    tunnels.terminate().await?;
+    relay.terminate().await?;
+    origin.terminate().await?;
+    let count = settings.idle_tunnels;
+    let name = format!("{count} idle tunnels on one relay");
+    let per_tunnel = after.saturating_sub(before) as f64 / count as f64;
+    Ok(vec![
+        Row::new(&name, "relay KiB per tunnel")
+            .only(per_tunnel)
+            .at_most(16.0, "KiB"),
+        Row::new(&name, "seconds to connect all").only(secs),
+    ])
+}
