@@ -26,9 +26,15 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::handshake::{MAX_MESSAGE, WRITE_CHUNK};
 
+/// Bytes read from the socket at once. tungstenite zero-fills this much per
+/// connection up front, so it is most of an idle tunnel's memory; larger
+/// messages still arrive whole, as the buffer grows for them.
+const READ_BUFFER: usize = 4 * 1024;
+
 /// The WebSocket settings both sides use for the tunnel.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
         .write_buffer_size(WRITE_CHUNK * 2)

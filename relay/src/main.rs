@@ -73,7 +73,7 @@ fn config(args: &Args) -> Result<Config, String> {
     Ok(Config { domain, tokens })
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
