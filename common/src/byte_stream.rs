@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -266,6 +266,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ByteStream<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// HTTP/2 hands over a frame's header and payload as separate slices;
+    /// gathering them makes one message of both instead of two.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io_error)?;
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(WRITE_CHUNK);
+        let mut message = BytesMut::with_capacity(total);
+        for buf in bufs {
+            let take = buf.len().min(total - message.len());
+            message.extend_from_slice(&buf[..take]);
+            if message.len() == total {
+                break;
+            }
+        }
+        Pin::new(&mut this.ws)
+            .start_send(Message::Binary(message.freeze()))
+            .map_err(io_error)?;
+        Poll::Ready(Ok(total))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().ws)
             .poll_flush(cx)
@@ -325,6 +353,31 @@ mod tests {
         server.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, data);
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_gather_slices_into_one_message() {
+        let (mut client, _, mut server, _) = pair().await;
+        let writer = tokio::spawn(async move {
+            let head = [1u8; 9];
+            let payload = vec![2u8; WRITE_CHUNK];
+            let slices = [
+                std::io::IoSlice::new(&head),
+                std::io::IoSlice::new(&payload),
+            ];
+            let written = client.write_vectored(&slices).await.unwrap();
+            client.flush().await.unwrap();
+            (written, client)
+        });
+        let mut got = vec![0u8; WRITE_CHUNK];
+        server.read_exact(&mut got).await.unwrap();
+        let (written, _client) = writer.await.unwrap();
+        assert_eq!(
+            written, WRITE_CHUNK,
+            "one message holds at most WRITE_CHUNK bytes"
+        );
+        assert_eq!(&got[..9], &[1u8; 9]);
+        assert!(got[9..].iter().all(|b| *b == 2));
     }
 
     #[tokio::test]

@@ -38,8 +38,9 @@ pub const PUBLIC_URL_HEADER: &str = "ferry-public-url";
 /// Response header on `101`: the subdomain the relay assigned.
 pub const ASSIGNED_SUBDOMAIN_HEADER: &str = "ferry-subdomain";
 
-/// Largest WebSocket message a side writes: one chunk of the byte stream.
-pub const WRITE_CHUNK: usize = 64 * 1024;
+/// Largest WebSocket message a side writes: one chunk of the byte stream,
+/// room for a whole HTTP/2 frame of [`MAX_FRAME_SIZE`] with its header.
+pub const WRITE_CHUNK: usize = 128 * 1024;
 /// Largest WebSocket message or frame a side accepts; above [`WRITE_CHUNK`]
 /// so that a peer may raise its chunk within the same protocol version.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
@@ -66,6 +67,7 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 // message, and a dead link is noticed within about 30 s.
 const _: () = {
     assert!(WRITE_CHUNK <= MAX_MESSAGE);
+    assert!(MAX_FRAME_SIZE as usize + 9 <= WRITE_CHUNK);
     assert!(MAX_FRAME_SIZE as usize + 9 <= MAX_MESSAGE);
     assert!(STREAM_WINDOW <= CONNECTION_WINDOW);
     assert!(PING_INTERVAL.as_secs() + PING_TIMEOUT.as_secs() <= 30);
