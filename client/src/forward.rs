@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::target::{HostHeader, Target};
@@ -41,6 +42,9 @@ pub struct Forwarder {
     client: Client<Connector, Body>,
     /// Where each exchange is reported for the terminal.
     events: broadcast::Sender<Event>,
+    /// Ends the WebSockets passed through, which would otherwise hold the
+    /// graceful shutdown for its whole grace period.
+    shutdown: CancellationToken,
 }
 
 /// Why a request did not reach the target. Mapped to a status in one place,
@@ -51,13 +55,17 @@ enum ForwardError {
     Unreachable { target: String, cause: String },
     #[error("ferry: {target} did not answer within {:.1} s (raise it with --timeout)", timeout.as_secs_f64())]
     Timeout { target: String, timeout: Duration },
+    #[error("ferry: {target} answered a WebSocket upgrade with {status} instead of 101 Switching Protocols: is this path a WebSocket endpoint?")]
+    NotWebSocket { target: String, status: u16 },
     #[error("ferry: could not build the request for {target}: {cause}")]
     BadRequest { target: String, cause: String },
 }
 
 fn error_response(err: &ForwardError) -> Response<Body> {
     let status = match err {
-        ForwardError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+        ForwardError::Unreachable { .. } | ForwardError::NotWebSocket { .. } => {
+            StatusCode::BAD_GATEWAY
+        }
         ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
     };
@@ -93,6 +101,7 @@ impl Forwarder {
         host_header: HostHeader,
         timeout: Duration,
         events: broadcast::Sender<Event>,
+        shutdown: CancellationToken,
     ) -> Self {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -117,6 +126,7 @@ impl Forwarder {
             timeout,
             client,
             events,
+            shutdown,
         }
     }
 
@@ -231,20 +241,36 @@ impl Forwarder {
             .map_err(|never| match never {})
             .boxed_unsync();
         let mut response = self.send(Request::from_parts(parts, empty)).await?;
+        if response.status().is_success() {
+            // Any 2xx would tell the relay the tunnel is open; a target that
+            // answers 200 to an upgrade has not spoken WebSocket at all.
+            return Err(ForwardError::NotWebSocket {
+                target: self.target.to_string(),
+                status: response.status().as_u16(),
+            });
+        }
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
         let local_side = hyper::upgrade::on(&mut response);
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let (local, tunnel) = match tokio::try_join!(local_side, tunnel_side) {
                 Ok(both) => both,
                 Err(err) => return debug!(%err, "websocket upgrade failed"),
             };
             let (mut local, mut tunnel) = (TokioIo::new(local), TokioIo::new(tunnel));
-            if let Err(err) = tokio::io::copy_bidirectional(&mut local, &mut tunnel).await {
-                debug!(%err, "websocket ended with an error");
+            // A WebSocket lasts as long as the page; shutdown ends it rather
+            // than waiting on it.
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut local, &mut tunnel) => {
+                    if let Err(err) = copied {
+                        debug!(%err, "websocket ended with an error");
+                    }
+                }
+                () = shutdown.cancelled() => {}
             }
         });
         let mut answer = Response::new(

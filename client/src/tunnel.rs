@@ -32,6 +32,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// The first reconnect delay, before jitter; it doubles per failed attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// How long opening the tunnel may take (TCP, TLS and the upgrade), so a
+/// relay that accepts and never answers cannot stall reconnecting.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest reconnect delay.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
@@ -68,6 +71,7 @@ pub async fn run(
         config.host_header.clone(),
         config.local_timeout,
         events.clone(),
+        shutdown.clone(),
     ));
     let client_key = format!("{:032x}", rand::random::<u128>());
     let mut subdomain = config.subdomain.clone();
@@ -140,29 +144,36 @@ async fn connect(
     if let Some(token) = &config.token {
         put(AUTHORIZATION.as_str(), &format!("Bearer {token}"));
     }
-    let (ws, response) = tokio_tungstenite::connect_async_tls_with_config(
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
         request,
         Some(websocket_config()),
         true,
         None,
-    )
-    .await
-    .map_err(|err| match err {
-        tungstenite::Error::Http(response) => {
-            let status = response.status();
-            let message = response
-                .body()
-                .as_deref()
-                .map(|body| String::from_utf8_lossy(body).trim().to_owned())
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| status.to_string());
-            Error::Refused {
-                status: status.as_u16(),
-                message,
+    );
+    let (ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| {
+            Error::Unreachable(
+                config.relay.clone(),
+                format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
+        .map_err(|err| match err {
+            tungstenite::Error::Http(response) => {
+                let status = response.status();
+                let message = response
+                    .body()
+                    .as_deref()
+                    .map(|body| String::from_utf8_lossy(body).trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| status.to_string());
+                Error::Refused {
+                    status: status.as_u16(),
+                    message,
+                }
             }
-        }
-        other => Error::Unreachable(config.relay.clone(), other.to_string()),
-    })?;
+            other => Error::Unreachable(config.relay.clone(), other.to_string()),
+        })?;
     let answer = read_answer(response.headers()).ok_or_else(|| {
         Error::BadRelay(
             config.relay.clone(),

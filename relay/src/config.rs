@@ -1,6 +1,7 @@
 //! The relay's settings, already validated by `main` or the embedding code.
 
 use std::fmt;
+use std::time::Duration;
 
 /// How the relay is set up.
 #[derive(Debug, Clone)]
@@ -11,6 +12,20 @@ pub struct Config {
     /// Tokens that clients and API callers must present; empty means the
     /// relay is open, as suits a relay on loopback.
     pub tokens: Vec<Token>,
+    /// How long a tunnel may take to answer a public request with headers
+    /// before the caller gets 504.
+    pub request_timeout: Duration,
+    /// Public requests one tunnel may have in flight; more get 503.
+    pub max_requests_per_tunnel: usize,
+}
+
+impl Config {
+    /// The default for [`Config::request_timeout`]: above the client's own
+    /// default local timeout, so that the client's clearer 504 comes first.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+    /// The default for [`Config::max_requests_per_tunnel`]: below the
+    /// client's HTTP/2 stream limit, so that no request queues unseen.
+    pub const DEFAULT_MAX_REQUESTS_PER_TUNNEL: usize = 1000;
 }
 
 impl Default for Config {
@@ -18,6 +33,8 @@ impl Default for Config {
         Self {
             domain: "localhost".to_owned(),
             tokens: Vec::new(),
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
         }
     }
 }

@@ -63,6 +63,10 @@ enum IngressError {
     TunnelGone(Subdomain, #[source] hyper::Error),
     #[error("only WebSocket upgrades can pass through a tunnel, not `{0}`")]
     UnsupportedUpgrade(String),
+    #[error("the tunnel `{0}` did not answer within {1} s")]
+    Timeout(Subdomain, u64),
+    #[error("the tunnel `{0}` has {1} requests in flight, its limit: try again shortly")]
+    Busy(Subdomain, usize),
 }
 
 fn error_response(err: &IngressError) -> Response<Body> {
@@ -72,6 +76,8 @@ fn error_response(err: &IngressError) -> Response<Body> {
         | IngressError::BadName { .. }
         | IngressError::NotConnected(_) => StatusCode::NOT_FOUND,
         IngressError::TunnelGone(..) => StatusCode::BAD_GATEWAY,
+        IngressError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+        IngressError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
     };
     if let IngressError::TunnelGone(name, source) = err {
         debug!(%name, %source, "tunnel request failed");
@@ -80,7 +86,7 @@ fn error_response(err: &IngressError) -> Response<Body> {
 }
 
 /// Accepts connections until `shutdown`, then waits up to `grace` for open
-/// connections to finish their requests.
+/// connections to finish their requests and drops the rest.
 pub(crate) async fn serve(
     state: Arc<State>,
     listener: TcpListener,
@@ -94,7 +100,11 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
+    // Owns the connection tasks: those still open after the grace period are
+    // aborted when it drops.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         // Both arms are cancel-safe: `accept` loses no connection when the
         // shutdown arm wins.
         let (stream, peer) = tokio::select! {
@@ -118,7 +128,7 @@ pub(crate) async fn serve(
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(
+        connections.spawn(
             async move {
                 if let Err(err) = connection.await {
                     debug!(%err, "connection ended with an error");
@@ -174,21 +184,20 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Strips the port and a trailing dot and folds case: `Brave-Otter.localhost.:8080`
-/// becomes `brave-otter.localhost`. IPv6 literals keep their brackets.
+/// becomes `brave-otter.localhost`. IPv6 literals keep their brackets; user
+/// info (`user@host`) is refused.
 fn normalize_host(host: &str) -> Option<String> {
-    let host = host.trim();
-    let name = if host.starts_with('[') {
-        let end = host.find(']')?;
-        &host[..=end]
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            Some(_) => return None,
-            None => host,
-        }
-    };
+    let authority: hyper::http::uri::Authority = host.trim().parse().ok()?;
+    // `http` accepts user info and a port that is not a number; a Host
+    // header has no business with either.
+    let has_bad_port =
+        authority.port_u16().is_none() && authority.as_str().len() > authority.host().len();
+    if authority.as_str().contains('@') || has_bad_port {
+        return None;
+    }
+    let name = authority.host();
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    (!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic())).then_some(name)
+    (!name.is_empty()).then_some(name)
 }
 
 fn route(host: &str, domain: &str) -> Result<Route, IngressError> {
@@ -228,8 +237,12 @@ async fn forward(
         .tunnels
         .get(&name)
         .ok_or_else(|| IngressError::NotConnected(name.clone()))?;
+    let permit = tunnel
+        .admit()
+        .ok_or_else(|| IngressError::Busy(name.clone(), state.config.max_requests_per_tunnel))?;
     let mut sender = tunnel
         .sender()
+        .await
         .ok_or_else(|| IngressError::NotConnected(name.clone()))?;
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
 
@@ -290,9 +303,10 @@ async fn forward(
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
     let request = Request::from_parts(parts, body.boxed_unsync());
-    let mut response = sender
-        .send_request(request)
+    let timeout = state.config.request_timeout;
+    let mut response = tokio::time::timeout(timeout, sender.send_request(request))
         .await
+        .map_err(|_| IngressError::Timeout(name.clone(), timeout.as_secs()))?
         .map_err(|err| IngressError::TunnelGone(name.clone(), err))?;
     let tunnel_side = websocket
         .is_some()
@@ -303,7 +317,7 @@ async fn forward(
         Some((public, tunnel_side)) if parts.status == StatusCode::OK => {
             state
                 .tasks
-                .spawn(bridge(public, tunnel_side).in_current_span());
+                .spawn(bridge(public, tunnel_side, permit).in_current_span());
             parts.status = StatusCode::SWITCHING_PROTOCOLS;
             parts
                 .headers
@@ -318,13 +332,25 @@ async fn forward(
             }
             Ok(Response::from_parts(parts, crate::full("")))
         }
-        _ => Ok(Response::from_parts(parts, body.boxed_unsync())),
+        _ => {
+            // The request counts as in flight until its response body ends.
+            let body = body.map_frame(move |frame| {
+                let _held = &permit;
+                frame
+            });
+            Ok(Response::from_parts(parts, body.boxed_unsync()))
+        }
     }
 }
 
 /// Copies bytes both ways between the public caller's upgraded connection
-/// and the tunnel stream, until either side closes.
-async fn bridge(public: hyper::upgrade::OnUpgrade, tunnel: hyper::upgrade::OnUpgrade) {
+/// and the tunnel stream, until either side closes; `_permit` keeps the
+/// WebSocket counted as a request in flight meanwhile.
+async fn bridge(
+    public: hyper::upgrade::OnUpgrade,
+    tunnel: hyper::upgrade::OnUpgrade,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let (public, tunnel) = match tokio::try_join!(public, tunnel) {
         Ok(both) => both,
         Err(err) => {
@@ -352,6 +378,9 @@ mod tests {
         assert_eq!(normalize_host("a.b:http"), None);
         assert_eq!(normalize_host(""), None);
         assert_eq!(normalize_host("bad host"), None);
+        assert_eq!(normalize_host("user@demo.localhost"), None);
+        assert_eq!(normalize_host("demo.localhost:"), None);
+        assert_eq!(normalize_host("[::1]junk"), None);
     }
 
     #[test]

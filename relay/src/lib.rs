@@ -57,6 +57,8 @@ pub(crate) struct State {
     metrics: admin::Metrics,
     /// The next exchange id.
     next_exchange: AtomicU64,
+    /// Cancelled when shutdown starts: no new tunnel is accepted after it.
+    shutdown: CancellationToken,
 }
 
 impl State {
@@ -76,8 +78,8 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let port = listener.local_addr()?.port();
     let state = Arc::new(State {
-        config,
-        tunnels: tunnels::Tunnels::default(),
+        shutdown: shutdown.clone(),
+        tunnels: tunnels::Tunnels::new(config.max_requests_per_tunnel),
         port_suffix: if port == 80 {
             String::new()
         } else {
@@ -86,6 +88,7 @@ pub async fn run(
         tasks: TaskTracker::new(),
         metrics: admin::Metrics::default(),
         next_exchange: AtomicU64::new(1),
+        config,
     });
     ingress::serve(Arc::clone(&state), listener, shutdown, SHUTDOWN_GRACE).await;
     state

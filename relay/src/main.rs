@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use ferry_relay::{Config, Token};
@@ -33,6 +34,17 @@ struct Args {
     /// A file of tokens, one per line; blank lines and `#` comments are skipped.
     #[arg(long, env = "FERRY_RELAY_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
+    /// Seconds a tunnel may take to answer a public request before the
+    /// caller gets 504.
+    #[arg(long, env = "FERRY_RELAY_REQUEST_TIMEOUT", value_name = "SECONDS",
+          default_value_t = Config::DEFAULT_REQUEST_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    request_timeout: u64,
+    /// Public requests one tunnel may have in flight; more get 503.
+    #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_TUNNEL", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    max_requests_per_tunnel: usize,
 }
 
 fn config(args: &Args) -> Result<Config, String> {
@@ -70,7 +82,12 @@ fn config(args: &Args) -> Result<Config, String> {
             return Err(format!("--tokens-file {} holds no token", path.display()));
         }
     }
-    Ok(Config { domain, tokens })
+    Ok(Config {
+        domain,
+        tokens,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        max_requests_per_tunnel: args.max_requests_per_tunnel,
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -109,6 +109,12 @@ pub(crate) async fn connect(state: &Arc<State>, mut req: Request<Incoming>) -> R
         );
         return response;
     }
+    if state.shutdown.is_cancelled() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the relay is shutting down: connect again in a moment",
+        );
+    }
     let token = match authorize(state, req.headers()) {
         Ok(token) => token,
         Err(response) => return *response,

@@ -2,17 +2,21 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use ferry_common::byte_stream::{CloseReason, CloseSignal};
 use ferry_common::subdomain::Subdomain;
 use hyper::client::conn::http2::SendRequest;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::Body;
 
 /// How many random names to try before giving up on a free one.
 const RANDOM_NAME_ATTEMPTS: u32 = 64;
+/// How long a public request waits for a tunnel whose client is still
+/// completing its handshake (a fresh connect, a reconnect or a takeover).
+const READY_WAIT: Duration = Duration::from_secs(5);
 
 /// Who holds a tunnel, which decides who may take its name over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,19 +55,32 @@ pub struct Tunnel {
     /// Closes the session's WebSocket with a reason.
     pub close: CloseSignal,
     /// The HTTP/2 handle to the client, set once the WebSocket is up.
-    sender: OnceLock<SendRequest<Body>>,
+    sender: watch::Sender<Option<SendRequest<Body>>>,
+    /// Public requests in flight may not exceed the relay's per-tunnel limit.
+    in_flight: Arc<Semaphore>,
 }
 
 impl Tunnel {
-    /// A handle for sending requests to the client, once it is connected.
-    pub fn sender(&self) -> Option<SendRequest<Body>> {
-        self.sender.get().filter(|s| !s.is_closed()).cloned()
+    /// A handle for sending requests to the client, waiting briefly for a
+    /// session that is still completing its handshake.
+    pub async fn sender(&self) -> Option<SendRequest<Body>> {
+        let mut ready = self.sender.subscribe();
+        let sender = tokio::time::timeout(READY_WAIT, ready.wait_for(Option::is_some))
+            .await
+            .ok()?
+            .ok()?;
+        sender.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
     /// Records the HTTP/2 handle; public requests flow from now on.
     pub fn set_sender(&self, sender: SendRequest<Body>) {
-        // A session sets its sender once, right after its handshake.
-        let _ = self.sender.set(sender);
+        self.sender.send_replace(Some(sender));
+    }
+
+    /// A place for one more request in flight, or `None` when the tunnel is
+    /// at its limit.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.in_flight).try_acquire_owned().ok()
     }
 }
 
@@ -87,15 +104,25 @@ pub struct Claim {
 }
 
 /// Subdomain → tunnel.
-#[derive(Default)]
 pub struct Tunnels {
     /// The live tunnels by name.
     map: Mutex<HashMap<Subdomain, Arc<Tunnel>>>,
     /// The next session id.
     next_id: AtomicU64,
+    /// Requests each tunnel may have in flight.
+    max_in_flight: usize,
 }
 
 impl Tunnels {
+    /// An empty registry whose tunnels each take `max_in_flight` requests.
+    pub fn new(max_in_flight: usize) -> Self {
+        Self {
+            map: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            max_in_flight,
+        }
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Subdomain, Arc<Tunnel>>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -135,7 +162,8 @@ impl Tunnels {
             owner,
             connected_at: SystemTime::now(),
             close: CloseSignal::default(),
-            sender: OnceLock::new(),
+            sender: watch::Sender::new(None),
+            in_flight: Arc::new(Semaphore::new(self.max_in_flight)),
         });
         map.insert(name, Arc::clone(&tunnel));
         Ok(Claim { tunnel, replaced })
@@ -181,7 +209,7 @@ mod tests {
 
     #[test]
     fn same_owner_takes_over_and_others_are_refused() {
-        let tunnels = Tunnels::default();
+        let tunnels = Tunnels::new(8);
         let name = Subdomain::parse("demo").unwrap();
         let first = tunnels
             .claim(Some(name.clone()), Owner::Token("a".into()), url)
@@ -204,7 +232,7 @@ mod tests {
 
     #[test]
     fn anonymous_clients_never_take_over() {
-        let tunnels = Tunnels::default();
+        let tunnels = Tunnels::new(8);
         let name = Subdomain::parse("demo").unwrap();
         tunnels
             .claim(Some(name.clone()), Owner::Anonymous, url)
@@ -219,7 +247,7 @@ mod tests {
 
     #[test]
     fn random_names_avoid_taken_ones() {
-        let tunnels = Tunnels::default();
+        let tunnels = Tunnels::new(8);
         for _ in 0..100 {
             tunnels.claim(None, Owner::Anonymous, url).unwrap();
         }

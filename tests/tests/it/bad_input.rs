@@ -166,3 +166,72 @@ async fn a_target_slower_than_the_local_timeout_gives_504() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_tunnel_that_does_not_answer_in_time_gives_504_from_the_relay() {
+    let config = ferry_relay::Config {
+        request_timeout: std::time::Duration::from_millis(200),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| std::future::pending()).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let (status, body) =
+        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.contains("did not answer within"), "{body}");
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_per_tunnel_limit_get_503_and_the_rest_carry_on() {
+    let config = ferry_relay::Config {
+        max_requests_per_tunnel: 2,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let origin_release = std::sync::Arc::clone(&release);
+    let origin = Origin::start(move |_req| {
+        let (started_tx, release) = (started_tx.clone(), std::sync::Arc::clone(&origin_release));
+        async move {
+            let released = release.notified();
+            let _ = started_tx.send(());
+            released.await;
+            Response::new(full("done"))
+        }
+    })
+    .await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, host) = (relay.addr, host.clone());
+            tokio::spawn(async move { send(addr, &host, Request::new(full(""))).await })
+        })
+        .collect();
+    for _ in 0..2 {
+        within("a request to reach the origin", started.recv())
+            .await
+            .expect("started");
+    }
+    let (status, body) = status_and_body(&relay, &host, Request::new(full(""))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("2 requests in flight"), "{body}");
+
+    release.notify_waiters();
+    for request in held {
+        let response = within("a held request", request)
+            .await
+            .expect("request task");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(read_body(response.into_body()).await, b"done");
+    }
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}

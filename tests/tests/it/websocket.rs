@@ -134,6 +134,33 @@ async fn websocket_echo_works_through_the_tunnel() {
 }
 
 #[tokio::test]
+async fn an_upgrade_answered_with_200_is_a_502_not_an_open_socket() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|_req| async {
+        Response::new(ferry_tests::full("<html>not a socket</html>"))
+    })
+    .await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let stream = TcpStream::connect(relay.addr).await.expect("relay accepts");
+    let url = format!("ws://{}/socket", host_of(&client.public_url));
+    let err = within(
+        "the websocket handshake",
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .expect_err("the origin is not a websocket server");
+    let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
+        panic!("expected an HTTP error, got {err}")
+    };
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+    assert!(body.contains("instead of 101"), "{body}");
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_refused_websocket_upgrade_returns_the_origin_answer() {
     let relay = TestRelay::open().await;
     let origin = Origin::start(|_req| async {
