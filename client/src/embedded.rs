@@ -4,20 +4,20 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The port tried first, then the ones after it.
 pub const PREFERRED_PORT: u16 = 8080;
 /// How many ports after [`PREFERRED_PORT`] are tried before any free one.
 const PORTS_TO_TRY: u16 = 20;
 
-/// A relay running inside this process; dropping it stops nothing, call
-/// [`Embedded::stop`] to shut it down and wait.
+/// A relay running inside this process. Dropping it starts the relay's
+/// shutdown; [`Embedded::stop`] also waits for it.
 pub struct Embedded {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// Stops it.
-    shutdown: CancellationToken,
+    /// Stops it, when cancelled or dropped.
+    shutdown: DropGuard,
     /// Its task.
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -35,7 +35,7 @@ impl Embedded {
         ));
         Ok(Self {
             addr,
-            shutdown,
+            shutdown: shutdown.drop_guard(),
             task,
         })
     }
@@ -51,7 +51,7 @@ impl Embedded {
 
     /// Shuts the relay down and waits for it.
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        drop(self.shutdown);
         match self.task.await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::warn!(%err, "embedded relay failed"),

@@ -26,7 +26,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// A body for test requests and origin responses.
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -68,7 +68,10 @@ pub async fn read_body(body: Incoming) -> Vec<u8> {
 pub struct TestRelay {
     /// Where it listens.
     pub addr: SocketAddr,
-    shutdown: CancellationToken,
+    /// Shuts the relay down when cancelled, or when the handle drops (a
+    /// test that panics stops its relay too).
+    shutdown: DropGuard,
+    /// The relay's task.
     task: JoinHandle<std::io::Result<()>>,
 }
 
@@ -88,7 +91,7 @@ impl TestRelay {
         let task = tokio::spawn(ferry_relay::run(config, listener, shutdown.clone()));
         Self {
             addr,
-            shutdown,
+            shutdown: shutdown.drop_guard(),
             task,
         }
     }
@@ -109,7 +112,7 @@ impl TestRelay {
 
     /// Shuts the relay down gracefully and waits for it.
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        drop(self.shutdown);
         within("the relay to stop", self.task)
             .await
             .expect("relay task")
@@ -136,8 +139,14 @@ pub struct TestClient {
     pub public_url: String,
     /// The subdomain, from the public URL.
     pub name: String,
+    /// What the tunnel reports: the readiness signals tests await.
     events: broadcast::Receiver<Event>,
+    /// Shuts the client down when cancelled.
     shutdown: CancellationToken,
+    /// Cancels `shutdown` when the handle drops: a test that panics stops
+    /// its client too.
+    _stop_on_drop: DropGuard,
+    /// The client's task.
     task: JoinHandle<Result<(), ferry::Error>>,
 }
 
@@ -184,6 +193,7 @@ impl TestClient {
             public_url: String::new(),
             name: String::new(),
             events,
+            _stop_on_drop: shutdown.clone().drop_guard(),
             shutdown,
             task,
         }
@@ -244,7 +254,9 @@ impl TestClient {
 pub struct Origin {
     /// Where it listens.
     pub addr: SocketAddr,
-    shutdown: CancellationToken,
+    /// Stops the server when cancelled or dropped.
+    shutdown: DropGuard,
+    /// The server's task.
     task: JoinHandle<()>,
 }
 
@@ -294,7 +306,7 @@ impl Origin {
         });
         Self {
             addr,
-            shutdown,
+            shutdown: shutdown.drop_guard(),
             task,
         }
     }
@@ -306,7 +318,7 @@ impl Origin {
 
     /// Stops the server and waits for it.
     pub async fn stop(self) {
-        self.shutdown.cancel();
+        drop(self.shutdown);
         within("the origin to stop", self.task)
             .await
             .expect("origin task");
