@@ -267,6 +267,7 @@ async fn idle_tunnels(relay: &str, target: &str, count: usize) -> Result<(), Str
                 target: target.clone(),
                 host_header: ferry::HostHeader::Preserve,
                 local_timeout: ferry::DEFAULT_LOCAL_TIMEOUT,
+                keepalive: ferry_common::handshake::Keepalive::default(),
             };
             let (events, receiver) = tokio::sync::broadcast::channel(4);
             tasks.push(tokio::spawn(ferry::run(config, events, shutdown.clone())));

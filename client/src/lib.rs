@@ -20,7 +20,7 @@ pub mod tunnel;
 use std::fmt;
 use std::time::Duration;
 
-use ferry_common::handshake::CONNECT_PATH;
+use ferry_common::handshake::{Keepalive, CONNECT_PATH};
 use ferry_common::subdomain::Subdomain;
 
 pub use target::{HostHeader, Target};
@@ -44,6 +44,8 @@ pub struct Config {
     pub host_header: HostHeader,
     /// How long the local server may take to answer with headers.
     pub local_timeout: Duration,
+    /// How the client pings the relay to notice a dead link.
+    pub keepalive: Keepalive,
 }
 
 impl fmt::Debug for Config {
@@ -55,6 +57,7 @@ impl fmt::Debug for Config {
             .field("target", &self.target)
             .field("host_header", &self.host_header)
             .field("local_timeout", &self.local_timeout)
+            .field("keepalive", &self.keepalive)
             .finish()
     }
 }

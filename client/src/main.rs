@@ -88,6 +88,7 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
         target: args.target,
         host_header: args.host_header,
         local_timeout: Duration::from_secs(args.timeout),
+        keepalive: ferry_common::handshake::Keepalive::default(),
     };
     let (events, receiver) = broadcast::channel(1024);
     let embedded_addr = embedded.as_ref().map(|e| e.addr);

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use ferry_common::byte_stream::{websocket_config, ByteStream, CloseReason, CloseSignal};
 use ferry_common::handshake::{
-    ConnectAnswer, ASSIGNED_SUBDOMAIN_HEADER, CLIENT_KEY_HEADER, CONNECTION_WINDOW,
-    MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, PING_INTERVAL, PING_TIMEOUT, PROTOCOL_VERSION,
-    PUBLIC_URL_HEADER, STREAM_WINDOW, SUBDOMAIN_HEADER, VERSION_HEADER,
+    ConnectAnswer, Keepalive, ASSIGNED_SUBDOMAIN_HEADER, CLIENT_KEY_HEADER, CONNECTION_WINDOW,
+    MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, PROTOCOL_VERSION, PUBLIC_URL_HEADER, STREAM_WINDOW,
+    SUBDOMAIN_HEADER, VERSION_HEADER,
 };
 use ferry_common::subdomain::Subdomain;
 use hyper::header::{HeaderValue, AUTHORIZATION};
@@ -92,7 +92,15 @@ pub async fn run(
                     reconnected: connected_before,
                 });
                 connected_before = true;
-                match serve(ws, Arc::clone(&forwarder), &events, &shutdown).await {
+                match serve(
+                    ws,
+                    config.keepalive,
+                    Arc::clone(&forwarder),
+                    &events,
+                    &shutdown,
+                )
+                .await
+                {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Dropped(Some(reason)) if reason.code == 1008 => {
                         return Err(Error::Closed(reason.reason));
@@ -194,6 +202,7 @@ fn read_answer(headers: &http::HeaderMap) -> Option<ConnectAnswer> {
 /// Serves the relay's HTTP/2 streams until the link ends or `shutdown`.
 async fn serve(
     ws: Tunnel,
+    keepalive: Keepalive,
     forwarder: Arc<Forwarder>,
     events: &tokio::sync::broadcast::Sender<Event>,
     shutdown: &CancellationToken,
@@ -210,8 +219,8 @@ async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout)
         .enable_connect_protocol()
         .serve_connection(io, service);
     let mut connection = pin!(connection);

@@ -62,6 +62,26 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// [`PING_INTERVAL`] a dead link is noticed within about 30 s.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How a side pings its peer over HTTP/2 to notice a dead link: a ping every
+/// `interval`, and the link declared dead when one goes unanswered for
+/// `timeout`. Each side pings on its own, so each notices by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between pings.
+    pub interval: Duration,
+    /// How long a ping may go unanswered.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: PING_INTERVAL,
+            timeout: PING_TIMEOUT,
+        }
+    }
+}
+
 // The limits must fit together: a peer's largest write is a message the
 // other side accepts, an HTTP/2 frame (with its 9-byte header) fits in one
 // message, and a dead link is noticed within about 30 s.

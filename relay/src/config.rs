@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use ferry_common::handshake::Keepalive;
+
 /// How the relay is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -17,6 +19,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Public requests one tunnel may have in flight; more get 503.
     pub max_requests_per_tunnel: usize,
+    /// How the relay pings each client to notice dead links.
+    pub keepalive: Keepalive,
 }
 
 impl Config {
@@ -35,6 +39,7 @@ impl Default for Config {
             tokens: Vec::new(),
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
+            keepalive: Keepalive::default(),
         }
     }
 }

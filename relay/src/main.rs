@@ -87,6 +87,7 @@ fn config(args: &Args) -> Result<Config, String> {
         tokens,
         request_timeout: Duration::from_secs(args.request_timeout),
         max_requests_per_tunnel: args.max_requests_per_tunnel,
+        keepalive: ferry_common::handshake::Keepalive::default(),
     })
 }
 

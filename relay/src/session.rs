@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ferry_common::byte_stream::{websocket_config, ByteStream, CloseReason};
 use ferry_common::handshake::{
     ConnectRequest, HandshakeError, ASSIGNED_SUBDOMAIN_HEADER, CONNECTION_WINDOW, MAX_FRAME_SIZE,
-    PING_INTERVAL, PING_TIMEOUT, PUBLIC_URL_HEADER, STREAM_WINDOW,
+    PUBLIC_URL_HEADER, STREAM_WINDOW,
 };
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -226,8 +226,8 @@ async fn serve(state: &State, tunnel: &Tunnel, on_upgrade: OnUpgrade) -> Result<
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_interval(state.config.keepalive.interval)
+        .keep_alive_timeout(state.config.keepalive.timeout)
         .keep_alive_while_idle(true)
         .handshake::<_, Body>(io)
         .await?;

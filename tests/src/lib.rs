@@ -8,6 +8,8 @@
 //! - [`Origin`]: the local server behind a tunnel, a hyper server built from
 //!   a closure.
 //! - [`send`]: a public request to a relay with a chosen Host.
+//! - [`FreezableProxy`]: a TCP proxy whose connections can go silent, as a
+//!   dead network link does.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry::{Event, HostHeader, Target};
+use ferry_common::handshake::Keepalive;
 use ferry_common::subdomain::Subdomain;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -131,6 +134,11 @@ pub struct ClientOptions {
     pub host_header: HostHeader,
     /// The local timeout; the default when `None`.
     pub local_timeout: Option<Duration>,
+    /// The keepalive; the default when `None`.
+    pub keepalive: Option<Keepalive>,
+    /// Connect here instead of straight to the relay (through a
+    /// [`FreezableProxy`]).
+    pub via: Option<SocketAddr>,
 }
 
 /// A `ferry http` tunnel running in this process.
@@ -174,8 +182,12 @@ impl TestClient {
 
     /// Starts a tunnel without waiting; for tests of refused connects.
     pub fn spawn(relay: &TestRelay, target: &str, options: ClientOptions) -> Self {
+        let relay_url = match options.via {
+            Some(via) => format!("ws://{via}{}", ferry_common::handshake::CONNECT_PATH),
+            None => relay.url(),
+        };
         let config = ferry::Config {
-            relay: relay.url(),
+            relay: relay_url,
             token: options.token,
             subdomain: options
                 .subdomain
@@ -185,6 +197,7 @@ impl TestClient {
             local_timeout: options
                 .local_timeout
                 .unwrap_or(ferry::DEFAULT_LOCAL_TIMEOUT),
+            keepalive: options.keepalive.unwrap_or_default(),
         };
         let (sender, events) = broadcast::channel(4096);
         let shutdown = CancellationToken::new();
@@ -349,4 +362,69 @@ pub fn host_of(public_url: &str) -> String {
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned()
+}
+
+/// A TCP proxy to one address whose open connections can be frozen: they
+/// stay open but carry nothing more, as when a network link dies without a
+/// reset. Connections made after a freeze flow normally.
+pub struct FreezableProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Frozen once cancelled; a fresh token afterwards for new connections.
+    freeze: std::sync::Arc<std::sync::Mutex<CancellationToken>>,
+    /// Stops the proxy when dropped.
+    _stop: DropGuard,
+}
+
+impl FreezableProxy {
+    /// Starts a proxy to `upstream` on a free port.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy should bind");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
+        let freeze = std::sync::Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (current, stopped) = (std::sync::Arc::clone(&freeze), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    () = stopped.cancelled() => return,
+                };
+                let frozen = current.lock().expect("proxy lock").clone();
+                let stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = frozen.cancelled() => {
+                            // Hold both sockets open and silent until the proxy stops.
+                            stopped.cancelled().await;
+                        }
+                        () = stopped.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            freeze,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Freezes every open connection.
+    pub fn freeze(&self) {
+        let mut current = self.freeze.lock().expect("proxy lock");
+        current.cancel();
+        *current = CancellationToken::new();
+    }
 }

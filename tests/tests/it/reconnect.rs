@@ -136,3 +136,53 @@ async fn a_client_shutting_down_lets_requests_in_flight_finish() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_link_that_goes_silent_is_noticed_by_pings_and_the_client_comes_back() {
+    let keepalive = ferry_common::handshake::Keepalive {
+        interval: std::time::Duration::from_millis(100),
+        timeout: std::time::Duration::from_millis(300),
+    };
+    let relay = TestRelay::start(ferry_relay::Config {
+        keepalive,
+        ..ferry_relay::Config::default()
+    })
+    .await;
+    let proxy = ferry_tests::FreezableProxy::start(relay.addr).await;
+    let origin = hello_origin().await;
+    let options = ClientOptions {
+        keepalive: Some(keepalive),
+        via: Some(proxy.addr),
+        ..ClientOptions::default()
+    };
+    let mut client = TestClient::start(&relay, &origin.target(), options).await;
+
+    proxy.freeze();
+    client
+        .wait_for("the dead link to be noticed", |e| {
+            matches!(e, Event::Disconnected { .. })
+        })
+        .await;
+    let event = client
+        .wait_for("the reconnect", |e| matches!(e, Event::Connected { .. }))
+        .await;
+    let Event::Connected {
+        public_url,
+        reconnected,
+        ..
+    } = event
+    else {
+        unreachable!()
+    };
+    assert!(reconnected);
+    assert_eq!(
+        public_url, client.public_url,
+        "the client keeps its subdomain"
+    );
+    let response = send(relay.addr, &host_of(&public_url), Request::new(full(""))).await;
+    assert_eq!(read_body(response.into_body()).await, b"hello");
+
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
