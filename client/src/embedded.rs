@@ -42,11 +42,7 @@ impl Embedded {
 
     /// The URL the client connects to.
     pub fn relay_url(&self) -> String {
-        format!(
-            "ws://{}{}",
-            self.addr,
-            ferry_common::handshake::CONNECT_PATH
-        )
+        ferry_common::handshake::connect_url(self.addr)
     }
 
     /// Shuts the relay down and waits for it.

@@ -22,6 +22,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The path a client opens the tunnel WebSocket on.
 pub const CONNECT_PATH: &str = "/api/v1/tunnels/connect";
 
+/// The tunnel endpoint of a relay reached without TLS at `authority`
+/// (`127.0.0.1:8080`).
+pub fn connect_url(authority: impl std::fmt::Display) -> String {
+    format!("ws://{authority}{CONNECT_PATH}")
+}
+
 /// Request header: the client's [`PROTOCOL_VERSION`].
 pub const VERSION_HEADER: &str = "ferry-protocol-version";
 /// Query parameter with the same meaning as [`VERSION_HEADER`].

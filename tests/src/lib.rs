@@ -106,11 +106,7 @@ impl TestRelay {
 
     /// The URL a client connects to.
     pub fn url(&self) -> String {
-        format!(
-            "ws://{}{}",
-            self.addr,
-            ferry_common::handshake::CONNECT_PATH
-        )
+        ferry_common::handshake::connect_url(self.addr)
     }
 
     /// Shuts the relay down gracefully and waits for it.
@@ -183,7 +179,7 @@ impl TestClient {
     /// Starts a tunnel without waiting; for tests of refused connects.
     pub fn spawn(relay: &TestRelay, target: &str, options: ClientOptions) -> Self {
         let relay_url = match options.via {
-            Some(via) => format!("ws://{via}{}", ferry_common::handshake::CONNECT_PATH),
+            Some(via) => ferry_common::handshake::connect_url(via),
             None => relay.url(),
         };
         let config = ferry::Config {
@@ -235,6 +231,27 @@ impl TestClient {
             }
         })
         .await
+    }
+
+    /// Waits for the tunnel to be back after a drop, and checks it kept its
+    /// public URL.
+    pub async fn wait_for_reconnect(&mut self) {
+        let event = self
+            .wait_for("the reconnect", |e| matches!(e, Event::Connected { .. }))
+            .await;
+        let Event::Connected {
+            public_url,
+            reconnected,
+            ..
+        } = event
+        else {
+            unreachable!("wait_for returns a matching event")
+        };
+        assert!(reconnected, "the event says reconnected");
+        assert_eq!(
+            public_url, self.public_url,
+            "the client keeps its subdomain"
+        );
     }
 
     /// Waits for the client to end by itself and returns how it ended.

@@ -149,22 +149,35 @@ async fn nothing_listening_on_the_target_gives_502_saying_so() {
     relay.stop().await;
 }
 
+/// What a caller gets from a tunnel whose origin never answers.
+async fn answer_of_a_silent_origin(
+    relay: ferry_relay::Config,
+    client: ClientOptions,
+) -> (StatusCode, String) {
+    let relay = TestRelay::start(relay).await;
+    let origin = Origin::start(|_req| std::future::pending()).await;
+    let client = TestClient::start(&relay, &origin.target(), client).await;
+    let answer =
+        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+    answer
+}
+
 #[tokio::test]
 async fn a_target_slower_than_the_local_timeout_gives_504() {
-    let relay = TestRelay::open().await;
-    let origin = Origin::start(|_req| std::future::pending()).await;
     let options = ClientOptions {
         local_timeout: Some(std::time::Duration::from_millis(200)),
         ..ClientOptions::default()
     };
-    let client = TestClient::start(&relay, &origin.target(), options).await;
-    let (status, body) =
-        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    let (status, body) = answer_of_a_silent_origin(ferry_relay::Config::default(), options).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(body.contains("did not answer within"), "{body}");
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    assert!(
+        body.contains("ferry: http://127.0.0.1:"),
+        "the client answers: {body}"
+    );
+    assert!(body.contains("did not answer within 0.2 s"), "{body}");
 }
 
 #[tokio::test]
@@ -173,16 +186,10 @@ async fn a_tunnel_that_does_not_answer_in_time_gives_504_from_the_relay() {
         request_timeout: std::time::Duration::from_millis(200),
         ..ferry_relay::Config::default()
     };
-    let relay = TestRelay::start(config).await;
-    let origin = Origin::start(|_req| std::future::pending()).await;
-    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
-    let (status, body) =
-        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    let (status, body) = answer_of_a_silent_origin(config, ClientOptions::default()).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.contains("the tunnel `"), "the relay answers: {body}");
     assert!(body.contains("did not answer within"), "{body}");
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
 }
 
 #[tokio::test]

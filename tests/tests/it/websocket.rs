@@ -133,40 +133,15 @@ async fn websocket_echo_works_through_the_tunnel() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn an_upgrade_answered_with_200_is_a_502_not_an_open_socket() {
+/// Opens a WebSocket through a tunnel to an origin that answers every
+/// request with `status` and `body`; returns what the caller got instead of
+/// an open socket.
+async fn refused_upgrade(status: StatusCode, body: &'static str) -> (StatusCode, String) {
     let relay = TestRelay::open().await;
-    let origin = Origin::start(|_req| async {
-        Response::new(ferry_tests::full("<html>not a socket</html>"))
-    })
-    .await;
-    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
-    let stream = TcpStream::connect(relay.addr).await.expect("relay accepts");
-    let url = format!("ws://{}/socket", host_of(&client.public_url));
-    let err = within(
-        "the websocket handshake",
-        tokio_tungstenite::client_async(url, stream),
-    )
-    .await
-    .expect_err("the origin is not a websocket server");
-    let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
-        panic!("expected an HTTP error, got {err}")
-    };
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
-    assert!(body.contains("instead of 101"), "{body}");
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
-}
-
-#[tokio::test]
-async fn a_refused_websocket_upgrade_returns_the_origin_answer() {
-    let relay = TestRelay::open().await;
-    let origin = Origin::start(|_req| async {
+    let origin = Origin::start(move |_req| async move {
         Response::builder()
-            .status(StatusCode::FORBIDDEN)
-            .body(ferry_tests::full("no sockets here"))
+            .status(status)
+            .body(ferry_tests::full(body))
             .expect("response")
     })
     .await;
@@ -178,13 +153,27 @@ async fn a_refused_websocket_upgrade_returns_the_origin_answer() {
         tokio_tungstenite::client_async(url, stream),
     )
     .await
-    .expect_err("the origin refuses");
+    .expect_err("the origin does not upgrade");
     let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
         panic!("expected an HTTP error, got {err}")
     };
-    assert_eq!(response.status(), StatusCode::FORBIDDEN);
-    assert_eq!(response.body().as_deref(), Some(&b"no sockets here"[..]));
     client.stop().await.expect("client stops cleanly");
     origin.stop().await;
     relay.stop().await;
+    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+    (response.status(), body)
+}
+
+#[tokio::test]
+async fn an_upgrade_answered_with_200_is_a_502_not_an_open_socket() {
+    let (status, body) = refused_upgrade(StatusCode::OK, "<html>not a socket</html>").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("instead of 101"), "{body}");
+}
+
+#[tokio::test]
+async fn a_refused_websocket_upgrade_returns_the_origin_answer() {
+    let (status, body) = refused_upgrade(StatusCode::FORBIDDEN, "no sockets here").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body, "no sockets here");
 }
