@@ -268,6 +268,7 @@ async fn idle_tunnels(relay: &str, target: &str, count: usize) -> Result<(), Str
                 host_header: ferry::HostHeader::Preserve,
                 local_timeout: ferry::DEFAULT_LOCAL_TIMEOUT,
                 keepalive: ferry_common::handshake::Keepalive::default(),
+                relay_ca: Vec::new(),
             };
             let (events, receiver) = tokio::sync::broadcast::channel(4);
             tasks.push(tokio::spawn(ferry::run(config, events, shutdown.clone())));

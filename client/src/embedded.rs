@@ -30,7 +30,7 @@ impl Embedded {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ferry_relay::run(
             ferry_relay::Config::default(),
-            listener,
+            ferry_relay::Listeners::plain(listener),
             shutdown.clone(),
         ));
         Ok(Self {

@@ -46,6 +46,9 @@ pub struct Config {
     pub local_timeout: Duration,
     /// How the client pings the relay to notice a dead link.
     pub keepalive: Keepalive,
+    /// Certificate authorities trusted for a `wss://` relay besides the
+    /// public ones, for relays with a private CA.
+    pub relay_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl fmt::Debug for Config {
@@ -58,6 +61,7 @@ impl fmt::Debug for Config {
             .field("host_header", &self.host_header)
             .field("local_timeout", &self.local_timeout)
             .field("keepalive", &self.keepalive)
+            .field("relay_ca", &self.relay_ca.len())
             .finish()
     }
 }
@@ -154,6 +158,9 @@ pub enum Error {
     /// The relay ended the session by policy (such as a takeover).
     #[error("the relay closed the tunnel: {0}")]
     Closed(String),
+    /// A `--relay-ca` certificate cannot be used.
+    #[error("the relay CA certificate cannot be used: {0}")]
+    RelayCa(String),
     /// The embedded relay could not start.
     #[error("cannot start the embedded relay: {0}")]
     Embedded(#[source] std::io::Error),
@@ -165,7 +172,7 @@ impl Error {
     pub fn is_final(&self) -> bool {
         match self {
             Error::Refused { status, .. } => (400..500).contains(status),
-            Error::BadRelay(..) | Error::Closed(_) | Error::Embedded(_) => true,
+            Error::BadRelay(..) | Error::Closed(_) | Error::Embedded(_) | Error::RelayCa(_) => true,
             Error::Unreachable(..) => false,
         }
     }

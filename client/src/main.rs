@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use ferry::embedded::Embedded;
 use ferry::{Config, Event, HostHeader, Target};
 use ferry_common::subdomain::Subdomain;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -41,6 +43,10 @@ struct HttpArgs {
     /// The token the relay asks for.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A PEM file of certificate authorities to trust for a wss:// relay, for
+    /// relays whose certificate no public authority signed.
+    #[arg(long, env = "FERRY_RELAY_CA", value_name = "FILE")]
+    relay_ca: Option<std::path::PathBuf>,
     /// The subdomain to ask for; a random one otherwise.
     #[arg(long, value_parser = Subdomain::parse)]
     subdomain: Option<Subdomain>,
@@ -89,6 +95,10 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
         host_header: args.host_header,
         local_timeout: Duration::from_secs(args.timeout),
         keepalive: ferry_common::handshake::Keepalive::default(),
+        relay_ca: match &args.relay_ca {
+            Some(path) => read_certificates(path)?,
+            None => Vec::new(),
+        },
     };
     let (events, receiver) = broadcast::channel(1024);
     let embedded_addr = embedded.as_ref().map(|e| e.addr);
@@ -104,6 +114,19 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
         embedded.stop().await;
     }
     result
+}
+
+/// Reads every certificate in a PEM file.
+fn read_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, ferry::Error> {
+    let fail = |why: String| ferry::Error::RelayCa(format!("{}: {why}", path.display()));
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|err| fail(err.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| fail(err.to_string()))?;
+    if certificates.is_empty() {
+        return Err(fail("no CERTIFICATE block in it".to_owned()));
+    }
+    Ok(certificates)
 }
 
 /// The most events written in one go once the first has arrived.

@@ -16,10 +16,11 @@ use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, http};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -73,13 +74,14 @@ pub async fn run(
         events.clone(),
         shutdown.clone(),
     ));
+    let connector = relay_connector(&config.relay_ca)?;
     let client_key = format!("{:032x}", rand::random::<u128>());
     let mut subdomain = config.subdomain.clone();
     let mut connected_before = false;
     let mut attempt = 0;
     loop {
         let connected = tokio::select! {
-            connected = connect(&config, subdomain.as_ref(), &client_key) => connected,
+            connected = connect(&config, connector.as_ref(), subdomain.as_ref(), &client_key) => connected,
             () = shutdown.cancelled() => return Ok(()),
         };
         match connected {
@@ -128,8 +130,29 @@ pub async fn run(
 }
 
 /// Opens the tunnel WebSocket and reads the relay's answer.
+/// The TLS settings for a `wss://` relay: the public roots plus any CA the
+/// user trusts; `None` (tungstenite's default, the public roots) without one.
+fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Option<Connector>, Error> {
+    if relay_ca.is_empty() {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for ca in relay_ca {
+        roots
+            .add(ca.clone())
+            .map_err(|err| Error::RelayCa(err.to_string()))?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Connector::Rustls(Arc::new(config))))
+}
+
 async fn connect(
     config: &Config,
+    connector: Option<&Connector>,
     subdomain: Option<&Subdomain>,
     client_key: &str,
 ) -> Result<(Tunnel, ConnectAnswer), Error> {
@@ -156,7 +179,7 @@ async fn connect(
         request,
         Some(websocket_config()),
         true,
-        None,
+        connector.cloned(),
     );
     let (ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
@@ -180,7 +203,13 @@ async fn connect(
                     message,
                 }
             }
-            other => Error::Unreachable(config.relay.clone(), other.to_string()),
+            other => {
+                let mut cause = other.to_string();
+                if cause.contains("certificate") {
+                    cause.push_str(" (for a relay with a private certificate authority, pass it with --relay-ca)");
+                }
+                Error::Unreachable(config.relay.clone(), cause)
+            }
         })?;
     let answer = read_answer(response.headers()).ok_or_else(|| {
         Error::BadRelay(

@@ -21,14 +21,15 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::session::is_websocket_upgrade;
-use crate::{admin, text, Body, State};
+use crate::{admin, text, tls, Body, Listeners, State};
 
 /// How long a public client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,11 +86,23 @@ fn error_response(err: &IngressError) -> Response<Body> {
     text(status, err.to_string())
 }
 
+/// How long a TLS client may take to complete its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts one connection from `listener`; never resolves without one, so
+/// an absent listener simply never wins a `select!`.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Accepts connections until `shutdown`, then waits up to `grace` for open
 /// connections to finish their requests and drops the rest.
 pub(crate) async fn serve(
     state: Arc<State>,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -100,44 +113,72 @@ pub(crate) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let (tls_listener, acceptor) = match listeners.tls {
+        Some((listener, resolver)) => (
+            Some(listener),
+            Some(TlsAcceptor::from(tls::server_config(resolver))),
+        ),
+        None => (None, None),
+    };
     // Owns the connection tasks: those still open after the grace period are
     // aborted when it drops.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        // Both arms are cancel-safe: `accept` loses no connection when the
-        // shutdown arm wins.
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
+        // All arms are cancel-safe: `accept` loses no connection when
+        // another arm wins.
+        let (accepted, tls) = tokio::select! {
+            accepted = accept(listeners.plain.as_ref()) => (accepted, None),
+            accepted = accept(tls_listener.as_ref()) => (accepted, acceptor.clone()),
             () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(%err, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
-        let state = Arc::clone(&state);
-        let service = service_fn(move |req| {
-            let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
-        });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        connections.spawn(
-            async move {
-                if let Err(err) = connection.await {
-                    debug!(%err, "connection ended with an error");
+        let (state, builder, watcher) =
+            (Arc::clone(&state), Arc::clone(&builder), graceful.watcher());
+        let connection = async move {
+            let result = match tls {
+                None => {
+                    serve_connection(state, &builder, watcher, TokioIo::new(stream), peer, "http")
+                        .await
                 }
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            serve_connection(
+                                state,
+                                &builder,
+                                watcher,
+                                TokioIo::new(stream),
+                                peer,
+                                "https",
+                            )
+                            .await
+                        }
+                        Ok(Err(err)) => return debug!(%err, "tls handshake failed"),
+                        Err(_) => return debug!("tls handshake timed out"),
+                    }
+                }
+            };
+            if let Err(err) = result {
+                debug!(%err, "connection ended with an error");
             }
-            .instrument(info_span!("conn", %peer)),
-        );
+        };
+        connections.spawn(connection.instrument(info_span!("conn", %peer)));
     }
-    drop(listener);
+    drop(listeners.plain);
+    drop(tls_listener);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -149,8 +190,38 @@ pub(crate) async fn serve(
     }
 }
 
+/// Serves HTTP/1.1 or HTTP/2 on one accepted connection, plain or TLS.
+async fn serve_connection<I>(
+    state: Arc<State>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    peer: SocketAddr,
+    scheme: &'static str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(handle(state, peer, scheme, req).await) }
+    });
+    watcher
+        .watch(
+            builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned(),
+        )
+        .await
+}
+
 /// Routes one public request.
-async fn handle(state: Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    scheme: &'static str,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let host = match request_host(&req) {
         Some(host) => host,
         None => return error_response(&IngressError::BadHost(state.config.domain.clone())),
@@ -159,7 +230,10 @@ async fn handle(state: Arc<State>, peer: SocketAddr, req: Request<Incoming>) -> 
         Ok(Route::Relay) => admin::handle(&state, req).await,
         Ok(Route::Tunnel(name)) => {
             let span = info_span!("request", tunnel = %name, method = %req.method(), path = %req.uri().path());
-            match forward(&state, name, peer, req).instrument(span).await {
+            match forward(&state, name, peer, scheme, req)
+                .instrument(span)
+                .await
+            {
                 Ok(response) => response,
                 Err(err) => {
                     if matches!(err, IngressError::TunnelGone(..)) {
@@ -231,6 +305,7 @@ async fn forward(
     state: &State,
     name: Subdomain,
     peer: SocketAddr,
+    scheme: &'static str,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, IngressError> {
     let tunnel = state
@@ -275,7 +350,7 @@ async fn forward(
         .unwrap_or_default();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority)
         .path_and_query(path)
         .build()
@@ -288,7 +363,7 @@ async fn forward(
     let metadata = [
         (meta::EXCHANGE_ID, exchange.to_string()),
         (meta::CLIENT_IP, peer.ip().to_string()),
-        (meta::SCHEME, "http".to_owned()),
+        (meta::SCHEME, scheme.to_owned()),
     ];
     for (name, value) in metadata {
         if let Ok(value) = HeaderValue::from_str(&value) {

@@ -7,8 +7,9 @@
 //! - [`admin`]: the relay's own endpoints (`/healthz`, `/metrics`, the API).
 //! - [`config`]: the settings `main` validates.
 //! - [`shutdown`]: the signals that stop the process gracefully.
+//! - [`tls`]: the HTTPS listener's certificate, reloaded when its files change.
 //!
-//! [`run`] serves on an already-bound listener until its shutdown token is
+//! [`run`] serves on already-bound [`Listeners`] until its shutdown token is
 //! cancelled, so the binary, the client's embedded mode and the tests all run
 //! the very same relay.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod ingress;
 pub mod session;
 pub mod shutdown;
+pub mod tls;
 pub mod tunnels;
 
 use std::convert::Infallible;
@@ -49,6 +51,9 @@ pub(crate) struct State {
     config: Config,
     /// The live tunnels.
     tunnels: tunnels::Tunnels,
+    /// `http://` or `https://` and the domain, then `:PORT` unless it is
+    /// the scheme's default: what public URLs are built from.
+    url_scheme: &'static str,
     /// `:PORT` for public URLs, empty for the scheme's default port.
     port_suffix: String,
     /// Tunnel sessions and WebSocket bridges, awaited at shutdown.
@@ -64,23 +69,55 @@ pub(crate) struct State {
 impl State {
     /// The URL public callers use to reach tunnel `name`.
     fn public_url(&self, name: &ferry_common::subdomain::Subdomain) -> String {
-        format!("http://{name}.{}{}", self.config.domain, self.port_suffix)
+        format!(
+            "{}://{name}.{}{}",
+            self.url_scheme, self.config.domain, self.port_suffix
+        )
     }
 }
 
-/// Serves the relay on `listener` until `shutdown` is cancelled, then stops
+/// The sockets a relay serves, bound by the caller.
+pub struct Listeners {
+    /// Plain HTTP.
+    pub plain: Option<TcpListener>,
+    /// HTTPS, with the certificate it serves.
+    pub tls: Option<(TcpListener, Arc<tls::CertResolver>)>,
+}
+
+impl Listeners {
+    /// Plain HTTP only, as on loopback.
+    pub fn plain(listener: TcpListener) -> Self {
+        Self {
+            plain: Some(listener),
+            tls: None,
+        }
+    }
+}
+
+/// Serves the relay on `listeners` until `shutdown` is cancelled, then stops
 /// accepting, lets in-flight requests finish (within a bounded wait) and
-/// closes every tunnel with a reason.
+/// closes every tunnel with a reason. Public URLs use HTTPS when there is a
+/// TLS listener.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let port = listener.local_addr()?.port();
+    let (url_scheme, port, default_port) = match (&listeners.tls, &listeners.plain) {
+        (Some((listener, _)), _) => ("https", listener.local_addr()?.port(), 443),
+        (None, Some(listener)) => ("http", listener.local_addr()?.port(), 80),
+        (None, None) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the relay needs a plain or a TLS listener",
+            ))
+        }
+    };
     let state = Arc::new(State {
         shutdown: shutdown.clone(),
         tunnels: tunnels::Tunnels::new(config.max_requests_per_tunnel),
-        port_suffix: if port == 80 {
+        url_scheme,
+        port_suffix: if port == default_port {
             String::new()
         } else {
             format!(":{port}")
@@ -90,7 +127,12 @@ pub async fn run(
         next_exchange: AtomicU64::new(1),
         config,
     });
-    ingress::serve(Arc::clone(&state), listener, shutdown, SHUTDOWN_GRACE).await;
+    if let Some((_, resolver)) = &listeners.tls {
+        state
+            .tasks
+            .spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
+    }
+    ingress::serve(Arc::clone(&state), listeners, shutdown, SHUTDOWN_GRACE).await;
     state
         .tunnels
         .close_all(&CloseReason::going_away("the relay is shutting down"));
@@ -102,6 +144,25 @@ pub async fn run(
         tracing::warn!("tunnel sessions still open after the shutdown wait");
     }
     Ok(())
+}
+
+/// Checks the certificate files every [`tls::RELOAD_CHECK`] until shutdown.
+async fn reload_certificates(resolver: Arc<tls::CertResolver>, shutdown: CancellationToken) {
+    let mut checks = tokio::time::interval(tls::RELOAD_CHECK);
+    checks.tick().await;
+    loop {
+        tokio::select! {
+            _ = checks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match resolver.reload_if_changed() {
+            Ok(true) => tracing::info!("tls certificate reloaded"),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(%err, "tls certificate not reloaded; the previous one stays")
+            }
+        }
+    }
 }
 
 /// A plain-text response: the relay's errors are sentences for people.

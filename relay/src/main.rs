@@ -1,12 +1,14 @@
-//! `ferry-relay`: parses flags, binds the listener and runs the relay.
+//! `ferry-relay`: parses flags, binds the listeners and runs the relay.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_relay::{Config, Token};
+use ferry_relay::tls::{CertResolver, TlsFiles};
+use ferry_relay::{Config, Listeners, Token};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -45,6 +47,58 @@ struct Args {
           default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     max_requests_per_tunnel: usize,
+    /// Address to serve HTTPS on; needs --tls-cert and --tls-key. Public URLs
+    /// then use https.
+    #[arg(long, env = "FERRY_RELAY_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for DOMAIN and *.DOMAIN, reloaded when the file
+    /// changes.
+    #[arg(long, env = "FERRY_RELAY_TLS_CERT", requires = "tls_listen")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert, reloaded with it.
+    #[arg(long, env = "FERRY_RELAY_TLS_KEY", requires = "tls_listen")]
+    tls_key: Option<PathBuf>,
+}
+
+/// Binds `addr`, saying which flag it came from when it fails.
+async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| format!("cannot listen on {addr} (--{flag}): {err}"))
+}
+
+/// Loads the certificate and binds the listeners, then prints what is served.
+async fn listeners(args: &Args, domain: &str) -> Result<Listeners, String> {
+    let resolver = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            Some(Arc::new(
+                CertResolver::load(files).map_err(|err| err.to_string())?,
+            ))
+        }
+        _ => None,
+    };
+    let plain = bind(args.listen, "listen").await?;
+    let tls = match (args.tls_listen, resolver) {
+        (Some(addr), Some(resolver)) => Some((bind(addr, "tls-listen").await?, resolver)),
+        _ => None,
+    };
+    let port = |listener: &TcpListener| listener.local_addr().map(|a| a.port()).unwrap_or_default();
+    println!("ferry-relay serving http://{domain}:{}", port(&plain));
+    match &tls {
+        Some((listener, _)) => {
+            println!("ferry-relay serving https://{domain}:{}", port(listener));
+            println!("tunnels at https://NAME.{domain}:{}", port(listener));
+        }
+        None => println!("tunnels at http://NAME.{domain}:{}", port(&plain)),
+    }
+    Ok(Listeners {
+        plain: Some(plain),
+        tls,
+    })
 }
 
 fn config(args: &Args) -> Result<Config, String> {
@@ -107,18 +161,13 @@ async fn main() -> ExitCode {
         )
         .exit(),
     };
-    let listener = match TcpListener::bind(args.listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!("error: cannot listen on {}: {err}", args.listen);
+    let listeners = match listeners(&args, &config.domain).await {
+        Ok(listeners) => listeners,
+        Err(message) => {
+            eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
     };
-    let port = listener
-        .local_addr()
-        .map_or(args.listen.port(), |a| a.port());
-    println!("ferry-relay serving http://{}:{port}", config.domain);
-    println!("tunnels at http://NAME.{}:{port}", config.domain);
     if config.tokens.is_empty() {
         println!("no tokens configured: any client that can reach this relay may open a tunnel");
     }
@@ -129,7 +178,7 @@ async fn main() -> ExitCode {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
-    match ferry_relay::run(config, listener, shutdown).await {
+    match ferry_relay::run(config, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

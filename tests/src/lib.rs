@@ -87,11 +87,22 @@ impl TestRelay {
     /// Starts a relay with `config` on `addr`.
     pub async fn start_on(addr: SocketAddr, config: ferry_relay::Config) -> Self {
         let listener = TcpListener::bind(addr).await.expect("relay should bind");
-        let addr = listener
-            .local_addr()
-            .expect("bound listener has an address");
+        Self::start_with(ferry_relay::Listeners::plain(listener), config).await
+    }
+
+    /// Starts a relay with `config` on already-bound `listeners`; `addr` is
+    /// the plain listener's, or the TLS one's when there is no plain one.
+    pub async fn start_with(
+        listeners: ferry_relay::Listeners,
+        config: ferry_relay::Config,
+    ) -> Self {
+        let bound = match (&listeners.plain, &listeners.tls) {
+            (Some(listener), _) | (None, Some((listener, _))) => listener,
+            (None, None) => panic!("a test relay needs a listener"),
+        };
+        let addr = bound.local_addr().expect("bound listener has an address");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ferry_relay::run(config, listener, shutdown.clone()));
+        let task = tokio::spawn(ferry_relay::run(config, listeners, shutdown.clone()));
         Self {
             addr,
             shutdown: shutdown.drop_guard(),
@@ -135,6 +146,10 @@ pub struct ClientOptions {
     /// Connect here instead of straight to the relay (through a
     /// [`FreezableProxy`]).
     pub via: Option<SocketAddr>,
+    /// A `wss://` URL to connect to instead of the relay's plain one.
+    pub relay_url: Option<String>,
+    /// Certificate authorities to trust for a `wss://` relay.
+    pub relay_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// A `ferry http` tunnel running in this process.
@@ -178,9 +193,10 @@ impl TestClient {
 
     /// Starts a tunnel without waiting; for tests of refused connects.
     pub fn spawn(relay: &TestRelay, target: &str, options: ClientOptions) -> Self {
-        let relay_url = match options.via {
-            Some(via) => ferry_common::handshake::connect_url(via),
-            None => relay.url(),
+        let relay_url = match (options.relay_url, options.via) {
+            (Some(url), _) => url,
+            (None, Some(via)) => ferry_common::handshake::connect_url(via),
+            (None, None) => relay.url(),
         };
         let config = ferry::Config {
             relay: relay_url,
@@ -194,6 +210,7 @@ impl TestClient {
                 .local_timeout
                 .unwrap_or(ferry::DEFAULT_LOCAL_TIMEOUT),
             keepalive: options.keepalive.unwrap_or_default(),
+            relay_ca: options.relay_ca,
         };
         let (sender, events) = broadcast::channel(4096);
         let shutdown = CancellationToken::new();

@@ -6,4 +6,5 @@ mod forwarding;
 mod handshake;
 mod reconnect;
 mod streaming;
+mod tls;
 mod websocket;
