@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use crate::tunnels::{ClaimError, Owner, Tunnel};
 use crate::{text, Body, State, Token};
@@ -200,9 +200,8 @@ fn bearer(headers: &HeaderMap) -> String {
 
 /// Runs one session: HTTP/2 over the upgraded WebSocket, until it ends.
 async fn run(state: Arc<State>, tunnel: Arc<Tunnel>, on_upgrade: OnUpgrade) {
-    match serve(&state, &tunnel, on_upgrade).await {
-        Ok(()) => {}
-        Err(err) => debug!(%err, "tunnel connection ended with an error"),
+    if let Err(err) = serve(&state, &tunnel, on_upgrade).await {
+        debug!(%err, "tunnel connection ended with an error");
     }
     state.tunnels.release(&tunnel);
     let reason = tunnel.close.remote_reason().map(|r| r.reason);
@@ -234,8 +233,5 @@ async fn serve(state: &State, tunnel: &Tunnel, on_upgrade: OnUpgrade) -> Result<
     tunnel.set_sender(sender);
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     info!(public_url = %tunnel.public_url, "tunnel connected");
-    if let Err(err) = connection.await {
-        warn!(%err, "tunnel connection failed");
-    }
-    Ok(())
+    connection.await
 }
