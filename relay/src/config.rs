@@ -19,6 +19,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Public requests one tunnel may have in flight; more get 503.
     pub max_requests_per_tunnel: usize,
+    /// Tunnels one token may hold at once; more are refused with 429.
+    pub max_tunnels_per_token: usize,
     /// How the relay pings each client to notice dead links.
     pub keepalive: Keepalive,
 }
@@ -30,6 +32,8 @@ impl Config {
     /// The default for [`Config::max_requests_per_tunnel`]: below the
     /// client's HTTP/2 stream limit, so that no request queues unseen.
     pub const DEFAULT_MAX_REQUESTS_PER_TUNNEL: usize = 1000;
+    /// The default for [`Config::max_tunnels_per_token`].
+    pub const DEFAULT_MAX_TUNNELS_PER_TOKEN: usize = 32;
 }
 
 impl Default for Config {
@@ -39,6 +43,7 @@ impl Default for Config {
             tokens: Vec::new(),
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
+            max_tunnels_per_token: Self::DEFAULT_MAX_TUNNELS_PER_TOKEN,
             keepalive: Keepalive::default(),
         }
     }

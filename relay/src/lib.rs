@@ -115,7 +115,10 @@ pub async fn run(
     };
     let state = Arc::new(State {
         shutdown: shutdown.clone(),
-        tunnels: tunnels::Tunnels::new(config.max_requests_per_tunnel),
+        tunnels: tunnels::Tunnels::new(
+            config.max_requests_per_tunnel,
+            config.max_tunnels_per_token,
+        ),
         url_scheme,
         port_suffix: if port == default_port {
             String::new()

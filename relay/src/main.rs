@@ -47,6 +47,11 @@ struct Args {
           default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     max_requests_per_tunnel: usize,
+    /// Tunnels one token may hold at once; more are refused with 429.
+    #[arg(long, env = "FERRY_RELAY_MAX_TUNNELS_PER_TOKEN", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_TUNNELS_PER_TOKEN,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    max_tunnels_per_token: usize,
     /// Address to serve HTTPS on; needs --tls-cert and --tls-key. Public URLs
     /// then use https.
     #[arg(long, env = "FERRY_RELAY_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
@@ -141,6 +146,7 @@ fn config(args: &Args) -> Result<Config, String> {
         tokens,
         request_timeout: Duration::from_secs(args.request_timeout),
         max_requests_per_tunnel: args.max_requests_per_tunnel,
+        max_tunnels_per_token: args.max_tunnels_per_token,
         keepalive: ferry_common::handshake::Keepalive::default(),
     })
 }

@@ -142,6 +142,9 @@ pub(crate) async fn connect(state: &Arc<State>, mut req: Request<Incoming>) -> R
     {
         Ok(claim) => claim,
         Err(err @ ClaimError::InUse(_)) => return text(StatusCode::CONFLICT, err.to_string()),
+        Err(err @ ClaimError::TooMany(_)) => {
+            return text(StatusCode::TOO_MANY_REQUESTS, err.to_string())
+        }
         Err(err @ ClaimError::Exhausted) => {
             return text(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
         }

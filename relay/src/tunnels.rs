@@ -90,6 +90,9 @@ pub enum ClaimError {
     /// Another client holds the name.
     #[error("the subdomain `{0}` is in use by another client: choose another name with --subdomain, or stop the other client")]
     InUse(Subdomain),
+    /// The token holds as many tunnels as it may.
+    #[error("this token already holds {0} tunnels, the relay's limit: stop one of them first")]
+    TooMany(usize),
     /// No free random name was found.
     #[error("no free subdomain could be found: ask for one with --subdomain")]
     Exhausted,
@@ -111,15 +114,19 @@ pub struct Tunnels {
     next_id: AtomicU64,
     /// Requests each tunnel may have in flight.
     max_in_flight: usize,
+    /// Tunnels one token may hold at once.
+    max_per_token: usize,
 }
 
 impl Tunnels {
-    /// An empty registry whose tunnels each take `max_in_flight` requests.
-    pub fn new(max_in_flight: usize) -> Self {
+    /// An empty registry whose tunnels each take `max_in_flight` requests,
+    /// and where one token holds at most `max_per_token` tunnels.
+    pub fn new(max_in_flight: usize, max_per_token: usize) -> Self {
         Self {
             map: Mutex::default(),
             next_id: AtomicU64::new(0),
             max_in_flight,
+            max_per_token,
         }
     }
 
@@ -155,6 +162,13 @@ impl Tunnels {
                 (name, None)
             }
         };
+        // A takeover replaces a tunnel; anything else adds one to the token's.
+        if replaced.is_none() && matches!(owner, Owner::Token(_)) {
+            let held = map.values().filter(|t| t.owner == owner).count();
+            if held >= self.max_per_token {
+                return Err(ClaimError::TooMany(self.max_per_token));
+            }
+        }
         let tunnel = Arc::new(Tunnel {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             public_url: public_url(&name),
@@ -209,7 +223,7 @@ mod tests {
 
     #[test]
     fn same_owner_takes_over_and_others_are_refused() {
-        let tunnels = Tunnels::new(8);
+        let tunnels = Tunnels::new(8, 3);
         let name = Subdomain::parse("demo").unwrap();
         let first = tunnels
             .claim(Some(name.clone()), Owner::Token("a".into()), url)
@@ -231,8 +245,33 @@ mod tests {
     }
 
     #[test]
+    fn a_token_holds_a_limited_number_of_tunnels_but_may_take_its_own_over() {
+        let tunnels = Tunnels::new(8, 3);
+        let owner = || Owner::Token("a".into());
+        for name in ["one", "two", "three"] {
+            tunnels
+                .claim(Some(name.parse().unwrap()), owner(), url)
+                .unwrap();
+        }
+        let err = tunnels
+            .claim(Some("four".parse().unwrap()), owner(), url)
+            .err();
+        assert_eq!(err, Some(ClaimError::TooMany(3)));
+        assert!(tunnels.claim(None, owner(), url).is_err());
+        assert!(
+            tunnels
+                .claim(Some("one".parse().unwrap()), owner(), url)
+                .is_ok(),
+            "a takeover adds none"
+        );
+        assert!(tunnels
+            .claim(Some("four".parse().unwrap()), Owner::Token("b".into()), url)
+            .is_ok());
+    }
+
+    #[test]
     fn anonymous_clients_never_take_over() {
-        let tunnels = Tunnels::new(8);
+        let tunnels = Tunnels::new(8, 3);
         let name = Subdomain::parse("demo").unwrap();
         tunnels
             .claim(Some(name.clone()), Owner::Anonymous, url)
@@ -247,7 +286,7 @@ mod tests {
 
     #[test]
     fn random_names_avoid_taken_ones() {
-        let tunnels = Tunnels::new(8);
+        let tunnels = Tunnels::new(8, 3);
         for _ in 0..100 {
             tunnels.claim(None, Owner::Anonymous, url).unwrap();
         }
