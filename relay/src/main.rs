@@ -52,6 +52,11 @@ struct Args {
           default_value_t = Config::DEFAULT_MAX_TUNNELS_PER_TOKEN,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     max_tunnels_per_token: usize,
+    /// Worker threads. One serves a small team best; raise it on a machine
+    /// with cores to spare for many busy tunnels.
+    #[arg(long, env = "FERRY_RELAY_THREADS", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    threads: usize,
     /// Address to serve HTTPS on; needs --tls-cert and --tls-key. Public URLs
     /// then use https.
     #[arg(long, env = "FERRY_RELAY_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
@@ -151,14 +156,34 @@ fn config(args: &Args) -> Result<Config, String> {
     })
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
     let args = Args::parse();
+    // One thread by default: on small machines the wake-ups between worker
+    // threads cost more than a second thread brings (see BENCHMARKS.md).
+    let runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve(args)),
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> ExitCode {
     let config = match config(&args) {
         Ok(config) => config,
         Err(message) => clap::Error::raw(
