@@ -372,6 +372,14 @@ impl Origin {
     }
 }
 
+/// Ends a test the way every test ends: the client stops cleanly, then the
+/// origin and the relay are shut down and awaited.
+pub async fn stop_all(client: TestClient, origin: Origin, relay: TestRelay) {
+    client.stop().await.expect("client stops cleanly");
+    origin.stop().await;
+    relay.stop().await;
+}
+
 /// Sends `request` to the relay at `relay` with `Host: host` over a new
 /// HTTP/1.1 connection and returns the response.
 pub async fn send(relay: SocketAddr, host: &str, mut request: Request<Body>) -> Response<Incoming> {

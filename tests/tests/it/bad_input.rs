@@ -1,7 +1,7 @@
 //! Bad input gets a clear error, never a panic, and other tunnels carry on.
 
 use ferry_tests::{
-    full, host_of, read_body, send, within, ClientOptions, Origin, TestClient, TestRelay,
+    full, host_of, read_body, send, stop_all, within, ClientOptions, Origin, TestClient, TestRelay,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -122,9 +122,7 @@ async fn garbage_and_malformed_requests_get_clear_errors_and_tunnels_carry_on() 
         status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "still here"));
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -159,9 +157,7 @@ async fn answer_of_a_silent_origin(
     let client = TestClient::start(&relay, &origin.target(), client).await;
     let answer =
         status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
     answer
 }
 
@@ -238,7 +234,5 @@ async fn requests_beyond_the_per_tunnel_limit_get_503_and_the_rest_carry_on() {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(read_body(response.into_body()).await, b"done");
     }
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }

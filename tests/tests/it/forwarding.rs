@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use ferry::HostHeader;
 use ferry_tests::{
-    full, host_of, read_body, send, within, ClientOptions, Origin, TestClient, TestRelay,
+    full, host_of, read_body, send, stop_all, within, ClientOptions, Origin, TestClient, TestRelay,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, Barrier};
@@ -93,9 +93,7 @@ async fn get_post_and_put_carry_binary_bodies_byte_exact() {
         assert_eq!(got.body, body, "{method} request body");
     }
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -148,9 +146,7 @@ async fn repeated_and_multi_value_headers_keep_their_order() {
     );
     assert_eq!(header("host"), Some(host_of(&client.public_url)));
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -178,9 +174,7 @@ async fn host_header_can_be_rewritten_to_the_target() {
         .find(|(n, _)| n == "host")
         .map(|(_, v)| v.clone());
     assert_eq!(host, Some(origin.addr.to_string().into_bytes()));
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -220,9 +214,7 @@ async fn two_hundred_concurrent_requests_share_one_tunnel() {
     for request in futures_util::future::join_all(requests).await {
         request.expect("request task");
     }
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -258,7 +250,5 @@ async fn http2_callers_are_routed_by_authority() {
     drop(sender);
     let _ = driver.await;
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }

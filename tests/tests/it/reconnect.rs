@@ -4,13 +4,26 @@ use std::sync::Arc;
 
 use ferry::Event;
 use ferry_tests::{
-    full, host_of, read_body, send, within, Body, ClientOptions, Origin, TestClient, TestRelay,
+    full, host_of, read_body, send, stop_all, within, Body, ClientOptions, Origin, TestClient,
+    TestRelay,
 };
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, Mutex};
 
 async fn hello_origin() -> Origin {
     Origin::start(|_req| async { Response::new(full("hello")) }).await
+}
+
+/// Checks that a request through `client`'s tunnel reaches the hello origin.
+async fn assert_requests_flow(relay: &TestRelay, client: &TestClient) {
+    let response = send(
+        relay.addr,
+        &host_of(&client.public_url),
+        Request::new(full("")),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, b"hello");
 }
 
 /// An origin that reports each request, then answers only when the test
@@ -55,19 +68,9 @@ async fn the_client_comes_back_with_its_name_after_a_relay_restart() {
 
     let relay = TestRelay::start_on(addr, ferry_relay::Config::default()).await;
     client.wait_for_reconnect().await;
+    assert_requests_flow(&relay, &client).await;
 
-    let response = send(
-        relay.addr,
-        &host_of(&client.public_url),
-        Request::new(full("")),
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(read_body(response.into_body()).await, b"hello");
-
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -154,15 +157,7 @@ async fn a_link_that_goes_silent_is_noticed_by_pings_and_the_client_comes_back()
         })
         .await;
     client.wait_for_reconnect().await;
-    let response = send(
-        relay.addr,
-        &host_of(&client.public_url),
-        Request::new(full("")),
-    )
-    .await;
-    assert_eq!(read_body(response.into_body()).await, b"hello");
+    assert_requests_flow(&relay, &client).await;
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_tests::{
-    full, host_of, send, within, Body, ClientOptions, Origin, TestClient, TestRelay,
+    full, host_of, send, stop_all, within, Body, ClientOptions, Origin, TestClient, TestRelay,
 };
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
@@ -93,9 +93,7 @@ async fn upload_of_256_mib_is_back_pressured_by_a_slow_origin() {
         lead >> 20
     );
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -125,9 +123,7 @@ async fn download_of_256_mib_is_back_pressured_by_a_slow_caller() {
         lead >> 20
     );
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 #[tokio::test]
@@ -179,9 +175,7 @@ async fn server_sent_events_arrive_before_the_stream_ends() {
         .to_bytes();
     assert_eq!(rest, "data: last\n\n");
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 /// Sends a message when dropped: tells the test the origin's handler was
@@ -233,7 +227,5 @@ async fn a_caller_hanging_up_cancels_the_local_request() {
         .await
         .expect("cancelled");
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }

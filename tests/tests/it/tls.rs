@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use ferry_relay::tls::{CertResolver, TlsFiles};
 use ferry_relay::Listeners;
-use ferry_tests::{full, read_body, within, ClientOptions, Origin, TestClient, TestRelay};
+use ferry_tests::{
+    full, read_body, stop_all, within, ClientOptions, Origin, TestClient, TestRelay,
+};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -121,9 +123,7 @@ async fn tunnels_work_over_wss_and_https_with_a_private_ca() {
         .expect("origin saw the request");
     assert_eq!(proto.as_ref().map(|v| v.as_bytes()), Some(&b"https"[..]));
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
     std::fs::remove_dir_all(certs.dir).expect("remove temp dir");
 }
 

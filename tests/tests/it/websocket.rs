@@ -1,7 +1,7 @@
 //! WebSocket upgrades from the public side reach the local server (as an
 //! RFC 8441 extended CONNECT inside the tunnel) and work both ways.
 
-use ferry_tests::{host_of, within, Body, ClientOptions, Origin, TestClient, TestRelay};
+use ferry_tests::{host_of, stop_all, within, Body, ClientOptions, Origin, TestClient, TestRelay};
 use futures_util::{SinkExt, StreamExt};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -128,9 +128,7 @@ async fn websocket_echo_works_through_the_tunnel() {
     assert_eq!(frame.reason.as_str(), "done");
     drop(ws);
 
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
 }
 
 /// Opens a WebSocket through a tunnel to an origin that answers every
@@ -157,9 +155,7 @@ async fn refused_upgrade(status: StatusCode, body: &'static str) -> (StatusCode,
     let tokio_tungstenite::tungstenite::Error::Http(response) = err else {
         panic!("expected an HTTP error, got {err}")
     };
-    client.stop().await.expect("client stops cleanly");
-    origin.stop().await;
-    relay.stop().await;
+    stop_all(client, origin, relay).await;
     let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
     (response.status(), body)
 }
