@@ -269,6 +269,7 @@ async fn idle_tunnels(relay: &str, target: &str, count: usize) -> Result<(), Str
                 local_timeout: ferry::DEFAULT_LOCAL_TIMEOUT,
                 keepalive: ferry_common::handshake::Keepalive::default(),
                 relay_ca: Vec::new(),
+                client_key: None,
             };
             let (events, receiver) = tokio::sync::broadcast::channel(4);
             tasks.push(tokio::spawn(ferry::run(config, events, shutdown.clone())));

@@ -149,13 +149,25 @@ async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
 }
 
 async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr), String> {
+    // Every connect of the idle-tunnels scenario comes from this one
+    // machine, which the relay's per-address connect rate would otherwise
+    // (rightly) throttle.
     let mut relay = Proc::spawn(
         &bin.join("ferry-relay"),
-        &["--listen".into(), listen.to_string()],
+        &[
+            "--listen".into(),
+            listen.to_string(),
+            "--connects-per-minute".into(),
+            "1000000".into(),
+            "--max-tunnels".into(),
+            "100000".into(),
+        ],
     )?;
     let port: u16 = relay
         .wait_line("the relay", |line| {
-            line.strip_prefix("ferry-relay serving http://localhost:")?
+            line.strip_prefix("ferry-relay listening on http://127.0.0.1:")?
+                .split(' ')
+                .next()?
                 .parse()
                 .ok()
         })

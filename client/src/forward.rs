@@ -133,6 +133,7 @@ impl Forwarder {
     /// Forwards one request from the tunnel and reports it.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        let id = header_text(req.headers(), meta::EXCHANGE_ID).and_then(|v| v.parse().ok());
         let method = req.method().clone();
         let path = req
             .uri()
@@ -147,6 +148,7 @@ impl Forwarder {
             }
         };
         let exchange = Exchange {
+            id,
             method: method.to_string(),
             path,
             status: response.status().as_u16(),

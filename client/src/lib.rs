@@ -6,6 +6,7 @@
 //! - [`target`]: the local target and the Host header it sees.
 //! - [`embedded`]: the in-process relay `ferry http` starts when no relay is
 //!   configured.
+//! - [`keys`]: the reconnect key kept per relay in the config directory.
 //! - [`local_tls`]: TLS towards `https://` targets with self-signed certificates.
 //!
 //! [`run`] drives one tunnel until its shutdown token is cancelled and
@@ -13,6 +14,7 @@
 
 pub mod embedded;
 pub mod forward;
+pub mod keys;
 pub mod local_tls;
 pub mod target;
 pub mod tunnel;
@@ -49,6 +51,9 @@ pub struct Config {
     /// Certificate authorities trusted for a `wss://` relay besides the
     /// public ones, for relays with a private CA.
     pub relay_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The reconnect key this client keeps for the relay (see
+    /// [`keys::client_key`]); a new random one per process when `None`.
+    pub client_key: Option<String>,
 }
 
 impl fmt::Debug for Config {
@@ -62,6 +67,7 @@ impl fmt::Debug for Config {
             .field("local_timeout", &self.local_timeout)
             .field("keepalive", &self.keepalive)
             .field("relay_ca", &self.relay_ca.len())
+            .field("client_key", &self.client_key.as_ref().map(|_| "MASKED"))
             .finish()
     }
 }
@@ -121,11 +127,15 @@ pub enum Event {
     Stopping,
     /// A request was forwarded (or failed to be).
     Request(Exchange),
+    /// Something the user should know that does not stop the tunnel.
+    Warning(String),
 }
 
 /// One forwarded request, as the terminal shows it.
 #[derive(Debug, Clone)]
 pub struct Exchange {
+    /// The relay's id for the exchange, when the relay sent one.
+    pub id: Option<ferry_common::ids::ExchangeId>,
     /// The HTTP method.
     pub method: String,
     /// The path and query.

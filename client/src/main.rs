@@ -47,6 +47,10 @@ struct HttpArgs {
     /// relays whose certificate no public authority signed.
     #[arg(long, env = "FERRY_RELAY_CA", value_name = "FILE")]
     relay_ca: Option<std::path::PathBuf>,
+    /// Where ferry keeps its reconnect keys (one per relay, so a restarted
+    /// ferry gets its subdomain back). Default: the user's config directory.
+    #[arg(long, env = "FERRY_CONFIG_DIR", value_name = "DIR")]
+    config_dir: Option<std::path::PathBuf>,
     /// The subdomain to ask for; a random one otherwise.
     #[arg(long, value_parser = Subdomain::parse)]
     subdomain: Option<Subdomain>,
@@ -87,8 +91,27 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
             (embedded.relay_url(), Some(embedded))
         }
     };
+    // The embedded relay lives and dies with this process, so a key that
+    // outlives it would serve nothing.
+    let client_key = match (
+        &embedded,
+        args.config_dir.clone().or_else(default_config_dir),
+    ) {
+        (None, Some(dir)) => match ferry::keys::client_key(&dir, &relay) {
+            Ok(key) => Some(key),
+            Err(err) => {
+                eprintln!(
+                    "warning: cannot keep a reconnect key in {}: {err}; a restarted ferry will get a new subdomain",
+                    dir.display()
+                );
+                None
+            }
+        },
+        _ => None,
+    };
     let config = Config {
         relay,
+        client_key,
         token: args.token,
         subdomain: args.subdomain,
         target: args.target,
@@ -114,6 +137,11 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
         embedded.stop().await;
     }
     result
+}
+
+/// `ferry` in the user's config directory (`~/.config/ferry` on Linux).
+fn default_config_dir() -> Option<std::path::PathBuf> {
+    dirs::config_dir().map(|dir| dir.join("ferry"))
 }
 
 /// Reads every certificate in a PEM file.
@@ -188,6 +216,7 @@ fn write_event(
             ..
         }) => writeln!(out, "reconnected: {public_url}"),
         Ok(Event::Disconnected { reason }) => writeln!(out, "disconnected: {reason}"),
+        Ok(Event::Warning(warning)) => writeln!(out, "warning: {warning}"),
         Ok(Event::Stopping) => writeln!(out, "stopping: letting requests in flight finish"),
         Ok(Event::Reconnecting { delay }) => {
             writeln!(out, "reconnecting in {:.1} s", delay.as_secs_f64())

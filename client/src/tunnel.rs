@@ -5,21 +5,18 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_common::byte_stream::{websocket_config, ByteStream, CloseReason, CloseSignal};
-use ferry_common::handshake::{
-    ConnectAnswer, Keepalive, ASSIGNED_SUBDOMAIN_HEADER, CLIENT_KEY_HEADER, CONNECTION_WINDOW,
-    MAX_CONCURRENT_STREAMS, MAX_FRAME_SIZE, PROTOCOL_VERSION, PUBLIC_URL_HEADER, STREAM_WINDOW,
-    SUBDOMAIN_HEADER, VERSION_HEADER,
-};
+use ferry_common::api::ErrorBody;
+use ferry_common::byte_stream::{ByteStream, CloseReason, CloseSignal};
+use ferry_common::handshake::{ConnectAnswer, ConnectRequest, Keepalive};
+use ferry_common::link::{http2_server, websocket_config};
 use ferry_common::subdomain::Subdomain;
 use hyper::header::{HeaderValue, AUTHORIZATION};
-use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, http};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -75,7 +72,13 @@ pub async fn run(
         shutdown.clone(),
     ));
     let connector = relay_connector(&config.relay_ca)?;
-    let client_key = format!("{:032x}", rand::random::<u128>());
+    let client_key = config
+        .client_key
+        .clone()
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    if let Some(warning) = insecure_token_warning(&config) {
+        let _ = events.send(Event::Warning(warning));
+    }
     let mut subdomain = config.subdomain.clone();
     let mut connected_before = false;
     let mut attempt = 0;
@@ -116,6 +119,16 @@ pub async fn run(
                     }
                 }
             }
+            // The name is ours but the relay still sees it taken, as when
+            // the old session has not yet been noticed gone: worth a retry.
+            Err(Error::Refused {
+                status: 409,
+                message,
+            }) if connected_before => {
+                let _ = events.send(Event::Warning(format!(
+                    "the relay still holds our subdomain for another session: {message}"
+                )));
+            }
             Err(err) if err.is_final() || !connected_before => return Err(err),
             Err(err) => debug!(%err, "reconnect failed"),
         }
@@ -129,7 +142,6 @@ pub async fn run(
     }
 }
 
-/// Opens the tunnel WebSocket and reads the relay's answer.
 /// The TLS settings for a `wss://` relay: the public roots plus any CA the
 /// user trusts; `None` (tungstenite's default, the public roots) without one.
 fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Option<Connector>, Error> {
@@ -150,6 +162,7 @@ fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Option<Connec
     Ok(Some(Connector::Rustls(Arc::new(config))))
 }
 
+/// Opens the tunnel WebSocket and reads the relay's answer.
 async fn connect(
     config: &Config,
     connector: Option<&Connector>,
@@ -161,19 +174,17 @@ async fn connect(
         .as_str()
         .into_client_request()
         .map_err(|err| Error::BadRelay(config.relay.clone(), err.to_string()))?;
-    let headers = request.headers_mut();
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
-        }
-    };
-    put(VERSION_HEADER, &PROTOCOL_VERSION.to_string());
-    put(CLIENT_KEY_HEADER, client_key);
-    if let Some(name) = subdomain {
-        put(SUBDOMAIN_HEADER, name.as_str());
+    ConnectRequest {
+        client_key: Some(client_key.to_owned()),
+        client_version: Some(format!("ferry/{}", env!("CARGO_PKG_VERSION"))),
+        target: Some(config.target.to_string()),
+        ..ConnectRequest::new(subdomain.cloned())
     }
+    .write(request.headers_mut());
     if let Some(token) = &config.token {
-        put(AUTHORIZATION.as_str(), &format!("Bearer {token}"));
+        if let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) {
+            request.headers_mut().insert(AUTHORIZATION, value);
+        }
     }
     let connecting = tokio_tungstenite::connect_async_tls_with_config(
         request,
@@ -195,7 +206,7 @@ async fn connect(
                 let message = response
                     .body()
                     .as_deref()
-                    .map(|body| String::from_utf8_lossy(body).trim().to_owned())
+                    .map(refusal_message)
                     .filter(|m| !m.is_empty())
                     .unwrap_or_else(|| status.to_string());
                 Error::Refused {
@@ -211,20 +222,37 @@ async fn connect(
                 Error::Unreachable(config.relay.clone(), cause)
             }
         })?;
-    let answer = read_answer(response.headers()).ok_or_else(|| {
-        Error::BadRelay(
-            config.relay.clone(),
-            "it did not assign a subdomain: is it a Ferry relay?".into(),
-        )
-    })?;
+    let answer = ConnectAnswer::read(response.headers())
+        .map_err(|err| Error::BadRelay(config.relay.clone(), err.to_string()))?;
     Ok((ws, answer))
 }
 
-fn read_answer(headers: &http::HeaderMap) -> Option<ConnectAnswer> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    Some(ConnectAnswer {
-        subdomain: Subdomain::parse(text(ASSIGNED_SUBDOMAIN_HEADER)?).ok()?,
-        public_url: text(PUBLIC_URL_HEADER)?.to_owned(),
+/// What a refusal says: the API's JSON error message, or the body's text.
+fn refusal_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(error) => error.error.message,
+        Err(_) => String::from_utf8_lossy(body).trim().to_owned(),
+    }
+}
+
+/// A warning when the token would cross the network unencrypted: a `ws://`
+/// relay that is not on this machine.
+fn insecure_token_warning(config: &Config) -> Option<String> {
+    config.token.as_ref()?;
+    let uri: hyper::Uri = config.relay.parse().ok()?;
+    if uri.scheme_str() != Some("ws") {
+        return None;
+    }
+    let host = uri.host()?.trim_matches(['[', ']']);
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.ends_with(".localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "the token is sent unencrypted to {host} over ws://: anyone on the network path can read it. Use a wss:// relay"
+        )
     })
 }
 
@@ -242,16 +270,7 @@ async fn serve(
         let forwarder = Arc::clone(&forwarder);
         async move { Ok::<_, std::convert::Infallible>(forwarder.handle(req).await) }
     });
-    let connection = http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .keep_alive_interval(keepalive.interval)
-        .keep_alive_timeout(keepalive.timeout)
-        .enable_connect_protocol()
-        .serve_connection(io, service);
+    let connection = http2_server(keepalive).serve_connection(io, service);
     let mut connection = pin!(connection);
     // Both arms are cancel-safe: the connection is pinned outside the loop
     // and polled again after the shutdown arm wins.

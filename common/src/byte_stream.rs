@@ -20,25 +20,11 @@ use futures_util::task::AtomicWaker;
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::handshake::{MAX_MESSAGE, WRITE_CHUNK};
-
-/// Bytes read from the socket at once. tungstenite zero-fills this much per
-/// connection up front, so it is most of an idle tunnel's memory; larger
-/// messages still arrive whole, as the buffer grows for them.
-const READ_BUFFER: usize = 4 * 1024;
-
-/// The WebSocket settings both sides use for the tunnel.
-pub fn websocket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
-        .write_buffer_size(WRITE_CHUNK * 2)
-}
+use crate::handshake::WRITE_CHUNK;
 
 /// Why a tunnel WebSocket was closed, as carried in its close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,8 +302,9 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::WebSocketStream;
 
-    use super::{websocket_config, ByteStream, CloseReason, CloseSignal};
+    use super::{ByteStream, CloseReason, CloseSignal};
     use crate::handshake::WRITE_CHUNK;
+    use crate::link::websocket_config;
 
     async fn pair() -> (
         ByteStream<tokio::io::DuplexStream>,

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::subdomain::{InvalidSubdomain, Subdomain};
 
@@ -36,13 +36,23 @@ pub const VERSION_QUERY: &str = "version";
 pub const SUBDOMAIN_HEADER: &str = "ferry-subdomain";
 /// Query parameter with the same meaning as [`SUBDOMAIN_HEADER`].
 pub const SUBDOMAIN_QUERY: &str = "subdomain";
-/// Request header: a random key a client process keeps across reconnects, so
-/// that on a relay without tokens it can take its own name back.
+/// Request header: a random key a client keeps per relay (on disk, across
+/// restarts), so that on a relay without tokens it can take its own name back.
 pub const CLIENT_KEY_HEADER: &str = "ferry-client-key";
+/// Query parameter with the same meaning as [`CLIENT_KEY_HEADER`].
+pub const CLIENT_KEY_QUERY: &str = "client_key";
+/// Request header: the client's program and version, such as `ferry/0.1.0`,
+/// shown in the API and dashboard.
+pub const CLIENT_VERSION_HEADER: &str = "ferry-client-version";
+/// Request header: the local target the client forwards to, shown in the
+/// API and dashboard.
+pub const TARGET_HEADER: &str = "ferry-target";
 /// Response header on `101`: the tunnel's public URL.
 pub const PUBLIC_URL_HEADER: &str = "ferry-public-url";
 /// Response header on `101`: the subdomain the relay assigned.
 pub const ASSIGNED_SUBDOMAIN_HEADER: &str = "ferry-subdomain";
+/// Longest free-text field (client version, target) the relay keeps.
+pub const MAX_TEXT_FIELD: usize = 256;
 
 /// Largest WebSocket message a side writes: one chunk of the byte stream,
 /// room for a whole HTTP/2 frame of [`MAX_FRAME_SIZE`] with its header.
@@ -62,6 +72,19 @@ pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// HTTP/2 streams the client accepts at once: public requests in flight on
 /// one tunnel.
 pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest header list of a public request the relay forwards, counted as
+/// HTTP/2 counts it (name + value + 32 per field, pseudo-headers included);
+/// larger requests get 431 from the relay itself.
+pub const MAX_REQUEST_HEADER_LIST: usize = 32 * 1024;
+/// The header list size the client advertises (`SETTINGS_MAX_HEADER_LIST_SIZE`):
+/// twice what the relay forwards, so that nothing a public caller sends
+/// reaches HTTP/2's connection-level abuse limits, which end the session.
+pub const ADVERTISED_REQUEST_HEADER_LIST: u32 = 2 * MAX_REQUEST_HEADER_LIST as u32;
+/// Largest header list of a local server's response the client sends back;
+/// larger responses become a 502 that says so.
+pub const MAX_RESPONSE_HEADER_LIST: usize = 64 * 1024;
+/// The header list size the relay advertises, with the same room to spare.
+pub const ADVERTISED_RESPONSE_HEADER_LIST: u32 = 2 * MAX_RESPONSE_HEADER_LIST as u32;
 /// How often each side pings the other over HTTP/2.
 pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a ping may go unanswered before the link is declared dead; with
@@ -97,11 +120,19 @@ const _: () = {
     assert!(MAX_FRAME_SIZE as usize + 9 <= MAX_MESSAGE);
     assert!(STREAM_WINDOW <= CONNECTION_WINDOW);
     assert!(PING_INTERVAL.as_secs() + PING_TIMEOUT.as_secs() <= 30);
+    assert!(ADVERTISED_REQUEST_HEADER_LIST as usize >= 2 * MAX_REQUEST_HEADER_LIST);
+    assert!(ADVERTISED_RESPONSE_HEADER_LIST as usize >= 2 * MAX_RESPONSE_HEADER_LIST);
 };
 
 /// Request headers the relay adds to each public request for the client; the
 /// relay strips any a public caller sent.
 pub mod meta {
+    use std::net::IpAddr;
+
+    use http::{HeaderMap, HeaderName, HeaderValue};
+
+    use crate::ids::ExchangeId;
+
     /// The relay's id for this exchange.
     pub const EXCHANGE_ID: &str = "ferry-exchange-id";
     /// The public caller's IP address.
@@ -110,6 +141,64 @@ pub mod meta {
     pub const SCHEME: &str = "ferry-scheme";
     /// Prefix shared by all of Ferry's own headers.
     pub const PREFIX: &str = "ferry-";
+
+    /// What the relay tells the client about one public request.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct RequestMeta {
+        /// The relay's id for the exchange.
+        pub exchange: ExchangeId,
+        /// The public caller's IP address.
+        pub client_ip: IpAddr,
+        /// `true` when the caller came over HTTPS.
+        pub https: bool,
+    }
+
+    impl RequestMeta {
+        /// The scheme the public caller used.
+        pub fn scheme(&self) -> &'static str {
+            if self.https {
+                "https"
+            } else {
+                "http"
+            }
+        }
+
+        /// Writes the metadata headers, replacing any of the same names.
+        pub fn insert(&self, headers: &mut HeaderMap) {
+            let values = [
+                (EXCHANGE_ID, self.exchange.to_string()),
+                (CLIENT_IP, self.client_ip.to_string()),
+                (SCHEME, self.scheme().to_owned()),
+            ];
+            for (name, value) in values {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+
+        /// Reads and removes the metadata headers; `None` when any is
+        /// missing or malformed (a request that did not come from a relay).
+        pub fn take(headers: &mut HeaderMap) -> Option<Self> {
+            let mut text = |name: &str| {
+                headers
+                    .remove(name)
+                    .and_then(|v| v.to_str().ok().map(str::to_owned))
+            };
+            let exchange = text(EXCHANGE_ID).and_then(|v| v.parse().ok());
+            let client_ip = text(CLIENT_IP).and_then(|v| v.parse().ok());
+            let https = match text(SCHEME).as_deref() {
+                Some("https") => Some(true),
+                Some("http") => Some(false),
+                _ => None,
+            };
+            Some(Self {
+                exchange: exchange?,
+                client_ip: client_ip?,
+                https: https?,
+            })
+        }
+    }
 }
 
 /// What a client asks for when it connects.
@@ -119,8 +208,12 @@ pub struct ConnectRequest {
     pub version: u32,
     /// The subdomain asked for; `None` lets the relay choose one.
     pub subdomain: Option<Subdomain>,
-    /// The client process's reconnect key, if it sent one.
+    /// The client's reconnect key for this relay, if it sent one.
     pub client_key: Option<String>,
+    /// The client's program and version, such as `ferry/0.1.0`.
+    pub client_version: Option<String>,
+    /// The local target the client forwards to, such as `http://localhost:3000`.
+    pub target: Option<String>,
 }
 
 /// What the relay answers on a successful connect.
@@ -132,7 +225,7 @@ pub struct ConnectAnswer {
     pub public_url: String,
 }
 
-/// Why a connect request could not be read.
+/// Why a connect request or answer could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
     /// No protocol version was sent.
@@ -165,24 +258,69 @@ pub enum HandshakeError {
     /// A header value was not visible ASCII.
     #[error("header `{0}` is not valid text")]
     NotText(&'static str),
+    /// A free-text field is longer than [`MAX_TEXT_FIELD`].
+    #[error("header `{0}` is longer than {MAX_TEXT_FIELD} bytes")]
+    TooLong(&'static str),
+    /// An answer lacks a field every relay sends.
+    #[error("the answer has no `{0}` header: is this a Ferry relay?")]
+    MissingAnswer(&'static str),
 }
 
 impl ConnectRequest {
+    /// A request for this build's protocol version.
+    pub fn new(subdomain: Option<Subdomain>) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            subdomain,
+            client_key: None,
+            client_version: None,
+            target: None,
+        }
+    }
+
+    /// Writes the request as the upgrade request's headers (the client side).
+    pub fn write(&self, headers: &mut HeaderMap) {
+        let fields = [
+            (VERSION_HEADER, Some(self.version.to_string())),
+            (
+                SUBDOMAIN_HEADER,
+                self.subdomain.as_ref().map(|s| s.to_string()),
+            ),
+            (CLIENT_KEY_HEADER, self.client_key.clone()),
+            (CLIENT_VERSION_HEADER, self.client_version.clone()),
+            (TARGET_HEADER, self.target.clone()),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+    }
+
     /// Reads a connect request from the upgrade request's headers and query
-    /// string (headers win), and checks the protocol version.
+    /// string (headers win), and checks the protocol version (the relay side).
     pub fn from_parts(headers: &HeaderMap, query: Option<&str>) -> Result<Self, HandshakeError> {
-        let field =
-            |header: &'static str, query_name: &str| -> Result<Option<String>, HandshakeError> {
-                if let Some(value) = headers.get(header) {
-                    let text = value
+        let field = |header: &'static str,
+                     query_name: Option<&str>|
+         -> Result<Option<String>, HandshakeError> {
+            let value = match headers.get(header) {
+                Some(value) => Some(
+                    value
                         .to_str()
-                        .map_err(|_| HandshakeError::NotText(header))?;
-                    return Ok(Some(text.trim().to_owned()));
-                }
-                Ok(query.and_then(|q| query_value(q, query_name)))
+                        .map_err(|_| HandshakeError::NotText(header))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => query_name.and_then(|name| query.and_then(|q| query_value(q, name))),
             };
+            match value {
+                Some(v) if v.len() > MAX_TEXT_FIELD => Err(HandshakeError::TooLong(header)),
+                Some(v) if v.is_empty() => Ok(None),
+                other => Ok(other),
+            }
+        };
         let version =
-            field(VERSION_HEADER, VERSION_QUERY)?.ok_or(HandshakeError::MissingVersion)?;
+            field(VERSION_HEADER, Some(VERSION_QUERY))?.ok_or(HandshakeError::MissingVersion)?;
         let version: u32 = version
             .parse()
             .map_err(|_| HandshakeError::MalformedVersion(version.clone()))?;
@@ -201,15 +339,45 @@ impl ConnectRequest {
             }
             std::cmp::Ordering::Equal => {}
         }
-        let subdomain = field(SUBDOMAIN_HEADER, SUBDOMAIN_QUERY)?
-            .filter(|name| !name.is_empty())
+        let subdomain = field(SUBDOMAIN_HEADER, Some(SUBDOMAIN_QUERY))?
             .map(|name| Subdomain::parse(&name))
             .transpose()?;
-        let client_key = field(CLIENT_KEY_HEADER, "client_key")?.filter(|key| !key.is_empty());
         Ok(Self {
             version,
             subdomain,
-            client_key,
+            client_key: field(CLIENT_KEY_HEADER, Some(CLIENT_KEY_QUERY))?,
+            client_version: field(CLIENT_VERSION_HEADER, None)?,
+            target: field(TARGET_HEADER, None)?,
+        })
+    }
+}
+
+impl ConnectAnswer {
+    /// Writes the answer as headers of the `101` response (the relay side).
+    pub fn write(&self, headers: &mut HeaderMap) {
+        let fields = [
+            (PUBLIC_URL_HEADER, self.public_url.as_str()),
+            (ASSIGNED_SUBDOMAIN_HEADER, self.subdomain.as_str()),
+        ];
+        for (name, value) in fields {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+    }
+
+    /// Reads the answer from the `101` response's headers (the client side).
+    pub fn read(headers: &HeaderMap) -> Result<Self, HandshakeError> {
+        let text = |name: &'static str| {
+            headers
+                .get(name)
+                .ok_or(HandshakeError::MissingAnswer(name))?
+                .to_str()
+                .map_err(|_| HandshakeError::NotText(name))
+        };
+        Ok(Self {
+            subdomain: Subdomain::parse(text(ASSIGNED_SUBDOMAIN_HEADER)?)?,
+            public_url: text(PUBLIC_URL_HEADER)?.to_owned(),
         })
     }
 }
@@ -228,9 +396,12 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 mod tests {
     use http::{HeaderMap, HeaderValue};
 
+    use super::meta::RequestMeta;
     use super::{
-        ConnectRequest, HandshakeError, PROTOCOL_VERSION, SUBDOMAIN_HEADER, VERSION_HEADER,
+        ConnectAnswer, ConnectRequest, HandshakeError, PROTOCOL_VERSION, SUBDOMAIN_HEADER,
+        TARGET_HEADER, VERSION_HEADER,
     };
+    use crate::ids::ExchangeId;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -288,5 +459,49 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, HandshakeError::Subdomain(_)));
+    }
+
+    #[test]
+    fn request_answer_and_metadata_round_trip() {
+        let request = ConnectRequest {
+            client_key: Some("00ff".into()),
+            client_version: Some("ferry/0.1.0".into()),
+            target: Some("http://localhost:3000".into()),
+            ..ConnectRequest::new(Some("demo".parse().unwrap()))
+        };
+        let mut map = HeaderMap::new();
+        request.write(&mut map);
+        assert_eq!(ConnectRequest::from_parts(&map, None), Ok(request));
+
+        let answer = ConnectAnswer {
+            subdomain: "demo".parse().unwrap(),
+            public_url: "https://demo.relay.test".into(),
+        };
+        let mut map = HeaderMap::new();
+        answer.write(&mut map);
+        assert_eq!(ConnectAnswer::read(&map), Ok(answer));
+        assert!(ConnectAnswer::read(&HeaderMap::new()).is_err());
+
+        let meta = RequestMeta {
+            exchange: ExchangeId::new(),
+            client_ip: "203.0.113.9".parse().unwrap(),
+            https: true,
+        };
+        let mut map = headers(&[("x-other", "kept")]);
+        meta.insert(&mut map);
+        assert_eq!(RequestMeta::take(&mut map), Some(meta));
+        assert_eq!(map.len(), 1, "the metadata headers are taken out");
+    }
+
+    #[test]
+    fn oversized_text_fields_are_refused() {
+        let version = PROTOCOL_VERSION.to_string();
+        let long = "x".repeat(300);
+        let err = ConnectRequest::from_parts(
+            &headers(&[(VERSION_HEADER, &version), (TARGET_HEADER, &long)]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err, HandshakeError::TooLong(TARGET_HEADER));
     }
 }

@@ -40,6 +40,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The size of a header list as HTTP/2 counts it (RFC 9113 §6.5.2): each
+/// field's name and value plus 32, with the request pseudo-headers
+/// (`:method`, `:scheme`, `:authority`, `:path`) counted as fields too.
+pub fn header_list_size(pseudo: &[(&str, &str)], headers: &HeaderMap) -> usize {
+    const FIELD_OVERHEAD: usize = 32;
+    let pseudo: usize = pseudo
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + FIELD_OVERHEAD)
+        .sum();
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + FIELD_OVERHEAD)
+        .sum();
+    pseudo + fields
+}
+
 /// Removes every `ferry-*` header, so a public caller cannot forge the
 /// metadata the relay adds.
 pub fn remove_ferry_headers(headers: &mut HeaderMap) {
@@ -57,7 +73,19 @@ pub fn remove_ferry_headers(headers: &mut HeaderMap) {
 mod tests {
     use http::{HeaderMap, HeaderValue};
 
-    use super::{remove_ferry_headers, remove_hop_by_hop};
+    use super::{header_list_size, remove_ferry_headers, remove_hop_by_hop};
+
+    #[test]
+    fn header_lists_are_counted_as_http2_counts_them() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("22"));
+        assert_eq!(header_list_size(&[], &headers), (3 + 1 + 32) + (3 + 2 + 32));
+        assert_eq!(
+            header_list_size(&[(":method", "GET")], &HeaderMap::new()),
+            7 + 3 + 32
+        );
+    }
 
     #[test]
     fn strips_connection_and_what_it_names() {

@@ -1,11 +1,13 @@
 //! The relay's settings, already validated by `main` or the embedding code.
 
-use std::fmt;
 use std::time::Duration;
 
-use ferry_common::handshake::Keepalive;
+use ferry_common::handshake::{Keepalive, MAX_CONCURRENT_STREAMS};
 
-/// How the relay is set up.
+use crate::accounts::Token;
+
+/// How the relay is set up. Every limit has a default here and a flag in
+/// `main`.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The domain tunnels are subdomains of, lowercase, without a trailing
@@ -17,10 +19,38 @@ pub struct Config {
     /// How long a tunnel may take to answer a public request with headers
     /// before the caller gets 504.
     pub request_timeout: Duration,
-    /// Public requests one tunnel may have in flight; more get 503.
+    /// Public requests one tunnel may have in flight; more get 503. At most
+    /// the client's HTTP/2 stream limit.
     pub max_requests_per_tunnel: usize,
-    /// Tunnels one token may hold at once; more are refused with 429.
+    /// Public requests one caller IP (an IPv6 /64) may have in flight on one
+    /// tunnel; more get 429, so one caller cannot starve the others.
+    pub max_requests_per_ip: usize,
+    /// Tunnels one account may hold at once; more are refused with 429.
     pub max_tunnels_per_token: usize,
+    /// Tunnels the relay holds at once, for everybody; more get 503.
+    pub max_tunnels: usize,
+    /// Tunnel connects one IP may make per minute; more get 429.
+    pub connects_per_minute: u32,
+    /// Failed token checks one IP may make per minute before its requests
+    /// get 429 without a check.
+    pub failed_auths_per_minute: u32,
+    /// How long a name stays its owner's after its session ends.
+    pub name_hold: Duration,
+    /// How long a public caller may pause between parts of a request body,
+    /// and the grace before [`Config::body_min_rate`] applies.
+    pub body_timeout: Duration,
+    /// The slowest average rate, in bytes per second, at which a request
+    /// body may arrive once [`Config::body_timeout`] has passed.
+    pub body_min_rate: u64,
+    /// How long a connection may take to send a request's headers, from
+    /// accept for its first request.
+    pub header_timeout: Duration,
+    /// How long a connection with no request in flight stays open.
+    pub idle_timeout: Duration,
+    /// Public connections open at once; the relay stops accepting beyond.
+    pub max_connections: usize,
+    /// Public connections one IP (an IPv6 /64) may hold open at once.
+    pub max_connections_per_ip: usize,
     /// How the relay pings each client to notice dead links.
     pub keepalive: Keepalive,
 }
@@ -32,8 +62,34 @@ impl Config {
     /// The default for [`Config::max_requests_per_tunnel`]: below the
     /// client's HTTP/2 stream limit, so that no request queues unseen.
     pub const DEFAULT_MAX_REQUESTS_PER_TUNNEL: usize = 1000;
+    /// The most [`Config::max_requests_per_tunnel`] may be.
+    pub const MAX_REQUESTS_PER_TUNNEL_LIMIT: usize = MAX_CONCURRENT_STREAMS as usize;
+    /// The default for [`Config::max_requests_per_ip`]: a quarter of a
+    /// tunnel's slots.
+    pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 250;
     /// The default for [`Config::max_tunnels_per_token`].
     pub const DEFAULT_MAX_TUNNELS_PER_TOKEN: usize = 32;
+    /// The default for [`Config::max_tunnels`].
+    pub const DEFAULT_MAX_TUNNELS: usize = 10_000;
+    /// The default for [`Config::connects_per_minute`].
+    pub const DEFAULT_CONNECTS_PER_MINUTE: u32 = 60;
+    /// The default for [`Config::failed_auths_per_minute`].
+    pub const DEFAULT_FAILED_AUTHS_PER_MINUTE: u32 = 10;
+    /// The default for [`Config::name_hold`]: a week, as long as the
+    /// activity log keeps a tunnel's requests.
+    pub const DEFAULT_NAME_HOLD: Duration = Duration::from_secs(7 * 86_400);
+    /// The default for [`Config::body_timeout`].
+    pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default for [`Config::body_min_rate`]: 1 KiB/s.
+    pub const DEFAULT_BODY_MIN_RATE: u64 = 1024;
+    /// The default for [`Config::header_timeout`].
+    pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default for [`Config::idle_timeout`].
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    /// The default for [`Config::max_connections`].
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+    /// The default for [`Config::max_connections_per_ip`].
+    pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 }
 
 impl Default for Config {
@@ -43,47 +99,19 @@ impl Default for Config {
             tokens: Vec::new(),
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
+            max_requests_per_ip: Self::DEFAULT_MAX_REQUESTS_PER_IP,
             max_tunnels_per_token: Self::DEFAULT_MAX_TUNNELS_PER_TOKEN,
+            max_tunnels: Self::DEFAULT_MAX_TUNNELS,
+            connects_per_minute: Self::DEFAULT_CONNECTS_PER_MINUTE,
+            failed_auths_per_minute: Self::DEFAULT_FAILED_AUTHS_PER_MINUTE,
+            name_hold: Self::DEFAULT_NAME_HOLD,
+            body_timeout: Self::DEFAULT_BODY_TIMEOUT,
+            body_min_rate: Self::DEFAULT_BODY_MIN_RATE,
+            header_timeout: Self::DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
         }
-    }
-}
-
-/// A secret bearer token. `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    /// Wraps a token's text.
-    pub fn new(text: impl Into<String>) -> Self {
-        Self(text.into())
-    }
-
-    /// Compares in time independent of where the first difference is, so
-    /// that response timing does not leak a token's prefix.
-    pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
-}
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("MASKED")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Token;
-
-    #[test]
-    fn tokens_compare_exactly_and_never_print() {
-        let token = Token::new("s3cret");
-        assert!(token.matches("s3cret"));
-        assert!(!token.matches("s3cre"));
-        assert!(!token.matches("s3cret!"));
-        assert!(!token.matches("S3cret"));
-        assert_eq!(format!("{token:?}"), "MASKED");
     }
 }

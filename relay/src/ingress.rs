@@ -1,8 +1,8 @@
-//! Public ingress: accept connections, route each request by Host, and
-//! forward tunnel traffic to the client as HTTP/2 streams.
+//! Public ingress: accept connections within their limits, route each
+//! request by Host, and send tunnel traffic through [`Tunnel::send`].
 //!
 //! `NAME.DOMAIN` is tunnel NAME; `DOMAIN` itself and IP-literal hosts are the
-//! relay's own endpoints ([`crate::admin`]); anything else is a 404 that
+//! relay's own endpoints ([`crate::api`]); anything else is a 404 that
 //! names the host.
 
 use std::convert::Infallible;
@@ -11,31 +11,36 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_common::handshake::meta;
+use ferry_common::handshake::meta::RequestMeta;
 use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
+use ferry_common::ids::ExchangeId;
 use ferry_common::subdomain::Subdomain;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::body::{BodyError, BodyFailure, PacedBody};
+use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
-use crate::{admin, text, tls, Body, Listeners, State};
+use crate::tunnels::{Admission, SendError};
+use crate::{api, text, tls, Body, Listeners, State};
 
-/// How long a public client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed `accept` (such as running out of file descriptors),
 /// so the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// How long a TLS client may take to complete its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a request goes, by its Host.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,40 +59,49 @@ enum IngressError {
         "missing or malformed Host header: send the tunnel's host name, such as brave-otter.{0}"
     )]
     BadHost(String),
+    #[error("the request has more than one Host header: send exactly one")]
+    DuplicateHost,
     #[error("this relay serves {domain} and its subdomains, not `{host}`")]
     UnknownHost { host: String, domain: String },
     #[error("`{name}` is not a valid tunnel name on this relay")]
     BadName { name: String },
-    #[error("no tunnel named `{0}` is connected. Start one with `ferry http 3000 --subdomain {0}` (3000 being your local port)")]
-    NotConnected(Subdomain),
-    #[error("the tunnel `{0}` lost its client before it answered: check the terminal running `ferry http`")]
-    TunnelGone(Subdomain, #[source] hyper::Error),
     #[error("only WebSocket upgrades can pass through a tunnel, not `{0}`")]
     UnsupportedUpgrade(String),
-    #[error("the tunnel `{0}` did not answer within {1} s")]
-    Timeout(Subdomain, u64),
-    #[error("the tunnel `{0}` has {1} requests in flight, its limit: try again shortly")]
-    Busy(Subdomain, usize),
+    #[error("CONNECT is for proxies: a tunnel forwards requests to its local server, it does not open connections elsewhere")]
+    Connect,
+    #[error("the request body {0}: send it without long pauses")]
+    SlowBody(BodyError),
+    #[error("the request body could not be read (malformed chunked encoding, or the connection failed): send a well-formed body")]
+    BadBody,
+    #[error(transparent)]
+    Send(#[from] SendError),
 }
 
 fn error_response(err: &IngressError) -> Response<Body> {
     let status = match err {
-        IngressError::BadHost(_) | IngressError::UnsupportedUpgrade(_) => StatusCode::BAD_REQUEST,
-        IngressError::UnknownHost { .. }
-        | IngressError::BadName { .. }
-        | IngressError::NotConnected(_) => StatusCode::NOT_FOUND,
-        IngressError::TunnelGone(..) => StatusCode::BAD_GATEWAY,
-        IngressError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
-        IngressError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
+        IngressError::BadHost(_)
+        | IngressError::DuplicateHost
+        | IngressError::UnsupportedUpgrade(_)
+        | IngressError::BadBody => StatusCode::BAD_REQUEST,
+        IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
+        IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
+        IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+        IngressError::Send(err) => match err {
+            SendError::NotConnected(_) => StatusCode::NOT_FOUND,
+            SendError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
+            SendError::CallerBusy(..) => StatusCode::TOO_MANY_REQUESTS,
+            SendError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            SendError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            SendError::Gone(..) | SendError::Refused(..) => StatusCode::BAD_GATEWAY,
+        },
     };
-    if let IngressError::TunnelGone(name, source) = err {
+    if let IngressError::Send(SendError::Gone(name, source) | SendError::Refused(name, source)) =
+        err
+    {
         debug!(%name, %source, "tunnel request failed");
     }
     text(status, err.to_string())
 }
-
-/// How long a TLS client may take to complete its handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts one connection from `listener`; never resolves without one, so
 /// an absent listener simply never wins a `select!`.
@@ -111,9 +125,13 @@ pub(crate) async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(state.config.header_timeout);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    let timeouts = Timeouts {
+        first_request: state.config.header_timeout,
+        idle: state.config.idle_timeout,
+    };
     let (tls_listener, acceptor) = match listeners.tls {
         Some((listener, resolver)) => (
             Some(listener),
@@ -121,11 +139,21 @@ pub(crate) async fn serve(
         ),
         None => (None, None),
     };
+    let capacity = Arc::new(Semaphore::new(state.config.max_connections));
     // Owns the connection tasks: those still open after the grace period are
     // aborted when it drops.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
+        // At the cap, stop accepting until a connection ends; the kernel's
+        // backlog holds callers meanwhile. Cancel-safe: nothing is taken.
+        let permit = tokio::select! {
+            permit = Arc::clone(&capacity).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
         // All arms are cancel-safe: `accept` loses no connection when
         // another arm wins.
         let (accepted, tls) = tokio::select! {
@@ -141,30 +169,37 @@ pub(crate) async fn serve(
                 continue;
             }
         };
+        let Some(per_ip) = state.connections_per_ip.acquire(peer.ip()) else {
+            // One address at its limit must not crowd out everyone else.
+            state
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "connection refused: its address holds its limit");
+            continue;
+        };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
+        let activity = Activity::new();
+        let stream = GuardedIo::new(stream, Arc::clone(&activity), timeouts);
         let (state, builder, watcher) =
             (Arc::clone(&state), Arc::clone(&builder), graceful.watcher());
         let connection = async move {
+            let _held = (permit, per_ip);
+            let link = Link {
+                state,
+                peer,
+                activity,
+                https: tls.is_some(),
+            };
             let result = match tls {
-                None => {
-                    serve_connection(state, &builder, watcher, TokioIo::new(stream), peer, "http")
-                        .await
-                }
+                None => serve_connection(link, &builder, watcher, TokioIo::new(stream)).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
-                            serve_connection(
-                                state,
-                                &builder,
-                                watcher,
-                                TokioIo::new(stream),
-                                peer,
-                                "https",
-                            )
-                            .await
+                            serve_connection(link, &builder, watcher, TokioIo::new(stream)).await
                         }
                         Ok(Err(err)) => return debug!(%err, "tls handshake failed"),
                         Err(_) => return debug!("tls handshake timed out"),
@@ -190,21 +225,42 @@ pub(crate) async fn serve(
     }
 }
 
+/// What each request of one connection needs to know about it.
+#[derive(Clone)]
+struct Link {
+    /// The relay.
+    state: Arc<State>,
+    /// The caller's address.
+    peer: SocketAddr,
+    /// The connection's activity, for its idle timeout.
+    activity: Arc<Activity>,
+    /// Whether the caller came over TLS.
+    https: bool,
+}
+
 /// Serves HTTP/1.1 or HTTP/2 on one accepted connection, plain or TLS.
 async fn serve_connection<I>(
-    state: Arc<State>,
+    link: Link,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
     io: I,
-    peer: SocketAddr,
-    scheme: &'static str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
-        let state = Arc::clone(&state);
-        async move { Ok::<_, Infallible>(handle(state, peer, scheme, req).await) }
+        let link = link.clone();
+        async move {
+            let active = link.activity.begin();
+            let response = handle(&link, req).await;
+            // The request counts as in flight until its response body ends.
+            let (parts, body) = response.into_parts();
+            let body = body.map_frame(move |frame| {
+                let _active = &active;
+                frame
+            });
+            Ok::<_, Infallible>(Response::from_parts(parts, body.boxed_unsync()))
+        }
     });
     watcher
         .watch(
@@ -216,29 +272,21 @@ where
 }
 
 /// Routes one public request.
-async fn handle(
-    state: Arc<State>,
-    peer: SocketAddr,
-    scheme: &'static str,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let host = match request_host(&req) {
-        Some(host) => host,
-        None => return error_response(&IngressError::BadHost(state.config.domain.clone())),
+async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
+    let state = &link.state;
+    let host = match request_host(&req, &state.config.domain) {
+        Ok(host) => host,
+        Err(err) => return error_response(&err),
     };
     match route(&host, &state.config.domain) {
-        Ok(Route::Relay) => admin::handle(&state, req).await,
+        Ok(Route::Relay) => api::handle(state, link.peer.ip(), req).await,
         Ok(Route::Tunnel(name)) => {
-            let span = info_span!("request", tunnel = %name, method = %req.method(), path = %req.uri().path());
-            match forward(&state, name, peer, scheme, req)
-                .instrument(span)
-                .await
-            {
+            let exchange = ExchangeId::new();
+            let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
+            match forward(link, name, exchange, req).instrument(span).await {
                 Ok(response) => response,
                 Err(err) => {
-                    if matches!(err, IngressError::TunnelGone(..)) {
-                        state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
                     error_response(&err)
                 }
             }
@@ -248,13 +296,21 @@ async fn handle(
 }
 
 /// The request's host as sent (`:authority` for HTTP/2 and absolute-form
-/// URIs, else `Host`), with its port if any.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.as_str().to_owned());
+/// URIs, else the one `Host` header), with its port if any.
+fn request_host(req: &Request<Incoming>, domain: &str) -> Result<String, IngressError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        // RFC 9112 §3.2: a request with more than one Host is a 400.
+        return Err(IngressError::DuplicateHost);
     }
-    let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    (!host.is_empty()).then(|| host.to_owned())
+    if let Some(authority) = req.uri().authority() {
+        return Ok(authority.as_str().to_owned());
+    }
+    host.and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| IngressError::BadHost(domain.to_owned()))
 }
 
 /// Strips the port and a trailing dot and folds case: `Brave-Otter.localhost.:8080`
@@ -302,25 +358,15 @@ fn route(host: &str, domain: &str) -> Result<Route, IngressError> {
 /// Sends a public request through tunnel `name` and returns the client's
 /// response, streaming both bodies.
 async fn forward(
-    state: &State,
+    link: &Link,
     name: Subdomain,
-    peer: SocketAddr,
-    scheme: &'static str,
+    exchange: ExchangeId,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, IngressError> {
-    let tunnel = state
-        .tunnels
-        .get(&name)
-        .ok_or_else(|| IngressError::NotConnected(name.clone()))?;
-    let permit = tunnel
-        .admit()
-        .ok_or_else(|| IngressError::Busy(name.clone(), state.config.max_requests_per_tunnel))?;
-    let mut sender = tunnel
-        .sender()
-        .await
-        .ok_or_else(|| IngressError::NotConnected(name.clone()))?;
-    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
-
+    let state = &link.state;
+    if req.method() == Method::CONNECT {
+        return Err(IngressError::Connect);
+    }
     let websocket = if req.headers().contains_key(header::UPGRADE) {
         if !is_websocket_upgrade(req.method(), req.headers()) {
             let wanted = req
@@ -334,7 +380,12 @@ async fn forward(
     } else {
         None
     };
-    let exchange = state.next_exchange.fetch_add(1, Ordering::Relaxed);
+    let tunnel = state
+        .tunnels
+        .get(&name)
+        .ok_or_else(|| SendError::NotConnected(name.clone()))?;
+    let admission = tunnel.admit(link.peer.ip())?;
+
     let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri
@@ -349,27 +400,17 @@ async fn forward(
         })
         .unwrap_or_default();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = if link.https { "https" } else { "http" };
     parts.uri = Uri::builder()
         .scheme(scheme)
         .authority(authority)
         .path_and_query(path)
         .build()
         .map_err(|_| IngressError::BadHost(state.config.domain.clone()))?;
-    parts.version = Version::HTTP_2;
     let websocket_key = parts.headers.remove(header::SEC_WEBSOCKET_KEY);
     remove_hop_by_hop(&mut parts.headers);
     remove_ferry_headers(&mut parts.headers);
     parts.headers.remove(header::HOST);
-    let metadata = [
-        (meta::EXCHANGE_ID, exchange.to_string()),
-        (meta::CLIENT_IP, peer.ip().to_string()),
-        (meta::SCHEME, scheme.to_owned()),
-    ];
-    for (name, value) in metadata {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            parts.headers.insert(HeaderName::from_static(name), value);
-        }
-    }
     if websocket.is_some() {
         // RFC 8441: a WebSocket travels over HTTP/2 as an extended CONNECT.
         parts.method = Method::CONNECT;
@@ -377,12 +418,23 @@ async fn forward(
             .extensions
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
+    let (body, watch) = PacedBody::new(body, state.config.body_timeout, state.config.body_min_rate);
     let request = Request::from_parts(parts, body.boxed_unsync());
-    let timeout = state.config.request_timeout;
-    let mut response = tokio::time::timeout(timeout, sender.send_request(request))
+    let meta = RequestMeta {
+        exchange,
+        client_ip: link.peer.ip(),
+        https: link.https,
+    };
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let mut response = tunnel
+        .send(request, &meta, state.config.request_timeout)
         .await
-        .map_err(|_| IngressError::Timeout(name.clone(), timeout.as_secs()))?
-        .map_err(|err| IngressError::TunnelGone(name.clone(), err))?;
+        .map_err(|err| match watch.failure() {
+            Some(BodyFailure::Stalled(pause)) => IngressError::SlowBody(BodyError::Stalled(pause)),
+            Some(BodyFailure::TooSlow(rate)) => IngressError::SlowBody(BodyError::TooSlow(rate)),
+            Some(BodyFailure::Caller) => IngressError::BadBody,
+            None => IngressError::Send(err),
+        })?;
     let tunnel_side = websocket
         .is_some()
         .then(|| hyper::upgrade::on(&mut response));
@@ -390,9 +442,8 @@ async fn forward(
     remove_hop_by_hop(&mut parts.headers);
     match websocket.zip(tunnel_side) {
         Some((public, tunnel_side)) if parts.status == StatusCode::OK => {
-            state
-                .tasks
-                .spawn(bridge(public, tunnel_side, permit).in_current_span());
+            let active = link.activity.begin();
+            state.spawn(bridge(public, tunnel_side, (admission, active)).in_current_span());
             parts.status = StatusCode::SWITCHING_PROTOCOLS;
             parts
                 .headers
@@ -409,8 +460,8 @@ async fn forward(
         }
         _ => {
             // The request counts as in flight until its response body ends.
-            let body = body.map_frame(move |frame| {
-                let _held = &permit;
+            let body = body.map_err(BodyError::Tunnel).map_frame(move |frame| {
+                let _held = &admission;
                 frame
             });
             Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -419,12 +470,13 @@ async fn forward(
 }
 
 /// Copies bytes both ways between the public caller's upgraded connection
-/// and the tunnel stream, until either side closes; `_permit` keeps the
-/// WebSocket counted as a request in flight meanwhile.
+/// and the tunnel stream, until either side closes; `_held` keeps the
+/// WebSocket counted as a request in flight (on its tunnel and on its
+/// connection) meanwhile.
 async fn bridge(
     public: hyper::upgrade::OnUpgrade,
     tunnel: hyper::upgrade::OnUpgrade,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _held: (Admission, ActiveGuard),
 ) {
     let (public, tunnel) = match tokio::try_join!(public, tunnel) {
         Ok(both) => both,

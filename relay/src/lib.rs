@@ -1,10 +1,16 @@
 //! The Ferry relay: the public side of Ferry's tunnels.
 //!
 //! - [`ingress`]: accepts public HTTP/1.1 and HTTP/2 connections, routes by
-//!   Host and forwards tunnel traffic to the client over HTTP/2.
+//!   Host and sends tunnel traffic through [`tunnels::Tunnel::send`].
+//! - [`connection`]: a public connection's idle and first-request timeouts.
+//! - [`body`]: the relay's body type, and the pacing of request bodies.
 //! - [`session`]: the connect handshake and the life of one client's tunnel.
-//! - [`tunnels`]: the registry of subdomain → live session.
-//! - [`admin`]: the relay's own endpoints (`/healthz`, `/metrics`, the API).
+//! - [`tunnels`]: the registry of subdomain → live session and held names.
+//! - [`accounts`]: accounts, the tokens that prove them, and the throttle
+//!   on wrong tokens.
+//! - [`limits`]: what one caller address may hold or do at a time.
+//! - [`api`]: the relay's own endpoints (`/healthz`, `/metrics`, the API)
+//!   and their route table.
 //! - [`config`]: the settings `main` validates.
 //! - [`shutdown`]: the signals that stop the process gracefully.
 //! - [`tls`]: the HTTPS listener's certificate, reloaded when its files change.
@@ -13,32 +19,34 @@
 //! cancelled, so the binary, the client's embedded mode and the tests all run
 //! the very same relay.
 
-pub mod admin;
+pub mod accounts;
+pub mod api;
+pub mod body;
 pub mod config;
+pub mod connection;
 pub mod ingress;
+pub mod limits;
 pub mod session;
 pub mod shutdown;
 pub mod tls;
 pub mod tunnels;
 
 use std::convert::Infallible;
-use std::sync::atomic::AtomicU64;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_common::byte_stream::CloseReason;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, Token};
-
-/// The body type of every request and response the relay handles.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub use accounts::{AccountId, Token};
+pub use body::{Body, BodyError};
+pub use config::Config;
 
 /// How long in-flight public requests may run on after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -49,19 +57,26 @@ const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct State {
     /// The validated settings.
     config: Config,
-    /// The live tunnels.
+    /// The live tunnels and held names.
     tunnels: tunnels::Tunnels,
-    /// `http://` or `https://` and the domain, then `:PORT` unless it is
-    /// the scheme's default: what public URLs are built from.
+    /// Token checks.
+    accounts: accounts::Accounts,
+    /// Tunnel connects per address.
+    connects: limits::RateLimit,
+    /// Open public connections per address.
+    connections_per_ip: Arc<limits::PerIp>,
+    /// The relay host's routes.
+    router: api::Router,
+    /// `http` or `https`: what public URLs use.
     url_scheme: &'static str,
     /// `:PORT` for public URLs, empty for the scheme's default port.
     port_suffix: String,
     /// Tunnel sessions and WebSocket bridges, awaited at shutdown.
     tasks: TaskTracker,
+    /// Ends the tasks still running when the shutdown wait is over.
+    abort_tasks: CancellationToken,
     /// Counters for `/metrics`.
-    metrics: admin::Metrics,
-    /// The next exchange id.
-    next_exchange: AtomicU64,
+    metrics: api::Metrics,
     /// Cancelled when shutdown starts: no new tunnel is accepted after it.
     shutdown: CancellationToken,
 }
@@ -73,6 +88,18 @@ impl State {
             "{}://{name}.{}{}",
             self.url_scheme, self.config.domain, self.port_suffix
         )
+    }
+
+    /// Runs `task` as one of the relay's own, awaited at shutdown and ended
+    /// if it outlives the wait.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let abort = self.abort_tasks.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = abort.cancelled() => {}
+            }
+        });
     }
 }
 
@@ -97,7 +124,7 @@ impl Listeners {
 /// Serves the relay on `listeners` until `shutdown` is cancelled, then stops
 /// accepting, lets in-flight requests finish (within a bounded wait) and
 /// closes every tunnel with a reason. Public URLs use HTTPS when there is a
-/// TLS listener.
+/// TLS listener. Every task it started has ended when it returns.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -115,10 +142,17 @@ pub async fn run(
     };
     let state = Arc::new(State {
         shutdown: shutdown.clone(),
-        tunnels: tunnels::Tunnels::new(
-            config.max_requests_per_tunnel,
-            config.max_tunnels_per_token,
-        ),
+        tunnels: tunnels::Tunnels::new(tunnels::RegistryLimits {
+            max_in_flight: config.max_requests_per_tunnel,
+            max_in_flight_per_ip: config.max_requests_per_ip,
+            max_per_account: config.max_tunnels_per_token,
+            max_tunnels: config.max_tunnels,
+            name_hold: config.name_hold,
+        }),
+        accounts: accounts::Accounts::new(config.tokens.clone(), config.failed_auths_per_minute),
+        connects: limits::RateLimit::per_minute(config.connects_per_minute),
+        connections_per_ip: limits::PerIp::new(config.max_connections_per_ip),
+        router: api::Router::new(),
         url_scheme,
         port_suffix: if port == default_port {
             String::new()
@@ -126,14 +160,12 @@ pub async fn run(
             format!(":{port}")
         },
         tasks: TaskTracker::new(),
-        metrics: admin::Metrics::default(),
-        next_exchange: AtomicU64::new(1),
+        abort_tasks: CancellationToken::new(),
+        metrics: api::Metrics::default(),
         config,
     });
     if let Some((_, resolver)) = &listeners.tls {
-        state
-            .tasks
-            .spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
+        state.spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
     }
     ingress::serve(Arc::clone(&state), listeners, shutdown, SHUTDOWN_GRACE).await;
     state
@@ -144,7 +176,9 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("tunnel sessions still open after the shutdown wait");
+        tracing::warn!("tunnel sessions still open after the shutdown wait; ending them");
+        state.abort_tasks.cancel();
+        state.tasks.wait().await;
     }
     Ok(())
 }
@@ -168,7 +202,8 @@ async fn reload_certificates(resolver: Arc<tls::CertResolver>, shutdown: Cancell
     }
 }
 
-/// A plain-text response: the relay's errors are sentences for people.
+/// A plain-text response: the relay's errors to public callers are
+/// sentences for people.
 pub(crate) fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     let mut message = message.into();
     message.push('\n');

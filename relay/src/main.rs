@@ -36,22 +36,78 @@ struct Args {
     /// A file of tokens, one per line; blank lines and `#` comments are skipped.
     #[arg(long, env = "FERRY_RELAY_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
-    /// Seconds a tunnel may take to answer a public request before the
-    /// caller gets 504.
-    #[arg(long, env = "FERRY_RELAY_REQUEST_TIMEOUT", value_name = "SECONDS",
-          default_value_t = Config::DEFAULT_REQUEST_TIMEOUT.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    request_timeout: u64,
+    /// How long a tunnel may take to answer a public request before the
+    /// caller gets 504 (30s, 2m, …).
+    #[arg(long, env = "FERRY_RELAY_REQUEST_TIMEOUT", value_name = "DURATION",
+          default_value = "2m", value_parser = duration)]
+    request_timeout: Duration,
     /// Public requests one tunnel may have in flight; more get 503.
     #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_TUNNEL", value_name = "N",
           default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=Config::MAX_REQUESTS_PER_TUNNEL_LIMIT as u64))]
     max_requests_per_tunnel: usize,
+    /// Public requests one caller address (an IPv6 /64) may have in flight on
+    /// one tunnel; more get 429, so one caller cannot starve the others.
+    #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_IP", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_IP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+    max_requests_per_ip: usize,
     /// Tunnels one token may hold at once; more are refused with 429.
     #[arg(long, env = "FERRY_RELAY_MAX_TUNNELS_PER_TOKEN", value_name = "N",
           default_value_t = Config::DEFAULT_MAX_TUNNELS_PER_TOKEN,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     max_tunnels_per_token: usize,
+    /// Tunnels the relay holds at once, for everybody; more get 503.
+    #[arg(long, env = "FERRY_RELAY_MAX_TUNNELS", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_TUNNELS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    max_tunnels: usize,
+    /// Tunnel connects one address may make per minute; more get 429.
+    #[arg(long, env = "FERRY_RELAY_CONNECTS_PER_MINUTE", value_name = "N",
+          default_value_t = Config::DEFAULT_CONNECTS_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    connects_per_minute: u32,
+    /// Wrong tokens one address may present per minute; beyond, its
+    /// requests get 429 without a check.
+    #[arg(long, env = "FERRY_RELAY_FAILED_AUTHS_PER_MINUTE", value_name = "N",
+          default_value_t = Config::DEFAULT_FAILED_AUTHS_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    failed_auths_per_minute: u32,
+    /// How long a subdomain stays its owner's after the session ends (7d, 12h, …).
+    #[arg(long, env = "FERRY_RELAY_NAME_HOLD", value_name = "DURATION",
+          default_value = "7d", value_parser = duration)]
+    name_hold: Duration,
+    /// How long a public caller may pause while sending a request body; after
+    /// it, the body must also average --body-min-rate.
+    #[arg(long, env = "FERRY_RELAY_BODY_TIMEOUT", value_name = "DURATION",
+          default_value = "30s", value_parser = duration)]
+    body_timeout: Duration,
+    /// The slowest average rate a request body may arrive at, per second (1KiB, …).
+    #[arg(long, env = "FERRY_RELAY_BODY_MIN_RATE", value_name = "SIZE",
+          default_value = "1KiB", value_parser = size)]
+    body_min_rate: u64,
+    /// How long a connection may take to send its first request's headers,
+    /// counted from accept.
+    #[arg(long, env = "FERRY_RELAY_HEADER_TIMEOUT", value_name = "DURATION",
+          default_value = "30s", value_parser = duration)]
+    header_timeout: Duration,
+    /// How long a public connection with no request in flight stays open.
+    #[arg(long, env = "FERRY_RELAY_IDLE_TIMEOUT", value_name = "DURATION",
+          default_value = "2m", value_parser = duration)]
+    idle_timeout: Duration,
+    /// Public connections open at once; beyond it the relay stops accepting
+    /// until one closes.
+    #[arg(long, env = "FERRY_RELAY_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    max_connections: usize,
+    /// Public connections one address (an IPv6 /64) may hold open; more are
+    /// closed at once.
+    #[arg(long, env = "FERRY_RELAY_MAX_CONNECTIONS_PER_IP", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_CONNECTIONS_PER_IP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    max_connections_per_ip: usize,
     /// Worker threads. One serves a small team best; raise it on a machine
     /// with cores to spare for many busy tunnels.
     #[arg(long, env = "FERRY_RELAY_THREADS", default_value_t = 1,
@@ -68,6 +124,23 @@ struct Args {
     /// PEM private key of --tls-cert, reloaded with it.
     #[arg(long, env = "FERRY_RELAY_TLS_KEY", requires = "tls_listen")]
     tls_key: Option<PathBuf>,
+}
+
+/// A duration flag, with units.
+fn duration(text: &str) -> Result<Duration, String> {
+    let value = ferry_common::units::parse_duration(text)?;
+    if value.is_zero() {
+        return Err("must be more than zero".to_owned());
+    }
+    Ok(value)
+}
+
+/// A size flag, with units.
+fn size(text: &str) -> Result<u64, String> {
+    match ferry_common::units::parse_size(text)? {
+        0 => Err("must be more than zero".to_owned()),
+        value => Ok(value),
+    }
 }
 
 /// Binds `addr`, saying which flag it came from when it fails.
@@ -96,11 +169,22 @@ async fn listeners(args: &Args, domain: &str) -> Result<Listeners, String> {
         (Some(addr), Some(resolver)) => Some((bind(addr, "tls-listen").await?, resolver)),
         _ => None,
     };
+    let bound = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+    };
     let port = |listener: &TcpListener| listener.local_addr().map(|a| a.port()).unwrap_or_default();
-    println!("ferry-relay serving http://{domain}:{}", port(&plain));
+    println!(
+        "ferry-relay listening on http://{} for {domain}",
+        bound(&plain)
+    );
     match &tls {
         Some((listener, _)) => {
-            println!("ferry-relay serving https://{domain}:{}", port(listener));
+            println!(
+                "ferry-relay listening on https://{} for {domain}",
+                bound(listener)
+            );
             println!("tunnels at https://NAME.{domain}:{}", port(listener));
         }
         None => println!("tunnels at http://NAME.{domain}:{}", port(&plain)),
@@ -149,9 +233,20 @@ fn config(args: &Args) -> Result<Config, String> {
     Ok(Config {
         domain,
         tokens,
-        request_timeout: Duration::from_secs(args.request_timeout),
+        request_timeout: args.request_timeout,
         max_requests_per_tunnel: args.max_requests_per_tunnel,
+        max_requests_per_ip: args.max_requests_per_ip,
         max_tunnels_per_token: args.max_tunnels_per_token,
+        max_tunnels: args.max_tunnels,
+        connects_per_minute: args.connects_per_minute,
+        failed_auths_per_minute: args.failed_auths_per_minute,
+        name_hold: args.name_hold,
+        body_timeout: args.body_timeout,
+        body_min_rate: args.body_min_rate,
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),
     })
 }

@@ -1,15 +1,25 @@
-//! The tunnel registry: which subdomain is served by which live session.
+//! The tunnel registry: which subdomain is served by which live session,
+//! which names are held for owners whose session ended, and how a request
+//! is sent through a tunnel.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ferry_common::byte_stream::{CloseReason, CloseSignal};
+use ferry_common::handshake::meta::RequestMeta;
+use ferry_common::handshake::MAX_REQUEST_HEADER_LIST;
+use ferry_common::headers::header_list_size;
 use ferry_common::subdomain::Subdomain;
+use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
+use hyper::{Request, Response};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::accounts::{short_hash, AccountId};
+use crate::limits::{PerIp, PerIpGuard};
 use crate::Body;
 
 /// How many random names to try before giving up on a free one.
@@ -17,25 +27,39 @@ const RANDOM_NAME_ATTEMPTS: u32 = 64;
 /// How long a public request waits for a tunnel whose client is still
 /// completing its handshake (a fresh connect, a reconnect or a takeover).
 const READY_WAIT: Duration = Duration::from_secs(5);
+/// Held names kept before expired holds are swept out.
+const HOLDS_BEFORE_SWEEP: usize = 100_000;
 
-/// Who holds a tunnel, which decides who may take its name over.
+/// Who holds a tunnel or a name, which decides who may take it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Owner {
-    /// A client that presented this token (on a relay with tokens).
-    Token(String),
-    /// A client on an open relay that sent this reconnect key.
+    /// An account (on a relay with tokens).
+    Account(AccountId),
+    /// A client on an open relay, by a hash of the reconnect key it keeps.
     Key(String),
-    /// A client on an open relay that sent no key: nobody can take over.
+    /// A client on an open relay that sent no key: nobody can take over,
+    /// and its name is not held after it leaves.
     Anonymous,
 }
 
 impl Owner {
-    fn may_take_over(&self, holder: &Owner) -> bool {
-        match (self, holder) {
-            (Owner::Token(a), Owner::Token(b)) | (Owner::Key(a), Owner::Key(b)) => a == b,
-            _ => false,
-        }
+    /// The owner on an open relay of a client that sent `key`.
+    pub fn of_key(key: Option<&str>) -> Self {
+        key.map_or(Owner::Anonymous, |key| Owner::Key(short_hash(key)))
     }
+
+    fn may_take_over(&self, holder: &Owner) -> bool {
+        self != &Owner::Anonymous && self == holder
+    }
+}
+
+/// What a client told the relay about itself, for display.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    /// Its program and version.
+    pub version: Option<String>,
+    /// The local target it forwards to.
+    pub target: Option<String>,
 }
 
 /// One connected (or connecting) tunnel.
@@ -50,20 +74,66 @@ pub struct Tunnel {
     pub public_url: String,
     /// Who holds it.
     pub owner: Owner,
+    /// What the client said about itself.
+    pub client: ClientInfo,
     /// When the client connected.
     pub connected_at: SystemTime,
     /// Closes the session's WebSocket with a reason.
     pub close: CloseSignal,
+    /// The session it takes over once it is up, if any.
+    replaces: Mutex<Option<Arc<Tunnel>>>,
     /// The HTTP/2 handle to the client, set once the WebSocket is up.
     sender: watch::Sender<Option<SendRequest<Body>>>,
     /// Public requests in flight may not exceed the relay's per-tunnel limit.
     in_flight: Arc<Semaphore>,
+    /// The size of `in_flight`.
+    max_in_flight: usize,
+    /// Requests in flight per caller address.
+    per_ip: Arc<PerIp>,
+}
+
+/// A request's place in its tunnel, held until its response ends (or its
+/// WebSocket closes).
+#[derive(Debug)]
+pub struct Admission {
+    /// The tunnel-wide slot.
+    _slot: OwnedSemaphorePermit,
+    /// The caller's share.
+    _caller: PerIpGuard,
+}
+
+/// Why a request could not be sent through a tunnel. Each caller maps it to
+/// its own answer (a public caller gets a status and a sentence).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No session serves the name (yet).
+    #[error("no tunnel named `{0}` is connected. Start one with `ferry http 3000 --subdomain {0}` (3000 being your local port)")]
+    NotConnected(Subdomain),
+    /// The tunnel has as many requests in flight as it may.
+    #[error("the tunnel `{0}` has {1} requests in flight, its limit: try again shortly")]
+    Busy(Subdomain, usize),
+    /// The caller has as many requests in flight on this tunnel as one
+    /// caller may.
+    #[error("you have {1} requests in flight on the tunnel `{0}`, the most one caller may: wait for some to finish")]
+    CallerBusy(Subdomain, usize),
+    /// The request's header list is larger than a tunnel carries.
+    #[error("the request's headers total {0} bytes (counted as HTTP/2 does), above the {MAX_REQUEST_HEADER_LIST}-byte limit: send fewer or smaller headers")]
+    HeadersTooLarge(usize),
+    /// The tunnel did not answer in time.
+    #[error("the tunnel `{0}` did not answer within {1} s")]
+    Timeout(Subdomain, u64),
+    /// The client's connection ended before it answered.
+    #[error("the tunnel `{0}` lost its client before it answered: check the terminal running `ferry http`")]
+    Gone(Subdomain, #[source] hyper::Error),
+    /// The client refused this one exchange (its session carries on).
+    #[error("the tunnel `{0}` refused the request: {1}")]
+    Refused(Subdomain, #[source] hyper::Error),
 }
 
 impl Tunnel {
     /// A handle for sending requests to the client, waiting briefly for a
     /// session that is still completing its handshake.
-    pub async fn sender(&self) -> Option<SendRequest<Body>> {
+    async fn sender(&self) -> Option<SendRequest<Body>> {
         let mut ready = self.sender.subscribe();
         let sender = tokio::time::timeout(READY_WAIT, ready.wait_for(Option::is_some))
             .await
@@ -72,16 +142,75 @@ impl Tunnel {
         sender.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    /// Records the HTTP/2 handle; public requests flow from now on.
-    pub fn set_sender(&self, sender: SendRequest<Body>) {
+    /// Records the HTTP/2 handle; requests flow from now on.
+    pub(crate) fn set_sender(&self, sender: SendRequest<Body>) {
         self.sender.send_replace(Some(sender));
     }
 
-    /// A place for one more request in flight, or `None` when the tunnel is
-    /// at its limit.
-    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.in_flight).try_acquire_owned().ok()
+    /// A place for one more request from `caller`, or why not.
+    pub fn admit(&self, caller: IpAddr) -> Result<Admission, SendError> {
+        let slot = Arc::clone(&self.in_flight)
+            .try_acquire_owned()
+            .map_err(|_| SendError::Busy(self.name.clone(), self.max_in_flight))?;
+        let caller = self
+            .per_ip
+            .acquire(caller)
+            .ok_or_else(|| SendError::CallerBusy(self.name.clone(), self.per_ip.limit()))?;
+        Ok(Admission {
+            _slot: slot,
+            _caller: caller,
+        })
     }
+
+    /// Sends `request` (already admitted) to the client with `meta`, and
+    /// waits up to `timeout` for the response headers. The request's URI
+    /// must be absolute (`scheme://authority/path`); its version is set to
+    /// HTTP/2 here.
+    pub async fn send(
+        &self,
+        mut request: Request<Body>,
+        meta: &RequestMeta,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        meta.insert(request.headers_mut());
+        *request.version_mut() = hyper::Version::HTTP_2;
+        let size = request_header_list_size(&request);
+        if size > MAX_REQUEST_HEADER_LIST {
+            return Err(SendError::HeadersTooLarge(size));
+        }
+        let mut sender = self
+            .sender()
+            .await
+            .ok_or_else(|| SendError::NotConnected(self.name.clone()))?;
+        let sent = tokio::time::timeout(timeout, sender.send_request(request))
+            .await
+            .map_err(|_| SendError::Timeout(self.name.clone(), timeout.as_secs()))?;
+        sent.map_err(|err| self.classify(err, &sender))
+    }
+
+    /// Tells a failed exchange from a lost client.
+    fn classify(&self, err: hyper::Error, sender: &SendRequest<Body>) -> SendError {
+        let stream_reset = std::error::Error::source(&err)
+            .and_then(|source| source.downcast_ref::<h2::Error>())
+            .is_some_and(|h2| h2.is_reset() && !h2.is_go_away());
+        if stream_reset && !sender.is_closed() {
+            SendError::Refused(self.name.clone(), err)
+        } else {
+            SendError::Gone(self.name.clone(), err)
+        }
+    }
+}
+
+/// The header list `request` makes on the tunnel, pseudo-headers included.
+fn request_header_list_size<B>(request: &Request<B>) -> usize {
+    let uri = request.uri();
+    let pseudo = [
+        (":method", request.method().as_str()),
+        (":scheme", uri.scheme_str().unwrap_or("")),
+        (":authority", uri.authority().map_or("", |a| a.as_str())),
+        (":path", uri.path_and_query().map_or("/", |p| p.as_str())),
+    ];
+    header_list_size(&pseudo, request.headers())
 }
 
 /// Why a name could not be claimed.
@@ -90,83 +219,134 @@ pub enum ClaimError {
     /// Another client holds the name.
     #[error("the subdomain `{0}` is in use by another client: choose another name with --subdomain, or stop the other client")]
     InUse(Subdomain),
-    /// The token holds as many tunnels as it may.
+    /// The name's owner left recently and it is held for them.
+    #[error("the subdomain `{0}` is held for the client that used it last (for {1} after it left): choose another name with --subdomain")]
+    Held(Subdomain, String),
+    /// The account holds as many tunnels as it may.
     #[error("this token already holds {0} tunnels, the relay's limit: stop one of them first")]
     TooMany(usize),
+    /// The relay holds as many tunnels as it may.
+    #[error("this relay has {0} tunnels open, its limit: try again later")]
+    Full(usize),
     /// No free random name was found.
     #[error("no free subdomain could be found: ask for one with --subdomain")]
     Exhausted,
 }
 
-/// A successful claim.
-pub struct Claim {
-    /// The new tunnel, registered but not yet connected.
-    pub tunnel: Arc<Tunnel>,
-    /// The session it replaced, which the caller must close.
-    pub replaced: Option<Arc<Tunnel>>,
+/// The limits the registry enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryLimits {
+    /// Requests each tunnel may have in flight.
+    pub max_in_flight: usize,
+    /// Requests one caller may have in flight on one tunnel.
+    pub max_in_flight_per_ip: usize,
+    /// Tunnels one account may hold at once.
+    pub max_per_account: usize,
+    /// Tunnels the relay holds at once.
+    pub max_tunnels: usize,
+    /// How long a name stays its owner's after the session ends.
+    pub name_hold: Duration,
+}
+
+/// A name kept for its owner after the session ended.
+#[derive(Debug)]
+struct Hold {
+    /// Who may claim it.
+    owner: Owner,
+    /// Until when.
+    until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    /// Live tunnels by name.
+    live: HashMap<Subdomain, Arc<Tunnel>>,
+    /// Names held for owners whose session ended.
+    held: HashMap<Subdomain, Hold>,
+}
+
+impl Registry {
+    fn holder(&self, name: &Subdomain, now: Instant) -> Option<&Owner> {
+        self.held
+            .get(name)
+            .filter(|hold| hold.until > now)
+            .map(|hold| &hold.owner)
+    }
 }
 
 /// Subdomain → tunnel.
 pub struct Tunnels {
-    /// The live tunnels by name.
-    map: Mutex<HashMap<Subdomain, Arc<Tunnel>>>,
+    /// Live tunnels and held names.
+    registry: Mutex<Registry>,
     /// The next session id.
     next_id: AtomicU64,
-    /// Requests each tunnel may have in flight.
-    max_in_flight: usize,
-    /// Tunnels one token may hold at once.
-    max_per_token: usize,
+    /// What the registry enforces.
+    limits: RegistryLimits,
 }
 
 impl Tunnels {
-    /// An empty registry whose tunnels each take `max_in_flight` requests,
-    /// and where one token holds at most `max_per_token` tunnels.
-    pub fn new(max_in_flight: usize, max_per_token: usize) -> Self {
+    /// An empty registry enforcing `limits`.
+    pub fn new(limits: RegistryLimits) -> Self {
         Self {
-            map: Mutex::default(),
+            registry: Mutex::default(),
             next_id: AtomicU64::new(0),
-            max_in_flight,
-            max_per_token,
+            limits,
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Subdomain, Arc<Tunnel>>> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Claims `wanted`, or a random free name, for `owner`. A name held by
-    /// the same owner is taken over; one held by anybody else is refused.
+    /// Claims `wanted`, or a random free name, for `owner`. A name live or
+    /// held for the same owner is taken over; one live or held for anybody
+    /// else is refused. A takeover replaces the old session only once the
+    /// new one is up ([`Tunnels::activate`]), so a newcomer that fails
+    /// leaves the old one serving.
     pub fn claim(
         &self,
         wanted: Option<Subdomain>,
         owner: Owner,
+        client: ClientInfo,
         public_url: impl Fn(&Subdomain) -> String,
-    ) -> Result<Claim, ClaimError> {
-        let mut map = self.map();
-        let (name, replaced) = match wanted {
-            Some(name) => match map.get(&name) {
-                Some(holder) if !owner.may_take_over(&holder.owner) => {
-                    return Err(ClaimError::InUse(name));
-                }
-                Some(holder) => {
+    ) -> Result<Arc<Tunnel>, ClaimError> {
+        let now = Instant::now();
+        let mut registry = self.registry();
+        let (name, replaces) = match wanted {
+            Some(name) => match registry.live.get(&name) {
+                Some(holder) if owner.may_take_over(&holder.owner) => {
                     let holder = Arc::clone(holder);
                     (name, Some(holder))
                 }
-                None => (name, None),
+                Some(_) => return Err(ClaimError::InUse(name)),
+                None => match registry.holder(&name, now) {
+                    Some(holder) if !owner.may_take_over(holder) => {
+                        let hold = ferry_common::units::format_duration(self.limits.name_hold);
+                        return Err(ClaimError::Held(name, hold));
+                    }
+                    _ => (name, None),
+                },
             },
             None => {
                 let name = (0..RANDOM_NAME_ATTEMPTS)
                     .map(|attempt| Subdomain::random(attempt / 8))
-                    .find(|name| !map.contains_key(name))
+                    .find(|name| {
+                        !registry.live.contains_key(name) && registry.holder(name, now).is_none()
+                    })
                     .ok_or(ClaimError::Exhausted)?;
                 (name, None)
             }
         };
-        // A takeover replaces a tunnel; anything else adds one to the token's.
-        if replaced.is_none() && matches!(owner, Owner::Token(_)) {
-            let held = map.values().filter(|t| t.owner == owner).count();
-            if held >= self.max_per_token {
-                return Err(ClaimError::TooMany(self.max_per_token));
+        // A takeover replaces a tunnel; anything else adds one.
+        if replaces.is_none() {
+            if registry.live.len() >= self.limits.max_tunnels {
+                return Err(ClaimError::Full(self.limits.max_tunnels));
+            }
+            if let Owner::Account(_) = owner {
+                let held = registry.live.values().filter(|t| t.owner == owner).count();
+                if held >= self.limits.max_per_account {
+                    return Err(ClaimError::TooMany(self.limits.max_per_account));
+                }
             }
         }
         let tunnel = Arc::new(Tunnel {
@@ -174,38 +354,110 @@ impl Tunnels {
             public_url: public_url(&name),
             name: name.clone(),
             owner,
+            client,
             connected_at: SystemTime::now(),
             close: CloseSignal::default(),
             sender: watch::Sender::new(None),
-            in_flight: Arc::new(Semaphore::new(self.max_in_flight)),
+            in_flight: Arc::new(Semaphore::new(self.limits.max_in_flight)),
+            max_in_flight: self.limits.max_in_flight,
+            per_ip: PerIp::new(self.limits.max_in_flight_per_ip),
+            replaces: Mutex::new(None),
         });
-        map.insert(name, Arc::clone(&tunnel));
-        Ok(Claim { tunnel, replaced })
+        registry.held.remove(&name);
+        match replaces {
+            Some(old) => {
+                *tunnel
+                    .replaces
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(old);
+            }
+            None => {
+                registry.live.insert(name, Arc::clone(&tunnel));
+            }
+        }
+        Ok(tunnel)
+    }
+
+    /// Marks `tunnel`'s session as up: a takeover now replaces the old
+    /// session, which is returned for the caller to close.
+    pub fn activate(&self, tunnel: &Arc<Tunnel>) -> Option<Arc<Tunnel>> {
+        let old = tunnel
+            .replaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        self.registry()
+            .live
+            .insert(tunnel.name.clone(), Arc::clone(tunnel));
+        Some(old)
     }
 
     /// The tunnel serving `name`.
     pub fn get(&self, name: &Subdomain) -> Option<Arc<Tunnel>> {
-        self.map().get(name).cloned()
+        self.registry().live.get(name).cloned()
     }
 
-    /// Removes `tunnel` if it is still the one registered under its name.
+    /// Ends `tunnel`'s registration: removes it if it is still the one
+    /// registered under its name, and holds the name for its owner.
     pub fn release(&self, tunnel: &Tunnel) {
-        let mut map = self.map();
-        if map.get(&tunnel.name).is_some_and(|t| t.id == tunnel.id) {
-            map.remove(&tunnel.name);
+        if tunnel
+            .replaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some()
+        {
+            // A takeover that never came up: the old session still serves.
+            return;
+        }
+        let mut registry = self.registry();
+        if !registry
+            .live
+            .get(&tunnel.name)
+            .is_some_and(|t| t.id == tunnel.id)
+        {
+            return;
+        }
+        registry.live.remove(&tunnel.name);
+        if tunnel.owner == Owner::Anonymous {
+            return;
+        }
+        let now = Instant::now();
+        if registry.held.len() >= HOLDS_BEFORE_SWEEP {
+            registry.held.retain(|_, hold| hold.until > now);
+        }
+        registry.held.insert(
+            tunnel.name.clone(),
+            Hold {
+                owner: tunnel.owner.clone(),
+                until: now + self.limits.name_hold,
+            },
+        );
+        if registry.live.is_empty() {
+            registry.live.shrink_to_fit();
         }
     }
 
-    /// All tunnels, sorted by name.
+    /// All live tunnels, sorted by name.
     pub fn list(&self) -> Vec<Arc<Tunnel>> {
-        let mut all: Vec<_> = self.map().values().cloned().collect();
+        let mut all: Vec<_> = self.registry().live.values().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
+    /// Live tunnels.
+    pub fn len(&self) -> usize {
+        self.registry().live.len()
+    }
+
+    /// Whether no tunnel is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Closes every session with `reason`.
     pub fn close_all(&self, reason: &CloseReason) {
-        for tunnel in self.map().values() {
+        for tunnel in self.registry().live.values() {
             tunnel.close.close(reason.clone());
         }
     }
@@ -213,83 +465,158 @@ impl Tunnels {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use ferry_common::subdomain::Subdomain;
 
-    use super::{ClaimError, Owner, Tunnels};
+    use super::{ClaimError, ClientInfo, Owner, RegistryLimits, Tunnels};
+    use crate::accounts::AccountId;
 
     fn url(name: &Subdomain) -> String {
         format!("http://{name}.localhost")
     }
 
-    #[test]
-    fn same_owner_takes_over_and_others_are_refused() {
-        let tunnels = Tunnels::new(8, 3);
-        let name = Subdomain::parse("demo").unwrap();
-        let first = tunnels
-            .claim(Some(name.clone()), Owner::Token("a".into()), url)
-            .unwrap();
-        assert!(first.replaced.is_none());
-        let err = tunnels
-            .claim(Some(name.clone()), Owner::Token("b".into()), url)
-            .err();
-        assert_eq!(err, Some(ClaimError::InUse(name.clone())));
-        let second = tunnels
-            .claim(Some(name.clone()), Owner::Token("a".into()), url)
-            .unwrap();
-        assert_eq!(second.replaced.map(|t| t.id), Some(first.tunnel.id));
-        // The replaced session going away must not unregister its successor.
-        tunnels.release(&first.tunnel);
-        assert_eq!(tunnels.get(&name).map(|t| t.id), Some(second.tunnel.id));
-        tunnels.release(&second.tunnel);
-        assert!(tunnels.get(&name).is_none());
+    fn registry(max_per_account: usize, max_tunnels: usize) -> Tunnels {
+        Tunnels::new(RegistryLimits {
+            max_in_flight: 8,
+            max_in_flight_per_ip: 8,
+            max_per_account,
+            max_tunnels,
+            name_hold: Duration::from_secs(3600),
+        })
+    }
+
+    fn account(name: &str) -> Owner {
+        Owner::Account(AccountId::of_token(name))
+    }
+
+    fn claim(
+        tunnels: &Tunnels,
+        name: &str,
+        owner: Owner,
+    ) -> Result<std::sync::Arc<super::Tunnel>, ClaimError> {
+        tunnels.claim(
+            Some(name.parse().unwrap()),
+            owner,
+            ClientInfo::default(),
+            url,
+        )
     }
 
     #[test]
-    fn a_token_holds_a_limited_number_of_tunnels_but_may_take_its_own_over() {
-        let tunnels = Tunnels::new(8, 3);
-        let owner = || Owner::Token("a".into());
-        for name in ["one", "two", "three"] {
-            tunnels
-                .claim(Some(name.parse().unwrap()), owner(), url)
-                .unwrap();
-        }
-        let err = tunnels
-            .claim(Some("four".parse().unwrap()), owner(), url)
-            .err();
-        assert_eq!(err, Some(ClaimError::TooMany(3)));
-        assert!(tunnels.claim(None, owner(), url).is_err());
+    fn a_takeover_replaces_the_old_session_only_once_it_is_up() {
+        let tunnels = registry(3, 100);
+        let name = Subdomain::parse("demo").unwrap();
+        let first = claim(&tunnels, "demo", account("a")).unwrap();
+        assert_eq!(
+            claim(&tunnels, "demo", account("b")).err(),
+            Some(ClaimError::InUse(name.clone()))
+        );
+        let second = claim(&tunnels, "demo", account("a")).unwrap();
+        assert_eq!(
+            tunnels.get(&name).map(|t| t.id),
+            Some(first.id),
+            "the old one serves meanwhile"
+        );
+        // A newcomer that never comes up leaves the old session in place.
+        tunnels.release(&second);
+        assert_eq!(tunnels.get(&name).map(|t| t.id), Some(first.id));
+        let third = claim(&tunnels, "demo", account("a")).unwrap();
+        let replaced = tunnels.activate(&third).expect("it replaces the first");
+        assert_eq!(replaced.id, first.id);
+        assert_eq!(tunnels.get(&name).map(|t| t.id), Some(third.id));
+        // The replaced session going away must not unregister its successor.
+        tunnels.release(&first);
+        assert_eq!(tunnels.get(&name).map(|t| t.id), Some(third.id));
+    }
+
+    #[test]
+    fn a_name_stays_its_owners_after_the_session_ends() {
+        let tunnels = registry(3, 100);
+        let name = Subdomain::parse("demo").unwrap();
+        let first = claim(&tunnels, "demo", account("a")).unwrap();
+        tunnels.release(&first);
+        assert!(tunnels.get(&name).is_none());
+        assert!(matches!(
+            claim(&tunnels, "demo", account("b")),
+            Err(ClaimError::Held(..))
+        ));
+        assert!(matches!(
+            claim(&tunnels, "demo", Owner::of_key(Some("k"))),
+            Err(ClaimError::Held(..))
+        ));
         assert!(
-            tunnels
-                .claim(Some("one".parse().unwrap()), owner(), url)
-                .is_ok(),
+            claim(&tunnels, "demo", account("a")).is_ok(),
+            "the owner gets it back"
+        );
+
+        let keyed = claim(&tunnels, "keyed", Owner::of_key(Some("key-1"))).unwrap();
+        tunnels.release(&keyed);
+        assert!(claim(&tunnels, "keyed", Owner::of_key(Some("key-2"))).is_err());
+        assert!(claim(&tunnels, "keyed", Owner::of_key(Some("key-1"))).is_ok());
+    }
+
+    #[test]
+    fn holds_expire_and_anonymous_names_are_not_held() {
+        let tunnels = Tunnels::new(RegistryLimits {
+            name_hold: Duration::ZERO,
+            ..registry(3, 100).limits
+        });
+        let first = claim(&tunnels, "demo", account("a")).unwrap();
+        tunnels.release(&first);
+        assert!(
+            claim(&tunnels, "demo", account("b")).is_ok(),
+            "an expired hold frees the name"
+        );
+
+        let tunnels = registry(3, 100);
+        let anonymous = claim(&tunnels, "anon", Owner::Anonymous).unwrap();
+        assert!(
+            claim(&tunnels, "anon", Owner::Anonymous).is_err(),
+            "nobody takes over an anonymous tunnel"
+        );
+        tunnels.release(&anonymous);
+        assert!(claim(&tunnels, "anon", account("b")).is_ok());
+    }
+
+    #[test]
+    fn accounts_and_the_relay_hold_a_limited_number_of_tunnels() {
+        let tunnels = registry(3, 5);
+        for name in ["one", "two", "three"] {
+            claim(&tunnels, name, account("a")).unwrap();
+        }
+        assert_eq!(
+            claim(&tunnels, "four", account("a")).err(),
+            Some(ClaimError::TooMany(3))
+        );
+        assert!(
+            claim(&tunnels, "one", account("a")).is_ok(),
             "a takeover adds none"
         );
-        assert!(tunnels
-            .claim(Some("four".parse().unwrap()), Owner::Token("b".into()), url)
-            .is_ok());
-    }
-
-    #[test]
-    fn anonymous_clients_never_take_over() {
-        let tunnels = Tunnels::new(8, 3);
-        let name = Subdomain::parse("demo").unwrap();
+        claim(&tunnels, "four", account("b")).unwrap();
         tunnels
-            .claim(Some(name.clone()), Owner::Anonymous, url)
+            .claim(None, Owner::Anonymous, ClientInfo::default(), url)
             .unwrap();
-        assert!(tunnels
-            .claim(Some(name.clone()), Owner::Anonymous, url)
-            .is_err());
-        assert!(tunnels
-            .claim(Some(name), Owner::Key("k".into()), url)
-            .is_err());
+        assert_eq!(
+            tunnels
+                .claim(None, Owner::Anonymous, ClientInfo::default(), url)
+                .err(),
+            Some(ClaimError::Full(5))
+        );
     }
 
     #[test]
-    fn random_names_avoid_taken_ones() {
-        let tunnels = Tunnels::new(8, 3);
+    fn random_names_avoid_live_and_held_ones() {
+        let tunnels = registry(3, 1000);
         for _ in 0..100 {
-            tunnels.claim(None, Owner::Anonymous, url).unwrap();
+            let tunnel = tunnels
+                .claim(None, Owner::of_key(Some("k")), ClientInfo::default(), url)
+                .unwrap();
+            tunnels.release(&tunnel);
+            tunnels
+                .claim(None, Owner::Anonymous, ClientInfo::default(), url)
+                .unwrap();
         }
-        assert_eq!(tunnels.list().len(), 100);
+        assert_eq!(tunnels.len(), 100);
     }
 }

@@ -150,6 +150,8 @@ pub struct ClientOptions {
     pub relay_url: Option<String>,
     /// Certificate authorities to trust for a `wss://` relay.
     pub relay_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The reconnect key, as a restarted client would bring it.
+    pub client_key: Option<String>,
 }
 
 /// A `ferry http` tunnel running in this process.
@@ -211,6 +213,7 @@ impl TestClient {
                 .unwrap_or(ferry::DEFAULT_LOCAL_TIMEOUT),
             keepalive: options.keepalive.unwrap_or_default(),
             relay_ca: options.relay_ca,
+            client_key: options.client_key,
         };
         let (sender, events) = broadcast::channel(4096);
         let shutdown = CancellationToken::new();

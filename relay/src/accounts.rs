@@ -1,0 +1,213 @@
+//! Accounts and the tokens that prove them.
+//!
+//! Everything a user owns (tunnels, held names, and next log entries,
+//! webhooks and deliveries) is keyed on an [`AccountId`], never on a token:
+//! the secret is held once, in [`Token`], where it is checked. On a relay
+//! with `--token` flags each token is its own account, whose id is derived
+//! from a hash of the token.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hyper::header::{self, HeaderMap};
+use sha2::{Digest, Sha256};
+
+use crate::limits::RateLimit;
+
+/// Who owns something on the relay. Survives token rotation once a tokens
+/// file maps several tokens to one account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId(String);
+
+impl AccountId {
+    /// The account of a token given with `--token`: `acct_` and the first 64
+    /// bits of the token's SHA-256, so the id reveals nothing of the token.
+    pub fn of_token(secret: &str) -> Self {
+        Self(format!("acct_{}", short_hash(secret)))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The first 64 bits of the SHA-256 of `secret`, in hex.
+pub(crate) fn short_hash(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// A secret bearer token and the account it proves. `Debug` never shows
+/// the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The secret.
+    secret: String,
+    /// The account it belongs to.
+    account: AccountId,
+}
+
+impl Token {
+    /// A token that is its own account, as `--token` gives.
+    pub fn new(secret: impl Into<String>) -> Self {
+        let secret = secret.into();
+        let account = AccountId::of_token(&secret);
+        Self { secret, account }
+    }
+
+    /// The account this token proves.
+    pub fn account(&self) -> &AccountId {
+        &self.account
+    }
+
+    /// Compares in time independent of where the first difference is, so
+    /// that response timing does not leak a token's prefix.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.secret.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({}, MASKED)", self.account)
+    }
+}
+
+/// Why a caller was not let in.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No bearer token was presented.
+    #[error("this relay needs a token: pass --token TOKEN to ferry (or set FERRY_TOKEN), or send `Authorization: Bearer TOKEN`")]
+    Missing,
+    /// The token is not one of the relay's.
+    #[error("the token was not accepted by this relay: check --token or FERRY_TOKEN")]
+    Wrong,
+    /// Too many wrong tokens came from this address.
+    #[error("too many wrong tokens from your address: wait {} s and check the token", .0.as_secs().max(1))]
+    Throttled(Duration),
+}
+
+/// Checks bearer tokens, and throttles addresses that keep guessing.
+#[derive(Debug)]
+pub struct Accounts {
+    /// The relay's tokens; empty for an open relay.
+    tokens: Vec<Token>,
+    /// Failed checks per address; only failures spend from it.
+    failures: RateLimit,
+}
+
+impl Accounts {
+    /// The accounts of `tokens`, allowing `failures_per_minute` wrong tokens
+    /// a minute from one address.
+    pub fn new(tokens: Vec<Token>, failures_per_minute: u32) -> Self {
+        Self {
+            tokens,
+            failures: RateLimit::per_minute(failures_per_minute),
+        }
+    }
+
+    /// Whether the relay is open (has no tokens).
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The account of the bearer token in `headers`: `Ok(None)` on an open
+    /// relay.
+    pub fn authorize(
+        &self,
+        headers: &HeaderMap,
+        from: IpAddr,
+    ) -> Result<Option<AccountId>, AuthError> {
+        if self.is_open() {
+            return Ok(None);
+        }
+        if let Some(wait) = self.failures.blocked(from) {
+            return Err(AuthError::Throttled(wait));
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        let Some(presented) = presented else {
+            return Err(AuthError::Missing);
+        };
+        match self.tokens.iter().find(|token| token.matches(presented)) {
+            Some(token) => Ok(Some(token.account().clone())),
+            None => {
+                // This failure may be the one that blocks the address; the
+                // answer is the same either way.
+                let _ = self.failures.spend(from);
+                Err(AuthError::Wrong)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+
+    use super::{AccountId, Accounts, AuthError, Token};
+
+    #[test]
+    fn tokens_compare_exactly_and_never_print() {
+        let token = Token::new("s3cret");
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3cre"));
+        assert!(!token.matches("s3cret!"));
+        assert!(!token.matches("S3cret"));
+        assert!(!format!("{token:?}").contains("s3cret"));
+        assert_eq!(token.account(), &AccountId::of_token("s3cret"));
+        assert_ne!(token.account(), &AccountId::of_token("other"));
+        assert!(!token.account().as_str().contains("s3cret"));
+    }
+
+    #[test]
+    fn wrong_tokens_are_throttled_per_address() {
+        let accounts = Accounts::new(vec![Token::new("right")], 3);
+        let bearer = |token: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+            );
+            headers
+        };
+        let (guesser, other) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert_eq!(
+            accounts.authorize(&HeaderMap::new(), guesser),
+            Err(AuthError::Missing)
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                accounts.authorize(&bearer("wrong"), guesser),
+                Err(AuthError::Wrong)
+            );
+        }
+        assert!(
+            matches!(
+                accounts.authorize(&bearer("right"), guesser),
+                Err(AuthError::Throttled(_))
+            ),
+            "even the right token waits once an address is blocked"
+        );
+        assert_eq!(
+            accounts.authorize(&bearer("right"), other),
+            Ok(Some(AccountId::of_token("right")))
+        );
+    }
+}

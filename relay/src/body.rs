@@ -1,0 +1,169 @@
+//! The relay's body type and its error, and the pacing of public request
+//! bodies.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+/// The body type of every request and response the relay handles.
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Why a body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The public caller's connection failed while sending the body.
+    #[error("the caller's request body failed: {0}")]
+    Caller(#[source] hyper::Error),
+    /// The tunnel failed while carrying a body.
+    #[error("the tunnel failed while carrying the body: {0}")]
+    Tunnel(#[source] hyper::Error),
+    /// The caller paused longer than the relay allows between parts of a body.
+    #[error("the request body paused for more than {} s", .0.as_secs_f64())]
+    Stalled(Duration),
+    /// The caller sent the body slower than the relay's minimum rate.
+    #[error("the request body arrived slower than {0} bytes per second")]
+    TooSlow(u64),
+}
+
+/// A public request body that must keep moving: each part within `pause`
+/// of the last, and, once `pause` has passed since the start, at an average
+/// of `min_rate` bytes per second. A caller trickling a byte at a time
+/// would otherwise hold one of its tunnel's request slots for as long as it
+/// likes.
+pub struct PacedBody {
+    /// The body as it arrives.
+    inner: Incoming,
+    /// When the body started.
+    started: Instant,
+    /// When the last part arrived.
+    last: Instant,
+    /// Bytes received so far.
+    received: u64,
+    /// The longest pause, and the grace before the rate counts.
+    pause: Duration,
+    /// The slowest average rate, bytes per second.
+    min_rate: u64,
+    /// Fires at the next deadline.
+    timer: Pin<Box<Sleep>>,
+    /// Where a failure is recorded.
+    watch: BodyWatch,
+}
+
+impl PacedBody {
+    /// Paces `inner` from now.
+    pub fn new(inner: Incoming, pause: Duration, min_rate: u64) -> (Self, BodyWatch) {
+        let now = Instant::now();
+        let watch = BodyWatch::default();
+        let body = Self {
+            inner,
+            started: now,
+            last: now,
+            received: 0,
+            pause,
+            min_rate: min_rate.max(1),
+            timer: Box::pin(tokio::time::sleep_until(now + pause)),
+            watch: watch.clone(),
+        };
+        (body, watch)
+    }
+
+    /// When the rate check next fails if nothing more arrives.
+    fn rate_deadline(&self) -> Instant {
+        self.started
+            + self.pause
+            + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64)
+    }
+
+    fn deadline(&self) -> Instant {
+        (self.last + self.pause).min(self.rate_deadline())
+    }
+}
+
+impl HttpBody for PacedBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.last = Instant::now();
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                }
+                let deadline = this.deadline();
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.watch.record(BodyFailure::Caller);
+                Poll::Ready(Some(Err(BodyError::Caller(err))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let (failure, err) = if Instant::now() >= this.last + this.pause {
+                    (
+                        BodyFailure::Stalled(this.pause),
+                        BodyError::Stalled(this.pause),
+                    )
+                } else {
+                    (
+                        BodyFailure::TooSlow(this.min_rate),
+                        BodyError::TooSlow(this.min_rate),
+                    )
+                };
+                this.watch.record(failure);
+                Poll::Ready(Some(Err(err)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How a paced body failed, for the code that sent it on: once a body
+/// fails, the tunnel only sees a reset stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// The caller's connection failed or its framing was malformed.
+    Caller,
+    /// The caller paused too long.
+    Stalled(Duration),
+    /// The caller was too slow.
+    TooSlow(u64),
+}
+
+/// Reads how a [`PacedBody`] failed, after it has been handed on.
+#[derive(Debug, Clone, Default)]
+pub struct BodyWatch(Arc<Mutex<Option<BodyFailure>>>);
+
+impl BodyWatch {
+    /// How the body failed, if it did.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, failure: BodyFailure) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure);
+    }
+}

@@ -1,0 +1,215 @@
+//! Per-caller limits: what one IP address may hold or do at a time.
+//!
+//! Callers are keyed by [`IpKey`]: an IPv4 address, or the /64 an IPv6
+//! address belongs to, since one IPv6 host commonly has a whole /64 to pick
+//! addresses from.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How many callers a limiter tracks before it forgets idle ones.
+const TRACKED_CALLERS: usize = 65_536;
+
+/// One caller, for limits: an IPv4 address or an IPv6 /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpKey(u128);
+
+impl From<IpAddr> for IpKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self(u128::from(u32::from(v4))),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(u128::from(u32::from(v4))),
+                None => Self((u128::from(v6) >> 64) << 64 | 1 << 63),
+            },
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Counts what each caller holds at once (connections, requests in flight),
+/// up to a per-caller limit.
+#[derive(Debug)]
+pub struct PerIp {
+    /// What each caller holds now; callers holding nothing are removed.
+    held: Mutex<HashMap<IpKey, usize>>,
+    /// The most one caller may hold.
+    limit: usize,
+}
+
+/// One unit a caller holds; dropping it gives the unit back.
+#[derive(Debug)]
+pub struct PerIpGuard {
+    /// The counter it belongs to.
+    owner: Arc<PerIp>,
+    /// Whose unit it is.
+    key: IpKey,
+}
+
+impl PerIp {
+    /// A counter allowing `limit` units per caller.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            held: Mutex::default(),
+            limit,
+        })
+    }
+
+    /// The most one caller may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// One more unit for `ip`, or `None` when it holds its limit.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PerIpGuard> {
+        let key = IpKey::from(ip);
+        let mut held = lock(&self.held);
+        let count = held.entry(key).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PerIpGuard {
+            owner: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        let mut held = lock(&self.owner.held);
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A token bucket per caller: `per_minute` events a minute, in bursts of up
+/// to `per_minute`. Written here rather than taken from a rate-limiting
+/// crate because the failed-token throttle must ask whether a caller is
+/// blocked without spending anything (only failures spend), which the
+/// keyed limiters on crates.io do not offer.
+#[derive(Debug)]
+pub struct RateLimit {
+    /// Each caller's tokens and when they were last counted.
+    buckets: Mutex<HashMap<IpKey, (f64, Instant)>>,
+    /// Events per minute, also the bucket's size.
+    per_minute: f64,
+}
+
+impl RateLimit {
+    /// A limiter allowing `per_minute` events a minute per caller.
+    pub fn per_minute(per_minute: u32) -> Self {
+        Self {
+            buckets: Mutex::default(),
+            per_minute: f64::from(per_minute.max(1)),
+        }
+    }
+
+    fn refill(&self, tokens: f64, since: Instant, now: Instant) -> f64 {
+        let earned = now.duration_since(since).as_secs_f64() * self.per_minute / 60.0;
+        (tokens + earned).min(self.per_minute)
+    }
+
+    /// How long until `ip` may act again; `None` when it may now. Spends
+    /// nothing.
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        let buckets = lock(&self.buckets);
+        let &(tokens, since) = buckets.get(&IpKey::from(ip))?;
+        let tokens = self.refill(tokens, since, now);
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) * 60.0 / self.per_minute))
+    }
+
+    /// Spends one event for `ip`; `Err` with the wait when it has none left.
+    pub fn spend(&self, ip: IpAddr) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() >= TRACKED_CALLERS {
+            // Callers whose bucket has refilled are as good as new.
+            let full = self.per_minute;
+            buckets.retain(|_, (tokens, since)| self.refill(*tokens, *since, now) < full);
+        }
+        let (tokens, since) = buckets
+            .entry(IpKey::from(ip))
+            .or_insert((self.per_minute, now));
+        let available = self.refill(*tokens, *since, now);
+        *since = now;
+        if available < 1.0 {
+            *tokens = available;
+            return Err(Duration::from_secs_f64(
+                (1.0 - available) * 60.0 / self.per_minute,
+            ));
+        }
+        *tokens = available - 1.0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::{IpKey, PerIp, RateLimit};
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_callers_are_keyed_by_their_64() {
+        assert_eq!(
+            IpKey::from(ip("2001:db8::1")),
+            IpKey::from(ip("2001:db8::2"))
+        );
+        assert_ne!(
+            IpKey::from(ip("2001:db8::1")),
+            IpKey::from(ip("2001:db8:0:1::1"))
+        );
+        assert_eq!(
+            IpKey::from(ip("::ffff:192.0.2.1")),
+            IpKey::from(ip("192.0.2.1"))
+        );
+        assert_ne!(IpKey::from(ip("192.0.2.1")), IpKey::from(ip("192.0.2.2")));
+    }
+
+    #[test]
+    fn per_ip_units_are_limited_and_given_back() {
+        let counter = PerIp::new(2);
+        let a = counter.acquire(ip("192.0.2.1")).unwrap();
+        let _b = counter.acquire(ip("192.0.2.1")).unwrap();
+        assert!(counter.acquire(ip("192.0.2.1")).is_none());
+        assert!(
+            counter.acquire(ip("192.0.2.2")).is_some(),
+            "others are not affected"
+        );
+        drop(a);
+        assert!(counter.acquire(ip("192.0.2.1")).is_some());
+    }
+
+    #[test]
+    fn rate_limits_spend_per_caller_and_peeking_is_free() {
+        let limit = RateLimit::per_minute(3);
+        for _ in 0..3 {
+            assert_eq!(limit.blocked(ip("192.0.2.1")), None);
+            limit.spend(ip("192.0.2.1")).unwrap();
+        }
+        let wait = limit.spend(ip("192.0.2.1")).unwrap_err();
+        assert!(
+            wait.as_secs_f64() > 10.0 && wait.as_secs_f64() <= 20.0,
+            "{wait:?}"
+        );
+        assert!(limit.blocked(ip("192.0.2.1")).is_some());
+        assert_eq!(limit.blocked(ip("192.0.2.2")), None);
+        limit.spend(ip("192.0.2.2")).unwrap();
+    }
+}
