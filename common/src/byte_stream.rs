@@ -179,6 +179,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
     }
 }
 
+impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
+    /// Reads the next message: binary data becomes `pending`, a close or
+    /// the end of the connection ends the stream.
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+            Some(Ok(Message::Binary(data))) => self.pending = data,
+            Some(Ok(Message::Close(frame))) => {
+                let reason = frame.map(|f| CloseReason {
+                    code: f.code.into(),
+                    reason: f.reason.to_string(),
+                });
+                *self
+                    .signal
+                    .0
+                    .remote
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = reason;
+                self.phase = Phase::Ended;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Text(_))) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "text message on the tunnel websocket, which carries only binary",
+                )))
+            }
+            Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed))
+            | None => {
+                self.phase = Phase::Ended;
+            }
+            Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits until the peer has sent its first bytes, without consuming
+    /// them; `false` when the stream ended first. Tells a peer that is
+    /// really there from one that upgraded and vanished.
+    pub async fn peer_spoke(&mut self) -> io::Result<bool> {
+        std::future::poll_fn(|cx| loop {
+            if !self.pending.is_empty() {
+                return Poll::Ready(Ok(true));
+            }
+            if self.phase == Phase::Ended {
+                return Poll::Ready(Ok(false));
+            }
+            ready!(self.poll_message(cx))?;
+        })
+        .await
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ByteStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -203,36 +255,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ByteStream<S> {
                 this.phase = Phase::Ended;
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(Message::Binary(data))) => this.pending = data,
-                Some(Ok(Message::Close(frame))) => {
-                    let reason = frame.map(|f| CloseReason {
-                        code: f.code.into(),
-                        reason: f.reason.to_string(),
-                    });
-                    *this
-                        .signal
-                        .0
-                        .remote
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = reason;
-                    this.phase = Phase::Ended;
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text message on the tunnel websocket, which carries only binary",
-                    )))
-                }
-                Some(Err(
-                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
-                ))
-                | None => {
-                    this.phase = Phase::Ended;
-                }
-                Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
-            }
+            ready!(this.poll_message(cx))?;
         }
     }
 }

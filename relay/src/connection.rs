@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -29,6 +30,9 @@ pub struct Activity {
     active: AtomicUsize,
     /// Requests begun so far, to tell a fresh connection from an idle one.
     begun: AtomicU64,
+    /// Wakes the socket's reader when the last request ends, so that it
+    /// re-arms its deadline.
+    reader: AtomicWaker,
 }
 
 /// One request in flight on a connection; the connection cannot time out
@@ -44,6 +48,7 @@ impl Activity {
             last: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             begun: AtomicU64::new(0),
+            reader: AtomicWaker::new(),
         })
     }
 
@@ -68,7 +73,9 @@ impl Activity {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.reader.wake();
+        }
     }
 }
 
@@ -108,27 +115,27 @@ impl<T> GuardedIo<T> {
         }
     }
 
-    /// Whether the connection has been idle too long; re-arms the timer
-    /// when not. Registers the waker through the timer when it returns
-    /// `false`.
+    /// Whether the connection has been idle too long. When it returns
+    /// `false` the reader is woken again when that may change: at the
+    /// deadline, or when the last request in flight ends.
     fn idle_too_long(&mut self, cx: &mut Context<'_>) -> bool {
-        loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            let now = Instant::now();
-            let deadline = if self.activity.active.load(Ordering::Relaxed) > 0 {
-                now + self.timeouts.idle
-            } else if self.activity.begun.load(Ordering::Relaxed) == 0 {
-                self.activity.opened + self.timeouts.first_request
-            } else {
-                self.activity.last() + self.timeouts.idle
-            };
-            if deadline <= now {
-                return true;
-            }
+        self.activity.reader.register(cx.waker());
+        if self.activity.active.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let deadline = if self.activity.begun.load(Ordering::Relaxed) == 0 {
+            self.activity.opened + self.timeouts.first_request
+        } else {
+            self.activity.last() + self.timeouts.idle
+        };
+        if deadline <= Instant::now() {
+            return true;
+        }
+        if self.timer.deadline() != deadline {
             self.timer.as_mut().reset(deadline);
         }
+        // Registers the waker for the deadline; a fire means time is up.
+        self.timer.as_mut().poll(cx).is_ready()
     }
 }
 

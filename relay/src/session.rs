@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_common::byte_stream::{ByteStream, CloseReason};
 use ferry_common::handshake::{ConnectAnswer, ConnectRequest, HandshakeError};
@@ -153,11 +154,25 @@ async fn run(state: Arc<State>, tunnel: Arc<Tunnel>, on_upgrade: OnUpgrade) {
     );
 }
 
+/// How long a client may take to send its first bytes after the upgrade.
+const FIRST_WORD_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("the tunnel websocket failed: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("the client {0} after the upgrade")]
+    Silent(&'static str),
+}
+
 async fn serve(
     state: &State,
     tunnel: &Arc<Tunnel>,
     on_upgrade: OnUpgrade,
-) -> Result<(), hyper::Error> {
+) -> Result<(), SessionError> {
     let upgraded = on_upgrade.await?;
     let ws = WebSocketStream::from_raw_socket(
         TokioIo::new(upgraded),
@@ -165,9 +180,17 @@ async fn serve(
         Some(websocket_config()),
     )
     .await;
-    let io = TokioIo::new(ByteStream::new(ws, tunnel.close.clone()));
+    let mut stream = ByteStream::new(ws, tunnel.close.clone());
+    // The client, as HTTP/2 server, speaks first (its SETTINGS). Until it
+    // has, the session is not up, and a takeover must not replace anyone.
+    match tokio::time::timeout(FIRST_WORD_WAIT, stream.peer_spoke()).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Err(SessionError::Silent("closed the tunnel")),
+        Ok(Err(err)) => return Err(SessionError::Io(err)),
+        Err(_) => return Err(SessionError::Silent("sent nothing")),
+    }
     let (sender, connection) = http2_client(state.config.keepalive)
-        .handshake::<_, Body>(io)
+        .handshake::<_, Body>(TokioIo::new(stream))
         .await?;
     tunnel.set_sender(sender);
     if let Some(old) = state.tunnels.activate(tunnel) {
@@ -178,5 +201,5 @@ async fn serve(
     }
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     info!(public_url = %tunnel.public_url, "tunnel connected");
-    connection.await
+    Ok(connection.await?)
 }

@@ -239,6 +239,17 @@ impl TestClient {
         }
     }
 
+    /// The next event already reported, without waiting.
+    pub fn try_event(&mut self) -> Option<Event> {
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Waits for the first event that `matches`, skipping others.
     pub async fn wait_for(&mut self, what: &str, matches: impl Fn(&Event) -> bool) -> Event {
         within(what, async {
@@ -392,6 +403,38 @@ pub async fn send(relay: SocketAddr, host: &str, mut request: Request<Body>) -> 
     let stream = TcpStream::connect(relay)
         .await
         .expect("relay should accept");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http/1.1 handshake");
+    tokio::spawn(connection.with_upgrades());
+    within("a response", sender.send_request(request))
+        .await
+        .expect("response")
+}
+
+/// Opens a TCP connection to `relay` from the loopback address `from`
+/// (`127.0.0.2`, …), so that a test can play callers at other addresses.
+pub async fn connect_from(from: std::net::Ipv4Addr, relay: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback source address");
+    within("a connection to the relay", socket.connect(relay))
+        .await
+        .expect("relay should accept")
+}
+
+/// Like [`send`], from the loopback address `from`.
+pub async fn send_from(
+    from: std::net::Ipv4Addr,
+    relay: SocketAddr,
+    host: &str,
+    mut request: Request<Body>,
+) -> Response<Incoming> {
+    request
+        .headers_mut()
+        .insert(hyper::header::HOST, host.parse().expect("valid test host"));
+    let stream = connect_from(from, relay).await;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("http/1.1 handshake");

@@ -1,0 +1,514 @@
+//! Each limit meets the attack it stops: a hostile public caller or client
+//! must not drop, reach or starve another user's tunnel.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry::Event;
+use ferry_tests::{
+    connect_from, full, host_of, read_body, send, send_from, stop_all, within, Body, ClientOptions,
+    Origin, TestClient, TestRelay,
+};
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+
+const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+async fn status_and_body(response: Response<hyper::body::Incoming>) -> (StatusCode, String) {
+    let status = response.status();
+    let body = read_body(response.into_body()).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An origin that answers each request once `release` is notified, and
+/// reports on `started` when a request reaches it.
+async fn held_origin() -> (Origin, mpsc::UnboundedReceiver<()>, Arc<Notify>) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let origin_release = Arc::clone(&release);
+    let origin = Origin::start(move |_req| {
+        let (started_tx, release) = (started_tx.clone(), Arc::clone(&origin_release));
+        async move {
+            let released = release.notified();
+            let _ = started_tx.send(());
+            released.await;
+            Response::new(full("released"))
+        }
+    })
+    .await;
+    (origin, started, release)
+}
+
+/// Asserts the client reported no drop among the events so far.
+fn assert_still_connected(client: &mut TestClient) {
+    while let Some(event) = client.try_event() {
+        assert!(
+            !matches!(
+                event,
+                Event::Disconnected { .. } | Event::Reconnecting { .. }
+            ),
+            "the tunnel dropped: {event:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_never_drop_the_tunnel() {
+    let relay = TestRelay::open().await;
+    let (origin, mut started, release) = held_origin().await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    // A request in flight that the attack must not fail.
+    let (addr, held_host) = (relay.addr, host.clone());
+    let in_flight =
+        tokio::spawn(async move { send(addr, &held_host, Request::new(full(""))).await });
+    within("the held request to reach the origin", started.recv()).await;
+
+    let big = "a".repeat(70_000);
+    for _ in 0..20 {
+        let request = Request::builder()
+            .header("x-big", big.as_str())
+            .body(full(""))
+            .expect("request");
+        let (status, body) = status_and_body(send(relay.addr, &host, request).await).await;
+        assert_eq!(
+            status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{body}"
+        );
+        assert!(body.contains("send fewer or smaller headers"), "{body}");
+    }
+    // Many headers that each pass, whose list does not.
+    let mut request = Request::builder();
+    for i in 0..400 {
+        request = request.header(format!("x-h{i}"), "b".repeat(100));
+    }
+    let (status, _) =
+        status_and_body(send(relay.addr, &host, request.body(full("")).expect("request")).await)
+            .await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+
+    release.notify_waiters();
+    let response = within("the held request", in_flight).await.expect("task");
+    assert_eq!(
+        status_and_body(response).await,
+        (StatusCode::OK, "released".to_owned())
+    );
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn callers_hanging_up_at_once_many_times_never_drop_the_tunnel() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|_req| async { Response::new(full("fine")) }).await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    // Each caller sends a request and hangs up before any answer, so the
+    // relay resets its stream; h2 counts such resets against the session.
+    for _ in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(relay.addr)
+            .await
+            .expect("connect");
+        let request = format!("POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: 10\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        drop(stream);
+    }
+    let (status, body) =
+        status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
+}
+
+fn token_options(token: &str, subdomain: &'static str) -> ClientOptions {
+    ClientOptions {
+        token: Some(token.to_owned()),
+        subdomain: Some(subdomain),
+        ..ClientOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_tunnel_stays_its_owners_and_cannot_be_claimed_by_another_token() {
+    let config = ferry_relay::Config {
+        tokens: vec![
+            ferry_relay::Token::new("alice"),
+            ferry_relay::Token::new("mallory"),
+        ],
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| async { Response::new(full("alice's")) }).await;
+    let alice = TestClient::start(&relay, &origin.target(), token_options("alice", "shop")).await;
+    alice.kill().await;
+
+    let mallory = TestClient::spawn(&relay, &origin.target(), token_options("mallory", "shop"));
+    match mallory.finished().await {
+        Err(ferry::Error::Refused {
+            status: 409,
+            message,
+        }) => {
+            assert!(
+                message.contains("held for the client that used it last"),
+                "{message}"
+            )
+        }
+        other => panic!("mallory should be refused, got {other:?}"),
+    }
+    let alice = TestClient::start(&relay, &origin.target(), token_options("alice", "shop")).await;
+    let (status, body) = status_and_body(
+        send(
+            relay.addr,
+            &host_of(&alice.public_url),
+            Request::new(full("")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "alice's"));
+    stop_all(alice, origin, relay).await;
+}
+
+#[tokio::test]
+async fn on_an_open_relay_a_restarted_client_gets_its_name_back_by_its_key() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|_req| async { Response::new(full("mine")) }).await;
+    let keyed = |key: &str| ClientOptions {
+        subdomain: Some("demo"),
+        client_key: Some(key.to_owned()),
+        ..ClientOptions::default()
+    };
+    let first = TestClient::start(&relay, &origin.target(), keyed("aaaa")).await;
+    first.kill().await;
+    let thief = TestClient::spawn(&relay, &origin.target(), keyed("bbbb"));
+    assert!(matches!(
+        thief.finished().await,
+        Err(ferry::Error::Refused { status: 409, .. })
+    ));
+    let again = TestClient::start(&relay, &origin.target(), keyed("aaaa")).await;
+    stop_all(again, origin, relay).await;
+}
+
+#[tokio::test]
+async fn a_takeover_that_fails_to_come_up_leaves_the_old_session_serving() {
+    let config = ferry_relay::Config {
+        tokens: vec![ferry_relay::Token::new("alice")],
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| async { Response::new(full("old")) }).await;
+    let mut old = TestClient::start(&relay, &origin.target(), token_options("alice", "shop")).await;
+    // A newcomer with the same token that upgrades and then vanishes.
+    let mut stream = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    let handshake = format!(
+        "GET /api/v1/tunnels/connect HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\
+         ferry-protocol-version: {}\r\nferry-subdomain: shop\r\nauthorization: Bearer alice\r\n\r\n",
+        relay.addr,
+        ferry_common::handshake::PROTOCOL_VERSION
+    );
+    stream.write_all(handshake.as_bytes()).await.expect("write");
+    let mut answer = vec![0u8; 1024];
+    let n = within("the 101", stream.read(&mut answer))
+        .await
+        .expect("read");
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    drop(stream);
+
+    for _ in 0..5 {
+        let (status, body) = status_and_body(
+            send(
+                relay.addr,
+                &host_of(&old.public_url),
+                Request::new(full("")),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "old"));
+    }
+    assert_still_connected(&mut old);
+    stop_all(old, origin, relay).await;
+}
+
+/// A request body that sends one byte, then nothing more.
+fn trickle() -> Body {
+    use futures_util::StreamExt;
+    let first = futures_util::stream::once(async {
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+            Bytes::from_static(b"x"),
+        ))
+    });
+    http_body_util::StreamBody::new(first.chain(futures_util::stream::pending())).boxed_unsync()
+}
+
+#[tokio::test]
+async fn slow_bodies_from_one_caller_cannot_starve_a_tunnel() {
+    let config = ferry_relay::Config {
+        max_requests_per_tunnel: 8,
+        max_requests_per_ip: 4,
+        body_timeout: Duration::from_secs(2),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let origin = Origin::start(move |req: Request<hyper::body::Incoming>| {
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            let _ = arrived_tx.send(());
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            Response::new(full(format!("read {body}")))
+        }
+    })
+    .await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    let slow_post = || {
+        Request::builder()
+            .method("POST")
+            .header("content-length", "1000")
+            .body(trickle())
+            .expect("request")
+    };
+
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let (addr, host, request) = (relay.addr, host.clone(), slow_post());
+        slow.push(tokio::spawn(async move {
+            send_from(ATTACKER, addr, &host, request).await
+        }));
+        within("a slow request to reach the origin", arrived.recv()).await;
+    }
+    // The attacker's fifth is beyond its share while the four are held.
+    let (status, body) =
+        status_and_body(send_from(ATTACKER, relay.addr, &host, slow_post()).await).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.contains("the most one caller may"), "{body}");
+    // Everybody else is still served.
+    let (status, body) =
+        status_and_body(send(relay.addr, &host, Request::new(full("hello"))).await).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "read 5"));
+    // And the stalled bodies are cut off with 408.
+    for request in slow {
+        let response = within("a stalled request", request).await.expect("task");
+        let (status, body) = status_and_body(response).await;
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+        assert!(body.contains("paused"), "{body}");
+    }
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_the_cap_does_not_lock_others_out() {
+    let config = ferry_relay::Config {
+        max_connections: 20,
+        header_timeout: Duration::from_millis(300),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| async { Response::new(full("served")) }).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(connect_from(ATTACKER, relay.addr).await);
+    }
+    // The relay is at its cap; it serves again once the silent ones time out.
+    let (status, body) = status_and_body(
+        send(
+            relay.addr,
+            &host_of(&client.public_url),
+            Request::new(full("")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "served"));
+    for mut stream in silent {
+        let mut byte = [0u8; 1];
+        let read = within("a silent connection to be closed", stream.read(&mut byte)).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection() {
+    let config = ferry_relay::Config {
+        max_connections_per_ip: 5,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| async { Response::new(full("served")) }).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect_from(ATTACKER, relay.addr).await);
+    }
+    let mut sixth = connect_from(ATTACKER, relay.addr).await;
+    let mut byte = [0u8; 1];
+    let read = within("the sixth connection to be closed", sixth.read(&mut byte)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let (status, _) = status_and_body(
+        send(
+            relay.addr,
+            &host_of(&client.public_url),
+            Request::new(full("")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "other addresses are served");
+    drop(held);
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn idle_http1_and_http2_connections_are_closed() {
+    // The header timeout is far beyond the test's patience: only the idle
+    // timeout can close these connections in time.
+    let config = ferry_relay::Config {
+        idle_timeout: Duration::from_millis(300),
+        header_timeout: Duration::from_secs(3600),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let mut stream = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(format!("GET /healthz HTTP/1.1\r\nhost: {}\r\n\r\n", relay.addr).as_bytes())
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    within(
+        "the answer, then the close",
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let stream = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = Request::builder()
+        .uri(format!("http://{}/healthz", relay.addr))
+        .body(full(""))
+        .expect("request");
+    let response = within("an h2 answer", sender.send_request(request))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(response);
+    within("the idle h2 connection to be closed", connection)
+        .await
+        .expect("task")
+        .ok();
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn tunnel_connects_are_rate_limited_per_address_and_capped_per_relay() {
+    let config = ferry_relay::Config {
+        connects_per_minute: 3,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| async { Response::new(full("")) }).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(TestClient::start(&relay, &origin.target(), ClientOptions::default()).await);
+    }
+    let fourth = TestClient::spawn(&relay, &origin.target(), ClientOptions::default());
+    match fourth.finished().await {
+        Err(ferry::Error::Refused {
+            status: 429,
+            message,
+        }) => {
+            assert!(message.contains("too many tunnel connects"), "{message}")
+        }
+        other => panic!("the fourth connect should get 429, got {other:?}"),
+    }
+    for client in clients {
+        client.stop().await.expect("client stops");
+    }
+    relay.stop().await;
+
+    let config = ferry_relay::Config {
+        max_tunnels: 2,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let a = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let b = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let third = TestClient::spawn(&relay, &origin.target(), ClientOptions::default());
+    match third.finished().await {
+        Err(ferry::Error::Refused {
+            status: 503,
+            message,
+        }) => {
+            assert!(message.contains("tunnels open, its limit"), "{message}")
+        }
+        other => panic!("the third tunnel should get 503, got {other:?}"),
+    }
+    a.stop().await.expect("a stops");
+    b.stop().await.expect("b stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn token_guessing_is_throttled_per_address() {
+    let config = ferry_relay::Config {
+        tokens: vec![ferry_relay::Token::new("right")],
+        failed_auths_per_minute: 5,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let api = relay.addr.to_string();
+    let ask = |token: &str| {
+        Request::builder()
+            .uri("/api/v1/tunnels")
+            .header("authorization", format!("Bearer {token}"))
+            .body(full(""))
+            .expect("request")
+    };
+    for _ in 0..5 {
+        let (status, _) =
+            status_and_body(send_from(ATTACKER, relay.addr, &api, ask("guess")).await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let response = send_from(ATTACKER, relay.addr, &api, ask("right")).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, body) = status_and_body(response).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.contains("\"code\":\"rate_limited\""), "{body}");
+    let (status, _) = status_and_body(send(relay.addr, &api, ask("right")).await).await;
+    assert_eq!(status, StatusCode::OK, "other addresses are not affected");
+    relay.stop().await;
+}
