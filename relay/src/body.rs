@@ -19,9 +19,10 @@ pub type Body = UnsyncBoxBody<Bytes, BodyError>;
 /// Why a body could not be read to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    /// The public caller's connection failed while sending the body.
+    /// The public caller's connection failed while sending the body, or
+    /// its framing was malformed.
     #[error("the caller's request body failed: {0}")]
-    Caller(#[source] hyper::Error),
+    Caller(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The tunnel failed while carrying a body.
     #[error("the tunnel failed while carrying the body: {0}")]
     Tunnel(#[source] hyper::Error),
@@ -38,9 +39,9 @@ pub enum BodyError {
 /// of `min_rate` bytes per second. A caller trickling a byte at a time
 /// would otherwise hold one of its tunnel's request slots for as long as it
 /// likes.
-pub struct PacedBody {
+pub struct PacedBody<B = Incoming> {
     /// The body as it arrives.
-    inner: Incoming,
+    inner: B,
     /// When the body started.
     started: Instant,
     /// When the last part arrived.
@@ -57,9 +58,9 @@ pub struct PacedBody {
     watch: BodyWatch,
 }
 
-impl PacedBody {
+impl<B> PacedBody<B> {
     /// Paces `inner` from now.
-    pub fn new(inner: Incoming, pause: Duration, min_rate: u64) -> (Self, BodyWatch) {
+    pub fn new(inner: B, pause: Duration, min_rate: u64) -> (Self, BodyWatch) {
         let now = Instant::now();
         let watch = BodyWatch::default();
         let body = Self {
@@ -87,7 +88,11 @@ impl PacedBody {
     }
 }
 
-impl HttpBody for PacedBody {
+impl<B> HttpBody for PacedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -108,7 +113,7 @@ impl HttpBody for PacedBody {
             }
             Poll::Ready(Some(Err(err))) => {
                 this.watch.record(BodyFailure::Caller);
-                Poll::Ready(Some(Err(BodyError::Caller(err))))
+                Poll::Ready(Some(Err(BodyError::Caller(err.into()))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
@@ -165,5 +170,113 @@ impl BodyWatch {
 
     fn record(&self, failure: BodyFailure) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(failure);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::{BodyError, BodyFailure, PacedBody};
+
+    type Chunks = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+    fn paced(
+        pause: Duration,
+        min_rate: u64,
+    ) -> (
+        Chunks,
+        PacedBody<StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>,
+        super::BodyWatch,
+    ) {
+        let (sender, receiver) = mpsc::channel(4);
+        let (body, watch) = PacedBody::new(
+            StreamBody::new(ReceiverStream::new(receiver)),
+            pause,
+            min_rate,
+        );
+        (sender, body, watch)
+    }
+
+    async fn chunk(sender: &Chunks, size: usize) {
+        sender
+            .send(Ok(Frame::data(Bytes::from(vec![7u8; size]))))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_pauses_too_long_fails_as_stalled() {
+        let (sender, mut body, watch) = paced(Duration::from_secs(30), 1);
+        chunk(&sender, 10_000).await;
+        assert!(body.frame().await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        chunk(&sender, 10_000).await;
+        assert!(
+            body.frame().await.unwrap().is_ok(),
+            "a pause within the limit is fine"
+        );
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(err, BodyError::Stalled(_)), "{err}");
+        assert_eq!(
+            watch.failure(),
+            Some(BodyFailure::Stalled(Duration::from_secs(30)))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_body_fails_once_below_the_minimum_rate() {
+        let (sender, mut body, watch) = paced(Duration::from_secs(30), 1024);
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if sender
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let failure = loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(err)) => break err,
+                None => panic!("the trickle was never cut"),
+            }
+        };
+        assert!(matches!(failure, BodyError::TooSlow(1024)), "{failure}");
+        assert!(
+            started.elapsed() < Duration::from_secs(31),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(watch.failure(), Some(BodyFailure::TooSlow(1024)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_body_above_the_rate_is_never_cut() {
+        let (sender, mut body, watch) = paced(Duration::from_secs(30), 1024);
+        tokio::spawn(async move {
+            for _ in 0..120 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                chunk(&sender, 2048).await;
+            }
+        });
+        let mut total = 0;
+        while let Some(frame) = body.frame().await {
+            total += frame.unwrap().into_data().map_or(0, |d| d.len());
+        }
+        assert_eq!(total, 120 * 2048);
+        assert_eq!(watch.failure(), None);
     }
 }

@@ -204,3 +204,47 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{Activity, GuardedIo, Timeouts};
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        first_request: Duration::from_secs(30),
+        idle: Duration::from_secs(120),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_reads_as_closed_after_the_first_request_timeout() {
+        let (_peer, socket) = tokio::io::duplex(64);
+        let mut io = GuardedIo::new(socket, Activity::new(), TIMEOUTS);
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_holds_the_connection_open_and_idle_counts_from_its_end() {
+        let (mut peer, socket) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = GuardedIo::new(socket, std::sync::Arc::clone(&activity), TIMEOUTS);
+        peer.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
+        let request = activity.begin();
+        let ended = tokio::spawn(async move {
+            // A slow origin: the request stays in flight for ten minutes.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            drop(request);
+            tokio::time::Instant::now()
+        });
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        let ended = ended.await.unwrap();
+        assert_eq!(tokio::time::Instant::now() - ended, TIMEOUTS.idle);
+    }
+}

@@ -512,3 +512,186 @@ async fn token_guessing_is_throttled_per_address() {
     assert_eq!(status, StatusCode::OK, "other addresses are not affected");
     relay.stop().await;
 }
+
+/// Writes `bytes` to the relay on a fresh connection and returns what it
+/// answers until it closes or `until` appears.
+async fn raw_exchange(relay: &TestRelay, bytes: &[u8], until: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    // The relay may answer and close while we still write.
+    let _ = stream.write_all(bytes).await;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    within("the relay's answer", async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&answer).contains(until) {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_to_a_tunnel_get_400_or_501_and_the_session_carries_on() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|req: Request<hyper::body::Incoming>| async move {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
+        Response::new(full(format!("read {body:?}")))
+    })
+    .await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    let answer = raw_exchange(
+        &relay,
+        format!("GET / HTTP/1.1\r\nhost: {host}\r\nhost: other.localhost\r\n\r\n").as_bytes(),
+        "send exactly one",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("more than one Host"), "{answer}");
+
+    let answer = raw_exchange(
+        &relay,
+        format!("POST / HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n")
+            .as_bytes(),
+        "well-formed body",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("could not be read"), "{answer}");
+
+    for target in [host.as_str(), "/"] {
+        let answer = raw_exchange(
+            &relay,
+            format!("CONNECT {target} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes(),
+            "elsewhere",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 501"), "{target}: {answer}");
+        assert!(answer.contains("CONNECT is for proxies"), "{answer}");
+    }
+
+    // Trailers a proxy must not pass on (connection-specific ones) end at
+    // most this one exchange.
+    let answer = raw_exchange(
+        &relay,
+        format!(
+            "POST / HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n\
+             5\r\nhello\r\n0\r\nconnection: close\r\nx-sum: 1\r\n\r\n"
+        )
+        .as_bytes(),
+        "\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+
+    let (status, body) =
+        status_and_body(send(relay.addr, &host, Request::new(full("abc"))).await).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "read Ok(3)"));
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn every_error_the_relay_answers_for_a_tunnel_is_counted() {
+    let config = ferry_relay::Config {
+        request_timeout: Duration::from_millis(200),
+        max_requests_per_tunnel: 1,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let (origin, mut started, release) = held_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    // 504: the origin holds the request past the relay's timeout; while it
+    // is held, a second request is beyond the limit of one: 503.
+    let (addr, held_host) = (relay.addr, host.clone());
+    let held = tokio::spawn(async move { send(addr, &held_host, Request::new(full(""))).await });
+    within("the held request", started.recv()).await;
+    let (status, _) = status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let response = within("the 504", held).await.expect("task");
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    release.notify_waiters();
+    let port = relay.addr.port();
+    let (status, _) = status_and_body(
+        send(
+            relay.addr,
+            &format!("nobody.localhost:{port}"),
+            Request::new(full("")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (_, metrics) = status_and_body(
+        send(
+            relay.addr,
+            &relay.addr.to_string(),
+            Request::builder()
+                .uri("/metrics")
+                .body(full(""))
+                .expect("request"),
+        )
+        .await,
+    )
+    .await;
+    assert!(
+        metrics.contains("ferry_request_errors_total 3\n"),
+        "{metrics}"
+    );
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn the_api_routes_answer_405_with_allow_and_errors_in_one_json_shape() {
+    let relay = TestRelay::open().await;
+    let api = relay.addr.to_string();
+    for route in ferry_relay::api::ROUTES {
+        let request = Request::builder()
+            .method("DELETE")
+            .uri(route.path)
+            .body(full(""))
+            .expect("request");
+        let response = send(relay.addr, &api, request).await;
+        let allow = response
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap_or("").to_owned());
+        assert_eq!(
+            allow.as_deref(),
+            Some(route.methods.join(", ").as_str()),
+            "{}",
+            route.path
+        );
+        let (status, body) = status_and_body(response).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{}", route.path);
+        let error: ferry_common::api::ErrorBody =
+            serde_json::from_str(&body).expect("the error is JSON");
+        assert_eq!(error.error.code, "method_not_allowed");
+    }
+    let (status, body) = status_and_body(
+        send(
+            relay.addr,
+            &api,
+            Request::builder()
+                .uri("/api/v1/nothing")
+                .body(full(""))
+                .expect("request"),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("\"code\":\"not_found\""), "{body}");
+    relay.stop().await;
+}
