@@ -40,6 +40,10 @@ struct HttpArgs {
     /// starts a relay inside this process on 127.0.0.1.
     #[arg(long, env = "FERRY_RELAY")]
     relay: Option<String>,
+    /// The port of the relay started inside this process when there is no
+    /// --relay; 0 picks any free port. By default 8080, or the next free one.
+    #[arg(long, value_name = "PORT", conflicts_with = "relay")]
+    embedded_port: Option<u16>,
     /// The token the relay asks for.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -83,7 +87,9 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
     let (relay, embedded) = match &args.relay {
         Some(relay) => (ferry::relay_url(relay)?, None),
         None => {
-            let embedded = Embedded::start().await.map_err(ferry::Error::Embedded)?;
+            let embedded = Embedded::start(args.embedded_port)
+                .await
+                .map_err(ferry::Error::Embedded)?;
             (embedded.relay_url(), Some(embedded))
         }
     };
