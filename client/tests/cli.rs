@@ -220,8 +220,8 @@ struct Tunnel {
     host: String,
     /// The embedded relay.
     relay: SocketAddr,
-    /// The rest of ferry's stdout after the banner line, not read yet.
-    stdout: BufReader<ChildStdout>,
+    /// The rest of ferry's stdout after the banner line, until taken.
+    stdout: Option<BufReader<ChildStdout>>,
 }
 
 impl Tunnel {
@@ -253,8 +253,23 @@ impl Tunnel {
             ferry,
             host: host.to_owned(),
             relay: SocketAddr::from(([127, 0, 0, 1], port)),
-            stdout,
+            stdout: Some(stdout),
         }
+    }
+
+    /// Reads the rest of stdout on a thread, a line per message.
+    fn lines(&mut self) -> mpsc::Receiver<String> {
+        let mut stdout = self.stdout.take().expect("stdout not taken yet");
+        let (line, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            while matches!(stdout.read_line(&mut text), Ok(n) if n > 0) {
+                if line.send(std::mem::take(&mut text)).is_err() {
+                    return;
+                }
+            }
+        });
+        lines
     }
 
     /// Sends `GET path` through the tunnel and returns the raw response.
@@ -279,7 +294,7 @@ impl Tunnel {
 #[test]
 fn ferry_http_with_no_relay_serves_through_an_embedded_one_and_stops_on_sigterm() {
     let origin = Origin::start();
-    let tunnel = Tunnel::start(origin.addr);
+    let mut tunnel = Tunnel::start(origin.addr);
 
     let response = tunnel.get("/hook?x=1");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -287,17 +302,59 @@ fn ferry_http_with_no_relay_serves_through_an_embedded_one_and_stops_on_sigterm(
     let seen = origin.next_head();
     assert!(seen.starts_with("GET /hook?x=1 HTTP/1.1\r\n"), "{seen}");
 
-    let Tunnel {
-        mut ferry,
-        mut stdout,
-        ..
-    } = tunnel;
-    ferry.terminate();
-    within("ferry to exit after SIGTERM", move || {
+    let mut stdout = tunnel.stdout.take().expect("stdout");
+    tunnel.ferry.terminate();
+    let rest = within("ferry to exit after SIGTERM", move || {
         let mut rest = String::new();
         stdout.read_to_string(&mut rest).map(|_| rest)
     })
     .expect("read stdout");
-    let status = ferry.exited();
+    let status = tunnel.ferry.exited();
     assert!(status.success(), "{status}");
+    // The last lines are written before ferry exits.
+    assert!(rest.contains("\nGET     /hook?x=1 "), "{rest}");
+    assert!(
+        rest.ends_with("stopping: letting requests in flight finish\n"),
+        "{rest}"
+    );
+}
+
+#[test]
+fn a_stdout_nobody_reads_never_stalls_forwarding() {
+    // A line per request fills a pipe's 64 KiB in about a thousand
+    // requests; ferry queues about as many more, then drops lines.
+    const REQUESTS: usize = 4000;
+    let origin = Origin::start();
+    // The banner is read; the rest of stdout is not, as with
+    // `ferry http 3000 > fifo` and nobody reading the FIFO.
+    let mut tunnel = Tunnel::start(origin.addr);
+    for i in 0..REQUESTS {
+        let response = tunnel.get(&format!("/hook/{i}"));
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "request {i}: {response}"
+        );
+    }
+
+    // Once stdout is read again, the next line shown says how many were not.
+    let lines = tunnel.lines();
+    let note = (0..REQUESTS).find_map(|i| {
+        let response = tunnel.get(&format!("/after/{i}"));
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "request {i}: {response}"
+        );
+        lines
+            .try_iter()
+            .find(|line| line.contains(" lines not shown"))
+    });
+    let note = note.expect("a note of the lines not shown");
+    let dropped: u64 = note
+        .trim_start_matches("… ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count in {note:?}"));
+    assert!(dropped > 0, "{note}");
+    drop(tunnel);
 }
