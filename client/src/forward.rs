@@ -53,6 +53,16 @@ pub struct Forwarder {
 enum ForwardError {
     #[error("ferry: the tunnel is up but nothing answers on {target} ({cause}). Start your server there, or run ferry http with the port it listens on")]
     Unreachable { target: String, cause: String },
+    #[error(
+        "ferry: the local server at {target} closed the connection before answering ({cause})"
+    )]
+    ClosedEarly { target: String, cause: String },
+    #[error(
+        "ferry: the local server at {target} sent a response that is not valid HTTP/1.1 ({cause})"
+    )]
+    Malformed { target: String, cause: String },
+    #[error("ferry: the request to the local server at {target} failed ({cause})")]
+    Failed { target: String, cause: String },
     #[error("ferry: {target} did not answer within {:.1} s (raise it with --timeout)", timeout.as_secs_f64())]
     Timeout { target: String, timeout: Duration },
     #[error("ferry: {target} answered a WebSocket upgrade with {status} instead of 101 Switching Protocols: is this path a WebSocket endpoint?")]
@@ -63,9 +73,11 @@ enum ForwardError {
 
 fn error_response(err: &ForwardError) -> Response<Body> {
     let status = match err {
-        ForwardError::Unreachable { .. } | ForwardError::NotWebSocket { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
+        ForwardError::Unreachable { .. }
+        | ForwardError::ClosedEarly { .. }
+        | ForwardError::Malformed { .. }
+        | ForwardError::Failed { .. }
+        | ForwardError::NotWebSocket { .. } => StatusCode::BAD_GATEWAY,
         ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
     };
@@ -92,6 +104,34 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cause = source;
     }
     cause.to_string()
+}
+
+/// Says what went wrong between connecting to the target and its answer.
+fn request_error(target: String, err: &hyper_util::client::legacy::Error) -> ForwardError {
+    let cause = root_cause(err);
+    if err.is_connect() {
+        return ForwardError::Unreachable { target, cause };
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(current) = source {
+        if let Some(hyper) = current.downcast_ref::<hyper::Error>() {
+            if hyper.is_parse() {
+                return ForwardError::Malformed { target, cause };
+            }
+            // Canceled: the connection closed before the request was sent.
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return ForwardError::ClosedEarly { target, cause };
+            }
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) {
+                return ForwardError::ClosedEarly { target, cause };
+            }
+        }
+        source = current.source();
+    }
+    ForwardError::Failed { target, cause }
 }
 
 impl Forwarder {
@@ -207,10 +247,7 @@ impl Forwarder {
     async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, ForwardError> {
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(ForwardError::Unreachable {
-                target: self.target.to_string(),
-                cause: root_cause(&err),
-            }),
+            Ok(Err(err)) => Err(request_error(self.target.to_string(), &err)),
             Err(_) => Err(ForwardError::Timeout {
                 target: self.target.to_string(),
                 timeout: self.timeout,
