@@ -251,16 +251,37 @@ pub async fn transfer(
         .await
         .map_err(|e| e.to_string())?;
     if !response.status().is_success() {
-        return Err(format!("status {}", response.status()));
+        let status = response.status();
+        let text = response
+            .into_body()
+            .collect()
+            .await
+            .map(|body| String::from_utf8_lossy(&body.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        return Err(format!("status {status}: {text}"));
     }
     let mut body = response.into_body();
-    let mut received = 0u64;
+    let (mut received, mut answer) = (0u64, Vec::new());
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
-        received += frame.data_ref().map_or(0, |d| d.len() as u64);
+        if let Some(data) = frame.data_ref() {
+            received += data.len() as u64;
+            // An upload's answer is the count the origin received.
+            if upload {
+                answer.extend_from_slice(data);
+            }
+        }
     }
     let secs = started.elapsed().as_secs_f64();
-    if !upload && received != bytes {
+    if upload {
+        let answer = String::from_utf8_lossy(&answer);
+        let stored: u64 = answer.trim().parse().map_err(|_| {
+            format!("the origin answered the upload with {answer:?}, not a byte count")
+        })?;
+        if stored != bytes {
+            return Err(format!("the origin received {stored} of {bytes} bytes"));
+        }
+    } else if received != bytes {
         return Err(format!("downloaded {received} of {bytes} bytes"));
     }
     Ok(Transfer { bytes, secs })
@@ -268,7 +289,46 @@ pub async fn transfer(
 
 #[cfg(test)]
 mod tests {
-    use super::{micros, parse_wrk};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::{micros, parse_wrk, transfer};
+
+    #[tokio::test]
+    async fn an_upload_counts_only_if_the_origin_got_every_byte() {
+        const SENT: u64 = 1 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let origin = tokio::spawn(crate::origin::serve(listener));
+        let whole = transfer(addr, "origin", SENT, true).await;
+        assert_eq!(whole.map(|t| t.bytes), Ok(SENT));
+        origin.abort();
+
+        // An origin that says it got 100 bytes, whatever was sent.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let origin = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let (mut head, mut buf) = (Vec::new(), [0u8; 4096]);
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n100")
+                .await
+                .unwrap();
+            // Takes the rest of the upload until the client hangs up.
+            while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let short = transfer(addr, "origin", SENT, true).await;
+        assert_eq!(
+            short.map(|t| t.bytes),
+            Err(format!("the origin received 100 of {SENT} bytes"))
+        );
+        origin.await.unwrap();
+    }
 
     #[test]
     fn reads_a_wrk_report() {

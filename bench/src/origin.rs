@@ -2,7 +2,8 @@
 //! that what is measured is the tunnel.
 //!
 //! - `GET /1k`: a fixed 1 KiB body.
-//! - `POST /upload`: reads the whole body and answers with its length.
+//! - `POST /upload`: reads the whole body and answers with the number of
+//!   bytes received, or 400 if the body broke off.
 //! - `GET /download?bytes=N`: streams N bytes.
 
 use std::convert::Infallible;
@@ -59,7 +60,12 @@ async fn handle(req: Request<Incoming>, one_k: Bytes, chunk: Bytes) -> Response<
             while let Some(frame) = body.frame().await {
                 match frame {
                     Ok(frame) => total += frame.data_ref().map_or(0, |d| d.len() as u64),
-                    Err(_) => break,
+                    Err(err) => {
+                        let text = format!("the upload broke off after {total} bytes: {err}\n");
+                        let mut response = Response::new(full(Bytes::from(text)));
+                        *response.status_mut() = StatusCode::BAD_REQUEST;
+                        return response;
+                    }
                 }
             }
             Response::new(full(Bytes::from(total.to_string())))

@@ -23,9 +23,15 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Starts a relay on 127.0.0.1, on port 8080 or the next free one.
-    pub async fn start() -> std::io::Result<Self> {
-        let listener = bind().await?;
+    /// Starts a relay on 127.0.0.1: on `port` when given (0 for any free
+    /// one), else on port 8080 or the next free one.
+    pub async fn start(port: Option<u16>) -> std::io::Result<Self> {
+        let listener = match port {
+            Some(port) => TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                .await
+                .map_err(|err| std::io::Error::new(err.kind(), format!("port {port}: {err}")))?,
+            None => bind_preferred().await?,
+        };
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ferry_relay::run(
@@ -56,7 +62,7 @@ impl Embedded {
     }
 }
 
-async fn bind() -> std::io::Result<TcpListener> {
+async fn bind_preferred() -> std::io::Result<TcpListener> {
     for port in PREFERRED_PORT..PREFERRED_PORT + PORTS_TO_TRY {
         if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
             return Ok(listener);

@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::target::{HostHeader, Target};
@@ -45,6 +46,9 @@ pub struct Forwarder {
     /// Ends the WebSockets passed through, which would otherwise hold the
     /// graceful shutdown for its whole grace period.
     shutdown: CancellationToken,
+    /// The WebSockets passed through, each a task copying both ways, so
+    /// that shutdown can wait for them to end.
+    bridges: TaskTracker,
 }
 
 /// Why a request did not reach the target. Mapped to a status in one place,
@@ -53,6 +57,16 @@ pub struct Forwarder {
 enum ForwardError {
     #[error("ferry: the tunnel is up but nothing answers on {target} ({cause}). Start your server there, or run ferry http with the port it listens on")]
     Unreachable { target: String, cause: String },
+    #[error(
+        "ferry: the local server at {target} closed the connection before answering ({cause})"
+    )]
+    ClosedEarly { target: String, cause: String },
+    #[error(
+        "ferry: the local server at {target} sent a response that is not valid HTTP/1.1 ({cause})"
+    )]
+    Malformed { target: String, cause: String },
+    #[error("ferry: the request to the local server at {target} failed ({cause})")]
+    Failed { target: String, cause: String },
     #[error("ferry: {target} did not answer within {:.1} s (raise it with --timeout)", timeout.as_secs_f64())]
     Timeout { target: String, timeout: Duration },
     #[error("ferry: {target} answered a WebSocket upgrade with {status} instead of 101 Switching Protocols: is this path a WebSocket endpoint?")]
@@ -63,9 +77,11 @@ enum ForwardError {
 
 fn error_response(err: &ForwardError) -> Response<Body> {
     let status = match err {
-        ForwardError::Unreachable { .. } | ForwardError::NotWebSocket { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
+        ForwardError::Unreachable { .. }
+        | ForwardError::ClosedEarly { .. }
+        | ForwardError::Malformed { .. }
+        | ForwardError::Failed { .. }
+        | ForwardError::NotWebSocket { .. } => StatusCode::BAD_GATEWAY,
         ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
     };
@@ -92,6 +108,34 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cause = source;
     }
     cause.to_string()
+}
+
+/// Says what went wrong between connecting to the target and its answer.
+fn request_error(target: String, err: &hyper_util::client::legacy::Error) -> ForwardError {
+    let cause = root_cause(err);
+    if err.is_connect() {
+        return ForwardError::Unreachable { target, cause };
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(current) = source {
+        if let Some(hyper) = current.downcast_ref::<hyper::Error>() {
+            if hyper.is_parse() {
+                return ForwardError::Malformed { target, cause };
+            }
+            // Canceled: the connection closed before the request was sent.
+            if hyper.is_incomplete_message() || hyper.is_canceled() {
+                return ForwardError::ClosedEarly { target, cause };
+            }
+        }
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            if matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) {
+                return ForwardError::ClosedEarly { target, cause };
+            }
+        }
+        source = current.source();
+    }
+    ForwardError::Failed { target, cause }
 }
 
 impl Forwarder {
@@ -127,7 +171,18 @@ impl Forwarder {
             client,
             events,
             shutdown,
+            bridges: TaskTracker::new(),
         }
+    }
+
+    /// Waits up to `within` for the WebSockets passed through to end, which
+    /// they do once the shutdown token is cancelled; returns whether they
+    /// all did. Call it once the tunnel has stopped serving.
+    pub async fn close_and_wait(&self, within: Duration) -> bool {
+        self.bridges.close();
+        tokio::time::timeout(within, self.bridges.wait())
+            .await
+            .is_ok()
     }
 
     /// Forwards one request from the tunnel and reports it.
@@ -209,10 +264,7 @@ impl Forwarder {
     async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, ForwardError> {
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(ForwardError::Unreachable {
-                target: self.target.to_string(),
-                cause: root_cause(&err),
-            }),
+            Ok(Err(err)) => Err(request_error(self.target.to_string(), &err)),
             Err(_) => Err(ForwardError::Timeout {
                 target: self.target.to_string(),
                 timeout: self.timeout,
@@ -258,7 +310,7 @@ impl Forwarder {
         }
         let local_side = hyper::upgrade::on(&mut response);
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.bridges.spawn(async move {
             let (local, tunnel) = match tokio::try_join!(local_side, tunnel_side) {
                 Ok(both) => both,
                 Err(err) => return debug!(%err, "websocket upgrade failed"),
@@ -339,9 +391,113 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
 
 #[cfg(test)]
 mod tests {
-    use hyper::header::{HeaderMap, HeaderValue};
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    use super::add_forwarded;
+    use futures_util::StreamExt;
+    use http_body_util::Empty;
+    use hyper::header::{HeaderMap, HeaderValue};
+    use hyper::{Method, Request, StatusCode};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::sync::broadcast;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{add_forwarded, Forwarder};
+    use crate::{HostHeader, Target};
+
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    fn empty() -> Empty<bytes::Bytes> {
+        Empty::new()
+    }
+
+    #[tokio::test]
+    async fn websocket_bridges_are_waited_for_and_end_on_shutdown() {
+        // The local server: upgrades each connection, then reads until the
+        // bridge lets go of it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let target = Target::parse(&format!("http://{}", listener.local_addr().expect("addr")))
+            .expect("target");
+        let (ended, mut ends) = tokio::sync::mpsc::unbounded_channel();
+        let origin = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await {
+                    while let Some(Ok(_)) = ws.next().await {}
+                    let _ = ended.send(());
+                }
+            }
+        });
+        let shutdown = CancellationToken::new();
+        let forwarder = Arc::new(Forwarder::new(
+            target,
+            HostHeader::Preserve,
+            PATIENCE,
+            broadcast::channel(16).0,
+            shutdown.clone(),
+        ));
+
+        // The tunnel's HTTP/2 connection, over an in-memory pipe.
+        let (relay_side, client_side) = tokio::io::duplex(64 * 1024);
+        let serving = Arc::clone(&forwarder);
+        let service = hyper::service::service_fn(move |req| {
+            let forwarder = Arc::clone(&serving);
+            async move { Ok::<_, std::convert::Infallible>(forwarder.handle(req).await) }
+        });
+        let server = tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .enable_connect_protocol()
+                .serve_connection(TokioIo::new(client_side), service),
+        );
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(relay_side))
+                .await
+                .expect("h2 handshake");
+        let driver = tokio::spawn(connection);
+        // Any answer comes after the server's SETTINGS, which allow the
+        // extended CONNECT below.
+        let plain = Request::get("http://demo.localhost/").body(empty());
+        let _ = tokio::time::timeout(PATIENCE, sender.send_request(plain.expect("request")))
+            .await
+            .expect("an answer");
+
+        let mut connect = Request::builder()
+            .method(Method::CONNECT)
+            .uri("http://demo.localhost/socket")
+            .body(empty())
+            .expect("request");
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let response = tokio::time::timeout(PATIENCE, sender.send_request(connect))
+            .await
+            .expect("an answer")
+            .expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let tunnel_side = hyper::upgrade::on(response).await.expect("upgraded");
+
+        assert!(
+            !forwarder.close_and_wait(Duration::ZERO).await,
+            "the bridge runs until shutdown"
+        );
+        shutdown.cancel();
+        assert!(forwarder.close_and_wait(PATIENCE).await, "the bridge ends");
+        tokio::time::timeout(PATIENCE, ends.recv())
+            .await
+            .expect("the local server sees the WebSocket end")
+            .expect("the origin reports it");
+
+        drop((tunnel_side, sender));
+        let _ = tokio::time::timeout(PATIENCE, driver)
+            .await
+            .expect("client ends");
+        let _ = tokio::time::timeout(PATIENCE, server)
+            .await
+            .expect("server ends");
+        origin.abort();
+        let _ = origin.await;
+    }
 
     #[test]
     fn forwarded_headers_extend_an_existing_chain() {

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +41,10 @@ struct HttpArgs {
     /// starts a relay inside this process on 127.0.0.1.
     #[arg(long, env = "FERRY_RELAY")]
     relay: Option<String>,
+    /// The port of the relay started inside this process when there is no
+    /// --relay; 0 picks any free port. By default 8080, or the next free one.
+    #[arg(long, value_name = "PORT", conflicts_with = "relay")]
+    embedded_port: Option<u16>,
     /// The token the relay asks for.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -74,7 +79,16 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let Command::Http(args) = Cli::parse().command;
-    match http(args).await {
+    let (writer, lines) = match Writer::start() {
+        Ok(started) => started,
+        Err(err) => {
+            eprintln!("error: cannot start writing to stdout: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = http(args, lines).await;
+    writer.finish(EXIT_FLUSH);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
@@ -83,11 +97,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
+async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
     let (relay, embedded) = match &args.relay {
         Some(relay) => (ferry::relay_url(relay)?, None),
         None => {
-            let embedded = Embedded::start().await.map_err(ferry::Error::Embedded)?;
+            let embedded = Embedded::start(args.embedded_port)
+                .await
+                .map_err(ferry::Error::Embedded)?;
             (embedded.relay_url(), Some(embedded))
         }
     };
@@ -125,7 +141,7 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
     };
     let (events, receiver) = broadcast::channel(1024);
     let embedded_addr = embedded.as_ref().map(|e| e.addr);
-    tokio::spawn(print(receiver, embedded_addr));
+    let mut printing = tokio::spawn(print(receiver, lines, embedded_addr));
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -135,6 +151,15 @@ async fn http(args: HttpArgs) -> Result<(), ferry::Error> {
     let result = ferry::run(config, events, shutdown).await;
     if let Some(embedded) = embedded {
         embedded.stop().await;
+    }
+    // The events end once the tunnel's last request has, which a local
+    // server that never answers could delay: printing gets a bounded time.
+    if tokio::time::timeout(EXIT_FLUSH, &mut printing)
+        .await
+        .is_err()
+    {
+        printing.abort();
+        let _ = printing.await;
     }
     result
 }
@@ -157,39 +182,111 @@ fn read_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'stati
     Ok(certificates)
 }
 
-/// The most events written in one go once the first has arrived.
-const PRINT_BATCH: usize = 512;
+/// Events' texts (a line each, but for the banner) that may wait for the
+/// writer; beyond this they are dropped and counted.
+const QUEUED_LINES: usize = 1024;
+/// The most lines written in one go once the first has arrived.
+const WRITE_BATCH: usize = 512;
+/// How long exit waits for the last events to be printed, and again for
+/// them to be written, so that a stdout nobody reads cannot hold it.
+const EXIT_FLUSH: Duration = Duration::from_secs(1);
 
-/// Prints the banner and a line per request. Under load the lines that
-/// have queued up are written together, in one system call rather than one
-/// per line.
-async fn print(mut events: broadcast::Receiver<Event>, embedded: Option<std::net::SocketAddr>) {
+/// The thread that writes to stdout. Writes block when stdout is a full
+/// pipe; on the runtime's only thread they would stop all forwarding.
+struct Writer {
+    thread: std::thread::JoinHandle<()>,
+    /// Disconnects when the thread ends.
+    ended: mpsc::Receiver<()>,
+}
+
+/// Hands text to the [`Writer`] without ever waiting for it.
+struct Lines {
+    queue: mpsc::SyncSender<String>,
+    /// Lines dropped since the queue last took one.
+    dropped: u64,
+}
+
+impl Writer {
+    fn start() -> std::io::Result<(Self, Lines)> {
+        let (queue, queued) = mpsc::sync_channel::<String>(QUEUED_LINES);
+        let (end, ended) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("stdout".into())
+            .spawn(move || {
+                // Dropped when the thread ends, which `finish` waits for.
+                let _end = end;
+                write_lines(&queued);
+            })?;
+        let lines = Lines { queue, dropped: 0 };
+        Ok((Self { thread, ended }, lines))
+    }
+
+    /// Waits up to `within` for the thread to write what is queued; called
+    /// once every [`Lines`] is gone.
+    fn finish(self, within: Duration) {
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = self.ended.recv_timeout(within) {
+            let _ = self.thread.join();
+        }
+    }
+}
+
+fn write_lines(queued: &mpsc::Receiver<String>) {
+    let stdout = std::io::stdout();
+    while let Ok(first) = queued.recv() {
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        // Stdout closed (a pipe whose reader left) is no reason to stop the
+        // tunnel, so errors are ignored here and below.
+        let _ = out.write_all(first.as_bytes());
+        for text in queued.try_iter().take(WRITE_BATCH) {
+            let _ = out.write_all(text.as_bytes());
+        }
+        let _ = out.flush();
+    }
+}
+
+impl Lines {
+    /// Queues `text` (whole lines), or counts its lines as dropped when the
+    /// writer is behind.
+    fn send(&mut self, text: String) {
+        let lines = text.matches('\n').count() as u64;
+        let text = if self.dropped > 0 {
+            format!("… {} lines not shown\n{text}", self.dropped)
+        } else {
+            text
+        };
+        match self.queue.try_send(text) {
+            Ok(()) => self.dropped = 0,
+            Err(mpsc::TrySendError::Full(_)) => self.dropped += lines,
+            // The writer panicked: there is no terminal output any more.
+            Err(mpsc::TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// Prints the banner and a line per request until the tunnel has stopped.
+async fn print(
+    mut events: broadcast::Receiver<Event>,
+    mut lines: Lines,
+    embedded: Option<std::net::SocketAddr>,
+) {
     loop {
-        let first = match events.recv().await {
+        let event = match events.recv().await {
             Ok(event) => Ok(event),
             Err(broadcast::error::RecvError::Lagged(missed)) => Err(missed),
-            Err(broadcast::error::RecvError::Closed) => return,
+            Err(broadcast::error::RecvError::Closed) => break,
         };
-        let stdout = std::io::stdout();
-        let mut out = std::io::BufWriter::new(stdout.lock());
-        write_event(&mut out, first, embedded);
-        for _ in 0..PRINT_BATCH {
-            match events.try_recv() {
-                Ok(event) => write_event(&mut out, Ok(event), embedded),
-                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
-                    write_event(&mut out, Err(missed), embedded)
-                }
-                Err(_) => break,
-            }
-        }
-        // Stdout closed (a pipe whose reader left) is no reason to stop the tunnel.
-        let _ = out.flush();
+        let mut text = String::new();
+        write_event(&mut text, event, embedded);
+        lines.send(text);
+    }
+    if lines.dropped > 0 {
+        lines.send(String::new());
     }
 }
 
 /// Writes one event, or a note of `Err(missed)` events dropped under load.
 fn write_event(
-    out: &mut impl Write,
+    out: &mut impl std::fmt::Write,
     event: Result<Event, u64>,
     embedded: Option<std::net::SocketAddr>,
 ) {

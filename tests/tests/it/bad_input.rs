@@ -43,15 +43,21 @@ async fn garbage_and_malformed_requests_get_clear_errors_and_tunnels_carry_on() 
     let relay_host = relay.addr.to_string();
     let port = relay.addr.port();
 
+    // TLS-looking bytes on the plain port are no HTTP/1.1 request: hyper
+    // answers 400 with no body and closes.
     let answer = raw(&relay, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole response");
     assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
-        "{answer}"
+        head.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer:?}"
     );
+    assert!(head.contains("\r\nconnection: close"), "{answer:?}");
+    assert_eq!(body, "", "{answer:?}");
+    // An HTTP/1.0 request is answered in HTTP/1.0.
     let answer = raw(&relay, b"GET / HTTP/1.0\r\n\r\n").await;
     assert!(
-        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
-        "{answer}"
+        answer.starts_with("HTTP/1.0 400 Bad Request\r\n"),
+        "{answer:?}"
     );
     assert!(answer.contains("Host header"), "{answer}");
 
@@ -145,6 +151,84 @@ async fn nothing_listening_on_the_target_gives_502_saying_so() {
     assert!(body.contains(&target), "{body}");
     client.stop().await.expect("client stops cleanly");
     relay.stop().await;
+}
+
+/// A local server written by hand on a free port: it reads each
+/// connection's request head and writes `answer`, or with `None` closes
+/// each connection as soon as it is accepted. Stops when dropped.
+struct RawOrigin {
+    target: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawOrigin {
+    async fn start(answer: Option<&'static [u8]>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("origin binds");
+        let target = format!("http://{}", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            // One connection at a time: nothing outlives the task.
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let Some(answer) = answer else { continue };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+            }
+        });
+        Self { target, task }
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a caller gets through a tunnel to `origin`.
+async fn answer_through(origin: &RawOrigin) -> (StatusCode, String) {
+    let relay = TestRelay::open().await;
+    let client = TestClient::start(&relay, &origin.target, ClientOptions::default()).await;
+    let answer =
+        status_and_body(&relay, &host_of(&client.public_url), Request::new(full(""))).await;
+    client.stop().await.expect("client stops cleanly");
+    relay.stop().await;
+    answer
+}
+
+#[tokio::test]
+async fn a_target_that_closes_without_answering_gives_502_saying_so() {
+    let origin = RawOrigin::start(None).await;
+    let (status, body) = answer_through(&origin).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body.contains(&format!(
+            "the local server at {} closed the connection before answering",
+            origin.target
+        )),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_target_answering_garbage_gives_502_saying_so() {
+    let origin = RawOrigin::start(Some(b"HELLO\r\n\r\n")).await;
+    let (status, body) = answer_through(&origin).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body.contains(&format!(
+            "the local server at {} sent a response that is not valid HTTP/1.1 (invalid HTTP version parsed)",
+            origin.target
+        )),
+        "{body}"
+    );
 }
 
 /// What a caller gets from a tunnel whose origin never answers.
