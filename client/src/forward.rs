@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferry_common::handshake::meta;
-use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
+use ferry_common::handshake::meta::RequestMeta;
+use ferry_common::handshake::MAX_RESPONSE_HEADER_LIST;
+use ferry_common::headers::{header_list_size, remove_ferry_headers, remove_hop_by_hop};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -73,6 +74,8 @@ enum ForwardError {
     NotWebSocket { target: String, status: u16 },
     #[error("ferry: could not build the request for {target}: {cause}")]
     BadRequest { target: String, cause: String },
+    #[error("ferry: the local server at {target} answered with {size} bytes of headers, above the tunnel's {MAX_RESPONSE_HEADER_LIST}-byte limit: send fewer or smaller headers")]
+    HeadersTooLarge { target: String, size: usize },
 }
 
 fn error_response(err: &ForwardError) -> Response<Body> {
@@ -81,6 +84,7 @@ fn error_response(err: &ForwardError) -> Response<Body> {
         | ForwardError::ClosedEarly { .. }
         | ForwardError::Malformed { .. }
         | ForwardError::Failed { .. }
+        | ForwardError::HeadersTooLarge { .. }
         | ForwardError::NotWebSocket { .. } => StatusCode::BAD_GATEWAY,
         ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
@@ -186,16 +190,17 @@ impl Forwarder {
     }
 
     /// Forwards one request from the tunnel and reports it.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let id = header_text(req.headers(), meta::EXCHANGE_ID).and_then(|v| v.parse().ok());
+        let meta = RequestMeta::take(req.headers_mut());
+        let id = meta.as_ref().map(|meta| meta.exchange);
         let method = req.method().clone();
         let path = req
             .uri()
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let (response, error) = match self.forward(req).await {
+        let (response, error) = match self.forward(req, meta.as_ref()).await {
             Ok(response) => (response, None),
             Err(err) => {
                 debug!(%err, "forward failed");
@@ -215,7 +220,11 @@ impl Forwarder {
         response
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<Body>, ForwardError> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        meta: Option<&RequestMeta>,
+    ) -> Result<Response<Body>, ForwardError> {
         let websocket = req.method() == Method::CONNECT
             && req
                 .extensions()
@@ -239,17 +248,10 @@ impl Forwarder {
                 cause: err.to_string(),
             })?;
         parts.version = Version::HTTP_11;
-        let client_ip = header_text(&parts.headers, meta::CLIENT_IP);
-        let scheme = header_text(&parts.headers, meta::SCHEME).unwrap_or_else(|| "http".to_owned());
         remove_hop_by_hop(&mut parts.headers);
         remove_ferry_headers(&mut parts.headers);
         self.set_host(&mut parts.headers, &public_host);
-        add_forwarded(
-            &mut parts.headers,
-            client_ip.as_deref(),
-            &scheme,
-            &public_host,
-        );
+        add_forwarded(&mut parts.headers, meta, &public_host);
 
         if let Some(tunnel_side) = tunnel_side {
             return self.forward_websocket(parts, tunnel_side).await;
@@ -258,6 +260,21 @@ impl Forwarder {
         let response = self.send(request).await?;
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
+        let size = header_list_size(&[(":status", parts.status.as_str())], &parts.headers);
+        if size > MAX_RESPONSE_HEADER_LIST {
+            return Err(ForwardError::HeadersTooLarge {
+                target: self.target.to_string(),
+                size,
+            });
+        }
+        let body = body.map_frame(|mut frame| {
+            if let Some(trailers) = frame.trailers_mut() {
+                // HTTP/2 refuses connection-specific fields; one left in
+                // would leave the stream hanging.
+                remove_hop_by_hop(trailers);
+            }
+            frame
+        });
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
@@ -355,29 +372,21 @@ impl Forwarder {
     }
 }
 
-fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
 /// Adds `X-Forwarded-For` (appending to what an earlier proxy sent),
 /// `X-Forwarded-Proto` and `X-Forwarded-Host`.
-fn add_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: Option<&str>,
-    scheme: &str,
-    public_host: &str,
-) {
-    if let Some(ip) = client_ip {
+fn add_forwarded(headers: &mut HeaderMap, meta: Option<&RequestMeta>, public_host: &str) {
+    if let Some(ip) = meta.map(|meta| meta.client_ip) {
         let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {ip}"),
-            None => ip.to_owned(),
+            None => ip.to_string(),
         };
         insert(headers, "x-forwarded-for", &chain);
     }
-    insert(headers, "x-forwarded-proto", scheme);
+    insert(
+        headers,
+        "x-forwarded-proto",
+        meta.map_or("http", RequestMeta::scheme),
+    );
     if !public_host.is_empty() {
         insert(headers, "x-forwarded-host", public_host);
     }
@@ -402,7 +411,7 @@ mod tests {
     use tokio::sync::broadcast;
     use tokio_util::sync::CancellationToken;
 
-    use super::{add_forwarded, Forwarder};
+    use super::{add_forwarded, Forwarder, RequestMeta};
     use crate::{HostHeader, Target};
 
     const PATIENCE: Duration = Duration::from_secs(30);
@@ -503,12 +512,12 @@ mod tests {
     fn forwarded_headers_extend_an_existing_chain() {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarded(
-            &mut headers,
-            Some("203.0.113.9"),
-            "https",
-            "demo.relay.test",
-        );
+        let meta = RequestMeta {
+            exchange: ferry_common::ids::ExchangeId::new(),
+            client_ip: "203.0.113.9".parse().unwrap(),
+            https: true,
+        };
+        add_forwarded(&mut headers, Some(&meta), "demo.relay.test");
         assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 203.0.113.9");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "demo.relay.test");

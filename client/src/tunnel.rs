@@ -64,19 +64,37 @@ pub async fn run(
     events: tokio::sync::broadcast::Sender<Event>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // Ends the WebSockets passed through to the target however the tunnel
+    // stops: by shutdown, a refusal or a takeover.
+    let bridges = shutdown.child_token();
     let forwarder = Arc::new(Forwarder::new(
         config.target.clone(),
         config.host_header.clone(),
         config.local_timeout,
         events.clone(),
-        shutdown.clone(),
+        bridges.clone(),
     ));
+    let result = sessions(&config, &events, &shutdown, &forwarder).await;
+    bridges.cancel();
+    if !forwarder.close_and_wait(CLOSE_WAIT).await {
+        debug!("websocket bridges still open after the wait");
+    }
+    result
+}
+
+/// Connects, serves and reconnects until `shutdown` or a final error.
+async fn sessions(
+    config: &Config,
+    events: &tokio::sync::broadcast::Sender<Event>,
+    shutdown: &CancellationToken,
+    forwarder: &Arc<Forwarder>,
+) -> Result<(), Error> {
     let connector = relay_connector(&config.relay_ca)?;
     let client_key = config
         .client_key
         .clone()
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
-    if let Some(warning) = insecure_token_warning(&config) {
+    if let Some(warning) = insecure_token_warning(config) {
         let _ = events.send(Event::Warning(warning));
     }
     let mut subdomain = config.subdomain.clone();
@@ -84,7 +102,7 @@ pub async fn run(
     let mut attempt = 0;
     loop {
         let connected = tokio::select! {
-            connected = connect(&config, connector.as_ref(), subdomain.as_ref(), &client_key) => connected,
+            connected = connect(config, connector.as_ref(), subdomain.as_ref(), &client_key) => connected,
             () = shutdown.cancelled() => return Ok(()),
         };
         match connected {
@@ -100,9 +118,9 @@ pub async fn run(
                 match serve(
                     ws,
                     config.keepalive,
-                    Arc::clone(&forwarder),
-                    &events,
-                    &shutdown,
+                    Arc::clone(forwarder),
+                    events,
+                    shutdown,
                 )
                 .await
                 {

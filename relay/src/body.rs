@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_common::headers::remove_hop_by_hop;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -34,7 +35,8 @@ pub enum BodyError {
     TooSlow(u64),
 }
 
-/// A public request body that must keep moving: each part within `pause`
+/// A public request body that must keep moving (and whose trailers lose
+/// their hop-by-hop fields, as its headers do): each part within `pause`
 /// of the last, and, once `pause` has passed since the start, at an average
 /// of `min_rate` bytes per second. A caller trickling a byte at a time
 /// would otherwise hold one of its tunnel's request slots for as long as it
@@ -102,8 +104,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 this.last = Instant::now();
+                if let Some(trailers) = frame.trailers_mut() {
+                    // HTTP/2 refuses connection-specific fields, and a
+                    // refused trailer would leave the stream hanging.
+                    remove_hop_by_hop(trailers);
+                }
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
                 }
@@ -187,15 +194,9 @@ mod tests {
     use super::{BodyError, BodyFailure, PacedBody};
 
     type Chunks = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+    type Stream = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
 
-    fn paced(
-        pause: Duration,
-        min_rate: u64,
-    ) -> (
-        Chunks,
-        PacedBody<StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>>,
-        super::BodyWatch,
-    ) {
+    fn paced(pause: Duration, min_rate: u64) -> (Chunks, PacedBody<Stream>, super::BodyWatch) {
         let (sender, receiver) = mpsc::channel(4);
         let (body, watch) = PacedBody::new(
             StreamBody::new(ReceiverStream::new(receiver)),

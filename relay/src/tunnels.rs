@@ -411,10 +411,10 @@ impl Tunnels {
             return;
         }
         let mut registry = self.registry();
-        if !registry
+        if registry
             .live
             .get(&tunnel.name)
-            .is_some_and(|t| t.id == tunnel.id)
+            .is_none_or(|t| t.id != tunnel.id)
         {
             return;
         }

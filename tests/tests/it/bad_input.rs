@@ -63,16 +63,20 @@ async fn garbage_and_malformed_requests_get_clear_errors_and_tunnels_carry_on() 
 
     let (status, body) = status_and_body(&relay, &relay_host, Request::new(full(""))).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    // Not a WebSocket, on the connect path.
-    for method in [Method::GET, Method::POST] {
+    // Not a WebSocket, on the connect path: a GET is told what the path
+    // is for, and other methods that only GET is allowed.
+    for (method, status, says) in [
+        (Method::GET, StatusCode::BAD_REQUEST, "ferry http"),
+        (Method::POST, StatusCode::METHOD_NOT_ALLOWED, "answers GET"),
+    ] {
         let request = Request::builder()
             .method(method)
             .uri("/api/v1/tunnels/connect")
             .body(full("{\"hello\":1}"))
             .expect("valid request");
-        let (status, body) = status_and_body(&relay, &relay_host, request).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body.contains("ferry http"), "{body}");
+        let (got, body) = status_and_body(&relay, &relay_host, request).await;
+        assert_eq!(got, status, "{body}");
+        assert!(body.contains(says), "{body}");
     }
     // A WebSocket upgrade that is not Ferry's.
     let request = Request::builder()
