@@ -8,7 +8,7 @@ use std::time::Duration;
 use ferry_common::api::ErrorBody;
 use ferry_common::byte_stream::{ByteStream, CloseReason, CloseSignal};
 use ferry_common::handshake::{ConnectAnswer, ConnectRequest, Keepalive};
-use ferry_common::link::{http2_server, websocket_config};
+use ferry_common::link::{http2_server, websocket_config, Heard, FIRST_BYTES_WAIT};
 use ferry_common::subdomain::Subdomain;
 use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::service::service_fn;
@@ -283,16 +283,30 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let signal = CloseSignal::default();
-    let io = TokioIo::new(ByteStream::new(ws, signal.clone()));
+    let (stream, heard) = Heard::new(ByteStream::new(ws, signal.clone()));
+    let io = TokioIo::new(stream);
     let service = service_fn(move |req| {
         let forwarder = Arc::clone(&forwarder);
         async move { Ok::<_, std::convert::Infallible>(forwarder.handle(req).await) }
     });
     let connection = http2_server(keepalive).serve_connection(io, service);
     let mut connection = pin!(connection);
-    // Both arms are cancel-safe: the connection is pinned outside the loop
-    // and polled again after the shutdown arm wins.
+    // A relay that never speaks (a link that died during the handshake)
+    // would leave HTTP/2 waiting forever: pings start only after it.
+    let silent = async {
+        match tokio::time::timeout(FIRST_BYTES_WAIT, heard).await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(_)) | Err(_) => {}
+        }
+    };
+    // The arms are cancel-safe: the connection is pinned outside and
+    // polled again after the shutdown arm wins.
     tokio::select! {
+        () = silent => {
+            SessionEnd::Dropped(Some(CloseReason::going_away(
+                "the relay did not speak HTTP/2 after the upgrade",
+            )))
+        }
         result = connection.as_mut() => {
             if let Err(err) = result {
                 debug!(%err, "tunnel connection ended with an error");

@@ -213,22 +213,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
         }
         Poll::Ready(Ok(()))
     }
-
-    /// Waits until the peer has sent its first bytes, without consuming
-    /// them; `false` when the stream ended first. Tells a peer that is
-    /// really there from one that upgraded and vanished.
-    pub async fn peer_spoke(&mut self) -> io::Result<bool> {
-        std::future::poll_fn(|cx| loop {
-            if !self.pending.is_empty() {
-                return Poll::Ready(Ok(true));
-            }
-            if self.phase == Phase::Ended {
-                return Poll::Ready(Ok(false));
-            }
-            ready!(self.poll_message(cx))?;
-        })
-        .await
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ByteStream<S> {

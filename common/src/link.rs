@@ -1,7 +1,14 @@
 //! How both ends set up the tunnel link: the WebSocket under it and the
 //! HTTP/2 connection over it. One place, so the two ends cannot drift apart.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::handshake::{
@@ -62,4 +69,80 @@ pub fn http2_server(keepalive: Keepalive) -> hyper::server::conn::http2::Builder
         .keep_alive_timeout(keepalive.timeout)
         .enable_connect_protocol();
     builder
+}
+
+/// How long each side waits for the other's first HTTP/2 bytes once the
+/// WebSocket is up. HTTP/2 has no timeout of its own before its handshake
+/// is done, and pings start only after it.
+pub const FIRST_BYTES_WAIT: Duration = Duration::from_secs(10);
+
+/// A stream that tells, once, when the peer's first bytes have been read:
+/// how each side knows the other is really there, not just upgraded.
+pub struct Heard<T> {
+    /// The stream.
+    inner: T,
+    /// Fired on the first bytes read.
+    first: Option<oneshot::Sender<()>>,
+}
+
+impl<T> Heard<T> {
+    /// Wraps `inner`; the receiver resolves when its first bytes arrive,
+    /// and fails if the stream is dropped before.
+    pub fn new(inner: T) -> (Self, oneshot::Receiver<()>) {
+        let (sender, receiver) = oneshot::channel();
+        (
+            Self {
+                inner,
+                first: Some(sender),
+            },
+            receiver,
+        )
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            if let Some(first) = self.first.take() {
+                let _ = first.send(());
+            }
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -13,6 +13,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::accounts::{AccountId, AuthError};
+use crate::connection::Activity;
 use crate::tunnels::Owner;
 use crate::{full, session, Body, State};
 
@@ -176,9 +177,10 @@ pub fn error_response(err: ApiError) -> Response<Body> {
 pub(crate) async fn handle(
     state: &Arc<State>,
     peer: IpAddr,
+    connection: &Arc<Activity>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match route(state, peer, req).await {
+    match route(state, peer, connection, req).await {
         Ok(response) => response,
         Err(err) => error_response(err),
     }
@@ -187,6 +189,7 @@ pub(crate) async fn handle(
 async fn route(
     state: &Arc<State>,
     peer: IpAddr,
+    connection: &Arc<Activity>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path();
@@ -213,7 +216,7 @@ async fn route(
     match route.endpoint {
         Endpoint::Health => Ok(crate::text(StatusCode::OK, "ok")),
         Endpoint::Metrics => Ok(metrics(state)),
-        Endpoint::Connect => session::connect(state, peer, req).await,
+        Endpoint::Connect => session::connect(state, peer, connection.begin(), req).await,
         Endpoint::Tunnels => {
             let account = state.accounts.authorize(req.headers(), peer)?;
             Ok(tunnels(state, account.as_ref()))

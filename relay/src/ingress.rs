@@ -279,7 +279,7 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         Err(err) => return error_response(&err),
     };
     match route(&host, &state.config.domain) {
-        Ok(Route::Relay) => api::handle(state, link.peer.ip(), req).await,
+        Ok(Route::Relay) => api::handle(state, link.peer.ip(), &link.activity, req).await,
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
             let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());

@@ -2,13 +2,13 @@
 //! WebSocket until either side closes it.
 
 use std::net::IpAddr;
+use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_common::byte_stream::{ByteStream, CloseReason};
 use ferry_common::handshake::{ConnectAnswer, ConnectRequest, HandshakeError};
-use ferry_common::link::{http2_client, websocket_config};
+use ferry_common::link::{http2_client, websocket_config, Heard, FIRST_BYTES_WAIT};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::upgrade::OnUpgrade;
@@ -20,6 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::api::ApiError;
+use crate::connection::ActiveGuard;
 use crate::tunnels::{ClaimError, ClientInfo, Owner, Tunnel};
 use crate::{Body, State};
 
@@ -41,9 +42,12 @@ pub(crate) fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool
 
 /// Answers `GET /api/v1/tunnels/connect`: checks the handshake, claims the
 /// subdomain, switches protocols and starts the session.
+/// `connection` marks the client's connection busy for the session's life,
+/// so that its idle timeout never cuts a tunnel.
 pub(crate) async fn connect(
     state: &Arc<State>,
     peer: IpAddr,
+    connection: ActiveGuard,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     if !is_websocket_upgrade(req.method(), req.headers()) {
@@ -123,7 +127,15 @@ pub(crate) async fn connect(
         .unwrap_or_default();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span = info_span!("tunnel", name = %tunnel.name, id = tunnel.id);
-    state.spawn(run(Arc::clone(state), Arc::clone(&tunnel), on_upgrade).instrument(span));
+    state.spawn(
+        run(
+            Arc::clone(state),
+            Arc::clone(&tunnel),
+            on_upgrade,
+            connection,
+        )
+        .instrument(span),
+    );
 
     let mut response = Response::new(crate::full(""));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -142,7 +154,12 @@ pub(crate) async fn connect(
 }
 
 /// Runs one session: HTTP/2 over the upgraded WebSocket, until it ends.
-async fn run(state: Arc<State>, tunnel: Arc<Tunnel>, on_upgrade: OnUpgrade) {
+async fn run(
+    state: Arc<State>,
+    tunnel: Arc<Tunnel>,
+    on_upgrade: OnUpgrade,
+    _connection: ActiveGuard,
+) {
     if let Err(err) = serve(&state, &tunnel, on_upgrade).await {
         debug!(%err, "tunnel connection ended with an error");
     }
@@ -154,16 +171,11 @@ async fn run(state: Arc<State>, tunnel: Arc<Tunnel>, on_upgrade: OnUpgrade) {
     );
 }
 
-/// How long a client may take to send its first bytes after the upgrade.
-const FIRST_WORD_WAIT: Duration = Duration::from_secs(10);
-
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error(transparent)]
     Http(#[from] hyper::Error),
-    #[error("the tunnel websocket failed: {0}")]
-    Io(#[source] std::io::Error),
     #[error("the client {0} after the upgrade")]
     Silent(&'static str),
 }
@@ -180,18 +192,25 @@ async fn serve(
         Some(websocket_config()),
     )
     .await;
-    let mut stream = ByteStream::new(ws, tunnel.close.clone());
-    // The client, as HTTP/2 server, speaks first (its SETTINGS). Until it
-    // has, the session is not up, and a takeover must not replace anyone.
-    match tokio::time::timeout(FIRST_WORD_WAIT, stream.peer_spoke()).await {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => return Err(SessionError::Silent("closed the tunnel")),
-        Ok(Err(err)) => return Err(SessionError::Io(err)),
-        Err(_) => return Err(SessionError::Silent("sent nothing")),
-    }
+    let (stream, heard) = Heard::new(ByteStream::new(ws, tunnel.close.clone()));
     let (sender, connection) = http2_client(state.config.keepalive)
         .handshake::<_, Body>(TokioIo::new(stream))
         .await?;
+    let mut connection = pin!(connection);
+    // Until the client has spoken (its HTTP/2 SETTINGS) the session is not
+    // up, and a takeover must not replace anyone. Both arms are
+    // cancel-safe: the connection is pinned outside and polled on after.
+    tokio::select! {
+        ended = connection.as_mut() => {
+            ended?;
+            return Err(SessionError::Silent("closed the tunnel"));
+        }
+        heard = tokio::time::timeout(FIRST_BYTES_WAIT, heard) => {
+            if !matches!(heard, Ok(Ok(()))) {
+                return Err(SessionError::Silent("sent nothing"));
+            }
+        }
+    }
     tunnel.set_sender(sender);
     if let Some(old) = state.tunnels.activate(tunnel) {
         info!(old = old.id, "tunnel taken over by a new session");

@@ -433,6 +433,32 @@ async fn idle_http1_and_http2_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn a_quiet_tunnel_outlives_the_idle_timeout_of_public_connections() {
+    let config = ferry_relay::Config {
+        idle_timeout: Duration::from_millis(100),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let origin = Origin::start(|_req| async { Response::new(full("still up")) }).await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    // The scenario is a quiet spell longer than the idle timeout (and
+    // shorter than the tunnel's ping interval), not a wait for an event.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = status_and_body(
+        send(
+            relay.addr,
+            &host_of(&client.public_url),
+            Request::new(full("")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "still up"));
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
 async fn tunnel_connects_are_rate_limited_per_address_and_capped_per_relay() {
     let config = ferry_relay::Config {
         connects_per_minute: 3,
