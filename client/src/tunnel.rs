@@ -294,9 +294,8 @@ async fn serve(
     // A relay that never speaks (a link that died during the handshake)
     // would leave HTTP/2 waiting forever: pings start only after it.
     let silent = async {
-        match tokio::time::timeout(FIRST_BYTES_WAIT, heard).await {
-            Ok(Ok(())) => std::future::pending().await,
-            Ok(Err(_)) | Err(_) => {}
+        if let Ok(Ok(())) = tokio::time::timeout(FIRST_BYTES_WAIT, heard).await {
+            std::future::pending::<()>().await;
         }
     };
     // The arms are cancel-safe: the connection is pinned outside and
