@@ -64,10 +64,19 @@ struct HttpArgs {
     /// fixed value.
     #[arg(long, default_value = "preserve")]
     host_header: HostHeader,
-    /// Seconds the local server may take to answer before the caller gets 504.
-    #[arg(long, value_name = "SECONDS", default_value_t = ferry::DEFAULT_LOCAL_TIMEOUT.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    timeout: u64,
+    /// How long the local server may take to answer before the caller gets
+    /// 504 (60s, 2m; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = local_timeout)]
+    timeout: Duration,
+}
+
+/// `--timeout`: a duration with units, from a millisecond up to a day.
+fn local_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = ferry_common::units::parse_duration(text)?;
+    if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(86_400) {
+        return Err("must be between 1ms and 1d".to_owned());
+    }
+    Ok(timeout)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -132,7 +141,7 @@ async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
         subdomain: args.subdomain,
         target: args.target,
         host_header: args.host_header,
-        local_timeout: Duration::from_secs(args.timeout),
+        local_timeout: args.timeout,
         keepalive: ferry_common::handshake::Keepalive::default(),
         relay_ca: match &args.relay_ca {
             Some(path) => read_certificates(path)?,

@@ -329,7 +329,7 @@ async fn serve(
 mod tests {
     use std::time::Duration;
 
-    use super::{reconnect_delay, BACKOFF_CAP};
+    use super::{insecure_token_warning, reconnect_delay, BACKOFF_CAP};
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {
@@ -341,5 +341,36 @@ mod tests {
             assert!(reconnect_delay(attempt, 1.0) <= BACKOFF_CAP);
             assert!(reconnect_delay(attempt, 0.0) >= BACKOFF_CAP / 2);
         }
+    }
+
+    #[test]
+    fn a_token_sent_in_clear_off_this_machine_is_warned_about() {
+        let config = |relay: &str, token: Option<&str>| crate::Config {
+            relay: relay.to_owned(),
+            token: token.map(str::to_owned),
+            subdomain: None,
+            target: crate::Target::parse("3000").unwrap(),
+            host_header: crate::HostHeader::default(),
+            local_timeout: crate::DEFAULT_LOCAL_TIMEOUT,
+            keepalive: ferry_common::handshake::Keepalive::default(),
+            relay_ca: Vec::new(),
+            client_key: None,
+        };
+        let warned =
+            |relay: &str, token: Option<&str>| insecure_token_warning(&config(relay, token));
+        let warning = warned("ws://relay.example.com/api/v1/tunnels/connect", Some("t")).unwrap();
+        assert!(
+            warning.contains("unencrypted to relay.example.com"),
+            "{warning}"
+        );
+        assert!(warned("ws://10.1.2.3:8080/x", Some("t")).is_some());
+        assert!(warned("wss://relay.example.com/x", Some("t")).is_none());
+        assert!(warned("ws://127.0.0.1:8080/x", Some("t")).is_none());
+        assert!(warned("ws://[::1]:8080/x", Some("t")).is_none());
+        assert!(warned("ws://demo.localhost:8080/x", Some("t")).is_none());
+        assert!(
+            warned("ws://relay.example.com/x", None).is_none(),
+            "no token, nothing to leak"
+        );
     }
 }

@@ -74,6 +74,47 @@ async fn the_client_comes_back_with_its_name_after_a_relay_restart() {
 }
 
 #[tokio::test]
+async fn a_client_whose_name_was_taken_while_away_keeps_retrying_and_says_why() {
+    let relay = TestRelay::open().await;
+    let addr = relay.addr;
+    let origin = hello_origin().await;
+    let keyed = |key: &str| ClientOptions {
+        subdomain: Some("demo"),
+        client_key: Some(key.to_owned()),
+        ..ClientOptions::default()
+    };
+    let mut client = TestClient::start(&relay, &origin.target(), keyed("aaaa")).await;
+    relay.stop().await;
+    // While the relay is away the client's retries back off; once the next
+    // one is a second off, another client has ample time to take the name
+    // on the restarted relay, which lost its holds.
+    client
+        .wait_for("a long reconnect delay", |e| {
+            matches!(e, Event::Reconnecting { delay } if *delay >= std::time::Duration::from_secs(1))
+        })
+        .await;
+    let config = ferry_relay::Config {
+        name_hold: std::time::Duration::ZERO,
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start_on(addr, config).await;
+    let other = TestClient::start(&relay, &origin.target(), keyed("bbbb")).await;
+    let event = client
+        .wait_for("the refusal to be reported", |e| {
+            matches!(e, Event::Warning(_))
+        })
+        .await;
+    let Event::Warning(warning) = event else {
+        unreachable!()
+    };
+    assert!(warning.contains("our subdomain is taken"), "{warning}");
+    other.stop().await.expect("the other client stops");
+    client.wait_for_reconnect().await;
+    assert_requests_flow(&relay, &client).await;
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
 async fn requests_in_flight_when_the_link_drops_get_502() {
     let relay = TestRelay::open().await;
     let (origin, mut started, _release) = held_origin().await;

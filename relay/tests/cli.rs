@@ -1,0 +1,85 @@
+//! The `ferry-relay` command line: limits are checked, units are taken, and
+//! the banner names the address actually bound.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn relay(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry-relay"));
+    command.args(args).env_remove("RUST_LOG");
+    command
+}
+
+/// Kills the relay when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn limits_beyond_what_a_tunnel_carries_are_refused() {
+    let output = relay(&["--max-requests-per-tunnel", "5000"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--max-requests-per-tunnel"), "{stderr}");
+    assert!(stderr.contains("1..=1024"), "{stderr}");
+
+    let output = relay(&["--name-hold", "soon"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("like 30s, 5m or 7d"), "{stderr}");
+
+    let output = relay(&["--body-min-rate", "0"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn the_banner_names_the_bound_address_and_units_are_taken() {
+    let child = relay(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--name-hold",
+        "12h",
+        "--body-min-rate",
+        "4KiB",
+        "--request-timeout",
+        "90s",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("ferry-relay starts");
+    let mut running = Running(child);
+    let stdout = running.0.stdout.take().expect("piped stdout");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = received
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the banner within a minute");
+    let bound = first
+        .strip_prefix("ferry-relay listening on http://127.0.0.1:")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no bound address in `{first}`"));
+    assert_ne!(bound, 0, "{first}");
+    let health = std::net::TcpStream::connect(("127.0.0.1", bound));
+    assert!(health.is_ok(), "the relay listens where it says");
+}
