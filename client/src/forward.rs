@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ferry_common::coalesce::Coalesce;
 use ferry_common::handshake::meta::RequestMeta;
 use ferry_common::handshake::MAX_RESPONSE_HEADER_LIST;
 use ferry_common::headers::{header_list_size, remove_ferry_headers, remove_hop_by_hop};
@@ -267,7 +268,7 @@ impl Forwarder {
                 size,
             });
         }
-        let body = body.map_frame(|mut frame| {
+        let body = Coalesce::new(body).map_frame(|mut frame| {
             if let Some(trailers) = frame.trailers_mut() {
                 // HTTP/2 refuses connection-specific fields; one left in
                 // would leave the stream hanging.

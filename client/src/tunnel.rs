@@ -137,14 +137,15 @@ async fn sessions(
                     }
                 }
             }
-            // The name is ours but the relay still sees it taken, as when
-            // the old session has not yet been noticed gone: worth a retry.
+            // The name was ours, yet the relay sees it taken: a relay that
+            // restarted and lost its holds, or our old session not yet
+            // noticed gone. Worth retrying, saying so.
             Err(Error::Refused {
                 status: 409,
                 message,
             }) if connected_before => {
                 let _ = events.send(Event::Warning(format!(
-                    "the relay still holds our subdomain for another session: {message}"
+                    "our subdomain is taken on the relay; retrying until it is free ({message})"
                 )));
             }
             Err(err) if err.is_final() || !connected_before => return Err(err),

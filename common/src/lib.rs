@@ -6,6 +6,7 @@
 //!   tunnel's framing limits.
 //! - [`byte_stream`]: the adapter that turns the tunnel WebSocket into the byte
 //!   stream HTTP/2 runs over, and the signal that closes it with a reason.
+//! - [`coalesce`]: merging ready body chunks so tiny writes do not become tiny frames.
 //! - [`link`]: the WebSocket and HTTP/2 settings both ends of a tunnel use.
 //! - [`ids`]: ids that leave the process, unique across restarts.
 //! - [`units`]: durations and sizes with units, as flags take them.
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod byte_stream;
+pub mod coalesce;
 pub mod handshake;
 pub mod headers;
 pub mod ids;

@@ -216,7 +216,7 @@ async fn route(
     match route.endpoint {
         Endpoint::Health => Ok(crate::text(StatusCode::OK, "ok")),
         Endpoint::Metrics => Ok(metrics(state)),
-        Endpoint::Connect => session::connect(state, peer, connection.begin(), req).await,
+        Endpoint::Connect => session::connect(state, peer, connection.carry_tunnel(), req).await,
         Endpoint::Tunnels => {
             let account = state.accounts.authorize(req.headers(), peer)?;
             Ok(tunnels(state, account.as_ref()))

@@ -153,6 +153,46 @@ where
     }
 }
 
+/// A body that holds `G` until it is dropped: a request's slot, or its
+/// connection's mark of a request in flight. Unlike a mapped body it keeps
+/// the size hint, so a response of known length keeps its Content-Length.
+pub struct Holding<B, G> {
+    /// The body.
+    inner: B,
+    /// Held while the body lives.
+    _guard: G,
+}
+
+impl<B, G> Holding<B, G> {
+    /// `inner`, holding `guard`.
+    pub fn new(inner: B, guard: G) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: HttpBody + Unpin, G: Unpin> HttpBody for Holding<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How a paced body failed, for the code that sent it on: once a body
 /// fails, the tunnel only sees a reset stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

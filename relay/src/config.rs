@@ -47,6 +47,9 @@ pub struct Config {
     pub header_timeout: Duration,
     /// How long a connection with no request in flight stays open.
     pub idle_timeout: Duration,
+    /// How long a write to a public caller may stay blocked before the
+    /// connection is closed.
+    pub write_timeout: Duration,
     /// Public connections open at once; the relay stops accepting beyond.
     pub max_connections: usize,
     /// Public connections one IP (an IPv6 /64) may hold open at once.
@@ -86,6 +89,8 @@ impl Config {
     pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
     /// The default for [`Config::idle_timeout`].
     pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    /// The default for [`Config::write_timeout`].
+    pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
     /// The default for [`Config::max_connections`].
     pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
     /// The default for [`Config::max_connections_per_ip`].
@@ -109,6 +114,7 @@ impl Default for Config {
             body_min_rate: Self::DEFAULT_BODY_MIN_RATE,
             header_timeout: Self::DEFAULT_HEADER_TIMEOUT,
             idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            write_timeout: Self::DEFAULT_WRITE_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),

@@ -1,38 +1,50 @@
 //! One public connection's life: how long it may stay open with nothing in
-//! flight, counted from accept.
+//! flight, counted from accept, and how long its writes may stall.
 //!
 //! hyper's own header timeout starts only once a request's first bytes
 //! arrive, and HTTP/2 connections have no idle timeout at all, so silent
 //! connections would stay open forever. [`GuardedIo`] wraps the socket and
 //! reports end-of-stream to hyper once the connection has had no request in
-//! flight for too long, which closes it whatever the protocol.
+//! flight for too long, which closes it whatever the protocol; pings and
+//! other bytes do not count as activity. It also fails the connection when a
+//! write stays blocked too long: a caller that stops reading would otherwise
+//! keep its requests' slots, and leave their response data queued in the
+//! tunnel, for as long as it liked.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
+
+use crate::limits::PerIpGuard;
 
 /// What a connection is doing, shared by its socket and its requests.
 #[derive(Debug)]
 pub struct Activity {
     /// When the connection was accepted.
     opened: Instant,
-    /// Milliseconds after `opened` of the last request end or byte moved.
+    /// Milliseconds after `opened` of the last request's end.
     last: AtomicU64,
     /// Requests (and passed-through WebSockets) in flight.
     active: AtomicUsize,
     /// Requests begun so far, to tell a fresh connection from an idle one.
     begun: AtomicU64,
     /// Wakes the socket's reader when the last request ends, so that it
-    /// re-arms its deadline.
+    /// re-arms its deadline, or when the connection is aborted.
     reader: AtomicWaker,
+    /// Set to end the connection at its next read.
+    aborted: AtomicBool,
+    /// Set once the connection carries a tunnel, whose own pings judge
+    /// whether it is alive, rather than the write timeout for callers.
+    tunnel: AtomicBool,
 }
 
 /// One request in flight on a connection; the connection cannot time out
@@ -49,6 +61,8 @@ impl Activity {
             active: AtomicUsize::new(0),
             begun: AtomicU64::new(0),
             reader: AtomicWaker::new(),
+            aborted: AtomicBool::new(false),
+            tunnel: AtomicBool::new(false),
         })
     }
 
@@ -60,6 +74,20 @@ impl Activity {
 
     fn last(&self) -> Instant {
         self.opened + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Ends the connection, with every request on it: for a caller that
+    /// stalls its responses where no write of ours ever blocks.
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::Relaxed);
+        self.reader.wake();
+    }
+
+    /// Marks the connection as a tunnel's for as long as the guard lives:
+    /// never idle, and its writes wait on the tunnel's own flow control.
+    pub fn carry_tunnel(self: &Arc<Self>) -> ActiveGuard {
+        self.tunnel.store(true, Ordering::Relaxed);
+        self.begin()
     }
 
     /// Marks a request in flight until the guard drops.
@@ -86,6 +114,8 @@ pub struct Timeouts {
     pub first_request: Duration,
     /// How long a connection may sit with no request in flight afterwards.
     pub idle: Duration,
+    /// How long a write to the caller may stay blocked.
+    pub write: Duration,
 }
 
 /// A socket that reads as closed once its connection has been idle too long.
@@ -100,11 +130,19 @@ pub struct GuardedIo<T> {
     timer: Pin<Box<Sleep>>,
     /// Set once the deadline passed: every read from now on is the end.
     expired: bool,
+    /// Fires when a blocked write has waited too long; armed while one is.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    /// The connection's places under the relay's connection limits, given
+    /// back when the socket closes, even after an upgrade handed it on.
+    _places: Places,
 }
 
+/// A connection's places under the relay-wide and per-address caps.
+pub type Places = (OwnedSemaphorePermit, PerIpGuard);
+
 impl<T> GuardedIo<T> {
-    /// Wraps a socket accepted now.
-    pub fn new(inner: T, activity: Arc<Activity>, timeouts: Timeouts) -> Self {
+    /// Wraps a socket accepted now, holding its `places`.
+    pub fn new(inner: T, activity: Arc<Activity>, timeouts: Timeouts, places: Places) -> Self {
         let timer = Box::pin(tokio::time::sleep(timeouts.first_request));
         Self {
             inner,
@@ -112,6 +150,8 @@ impl<T> GuardedIo<T> {
             timeouts,
             timer,
             expired: false,
+            write_stall: None,
+            _places: places,
         }
     }
 
@@ -145,17 +185,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.activity.aborted.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the caller stopped taking response data",
+            )));
+        }
         if self.expired {
             return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    self.activity.touch();
-                }
-                Poll::Ready(result)
-            }
+            Poll::Ready(result) => Poll::Ready(result),
             Poll::Pending => {
                 if self.idle_too_long(cx) {
                     self.expired = true;
@@ -167,6 +207,32 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
     }
 }
 
+impl<T> GuardedIo<T> {
+    /// Passes a write's outcome on, failing it once the socket has refused
+    /// bytes for longer than the write timeout.
+    fn watch_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if written.is_ready() || self.activity.tunnel.load(Ordering::Relaxed) {
+            self.write_stall = None;
+            return written;
+        }
+        let limit = self.timeouts.write;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stall.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the caller stopped reading",
+            ))),
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -174,10 +240,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        written
+        self.watch_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -186,10 +249,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        written
+        self.watch_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -216,12 +276,22 @@ mod tests {
     const TIMEOUTS: Timeouts = Timeouts {
         first_request: Duration::from_secs(30),
         idle: Duration::from_secs(120),
+        write: Duration::from_secs(30),
     };
+
+    fn places() -> super::Places {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let slot = slots.try_acquire_owned().expect("a free slot");
+        let per_ip = crate::limits::PerIp::new(1)
+            .acquire("192.0.2.1".parse().expect("address"))
+            .expect("a free share");
+        (slot, per_ip)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_reads_as_closed_after_the_first_request_timeout() {
         let (_peer, socket) = tokio::io::duplex(64);
-        let mut io = GuardedIo::new(socket, Activity::new(), TIMEOUTS);
+        let mut io = GuardedIo::new(socket, Activity::new(), TIMEOUTS, places());
         let started = tokio::time::Instant::now();
         let mut buf = [0u8; 8];
         assert_eq!(io.read(&mut buf).await.unwrap(), 0);
@@ -232,7 +302,7 @@ mod tests {
     async fn a_request_in_flight_holds_the_connection_open_and_idle_counts_from_its_end() {
         let (mut peer, socket) = tokio::io::duplex(64);
         let activity = Activity::new();
-        let mut io = GuardedIo::new(socket, std::sync::Arc::clone(&activity), TIMEOUTS);
+        let mut io = GuardedIo::new(socket, std::sync::Arc::clone(&activity), TIMEOUTS, places());
         peer.write_all(b"GET").await.unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(io.read(&mut buf).await.unwrap(), 3);
@@ -243,8 +313,35 @@ mod tests {
             drop(request);
             tokio::time::Instant::now()
         });
-        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        // Bytes that are not requests (pings) do not keep it open.
+        let chatter = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if peer.write_all(b"p").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut read = 0;
+        loop {
+            match io.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => read += n,
+            }
+        }
+        assert!(read > 0, "the chatter was read meanwhile");
         let ended = ended.await.unwrap();
         assert_eq!(tokio::time::Instant::now() - ended, TIMEOUTS.idle);
+        chatter.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_by_a_caller_that_stopped_reading_fails_in_time() {
+        let (_peer, socket) = tokio::io::duplex(64);
+        let mut io = GuardedIo::new(socket, Activity::new(), TIMEOUTS, places());
+        let started = tokio::time::Instant::now();
+        let err = io.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), TIMEOUTS.write);
     }
 }

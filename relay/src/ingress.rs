@@ -11,15 +11,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use ferry_common::coalesce::Coalesce;
 use ferry_common::handshake::meta::RequestMeta;
+use ferry_common::handshake::MAX_REQUEST_HEADER_LIST;
 use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
 use ferry_common::ids::ExchangeId;
 use ferry_common::subdomain::Subdomain;
 use http_body_util::BodyExt;
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -30,7 +34,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::body::{BodyError, BodyFailure, PacedBody};
+use crate::body::{BodyError, BodyFailure, Holding, PacedBody};
 use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
 use crate::tunnels::{Admission, SendError};
@@ -126,11 +130,15 @@ pub(crate) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_REQUEST_HEADER_LIST as u32);
     let builder = Arc::new(builder);
     let timeouts = Timeouts {
         first_request: state.config.header_timeout,
         idle: state.config.idle_timeout,
+        write: state.config.write_timeout,
     };
     let (tls_listener, acceptor) = match listeners.tls {
         Some((listener, resolver)) => (
@@ -182,11 +190,10 @@ pub(crate) async fn serve(
             debug!(%err, "could not set TCP_NODELAY");
         }
         let activity = Activity::new();
-        let stream = GuardedIo::new(stream, Arc::clone(&activity), timeouts);
+        let stream = GuardedIo::new(stream, Arc::clone(&activity), timeouts, (permit, per_ip));
         let (state, builder, watcher) =
             (Arc::clone(&state), Arc::clone(&builder), graceful.watcher());
         let connection = async move {
-            let _held = (permit, per_ip);
             let link = Link {
                 state,
                 peer,
@@ -255,10 +262,7 @@ where
             let response = handle(&link, req).await;
             // The request counts as in flight until its response body ends.
             let (parts, body) = response.into_parts();
-            let body = body.map_frame(move |frame| {
-                let _active = &active;
-                frame
-            });
+            let body = Holding::new(body, active);
             Ok::<_, Infallible>(Response::from_parts(parts, body.boxed_unsync()))
         }
     });
@@ -386,6 +390,7 @@ async fn forward(
         .ok_or_else(|| SendError::NotConnected(name.clone()))?;
     let admission = tunnel.admit(link.peer.ip())?;
 
+    let caller_version = req.version();
     let (mut parts, body) = req.into_parts();
     let authority = parts
         .uri
@@ -419,7 +424,7 @@ async fn forward(
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
     let (body, watch) = PacedBody::new(body, state.config.body_timeout, state.config.body_min_rate);
-    let request = Request::from_parts(parts, body.boxed_unsync());
+    let request = Request::from_parts(parts, Coalesce::new(body).boxed_unsync());
     let meta = RequestMeta {
         exchange,
         client_ip: link.peer.ip(),
@@ -435,6 +440,7 @@ async fn forward(
             Some(BodyFailure::Caller) => IngressError::BadBody,
             None => IngressError::Send(err),
         })?;
+    let h2_caller = caller_version == Version::HTTP_2;
     let tunnel_side = websocket
         .is_some()
         .then(|| hyper::upgrade::on(&mut response));
@@ -458,14 +464,67 @@ async fn forward(
             }
             Ok(Response::from_parts(parts, crate::full("")))
         }
+        _ if h2_caller => {
+            let body = relay_body(link, body, admission);
+            Ok(Response::from_parts(parts, body))
+        }
         _ => {
             // The request counts as in flight until its response body ends.
-            let body = body.map_err(BodyError::Tunnel).map_frame(move |frame| {
-                let _held = &admission;
-                frame
-            });
+            let body = Holding::new(body.map_err(BodyError::Tunnel), admission);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
+    }
+}
+
+/// Carries a response body to an HTTP/2 caller through a task that gives up
+/// when the caller takes nothing for `stall`.
+///
+/// An HTTP/2 caller can stop reading by withholding flow-control credit,
+/// and then its connection never blocks a write: hyper simply stops pulling
+/// the body, and the response data piles up unread in the tunnel, where it
+/// would hold the tunnel's connection window (stalling every other response
+/// on it) and count against HTTP/2's budget for buffered frames, which ends
+/// the whole session. The task reads the tunnel side and hands each frame
+/// over; a caller that takes none for `stall` has its exchange reset, which
+/// frees the data, the window and the request's slot, and the caller's
+/// connection is closed (hyper would wait on its credit forever). HTTP/1.1
+/// callers need none of this: their socket blocks, and [`GuardedIo`] times
+/// the write out.
+fn relay_body(link: &Link, mut body: Incoming, admission: Admission) -> Body {
+    let (frames, receiver) = tokio::sync::mpsc::channel(1);
+    let stall = link.state.config.write_timeout;
+    let connection = Arc::clone(&link.activity);
+    link.state.spawn(async move {
+        let _held = admission;
+        while let Some(frame) = body.frame().await {
+            let last = frame.is_err();
+            match tokio::time::timeout(stall, frames.send(frame.map_err(BodyError::Tunnel))).await {
+                Ok(Ok(())) if !last => {}
+                Ok(Ok(())) => return,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    debug!("the caller took no response data in time; closing its connection");
+                    connection.abort();
+                    return;
+                }
+            }
+        }
+    });
+    ChannelBody(receiver).boxed_unsync()
+}
+
+/// A body fed frame by frame through a channel.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BodyError>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.0.poll_recv(cx)
     }
 }
 

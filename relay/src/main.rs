@@ -96,6 +96,11 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_IDLE_TIMEOUT", value_name = "DURATION",
           default_value = "2m", value_parser = duration)]
     idle_timeout: Duration,
+    /// How long a write to a public caller may stay blocked (a caller that
+    /// stopped reading) before its connection is closed.
+    #[arg(long, env = "FERRY_RELAY_WRITE_TIMEOUT", value_name = "DURATION",
+          default_value = "10s", value_parser = duration)]
+    write_timeout: Duration,
     /// Public connections open at once; beyond it the relay stops accepting
     /// until one closes.
     #[arg(long, env = "FERRY_RELAY_MAX_CONNECTIONS", value_name = "N",
@@ -126,11 +131,15 @@ struct Args {
     tls_key: Option<PathBuf>,
 }
 
+/// The longest duration a flag takes: ten years, far below where adding it
+/// to a clock reading would overflow.
+const LONGEST: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// A duration flag, with units.
 fn duration(text: &str) -> Result<Duration, String> {
     let value = ferry_common::units::parse_duration(text)?;
-    if value.is_zero() {
-        return Err("must be more than zero".to_owned());
+    if value.is_zero() || value > LONGEST {
+        return Err("must be more than zero and at most 10 years".to_owned());
     }
     Ok(value)
 }
@@ -245,6 +254,7 @@ fn config(args: &Args) -> Result<Config, String> {
         body_min_rate: args.body_min_rate,
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
+        write_timeout: args.write_timeout,
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),

@@ -11,6 +11,7 @@ use ferry_tests::{
     connect_from, full, host_of, read_body, send, send_from, stop_all, within, Body, ClientOptions,
     Origin, TestClient, TestRelay,
 };
+use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -245,7 +246,6 @@ async fn a_takeover_that_fails_to_come_up_leaves_the_old_session_serving() {
 
 /// A request body that sends one byte, then nothing more.
 fn trickle() -> Body {
-    use futures_util::StreamExt;
     let first = futures_util::stream::once(async {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
             Bytes::from_static(b"x"),
@@ -700,6 +700,10 @@ async fn the_api_routes_answer_405_with_allow_and_errors_in_one_json_shape() {
             "{}",
             route.path
         );
+        assert!(
+            response.headers().contains_key("content-length"),
+            "answers of known length say so"
+        );
         let (status, body) = status_and_body(response).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{}", route.path);
         let error: ferry_common::api::ErrorBody =
@@ -721,4 +725,148 @@ async fn the_api_routes_answer_405_with_allow_and_errors_in_one_json_shape() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("\"code\":\"not_found\""), "{body}");
     relay.stop().await;
+}
+
+/// Sends a response to `/short` at once, and to anything else a body that
+/// never ends; reports on the channel when such a body is dropped (its
+/// exchange was given up).
+async fn endless_origin() -> (Origin, mpsc::UnboundedReceiver<()>) {
+    struct Abandoned(mpsc::UnboundedSender<()>);
+    impl Drop for Abandoned {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let origin = Origin::start(move |req: Request<hyper::body::Incoming>| {
+        let tx = tx.clone();
+        async move {
+            if req.uri().path() == "/short" {
+                return Response::new(full("short"));
+            }
+            let guard = Abandoned(tx);
+            let chunks = futures_util::stream::iter(0u64..).map(move |i| {
+                let _held = &guard;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                    Bytes::from(format!("data: {i}\n\n")),
+                ))
+            });
+            Response::new(http_body_util::StreamBody::new(chunks).boxed_unsync())
+        }
+    })
+    .await;
+    (origin, rx)
+}
+
+#[tokio::test]
+async fn callers_that_stop_reading_lose_their_slots_and_stall_no_one_else() {
+    let config = ferry_relay::Config {
+        max_requests_per_tunnel: 4,
+        write_timeout: Duration::from_millis(300),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    // Small chunks without end, as a server-sent-events stream sends.
+    let (origin, mut abandoned) = endless_origin().await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    // An HTTP/2 caller that grants no flow-control credit at all.
+    let stream = connect_from(ATTACKER, relay.addr).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .initial_connection_window_size(65_535)
+            .handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let request = Request::builder()
+            .uri(format!("http://{host}/events"))
+            .body(full(""))
+            .expect("request");
+        let response = within(
+            "the stalled response's headers",
+            sender.send_request(request),
+        )
+        .await
+        .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        stalled.push(response);
+    }
+    // The relay resets each stalled exchange, which frees its slot.
+    for response in stalled {
+        let mut body = response.into_body();
+        let end = within("the stalled exchange to be reset", async {
+            loop {
+                match body.frame().await {
+                    Some(Ok(_)) => continue,
+                    other => return other.map(|frame| frame.is_ok()),
+                }
+            }
+        })
+        .await;
+        assert_eq!(end, Some(false), "the stream ends with an error");
+    }
+    for _ in 0..4 {
+        within(
+            "each exchange to be given up at the origin",
+            abandoned.recv(),
+        )
+        .await;
+    }
+    let response = send(
+        relay.addr,
+        &host,
+        Request::builder()
+            .uri("/short")
+            .body(full(""))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, b"short");
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn an_http1_caller_that_stops_reading_loses_its_connection() {
+    let config = ferry_relay::Config {
+        max_requests_per_tunnel: 1,
+        write_timeout: Duration::from_millis(300),
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start(config).await;
+    let (origin, mut abandoned) = endless_origin().await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    let mut reader = connect_from(ATTACKER, relay.addr).await;
+    reader
+        .write_all(format!("GET /big HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // It never reads. The relay gives up on it, which resets the exchange
+    // back to the origin, and its one slot is free again.
+    within(
+        "the stalled exchange to reach back to the origin",
+        abandoned.recv(),
+    )
+    .await;
+    let response = send(
+        relay.addr,
+        &host,
+        Request::builder()
+            .uri("/short")
+            .body(full(""))
+            .expect("request"),
+    )
+    .await;
+    let (status, body) = status_and_body(response).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "short"));
+    drop(reader);
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
 }
