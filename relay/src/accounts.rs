@@ -173,7 +173,7 @@ mod tests {
         assert!(!format!("{token:?}").contains("s3cret"));
         assert_eq!(token.account(), &AccountId::of_token("s3cret"));
         assert_ne!(token.account(), &AccountId::of_token("other"));
-        assert!(!token.account().as_str().contains("s3cret"));
+        assert!(!token.account().to_string().contains("s3cret"));
     }
 
     #[test]

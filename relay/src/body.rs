@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_common::headers::remove_hop_by_hop;
+use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
@@ -108,8 +108,10 @@ where
                 this.last = Instant::now();
                 if let Some(trailers) = frame.trailers_mut() {
                     // HTTP/2 refuses connection-specific fields, and a
-                    // refused trailer would leave the stream hanging.
+                    // refused trailer would leave the stream hanging; the
+                    // relay's own fields are not the caller's to send.
                     remove_hop_by_hop(trailers);
+                    remove_ferry_headers(trailers);
                 }
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;

@@ -287,7 +287,10 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
             let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
-            match forward(link, name, exchange, req).instrument(span).await {
+            match forward(link, name, host, exchange, req)
+                .instrument(span)
+                .await
+            {
                 Ok(response) => response,
                 Err(err) => {
                     state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
@@ -359,11 +362,12 @@ fn route(host: &str, domain: &str) -> Result<Route, IngressError> {
         })
 }
 
-/// Sends a public request through tunnel `name` and returns the client's
-/// response, streaming both bodies.
+/// Sends a public request through tunnel `name` (reached as `host`) and
+/// returns the client's response, streaming both bodies.
 async fn forward(
     link: &Link,
     name: Subdomain,
+    host: String,
     exchange: ExchangeId,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, IngressError> {
@@ -392,23 +396,11 @@ async fn forward(
 
     let caller_version = req.version();
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let scheme = if link.https { "https" } else { "http" };
     parts.uri = Uri::builder()
         .scheme(scheme)
-        .authority(authority)
+        .authority(host)
         .path_and_query(path)
         .build()
         .map_err(|_| IngressError::BadHost(state.config.domain.clone()))?;

@@ -178,6 +178,8 @@ enum SessionError {
     Http(#[from] hyper::Error),
     #[error("the client {0} after the upgrade")]
     Silent(&'static str),
+    #[error("the takeover came up too late: {0}")]
+    Lost(#[source] ClaimError),
 }
 
 async fn serve(
@@ -212,7 +214,11 @@ async fn serve(
         }
     }
     tunnel.set_sender(sender);
-    if let Some(old) = state.tunnels.activate(tunnel) {
+    let replaced = state.tunnels.activate(tunnel).map_err(|err| {
+        tunnel.close.close(CloseReason::policy(err.to_string()));
+        SessionError::Lost(err)
+    })?;
+    if let Some(old) = replaced {
         info!(old = old.id, "tunnel taken over by a new session");
         old.close.close(CloseReason::policy(
             "a new session with the same credentials took over this subdomain",

@@ -2,7 +2,7 @@
 //! which names are held for owners whose session ended, and how a request
 //! is sent through a tunnel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,8 +27,9 @@ const RANDOM_NAME_ATTEMPTS: u32 = 64;
 /// How long a public request waits for a tunnel whose client is still
 /// completing its handshake (a fresh connect, a reconnect or a takeover).
 const READY_WAIT: Duration = Duration::from_secs(5);
-/// Held names kept before expired holds are swept out.
-const HOLDS_BEFORE_SWEEP: usize = 100_000;
+/// The most names held at once; past it the holds that expire soonest go
+/// first, so a flood of short-lived tunnels cannot grow memory without end.
+const MAX_HOLDS: usize = 100_000;
 
 /// Who holds a tunnel or a name, which decides who may take it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,9 +264,27 @@ struct Registry {
     live: HashMap<Subdomain, Arc<Tunnel>>,
     /// Names held for owners whose session ended.
     held: HashMap<Subdomain, Hold>,
+    /// Holds in the order they expire (the hold period is the same for
+    /// all), so expired ones are swept from the front without a scan.
+    /// Entries whose hold was taken back or renewed are skipped.
+    expiries: VecDeque<(Instant, Subdomain)>,
 }
 
 impl Registry {
+    /// Drops expired holds, and the soonest-expiring ones beyond `cap`.
+    fn sweep(&mut self, now: Instant, cap: usize) {
+        while let Some((until, name)) = self.expiries.front() {
+            let stale = self.held.get(name).is_none_or(|hold| hold.until != *until);
+            if !stale && *until > now && self.held.len() < cap && self.expiries.len() < 2 * cap {
+                break;
+            }
+            if !stale {
+                self.held.remove(name);
+            }
+            self.expiries.pop_front();
+        }
+    }
+
     fn holder(&self, name: &Subdomain, now: Instant) -> Option<&Owner> {
         self.held
             .get(name)
@@ -378,18 +397,35 @@ impl Tunnels {
         Ok(tunnel)
     }
 
-    /// Marks `tunnel`'s session as up: a takeover now replaces the old
-    /// session, which is returned for the caller to close.
-    pub fn activate(&self, tunnel: &Arc<Tunnel>) -> Option<Arc<Tunnel>> {
-        let old = tunnel
+    /// Marks `tunnel`'s session as up. A takeover now replaces whichever
+    /// session of the same owner serves the name (the one it was claimed
+    /// against, or another takeover that came up first), which is returned
+    /// for the caller to close. Refused when the name went to someone else
+    /// meanwhile.
+    pub fn activate(&self, tunnel: &Arc<Tunnel>) -> Result<Option<Arc<Tunnel>>, ClaimError> {
+        let replaces = tunnel
             .replaces
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
-        self.registry()
+            .take();
+        if replaces.is_none() {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let mut registry = self.registry();
+        let ours = match registry.live.get(&tunnel.name) {
+            Some(current) => tunnel.owner.may_take_over(&current.owner),
+            None => registry
+                .holder(&tunnel.name, now)
+                .is_none_or(|holder| tunnel.owner.may_take_over(holder)),
+        };
+        if !ours {
+            return Err(ClaimError::InUse(tunnel.name.clone()));
+        }
+        registry.held.remove(&tunnel.name);
+        Ok(registry
             .live
-            .insert(tunnel.name.clone(), Arc::clone(tunnel));
-        Some(old)
+            .insert(tunnel.name.clone(), Arc::clone(tunnel)))
     }
 
     /// The tunnel serving `name`.
@@ -423,16 +459,18 @@ impl Tunnels {
             return;
         }
         let now = Instant::now();
-        if registry.held.len() >= HOLDS_BEFORE_SWEEP {
-            registry.held.retain(|_, hold| hold.until > now);
-        }
+        registry.sweep(now, MAX_HOLDS);
+        let until = now
+            .checked_add(self.limits.name_hold)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
         registry.held.insert(
             tunnel.name.clone(),
             Hold {
                 owner: tunnel.owner.clone(),
-                until: now + self.limits.name_hold,
+                until,
             },
         );
+        registry.expiries.push_back((until, tunnel.name.clone()));
         if registry.live.is_empty() {
             registry.live.shrink_to_fit();
         }
@@ -446,13 +484,8 @@ impl Tunnels {
     }
 
     /// Live tunnels.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.registry().live.len()
-    }
-
-    /// Whether no tunnel is live.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Closes every session with `reason`.
@@ -522,7 +555,10 @@ mod tests {
         tunnels.release(&second);
         assert_eq!(tunnels.get(&name).map(|t| t.id), Some(first.id));
         let third = claim(&tunnels, "demo", account("a")).unwrap();
-        let replaced = tunnels.activate(&third).expect("it replaces the first");
+        let replaced = tunnels
+            .activate(&third)
+            .unwrap()
+            .expect("it replaces the first");
         assert_eq!(replaced.id, first.id);
         assert_eq!(tunnels.get(&name).map(|t| t.id), Some(third.id));
         // The replaced session going away must not unregister its successor.
@@ -554,6 +590,67 @@ mod tests {
         tunnels.release(&keyed);
         assert!(claim(&tunnels, "keyed", Owner::of_key(Some("key-2"))).is_err());
         assert!(claim(&tunnels, "keyed", Owner::of_key(Some("key-1"))).is_ok());
+    }
+
+    #[test]
+    fn racing_takeovers_each_replace_the_one_before_and_strangers_lose() {
+        let tunnels = registry(3, 100);
+        let name = Subdomain::parse("demo").unwrap();
+        let first = claim(&tunnels, "demo", account("a")).unwrap();
+        let second = claim(&tunnels, "demo", account("a")).unwrap();
+        let third = claim(&tunnels, "demo", account("a")).unwrap();
+        assert_eq!(
+            tunnels.activate(&second).unwrap().map(|t| t.id),
+            Some(first.id)
+        );
+        assert_eq!(
+            tunnels.activate(&third).unwrap().map(|t| t.id),
+            Some(second.id)
+        );
+        assert_eq!(tunnels.get(&name).map(|t| t.id), Some(third.id));
+
+        // The old session ends and its hold lapses before the newcomer is
+        // up; a stranger takes the name; the newcomer must not displace it.
+        let tunnels = Tunnels::new(RegistryLimits {
+            name_hold: Duration::ZERO,
+            ..registry(3, 100).limits
+        });
+        let old = claim(&tunnels, "demo", account("a")).unwrap();
+        let late = claim(&tunnels, "demo", account("a")).unwrap();
+        tunnels.release(&old);
+        let stranger = claim(&tunnels, "demo", account("b")).unwrap();
+        assert!(tunnels.activate(&late).is_err());
+        assert_eq!(tunnels.get(&name).map(|t| t.id), Some(stranger.id));
+    }
+
+    #[test]
+    fn holds_are_capped_and_swept_in_expiry_order() {
+        let tunnels = registry(3, 1_000_000);
+        let mut registry = tunnels.registry();
+        let now = std::time::Instant::now();
+        for i in 0..10 {
+            let name: Subdomain = format!("n{i}").parse().unwrap();
+            let until = now + Duration::from_secs(i);
+            registry.held.insert(
+                name.clone(),
+                super::Hold {
+                    owner: account("a"),
+                    until,
+                },
+            );
+            registry.expiries.push_back((until, name));
+        }
+        registry.sweep(now + Duration::from_millis(4500), 100);
+        assert_eq!(registry.held.len(), 5, "the five expired ones are gone");
+        registry.sweep(now, 3);
+        assert_eq!(
+            registry.held.len(),
+            2,
+            "beyond the cap, the soonest to expire go"
+        );
+        assert!(registry
+            .held
+            .contains_key(&"n9".parse::<Subdomain>().unwrap()));
     }
 
     #[test]
