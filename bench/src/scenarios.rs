@@ -149,9 +149,9 @@ async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
 }
 
 async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr), String> {
-    // Every connect of the idle-tunnels scenario comes from this one
-    // machine, which the relay's per-address connect rate would otherwise
-    // (rightly) throttle.
+    // Every connection of the idle-tunnels scenario comes from this one
+    // machine, which the relay's per-address connect rate and connection
+    // cap would otherwise (rightly) refuse.
     let mut relay = Proc::spawn(
         &bin.join("ferry-relay"),
         &[
@@ -160,6 +160,8 @@ async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr
             "--connects-per-minute".into(),
             "1000000".into(),
             "--max-tunnels".into(),
+            "100000".into(),
+            "--max-connections-per-ip".into(),
             "100000".into(),
         ],
     )?;
@@ -520,9 +522,9 @@ async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
     ])
 }
 
-/// How long the relay's allocator gets to return memory once the last
-/// tunnel is gone.
-const RELEASE_SETTLE: Duration = Duration::from_secs(2);
+/// How long the relay gets to return memory once the last tunnel is gone:
+/// it looks every 5 s.
+const RELEASE_SETTLE: Duration = Duration::from_secs(6);
 
 /// Polls the relay's `/metrics` until it reports no tunnel (a bench, not a
 /// test: polling is how it watches another process).
