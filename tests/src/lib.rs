@@ -396,13 +396,18 @@ pub async fn stop_all(client: TestClient, origin: Origin, relay: TestRelay) {
 
 /// Sends `request` to the relay at `relay` with `Host: host` over a new
 /// HTTP/1.1 connection and returns the response.
-pub async fn send(relay: SocketAddr, host: &str, mut request: Request<Body>) -> Response<Incoming> {
-    request
-        .headers_mut()
-        .insert(hyper::header::HOST, host.parse().expect("valid test host"));
+pub async fn send(relay: SocketAddr, host: &str, request: Request<Body>) -> Response<Incoming> {
     let stream = TcpStream::connect(relay)
         .await
         .expect("relay should accept");
+    send_on(stream, host, request).await
+}
+
+/// Sends `request` with `Host: host` over `stream` as HTTP/1.1.
+async fn send_on(stream: TcpStream, host: &str, mut request: Request<Body>) -> Response<Incoming> {
+    request
+        .headers_mut()
+        .insert(hyper::header::HOST, host.parse().expect("valid test host"));
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("http/1.1 handshake");
@@ -429,19 +434,9 @@ pub async fn send_from(
     from: std::net::Ipv4Addr,
     relay: SocketAddr,
     host: &str,
-    mut request: Request<Body>,
+    request: Request<Body>,
 ) -> Response<Incoming> {
-    request
-        .headers_mut()
-        .insert(hyper::header::HOST, host.parse().expect("valid test host"));
-    let stream = connect_from(from, relay).await;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("http/1.1 handshake");
-    tokio::spawn(connection.with_upgrades());
-    within("a response", sender.send_request(request))
-        .await
-        .expect("response")
+    send_on(connect_from(from, relay).await, host, request).await
 }
 
 /// The host of a tunnel's public URL, with port: `brave-otter.localhost:PORT`.

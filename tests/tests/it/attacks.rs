@@ -19,6 +19,11 @@ use tokio::sync::{mpsc, Notify};
 
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
+/// Status and body of an empty GET to `host` through the relay.
+async fn get(relay: &TestRelay, host: &str) -> (StatusCode, String) {
+    status_and_body(send(relay.addr, host, Request::new(full(""))).await).await
+}
+
 async fn status_and_body(response: Response<hyper::body::Incoming>) -> (StatusCode, String) {
     let status = response.status();
     let body = read_body(response.into_body()).await;
@@ -120,8 +125,7 @@ async fn callers_hanging_up_at_once_many_times_never_drop_the_tunnel() {
         stream.write_all(request.as_bytes()).await.expect("write");
         drop(stream);
     }
-    let (status, body) =
-        status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
+    let (status, body) = get(&relay, &host).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
     assert_still_connected(&mut client);
     stop_all(client, origin, relay).await;
@@ -163,15 +167,7 @@ async fn a_dropped_tunnel_stays_its_owners_and_cannot_be_claimed_by_another_toke
         other => panic!("mallory should be refused, got {other:?}"),
     }
     let alice = TestClient::start(&relay, &origin.target(), token_options("alice", "shop")).await;
-    let (status, body) = status_and_body(
-        send(
-            relay.addr,
-            &host_of(&alice.public_url),
-            Request::new(full("")),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = get(&relay, &host_of(&alice.public_url)).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "alice's"));
     stop_all(alice, origin, relay).await;
 }
@@ -229,15 +225,7 @@ async fn a_takeover_that_fails_to_come_up_leaves_the_old_session_serving() {
     drop(stream);
 
     for _ in 0..5 {
-        let (status, body) = status_and_body(
-            send(
-                relay.addr,
-                &host_of(&old.public_url),
-                Request::new(full("")),
-            )
-            .await,
-        )
-        .await;
+        let (status, body) = get(&relay, &host_of(&old.public_url)).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "old"));
     }
     assert_still_connected(&mut old);
@@ -330,15 +318,7 @@ async fn silent_connections_are_closed_and_the_cap_does_not_lock_others_out() {
         silent.push(connect_from(ATTACKER, relay.addr).await);
     }
     // The relay is at its cap; it serves again once the silent ones time out.
-    let (status, body) = status_and_body(
-        send(
-            relay.addr,
-            &host_of(&client.public_url),
-            Request::new(full("")),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = get(&relay, &host_of(&client.public_url)).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "served"));
     for mut stream in silent {
         let mut byte = [0u8; 1];
@@ -365,15 +345,7 @@ async fn one_address_cannot_hold_every_connection() {
     let mut byte = [0u8; 1];
     let read = within("the sixth connection to be closed", sixth.read(&mut byte)).await;
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    let (status, _) = status_and_body(
-        send(
-            relay.addr,
-            &host_of(&client.public_url),
-            Request::new(full("")),
-        )
-        .await,
-    )
-    .await;
+    let (status, _) = get(&relay, &host_of(&client.public_url)).await;
     assert_eq!(status, StatusCode::OK, "other addresses are served");
     drop(held);
     stop_all(client, origin, relay).await;
@@ -444,15 +416,7 @@ async fn a_quiet_tunnel_outlives_the_idle_timeout_of_public_connections() {
     // The scenario is a quiet spell longer than the idle timeout (and
     // shorter than the tunnel's ping interval), not a wait for an event.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (status, body) = status_and_body(
-        send(
-            relay.addr,
-            &host_of(&client.public_url),
-            Request::new(full("")),
-        )
-        .await,
-    )
-    .await;
+    let (status, body) = get(&relay, &host_of(&client.public_url)).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "still up"));
     assert_still_connected(&mut client);
     stop_all(client, origin, relay).await;
@@ -643,7 +607,7 @@ async fn every_error_the_relay_answers_for_a_tunnel_is_counted() {
     let (addr, held_host) = (relay.addr, host.clone());
     let held = tokio::spawn(async move { send(addr, &held_host, Request::new(full(""))).await });
     within("the held request", started.recv()).await;
-    let (status, _) = status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
+    let (status, _) = get(&relay, &host).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let response = within("the 504", held).await.expect("task");
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
