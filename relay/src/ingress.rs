@@ -73,7 +73,7 @@ enum IngressError {
     UnsupportedUpgrade(String),
     #[error("CONNECT is for proxies: a tunnel forwards requests to its local server, it does not open connections elsewhere")]
     Connect,
-    #[error("the request body {0}: send it without long pauses")]
+    #[error("{0}: send the body without long pauses")]
     SlowBody(BodyError),
     #[error("the request body could not be read (malformed chunked encoding, or the connection failed): send a well-formed body")]
     BadBody,
