@@ -149,9 +149,9 @@ async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
 }
 
 async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr), String> {
-    // Every connection of the idle-tunnels scenario comes from this one
-    // machine, which the relay's per-address connect rate and connection
-    // cap would otherwise (rightly) refuse.
+    // Every connection of the benchmark comes from this one machine, which
+    // the relay's per-address connect rate, connection cap and share of a
+    // tunnel's requests would otherwise (rightly) refuse.
     let mut relay = Proc::spawn(
         &bin.join("ferry-relay"),
         &[
@@ -162,6 +162,8 @@ async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr
             "--max-tunnels".into(),
             "100000".into(),
             "--max-connections-per-ip".into(),
+            "100000".into(),
+            "--max-requests-per-ip".into(),
             "100000".into(),
         ],
     )?;

@@ -65,7 +65,12 @@ pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// stream and is how a slow local server back-pressures the public caller.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 connection flow-control window, shared by all streams of a tunnel.
-pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Data the relay has not yet passed on to a slow caller holds it, so it is
+/// sized for many stalled streams: one caller address's share of a tunnel's
+/// slots, each holding a full [`STREAM_WINDOW`], fills at most half of it
+/// (the relay checks its default against this), and the other callers'
+/// responses keep flowing.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 /// HTTP/2 maximum frame payload; larger than the 16 KiB default to cut
 /// per-frame overhead on bulk bodies.
 pub const MAX_FRAME_SIZE: u32 = 64 * 1024;

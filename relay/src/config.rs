@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use ferry_common::handshake::{Keepalive, MAX_CONCURRENT_STREAMS};
+use ferry_common::handshake::{
+    Keepalive, CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW,
+};
 
 use crate::accounts::Token;
 
@@ -67,9 +69,10 @@ impl Config {
     pub const DEFAULT_MAX_REQUESTS_PER_TUNNEL: usize = 1000;
     /// The most [`Config::max_requests_per_tunnel`] may be.
     pub const MAX_REQUESTS_PER_TUNNEL_LIMIT: usize = MAX_CONCURRENT_STREAMS as usize;
-    /// The default for [`Config::max_requests_per_ip`]: a quarter of a
-    /// tunnel's slots.
-    pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 250;
+    /// The default for [`Config::max_requests_per_ip`]: few enough that one
+    /// caller's stalled responses cannot fill the tunnel's flow-control
+    /// window, which would stall everyone else's (see the check below).
+    pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 32;
     /// The default for [`Config::max_tunnels_per_token`].
     pub const DEFAULT_MAX_TUNNELS_PER_TOKEN: usize = 32;
     /// The default for [`Config::max_tunnels`].
@@ -96,6 +99,12 @@ impl Config {
     /// The default for [`Config::max_connections_per_ip`].
     pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 }
+
+// One address's share of a tunnel's slots, each response holding a full
+// stream window unread, fills at most half the tunnel's connection window.
+const _: () = assert!(
+    Config::DEFAULT_MAX_REQUESTS_PER_IP * STREAM_WINDOW as usize <= CONNECTION_WINDOW as usize / 2
+);
 
 impl Default for Config {
     fn default() -> Self {

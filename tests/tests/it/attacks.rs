@@ -724,9 +724,11 @@ async fn endless_origin() -> (Origin, mpsc::UnboundedReceiver<()>) {
 
 #[tokio::test]
 async fn callers_that_stop_reading_lose_their_slots_and_stall_no_one_else() {
+    // Long enough for the four requests to be sent before the first stall
+    // closes the caller's connection, even on a loaded machine.
     let config = ferry_relay::Config {
         max_requests_per_tunnel: 4,
-        write_timeout: Duration::from_millis(300),
+        write_timeout: Duration::from_secs(2),
         ..ferry_relay::Config::default()
     };
     let relay = TestRelay::start(config).await;
@@ -831,6 +833,72 @@ async fn an_http1_caller_that_stops_reading_loses_its_connection() {
     let (status, body) = status_and_body(response).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "short"));
     drop(reader);
+    assert_still_connected(&mut client);
+    stop_all(client, origin, relay).await;
+}
+
+#[tokio::test]
+async fn one_callers_stalled_responses_cannot_stall_other_callers_on_the_tunnel() {
+    // Only the window's size can keep the victim flowing here: the write
+    // timeout is far beyond the test's patience.
+    let config = ferry_relay::Config {
+        write_timeout: Duration::from_secs(3600),
+        ..ferry_relay::Config::default()
+    };
+    let share = config.max_requests_per_ip;
+    let relay = TestRelay::start(config).await;
+    // `/big` streams 64 KiB chunks without end and reports once it has
+    // produced more than a stream window (so the tunnel holds a full one).
+    let (produced_tx, mut produced) = mpsc::unbounded_channel();
+    let origin = Origin::start(move |req: Request<hyper::body::Incoming>| {
+        let produced_tx = produced_tx.clone();
+        async move {
+            if req.uri().path() != "/big" {
+                return Response::new(full("short"));
+            }
+            let enough = ferry_common::handshake::STREAM_WINDOW as usize * 5 / 4;
+            let chunks = futures_util::stream::iter(0usize..).map(move |i| {
+                if (i + 1) * 65_536 >= enough && i * 65_536 < enough {
+                    let _ = produced_tx.send(());
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                    Bytes::from(vec![b'x'; 65_536]),
+                ))
+            });
+            Response::new(http_body_util::StreamBody::new(chunks).boxed_unsync())
+        }
+    })
+    .await;
+    let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+
+    let stream = connect_from(ATTACKER, relay.addr).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .initial_connection_window_size(65_535)
+            .handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut stalled = Vec::new();
+    for _ in 0..share {
+        let request = Request::builder()
+            .uri(format!("http://{host}/big"))
+            .body(full(""))
+            .expect("request");
+        stalled.push(
+            within("a stalled response's headers", sender.send_request(request))
+                .await
+                .expect("response"),
+        );
+    }
+    for _ in 0..share {
+        within("each stalled stream to fill its window", produced.recv()).await;
+    }
+    let (status, body) = get(&relay, &host).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "short"));
+    drop(stalled);
     assert_still_connected(&mut client);
     stop_all(client, origin, relay).await;
 }

@@ -189,7 +189,12 @@ async fn host_header_can_be_rewritten_to_the_target() {
 #[tokio::test]
 async fn two_hundred_concurrent_requests_share_one_tunnel() {
     const REQUESTS: usize = 200;
-    let relay = TestRelay::open().await;
+    // All come from this one address, which the default share would cap.
+    let relay = TestRelay::start(ferry_relay::Config {
+        max_requests_per_ip: REQUESTS,
+        ..ferry_relay::Config::default()
+    })
+    .await;
     // The origin answers nobody until all 200 are in flight at once, which
     // only a tunnel that multiplexes them can achieve.
     let barrier = Arc::new(Barrier::new(REQUESTS));
