@@ -722,6 +722,35 @@ async fn endless_origin() -> (Origin, mpsc::UnboundedReceiver<()>) {
     (origin, rx)
 }
 
+/// Asks for `url` `count` times over one HTTP/2 connection from the
+/// attacker's address that grants no flow-control credit at all, and
+/// returns the responses, whose bodies can never arrive.
+async fn stalled_responses(
+    relay: &TestRelay,
+    url: &str,
+    count: usize,
+) -> Vec<Response<hyper::body::Incoming>> {
+    let stream = connect_from(ATTACKER, relay.addr).await;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .initial_connection_window_size(65_535)
+            .handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut responses = Vec::new();
+    for _ in 0..count {
+        let request = Request::builder().uri(url).body(full("")).expect("request");
+        responses.push(
+            within("a stalled response's headers", sender.send_request(request))
+                .await
+                .expect("response"),
+        );
+    }
+    responses
+}
+
 #[tokio::test]
 async fn callers_that_stop_reading_lose_their_slots_and_stall_no_one_else() {
     // Long enough for the four requests to be sent before the first stall
@@ -738,29 +767,9 @@ async fn callers_that_stop_reading_lose_their_slots_and_stall_no_one_else() {
     let host = host_of(&client.public_url);
 
     // An HTTP/2 caller that grants no flow-control credit at all.
-    let stream = connect_from(ATTACKER, relay.addr).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .initial_connection_window_size(65_535)
-            .handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(connection);
-    let mut stalled = Vec::new();
-    for _ in 0..4 {
-        let request = Request::builder()
-            .uri(format!("http://{host}/events"))
-            .body(full(""))
-            .expect("request");
-        let response = within(
-            "the stalled response's headers",
-            sender.send_request(request),
-        )
-        .await
-        .expect("response");
+    let stalled = stalled_responses(&relay, &format!("http://{host}/events"), 4).await;
+    for response in &stalled {
         assert_eq!(response.status(), StatusCode::OK);
-        stalled.push(response);
     }
     // The relay resets each stalled exchange, which frees its slot.
     for response in stalled {
@@ -872,27 +881,7 @@ async fn one_callers_stalled_responses_cannot_stall_other_callers_on_the_tunnel(
     let mut client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
     let host = host_of(&client.public_url);
 
-    let stream = connect_from(ATTACKER, relay.addr).await;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .initial_connection_window_size(65_535)
-            .handshake::<_, Body>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(connection);
-    let mut stalled = Vec::new();
-    for _ in 0..share {
-        let request = Request::builder()
-            .uri(format!("http://{host}/big"))
-            .body(full(""))
-            .expect("request");
-        stalled.push(
-            within("a stalled response's headers", sender.send_request(request))
-                .await
-                .expect("response"),
-        );
-    }
+    let stalled = stalled_responses(&relay, &format!("http://{host}/big"), share).await;
     for _ in 0..share {
         within("each stalled stream to fill its window", produced.recv()).await;
     }
