@@ -12,6 +12,8 @@
 //! - [`api`]: the relay's own endpoints (`/healthz`, `/metrics`, the API)
 //!   and their route table.
 //! - [`config`]: the settings `main` validates.
+//! - [`store`]: what the relay keeps on disk: the activity log and the
+//!   name registry.
 //! - [`shutdown`]: the signals that stop the process gracefully.
 //! - [`tls`]: the HTTPS listener's certificate, reloaded when its files change.
 //!
@@ -28,6 +30,7 @@ pub mod ingress;
 pub mod limits;
 pub mod session;
 pub mod shutdown;
+pub mod store;
 pub mod tls;
 pub mod tunnels;
 
