@@ -12,6 +12,8 @@
 //! - [`api`]: the relay's own endpoints (`/healthz`, `/metrics`, the API)
 //!   and their route table.
 //! - [`config`]: the settings `main` validates.
+//! - [`egress`]: the guard every request the relay sends out passes, which
+//!   refuses private and local targets unless the operator allows them.
 //! - [`store`]: what the relay keeps on disk: the activity log and the
 //!   name registry.
 //! - [`shutdown`]: the signals that stop the process gracefully.
@@ -26,6 +28,7 @@ pub mod api;
 pub mod body;
 pub mod config;
 pub mod connection;
+pub mod egress;
 pub mod ingress;
 pub mod limits;
 pub mod session;
