@@ -7,6 +7,7 @@ use ferry_common::handshake::{
 };
 
 use crate::accounts::Token;
+use crate::egress::Allow;
 
 /// How the relay is set up. Every limit has a default here and a flag in
 /// `main`.
@@ -58,6 +59,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// How the relay pings each client to notice dead links.
     pub keepalive: Keepalive,
+    /// Networks and host names the relay may send replays and deliveries
+    /// to although the egress guard would refuse them (private, loopback …).
+    pub egress_allow: Vec<Allow>,
 }
 
 impl Config {
@@ -127,6 +131,7 @@ impl Default for Config {
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
+            egress_allow: Vec::new(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use ferry_relay::egress::Allow;
 use ferry_relay::tls::{CertResolver, TlsFiles};
 use ferry_relay::{Config, Listeners, Token};
 use tokio::net::TcpListener;
@@ -129,6 +130,17 @@ struct Args {
     /// PEM private key of --tls-cert, reloaded with it.
     #[arg(long, env = "FERRY_RELAY_TLS_KEY", requires = "tls_listen")]
     tls_key: Option<PathBuf>,
+    /// A network (10.0.0.0/8, fd00::/8), address or host name that replays
+    /// and webhook deliveries may reach although it is private, loopback or
+    /// otherwise not public (repeatable). A host name is trusted whatever
+    /// it resolves to.
+    #[arg(
+        long = "egress-allow",
+        env = "FERRY_RELAY_EGRESS_ALLOW",
+        value_name = "CIDR|HOST",
+        value_delimiter = ','
+    )]
+    egress_allow: Vec<Allow>,
 }
 
 /// The longest duration a flag takes: ten years, far below where adding it
@@ -258,6 +270,7 @@ fn config(args: &Args) -> Result<Config, String> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),
+        egress_allow: args.egress_allow.clone(),
     })
 }
 

@@ -43,6 +43,14 @@ fn limits_beyond_what_a_tunnel_carries_are_refused() {
         .output()
         .expect("ferry-relay runs");
     assert_eq!(output.status.code(), Some(2));
+
+    let output = relay(&["--egress-allow", "10.0.0.0/8,10.0.0.0/40"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--egress-allow"), "{stderr}");
+    assert!(stderr.contains("10.0.0.0/40"), "{stderr}");
 }
 
 #[test]
@@ -56,6 +64,8 @@ fn the_banner_names_the_bound_address_and_units_are_taken() {
         "4KiB",
         "--request-timeout",
         "90s",
+        "--egress-allow",
+        "10.0.0.0/8,fd00::/8,intranet.example",
     ])
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
