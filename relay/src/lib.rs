@@ -12,6 +12,8 @@
 //! - [`api`]: the relay's own endpoints (`/healthz`, `/metrics`, the API)
 //!   and their route table.
 //! - [`config`]: the settings `main` validates.
+//! - [`activity`]: views of captured exchanges: decoded bodies, and the
+//!   exports to curl and HAR.
 //! - [`store`]: what the relay keeps on disk: the activity log and the
 //!   name registry.
 //! - [`shutdown`]: the signals that stop the process gracefully.
@@ -22,6 +24,7 @@
 //! the very same relay.
 
 pub mod accounts;
+pub mod activity;
 pub mod api;
 pub mod body;
 pub mod config;
