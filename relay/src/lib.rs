@@ -14,6 +14,8 @@
 //! - [`config`]: the settings `main` validates.
 //! - [`egress`]: the guard every request the relay sends out passes, which
 //!   refuses private and local targets unless the operator allows them.
+//! - [`activity`]: views of captured exchanges: decoded bodies, and the
+//!   exports to curl and HAR.
 //! - [`store`]: what the relay keeps on disk: the activity log and the
 //!   name registry.
 //! - [`shutdown`]: the signals that stop the process gracefully.
@@ -24,6 +26,7 @@
 //! the very same relay.
 
 pub mod accounts;
+pub mod activity;
 pub mod api;
 pub mod body;
 pub mod config;

@@ -3,6 +3,7 @@
 
 mod attacks;
 mod bad_input;
+mod export;
 mod forwarding;
 mod handshake;
 mod reconnect;
