@@ -6,6 +6,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+/// The embedded relay's data directory: `ferry` in the user's data
+/// directory (`~/.local/share/ferry` on Linux), so the log outlives
+/// `ferry http`.
+pub fn default_data_dir() -> Option<std::path::PathBuf> {
+    dirs::data_dir().map(|dir| dir.join("ferry"))
+}
+
 /// The port tried first, then the ones after it.
 pub const PREFERRED_PORT: u16 = 8080;
 /// How many ports after [`PREFERRED_PORT`] are tried before any free one.
@@ -23,9 +30,11 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Starts a relay on 127.0.0.1: on `port` when given (0 for any free
-    /// one), else on port 8080 or the next free one.
-    pub async fn start(port: Option<u16>) -> std::io::Result<Self> {
+    /// Starts a relay on 127.0.0.1 keeping its activity log in `data_dir`:
+    /// on `port` when given (0 for any free one), else on port 8080 or the
+    /// next free one. Replays from it may reach loopback: the target is
+    /// this machine's own server.
+    pub async fn start(port: Option<u16>, data_dir: std::path::PathBuf) -> std::io::Result<Self> {
         let listener = match port {
             Some(port) => TcpListener::bind((Ipv4Addr::LOCALHOST, port))
                 .await
@@ -34,11 +43,16 @@ impl Embedded {
         };
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ferry_relay::run(
-            ferry_relay::Config::default(),
-            ferry_relay::Listeners::plain(listener),
-            shutdown.clone(),
-        ));
+        let config = ferry_relay::Config {
+            data_dir,
+            egress_allow: ferry_relay::egress::Allow::loopback(),
+            ..ferry_relay::Config::default()
+        };
+        // Opened before serving, so that a data directory another relay
+        // holds is an error here rather than a failed task later.
+        let relay = ferry_relay::Relay::open(config)?;
+        let task =
+            tokio::spawn(relay.run(ferry_relay::Listeners::plain(listener), shutdown.clone()));
         Ok(Self {
             addr,
             shutdown: shutdown.drop_guard(),

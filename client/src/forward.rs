@@ -90,11 +90,20 @@ fn error_response(err: &ForwardError) -> Response<Body> {
         ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         ForwardError::BadRequest { .. } => StatusCode::BAD_REQUEST,
     };
+    let outcome = match err {
+        ForwardError::Unreachable { .. } => "target_unreachable",
+        ForwardError::Timeout { .. } => "target_timeout",
+        _ => "failed",
+    };
     let mut response = Response::new(full(format!("{err}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.headers_mut().insert(
+        ferry_common::handshake::meta::OUTCOME,
+        HeaderValue::from_static(outcome),
     );
     response
 }

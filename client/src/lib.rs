@@ -4,6 +4,8 @@
 //!   WebSocket, reconnects with backoff.
 //! - [`forward`]: turns each stream into a request to the local target.
 //! - [`target`]: the local target and the Host header it sees.
+//! - [`activity`]: the activity log from the command line: list, show,
+//!   export and replay, through a relay's API or the data directory.
 //! - [`embedded`]: the in-process relay `ferry http` starts when no relay is
 //!   configured.
 //! - [`keys`]: the reconnect key kept per relay in the config directory.
@@ -12,6 +14,7 @@
 //! [`run`] drives one tunnel until its shutdown token is cancelled and
 //! reports what happens as [`Event`]s, which `main` prints and tests await.
 
+pub mod activity;
 pub mod embedded;
 pub mod forward;
 pub mod keys;

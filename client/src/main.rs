@@ -16,6 +16,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+mod commands;
+
 /// Expose a local server through a Ferry relay, so webhooks and browsers
 /// reach localhost.
 #[derive(Parser, Debug)]
@@ -29,6 +31,170 @@ struct Cli {
 enum Command {
     /// Forward a public subdomain to a local HTTP server.
     Http(HttpArgs),
+    /// List the activity log, newest first: a line per request.
+    Log(LogArgs),
+    /// Show one captured request and its response: headers and bodies.
+    Show(ShowArgs),
+    /// Send a captured request again: to the local server by default.
+    Replay(ReplayArgs),
+    /// Export captured requests as curl commands or HAR.
+    Export(ExportArgs),
+}
+
+/// Where the log commands read the activity log.
+#[derive(Args, Debug)]
+struct SourceArgs {
+    /// The relay whose log to read, such as https://relay.example.com.
+    /// Without one, the embedded relay's log: through the running `ferry
+    /// http`, or from its data directory when none runs.
+    #[arg(long, env = "FERRY_RELAY")]
+    relay: Option<String>,
+    /// The token the relay asks for.
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The embedded relay's data directory (unused with --relay). Default:
+    /// the user's data directory (~/.local/share/ferry on Linux).
+    #[arg(long, env = "FERRY_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+}
+
+impl SourceArgs {
+    fn open(&self, writable: bool) -> Result<ferry::activity::Source, String> {
+        if let Some(relay) = &self.relay {
+            return Ok(ferry::activity::Source::api(relay, self.token.as_deref()));
+        }
+        let dir = self
+            .data_dir
+            .clone()
+            .or_else(ferry::embedded::default_data_dir)
+            .ok_or("no data directory: pass --data-dir or --relay")?;
+        ferry::activity::Source::data_dir(&dir, writable).map_err(|err| err.to_string())
+    }
+}
+
+#[derive(Args, Debug)]
+struct LogArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Only this tunnel's requests.
+    #[arg(long)]
+    tunnel: Option<String>,
+    /// Only `tunnel` requests or `replay`s.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only this method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Only this status (200) or class (4xx).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only requests whose path, query, header values or text bodies hold
+    /// this text (any case).
+    #[arg(long, short = 'q')]
+    search: Option<String>,
+    /// Only requests received since (an RFC 3339 time, or 1h for an hour ago).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only requests received before.
+    #[arg(long)]
+    until: Option<String>,
+    /// How many lines.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Keep printing new requests as they arrive.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// A JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LogArgs {
+    fn query(&self) -> String {
+        let pairs = [
+            ("tunnel", &self.tunnel),
+            ("kind", &self.kind),
+            ("method", &self.method),
+            ("status", &self.status),
+            ("q", &self.search),
+            ("since", &self.since),
+            ("until", &self.until),
+        ];
+        pairs
+            .iter()
+            .filter_map(|(key, value)| value.as_ref().map(|v| format!("{key}={}", encode(v))))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+}
+
+#[derive(Args, Debug)]
+struct ShowArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The request's id, as `ferry log` prints it.
+    id: String,
+    /// The whole entry as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The request's id, as `ferry log` prints it.
+    #[arg(required_unless_present = "missed")]
+    id: Option<String>,
+    /// Replay, oldest first, every request captured while the client was
+    /// offline and not replayed yet.
+    #[arg(long, conflicts_with_all = ["id", "via_relay"])]
+    missed: bool,
+    /// With --missed: only this tunnel's.
+    #[arg(long, requires = "missed")]
+    tunnel: Option<String>,
+    /// Where to send it: a port, host:port or URL. Default: the target the
+    /// tunnel's client last reported, else http://localhost:3000.
+    #[arg(long, value_name = "TARGET")]
+    to: Option<String>,
+    /// Send it through the tunnel from the relay instead (logged there as a
+    /// replay).
+    #[arg(long)]
+    via_relay: bool,
+    /// Another method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Another path, with its query.
+    #[arg(long)]
+    path: Option<String>,
+    /// A header to set, `Name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// A header to remove (repeatable).
+    #[arg(long = "remove-header", value_name = "NAME")]
+    remove_headers: Vec<String>,
+    /// Another body: text, or @FILE for a file's bytes.
+    #[arg(long)]
+    body: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("format").required(true).args(["curl", "har"])))]
+struct ExportArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The requests' ids.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// A curl command per request.
+    #[arg(long)]
+    curl: bool,
+    /// One HAR 1.2 document.
+    #[arg(long)]
+    har: bool,
+    /// With --curl: send to this base URL instead (http://localhost:3000).
+    #[arg(long, requires = "curl")]
+    to: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +222,11 @@ struct HttpArgs {
     /// ferry gets its subdomain back). Default: the user's config directory.
     #[arg(long, env = "FERRY_CONFIG_DIR", value_name = "DIR")]
     config_dir: Option<std::path::PathBuf>,
+    /// Where the relay started inside this process keeps its activity log
+    /// (unused with --relay). Default: the user's data directory
+    /// (~/.local/share/ferry on Linux).
+    #[arg(long, env = "FERRY_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     /// The subdomain to ask for; a random one otherwise.
     #[arg(long, value_parser = Subdomain::parse)]
     subdomain: Option<Subdomain>,
@@ -87,7 +258,13 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Http(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Http(args) => args,
+        Command::Log(args) => return report(commands::log(args).await),
+        Command::Show(args) => return report(commands::show(args).await),
+        Command::Replay(args) => return report(commands::replay(args).await),
+        Command::Export(args) => return report(commands::export(args).await),
+    };
     let (writer, lines) = match Writer::start() {
         Ok(started) => started,
         Err(err) => {
@@ -106,23 +283,69 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The exit status of a log command, its error printed.
+fn report(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
-    let (relay, embedded) = match &args.relay {
-        Some(relay) => (ferry::relay_url(relay)?, None),
-        None => {
-            let embedded = Embedded::start(args.embedded_port)
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(ferry::embedded::default_data_dir);
+    // A relay already running on this data directory (another `ferry
+    // http`) serves this tunnel too.
+    let running = data_dir
+        .as_deref()
+        .filter(|_| args.relay.is_none())
+        .and_then(ferry_relay::data_dir::running_relay);
+    let (relay, key_name, embedded) = match (&args.relay, running, data_dir) {
+        (Some(relay), _, _) => {
+            let relay = ferry::relay_url(relay)?;
+            (relay.clone(), relay, None)
+        }
+        (None, Some(running), Some(dir)) => {
+            (ferry::relay_url(&running)?, embedded_key_name(&dir), None)
+        }
+        (None, None, Some(dir)) => {
+            let embedded = Embedded::start(args.embedded_port, dir.clone())
                 .await
                 .map_err(ferry::Error::Embedded)?;
-            (embedded.relay_url(), Some(embedded))
+            (
+                embedded.relay_url(),
+                embedded_key_name(&dir),
+                Some(embedded),
+            )
+        }
+        (None, _, None) => {
+            return Err(ferry::Error::Embedded(std::io::Error::other(
+                "no data directory for the embedded relay: pass --data-dir",
+            )))
         }
     };
-    // The embedded relay lives and dies with this process, so a key that
-    // outlives it would serve nothing.
-    let client_key = match (
-        &embedded,
-        args.config_dir.clone().or_else(default_config_dir),
-    ) {
-        (None, Some(dir)) => match ferry::keys::client_key(&dir, &relay) {
+    // The embedded relay keeps its log and name holds in its data
+    // directory, so its key is per directory, not per port.
+    let client_key = match args.config_dir.clone().or_else(default_config_dir) {
+        Some(dir) => match ferry::keys::client_key(&dir, &key_name) {
             Ok(key) => Some(key),
             Err(err) => {
                 eprintln!(
@@ -132,7 +355,7 @@ async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
                 None
             }
         },
-        _ => None,
+        None => None,
     };
     let config = Config {
         relay,
@@ -171,6 +394,11 @@ async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
         let _ = printing.await;
     }
     result
+}
+
+/// What the reconnect key of an embedded relay is filed under.
+fn embedded_key_name(data_dir: &std::path::Path) -> String {
+    format!("embedded relay in {}", data_dir.display())
 }
 
 /// `ferry` in the user's config directory (`~/.config/ferry` on Linux).

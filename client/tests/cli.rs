@@ -30,41 +30,50 @@ fn within<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 'stat
 }
 
 /// A running `ferry`, killed and reaped when dropped, so that a failing
-/// test leaves no process behind.
-struct Running(Child);
+/// test leaves no process behind; its data and config directories are its
+/// own, removed with it.
+struct Running {
+    /// The process.
+    child: Child,
+    /// Its data and config directories.
+    _home: tempfile::TempDir,
+}
 
 impl Running {
     fn spawn(args: &[&str], stdout: Stdio, stderr: Stdio) -> Self {
+        let home = tempfile::tempdir().expect("a home for ferry's files");
         let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(args)
             .env_remove("FERRY_RELAY")
             .env_remove("FERRY_TOKEN")
+            .env("FERRY_DATA_DIR", home.path().join("data"))
+            .env("FERRY_CONFIG_DIR", home.path().join("config"))
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("ferry starts");
-        Self(child)
+        Self { child, _home: home }
     }
 
     fn stdout(&mut self) -> ChildStdout {
-        self.0.stdout.take().expect("piped stdout")
+        self.child.stdout.take().expect("piped stdout")
     }
 
     fn stderr(&mut self) -> ChildStderr {
-        self.0.stderr.take().expect("piped stderr")
+        self.child.stderr.take().expect("piped stderr")
     }
 
     /// The exit status. Called once one of the child's pipes has been read
     /// to its end, which happens only when the child exits, so it does not
     /// block.
     fn exited(&mut self) -> ExitStatus {
-        self.0.wait().expect("wait for ferry")
+        self.child.wait().expect("wait for ferry")
     }
 
     /// Sends SIGTERM, as a service manager stopping ferry would.
     fn terminate(&self) {
         let killed = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(killed.success());
@@ -73,8 +82,8 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

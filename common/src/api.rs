@@ -38,4 +38,205 @@ pub struct TunnelInfo {
 pub struct TunnelList {
     /// The caller's live tunnels, by name.
     pub tunnels: Vec<TunnelInfo>,
+    /// The caller's names held while their client is offline, by name.
+    #[serde(default)]
+    pub offline: Vec<OfflineTunnel>,
+}
+
+/// One entry of `GET /api/v1/requests` and of its live stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestItem {
+    /// The exchange id.
+    pub id: String,
+    /// When the request arrived, RFC 3339 with microseconds.
+    pub received_at: String,
+    /// The tunnel name.
+    pub tunnel: String,
+    /// `tunnel` or `replay`.
+    pub kind: String,
+    /// The request method.
+    pub method: String,
+    /// The path and query.
+    pub path: String,
+    /// The response status, if a response began.
+    pub status: Option<u16>,
+    /// Milliseconds from arrival to the end.
+    pub duration_ms: Option<u64>,
+    /// Request body bytes, in all.
+    pub request_size: u64,
+    /// Response body bytes, in all.
+    pub response_size: u64,
+    /// How it ended: `answered`, `client_offline`, `target_unreachable`,
+    /// `target_timeout`, `caller_hung_up`, `relay_limit`,
+    /// `egress_refused` or `failed`.
+    pub outcome: String,
+    /// The exchange this one replays.
+    pub replay_of: Option<String>,
+}
+
+/// A page of `GET /api/v1/requests`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestPage {
+    /// The entries.
+    pub items: Vec<RequestItem>,
+    /// Pass as `cursor` for the next (older) page; `None` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// One header field of a captured message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderField {
+    /// The name, lowercase.
+    pub name: String,
+    /// The value as text (invalid UTF-8 replaced).
+    pub value: String,
+    /// The value's exact bytes, base64, when they are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+}
+
+/// A body of a captured message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyView {
+    /// Bytes that passed through, in all.
+    pub size: u64,
+    /// Bytes kept.
+    pub captured: u64,
+    /// Whether the kept bytes stop short of `size`.
+    pub truncated: bool,
+    /// The kept bytes, base64.
+    pub base64: String,
+    /// The kept bytes as text, when they are UTF-8.
+    pub text: Option<String>,
+    /// The body decoded from its `content-encoding` (gzip, deflate, br).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoded: Option<DecodedView>,
+}
+
+/// A compressed body, decoded (up to a cap).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodedView {
+    /// Decoded bytes kept.
+    pub size: u64,
+    /// The decoded bytes, base64.
+    pub base64: String,
+    /// The decoded bytes as text, when they are UTF-8.
+    pub text: Option<String>,
+    /// The cap was reached (a decompression bomb, or a large body).
+    pub truncated: bool,
+    /// Why decoding stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// The request half of `GET /api/v1/requests/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestView {
+    /// The method.
+    pub method: String,
+    /// The full URL as the caller used it.
+    pub url: String,
+    /// `HTTP/1.1`, `HTTP/2.0` …
+    pub http_version: String,
+    /// The header fields in order, duplicates kept.
+    pub headers: Vec<HeaderField>,
+    /// The body.
+    pub body: BodyView,
+}
+
+/// The response half of `GET /api/v1/requests/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseView {
+    /// The status code.
+    pub status: u16,
+    /// The header fields in order.
+    pub headers: Vec<HeaderField>,
+    /// The body.
+    pub body: BodyView,
+}
+
+/// When the exchange's steps happened, RFC 3339 with microseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// The request's headers arrived.
+    pub received_at: String,
+    /// The response's headers were sent.
+    pub responded_at: Option<String>,
+    /// The exchange ended.
+    pub done_at: Option<String>,
+}
+
+/// `GET /api/v1/requests/{id}`: everything captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestDetail {
+    /// The list fields.
+    #[serde(flatten)]
+    pub item: RequestItem,
+    /// The caller's address (`replay` for a replay).
+    pub remote_addr: String,
+    /// The request.
+    pub request: RequestView,
+    /// The response, if one began.
+    pub response: Option<ResponseView>,
+    /// The timings.
+    pub timings: Timings,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Part of the capture was lost; what is kept is exact.
+    pub incomplete: bool,
+    /// When the entry was replayed by `ferry replay --missed`.
+    pub replayed_at: Option<String>,
+}
+
+/// `POST /api/v1/requests/{id}/replay`: optional edits and target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// Send to this absolute http(s) base URL instead of through the
+    /// tunnel; the captured path and query are kept unless `path` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Another method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Another path, with its query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Headers to set (a string) or remove (`null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, Option<String>>>,
+    /// Another body, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Another body, as base64 (for binary bodies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+/// The answer of `POST /api/v1/requests/{id}/replay`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayAnswer {
+    /// The new entry's id.
+    pub id: String,
+    /// The entry it replays.
+    pub replay_of: String,
+    /// The response status, if a response came.
+    pub status: Option<u16>,
+    /// How the replay ended.
+    pub outcome: String,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// A tunnel name held for its owner while no client serves it, in
+/// `GET /api/v1/tunnels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineTunnel {
+    /// The subdomain.
+    pub name: String,
+    /// Seconds since the Unix epoch when its client was last connected.
+    pub last_seen: u64,
+    /// Seconds since the Unix epoch when the hold ends.
+    pub held_until: Option<u64>,
+    /// The local target its client last reported.
+    pub target: Option<String>,
 }

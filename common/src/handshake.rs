@@ -146,6 +146,10 @@ pub mod meta {
     pub const SCHEME: &str = "ferry-scheme";
     /// Prefix shared by all of Ferry's own headers.
     pub const PREFIX: &str = "ferry-";
+    /// On a response the client made up itself (a 502 or 504): why, as the
+    /// activity log names it (`target_unreachable`, `target_timeout`,
+    /// `failed`). The relay removes it before the caller sees the response.
+    pub const OUTCOME: &str = "ferry-outcome";
 
     /// What the relay tells the client about one public request.
     #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,6 +27,11 @@ impl AccountId {
         Self(format!("acct_{}", short_hash(secret)))
     }
 
+    /// An id read back from the store.
+    pub(crate) fn from_stored(id: &str) -> Self {
+        Self(id.to_owned())
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

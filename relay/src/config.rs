@@ -8,6 +8,7 @@ use ferry_common::handshake::{
 
 use crate::accounts::Token;
 use crate::egress::Allow;
+use crate::store::Retention;
 
 /// How the relay is set up. Every limit has a default here and a flag in
 /// `main`.
@@ -62,6 +63,13 @@ pub struct Config {
     /// Networks and host names the relay may send replays and deliveries
     /// to although the egress guard would refuse them (private, loopback …).
     pub egress_allow: Vec<Allow>,
+    /// Where the database and the lock file live.
+    pub data_dir: std::path::PathBuf,
+    /// Body bytes the activity log keeps per direction of an exchange; 0
+    /// keeps metadata only.
+    pub capture_body_limit: usize,
+    /// How much history the activity log keeps.
+    pub retention: Retention,
 }
 
 impl Config {
@@ -100,6 +108,21 @@ impl Config {
     pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
     /// The default for [`Config::max_connections`].
     pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+    /// The default for [`Config::data_dir`], relative to the working
+    /// directory.
+    pub const DEFAULT_DATA_DIR: &'static str = "ferry-data";
+    /// The default for [`Config::capture_body_limit`]: 1 MiB.
+    pub const DEFAULT_CAPTURE_BODY_LIMIT: usize = 1024 * 1024;
+    /// The most [`Config::capture_body_limit`] may be: a quarter of the
+    /// capture queue, so a few full entries always fit.
+    pub const MAX_CAPTURE_BODY_LIMIT: usize = crate::activity::capture::QUEUE_BYTES / 4;
+    /// The default for [`Config::retention`]: a week, 1 GiB in all, and a
+    /// quarter of it per owner.
+    pub const DEFAULT_RETENTION: Retention = Retention {
+        max_age: Duration::from_secs(7 * 86_400),
+        max_bytes: 1024 * 1024 * 1024,
+        max_bytes_per_owner: 256 * 1024 * 1024,
+    };
     /// The default for [`Config::max_connections_per_ip`].
     pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 }
@@ -132,6 +155,9 @@ impl Default for Config {
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
             egress_allow: Vec::new(),
+            data_dir: Self::DEFAULT_DATA_DIR.into(),
+            capture_body_limit: Self::DEFAULT_CAPTURE_BODY_LIMIT,
+            retention: Self::DEFAULT_RETENTION,
         }
     }
 }

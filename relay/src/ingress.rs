@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_common::coalesce::Coalesce;
-use ferry_common::handshake::meta::RequestMeta;
+use ferry_common::handshake::meta::{self, RequestMeta};
 use ferry_common::handshake::MAX_REQUEST_HEADER_LIST;
 use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
 use ferry_common::ids::ExchangeId;
@@ -34,15 +34,19 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::activity::capture::{headers_of, Capture, Side};
 use crate::body::{BodyError, BodyFailure, Holding, PacedBody};
 use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
+use crate::store::{now_micros, CapturedBody, Exchange, Kind, Outcome};
 use crate::tunnels::{Admission, SendError};
 use crate::{api, text, tls, Body, Listeners, State};
 
 /// Pause after a failed `accept` (such as running out of file descriptors),
 /// so the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Seconds a caller to an offline tunnel is told to wait before retrying.
+const OFFLINE_RETRY_AFTER: &str = "30";
 /// How long a TLS client may take to complete its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -81,8 +85,8 @@ enum IngressError {
     Send(#[from] SendError),
 }
 
-fn error_response(err: &IngressError) -> Response<Body> {
-    let status = match err {
+fn error_status(err: &IngressError) -> StatusCode {
+    match err {
         IngressError::BadHost(_)
         | IngressError::DuplicateHost
         | IngressError::UnsupportedUpgrade(_)
@@ -98,13 +102,28 @@ fn error_response(err: &IngressError) -> Response<Body> {
             SendError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             SendError::Gone(..) | SendError::Refused(..) => StatusCode::BAD_GATEWAY,
         },
-    };
+    }
+}
+
+/// How the activity log names the end of an exchange that failed with `err`.
+fn error_outcome(err: &IngressError) -> Outcome {
+    match err {
+        IngressError::SlowBody(_)
+        | IngressError::Send(
+            SendError::Busy(..) | SendError::CallerBusy(..) | SendError::HeadersTooLarge(_),
+        ) => Outcome::RelayLimit,
+        IngressError::Send(SendError::Timeout(..)) => Outcome::TargetTimeout,
+        _ => Outcome::Failed,
+    }
+}
+
+fn error_response(err: &IngressError) -> Response<Body> {
     if let IngressError::Send(SendError::Gone(name, source) | SendError::Refused(name, source)) =
         err
     {
         debug!(%name, %source, "tunnel request failed");
     }
-    text(status, err.to_string())
+    text(error_status(err), err.to_string())
 }
 
 /// Accepts one connection from `listener`; never resolves without one, so
@@ -287,19 +306,114 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
             let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
-            match forward(link, name, host, exchange, req)
+            let capture = start_capture(link, &name, &host, exchange, &req);
+            match forward(link, name, host, exchange, req, capture.as_ref())
                 .instrument(span)
                 .await
             {
                 Ok(response) => response,
                 Err(err) => {
                     state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
-                    error_response(&err)
+                    let response = error_response(&err);
+                    if let Some(capture) = capture {
+                        let message = format!("{err}\n");
+                        capture.failed(
+                            error_outcome(&err),
+                            err.to_string(),
+                            Some((
+                                response.status().as_u16(),
+                                response.headers(),
+                                message.into(),
+                            )),
+                        );
+                    }
+                    response
                 }
             }
         }
         Err(err) => error_response(&err),
     }
+}
+
+/// Starts recording an exchange with tunnel `name`, if the name has an
+/// owner (a live tunnel or a hold): unknown names are not recorded.
+fn start_capture(
+    link: &Link,
+    name: &Subdomain,
+    host: &str,
+    id: ExchangeId,
+    req: &Request<Incoming>,
+) -> Option<Arc<Capture>> {
+    let owner = link.state.tunnels.owner_of(name)?;
+    let scheme = if link.https { "https" } else { "http" };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let entry = Exchange {
+        id,
+        tunnel: name.to_string(),
+        owner: owner.key(),
+        kind: Kind::Tunnel,
+        replay_of: None,
+        received_at: now_micros(),
+        method: req.method().to_string(),
+        url: format!("{scheme}://{host}{path}"),
+        http_version: format!("{:?}", req.version()),
+        remote_addr: link.peer.to_string(),
+        request_headers: headers_of(req.headers()),
+        request_body: CapturedBody::default(),
+        response: None,
+        responded_at: None,
+        done_at: None,
+        outcome: Outcome::Answered,
+        error: None,
+        incomplete: false,
+        replayed_at: None,
+    };
+    Some(Capture::new(&link.state.recorder, entry))
+}
+
+/// Records a request for a held name whose client is not connected, and
+/// tells the caller to come back: webhook senders retry on their own.
+async fn offline(
+    link: &Link,
+    name: &Subdomain,
+    capture: &Arc<Capture>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, IngressError> {
+    let state = &link.state;
+    let (body, watch) = PacedBody::new(
+        req.into_body(),
+        state.config.body_timeout,
+        state.config.body_min_rate,
+    );
+    let mut body = capture.tap(body, Side::Request);
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return Err(match watch.failure() {
+                Some(BodyFailure::Stalled(pause)) => {
+                    IngressError::SlowBody(BodyError::Stalled(pause))
+                }
+                Some(BodyFailure::TooSlow(rate)) => {
+                    IngressError::SlowBody(BodyError::TooSlow(rate))
+                }
+                _ => IngressError::BadBody,
+            });
+        }
+    }
+    drop(body);
+    let message = format!(
+        "the tunnel {name} is offline: its client is not connected. The request was recorded for its owner to replay; try again later\n"
+    );
+    let mut response = text(StatusCode::SERVICE_UNAVAILABLE, message.trim_end());
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(OFFLINE_RETRY_AFTER),
+    );
+    capture.failed(
+        Outcome::ClientOffline,
+        "the tunnel's client was not connected".to_owned(),
+        Some((503, response.headers(), message.into())),
+    );
+    Ok(response)
 }
 
 /// The request's host as sent (`:authority` for HTTP/2 and absolute-form
@@ -370,6 +484,7 @@ async fn forward(
     host: String,
     exchange: ExchangeId,
     mut req: Request<Incoming>,
+    capture: Option<&Arc<Capture>>,
 ) -> Result<Response<Body>, IngressError> {
     let state = &link.state;
     if req.method() == Method::CONNECT {
@@ -388,10 +503,11 @@ async fn forward(
     } else {
         None
     };
-    let tunnel = state
-        .tunnels
-        .get(&name)
-        .ok_or_else(|| SendError::NotConnected(name.clone()))?;
+    let tunnel = match (state.tunnels.get(&name), capture) {
+        (Some(tunnel), _) => tunnel,
+        (None, Some(capture)) => return offline(link, &name, capture, req).await,
+        (None, None) => return Err(SendError::NotConnected(name.clone()).into()),
+    };
     let admission = tunnel.admit(link.peer.ip())?;
 
     let caller_version = req.version();
@@ -416,7 +532,11 @@ async fn forward(
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
     let (body, watch) = PacedBody::new(body, state.config.body_timeout, state.config.body_min_rate);
-    let request = Request::from_parts(parts, Coalesce::new(body).boxed_unsync());
+    let body = match capture {
+        Some(capture) => Coalesce::new(capture.tap(body, Side::Request)).boxed_unsync(),
+        None => Coalesce::new(body).boxed_unsync(),
+    };
+    let request = Request::from_parts(parts, body);
     let meta = RequestMeta {
         exchange,
         client_ip: link.peer.ip(),
@@ -438,6 +558,19 @@ async fn forward(
         .then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
+    let outcome = parts
+        .headers
+        .remove(meta::OUTCOME)
+        .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
+        .unwrap_or(Outcome::Answered);
+    let body = body.map_err(BodyError::Tunnel);
+    let body = match capture {
+        Some(capture) => {
+            capture.responded(parts.status.as_u16(), &parts.headers, outcome);
+            capture.tap(body, Side::Response).boxed_unsync()
+        }
+        None => body.boxed_unsync(),
+    };
     match websocket.zip(tunnel_side) {
         Some((public, tunnel_side)) if parts.status == StatusCode::OK => {
             let active = link.activity.begin();
@@ -462,7 +595,7 @@ async fn forward(
         }
         _ => {
             // The request counts as in flight until its response body ends.
-            let body = Holding::new(body.map_err(BodyError::Tunnel), admission);
+            let body = Holding::new(body, admission);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
     }
@@ -482,7 +615,7 @@ async fn forward(
 /// connection is closed (hyper would wait on its credit forever). HTTP/1.1
 /// callers need none of this: their socket blocks, and [`GuardedIo`] times
 /// the write out.
-fn relay_body(link: &Link, mut body: Incoming, admission: Admission) -> Body {
+fn relay_body(link: &Link, mut body: Body, admission: Admission) -> Body {
     let (frames, receiver) = tokio::sync::mpsc::channel(1);
     let stall = link.state.config.write_timeout;
     let connection = Arc::clone(&link.activity);
@@ -490,7 +623,7 @@ fn relay_body(link: &Link, mut body: Incoming, admission: Admission) -> Body {
         let _held = admission;
         while let Some(frame) = body.frame().await {
             let last = frame.is_err();
-            match tokio::time::timeout(stall, frames.send(frame.map_err(BodyError::Tunnel))).await {
+            match tokio::time::timeout(stall, frames.send(frame)).await {
                 Ok(Ok(())) if !last => {}
                 Ok(Ok(())) => return,
                 Ok(Err(_)) => return,

@@ -6,6 +6,9 @@
 //! - [`body`]: the relay's body type, and the pacing of request bodies.
 //! - [`session`]: the connect handshake and the life of one client's tunnel.
 //! - [`tunnels`]: the registry of subdomain → live session and held names.
+//! - [`activity`]: the activity log: capture, retention, replay and export.
+//! - [`data_dir`]: the data directory and the lock that makes one relay
+//!   its owner.
 //! - [`accounts`]: accounts, the tokens that prove them, and the throttle
 //!   on wrong tokens.
 //! - [`limits`]: what one caller address may hold or do at a time.
@@ -14,8 +17,6 @@
 //! - [`config`]: the settings `main` validates.
 //! - [`egress`]: the guard every request the relay sends out passes, which
 //!   refuses private and local targets unless the operator allows them.
-//! - [`activity`]: views of captured exchanges: decoded bodies, and the
-//!   exports to curl and HAR.
 //! - [`store`]: what the relay keeps on disk: the activity log and the
 //!   name registry.
 //! - [`shutdown`]: the signals that stop the process gracefully.
@@ -31,6 +32,7 @@ pub mod api;
 pub mod body;
 pub mod config;
 pub mod connection;
+pub mod data_dir;
 pub mod egress;
 pub mod ingress;
 pub mod limits;
@@ -86,6 +88,14 @@ pub(crate) struct State {
     abort_tasks: CancellationToken,
     /// Counters for `/metrics`.
     metrics: api::Metrics,
+    /// The activity log.
+    log: Arc<dyn store::ActivityLog>,
+    /// The persisted name registry.
+    names: Arc<dyn store::NameRegistry>,
+    /// Records exchanges into the log.
+    recorder: activity::capture::Recorder,
+    /// Everything the relay sends out passes it.
+    egress: egress::Egress,
     /// Cancelled when shutdown starts: no new tunnel is accepted after it.
     shutdown: CancellationToken,
 }
@@ -130,12 +140,68 @@ impl Listeners {
     }
 }
 
-/// Serves the relay on `listeners` until `shutdown` is cancelled, then stops
-/// accepting, lets in-flight requests finish (within a bounded wait) and
-/// closes every tunnel with a reason. Public URLs use HTTPS when there is a
-/// TLS listener. Every task it started has ended when it returns.
+/// Opens the relay's data directory and store with `config`, then serves
+/// on `listeners` until `shutdown` is cancelled (see [`Relay::run`]).
 pub async fn run(
     config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    Relay::open(config)?.run(listeners, shutdown).await
+}
+
+/// A relay whose data directory and store are open, ready to serve.
+pub struct Relay {
+    /// The validated settings.
+    config: Config,
+    /// The data directory, locked for this relay.
+    data_dir: data_dir::DataDir,
+    /// The store in it.
+    store: Arc<store::sqlite::Sqlite>,
+}
+
+impl Relay {
+    /// Takes the data directory (creating it if missing) and opens its
+    /// database: fails at once when the directory is not writable or
+    /// another relay holds it.
+    pub fn open(config: Config) -> std::io::Result<Self> {
+        let data_dir = data_dir::DataDir::open(&config.data_dir)?;
+        let store = store::sqlite::Sqlite::open(&data_dir.database()).map_err(|err| {
+            std::io::Error::other(format!(
+                "cannot open the activity log in {}: {err}",
+                data_dir.path().display()
+            ))
+        })?;
+        Ok(Self {
+            config,
+            data_dir,
+            store: Arc::new(store),
+        })
+    }
+
+    /// Serves on `listeners` until `shutdown` is cancelled, then stops
+    /// accepting, lets in-flight requests finish (within a bounded wait),
+    /// closes every tunnel with a reason and stores what capture still
+    /// holds. Public URLs use HTTPS when there is a TLS listener. Every task
+    /// it started has ended when it returns.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let Relay {
+            config,
+            mut data_dir,
+            store,
+        } = self;
+        serve(config, &mut data_dir, store, listeners, shutdown).await
+    }
+}
+
+async fn serve(
+    config: Config,
+    data_dir: &mut data_dir::DataDir,
+    store: Arc<store::sqlite::Sqlite>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -149,6 +215,23 @@ pub async fn run(
             ))
         }
     };
+    // Local programs (`ferry log` …) reach the API at the plain listener
+    // when there is one.
+    let api_url = match (&listeners.plain, &listeners.tls) {
+        (Some(listener), _) => format!("http://{}", listener.local_addr()?),
+        (_, Some((listener, _))) => format!("https://{}", listener.local_addr()?),
+        (None, None) => String::new(),
+    };
+    let (log, names): (Arc<dyn store::ActivityLog>, Arc<dyn store::NameRegistry>) =
+        (store.clone(), store);
+    let writer_stop = CancellationToken::new();
+    let (recorder, writer) = activity::capture::Recorder::new(
+        Arc::clone(&log),
+        config.capture_body_limit,
+        activity::capture::QUEUE_BYTES,
+        writer_stop.clone(),
+    );
+    let writer = tokio::spawn(writer);
     let state = Arc::new(State {
         shutdown: shutdown.clone(),
         tunnels: tunnels::Tunnels::new(tunnels::RegistryLimits {
@@ -171,8 +254,23 @@ pub async fn run(
         tasks: TaskTracker::new(),
         abort_tasks: CancellationToken::new(),
         metrics: api::Metrics::default(),
+        log,
+        names,
+        recorder,
+        egress: egress::Egress::new(
+            config.egress_allow.clone(),
+            Arc::new(egress::SystemResolver),
+        ),
         config,
     });
+    restore_holds(&state).await.map_err(std::io::Error::other)?;
+    data_dir.announce(&api_url)?;
+    state.spawn(activity::retention::prune_until(
+        Arc::clone(&state.log),
+        Arc::clone(&state.names),
+        state.config.retention,
+        shutdown.clone(),
+    ));
     if let Some((_, resolver)) = &listeners.tls {
         state.spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
     }
@@ -188,6 +286,29 @@ pub async fn run(
         tracing::warn!("tunnel sessions still open after the shutdown wait; ending them");
         state.abort_tasks.cancel();
         state.tasks.wait().await;
+    }
+    // Everything that captured has ended: the writer stores what is queued.
+    writer_stop.cancel();
+    if let Err(err) = writer.await {
+        tracing::warn!(%err, "activity log writer failed");
+    }
+    Ok(())
+}
+
+/// Holds again the names that were held (or served) when the relay last
+/// stopped; a name served at a crash is held for a full hold period.
+async fn restore_holds(state: &State) -> Result<(), store::StoreError> {
+    let now = store::now_micros();
+    let full_hold = i64::try_from(state.config.name_hold.as_micros()).unwrap_or(i64::MAX);
+    for record in state.names.names(now).await? {
+        let Ok(name) = record.name.parse::<ferry_common::subdomain::Subdomain>() else {
+            continue;
+        };
+        let until = record.hold_until.unwrap_or(now.saturating_add(full_hold));
+        let left = Duration::from_micros(u64::try_from(until - now).unwrap_or(0));
+        state
+            .tunnels
+            .restore_hold(name, tunnels::Owner::from_key(&record.owner), left);
     }
     Ok(())
 }

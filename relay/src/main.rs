@@ -114,6 +114,32 @@ struct Args {
           default_value_t = Config::DEFAULT_MAX_CONNECTIONS_PER_IP,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     max_connections_per_ip: usize,
+    /// Where the activity log's database and the relay's lock file live;
+    /// created if missing.
+    #[arg(long, env = "FERRY_RELAY_DATA_DIR", value_name = "DIR",
+          default_value = Config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Body bytes the activity log keeps of each request and each response
+    /// (1MiB, 64KiB, …); the rest streams through uncaptured and the entry
+    /// is flagged truncated. 0 keeps metadata only.
+    #[arg(long, env = "FERRY_RELAY_CAPTURE_BODY_LIMIT", value_name = "SIZE",
+          default_value = "1MiB", value_parser = size_or_zero)]
+    capture_body_limit: u64,
+    /// How long the activity log keeps an entry (7d, 12h, …).
+    #[arg(long, env = "FERRY_RELAY_RETENTION_MAX_AGE", value_name = "DURATION",
+          default_value = "7d", value_parser = duration)]
+    retention_max_age: Duration,
+    /// How much the whole activity log may hold; the oldest entries go
+    /// beyond it.
+    #[arg(long, env = "FERRY_RELAY_RETENTION_MAX_BYTES", value_name = "SIZE",
+          default_value = "1GiB", value_parser = size)]
+    retention_max_bytes: u64,
+    /// How much of the activity log one account may hold; its own oldest
+    /// entries go beyond it, so one flooded tunnel cannot evict everyone's
+    /// history. Defaults to a quarter of --retention-max-bytes.
+    #[arg(long, env = "FERRY_RELAY_RETENTION_MAX_BYTES_PER_ACCOUNT", value_name = "SIZE",
+          value_parser = size)]
+    retention_max_bytes_per_account: Option<u64>,
     /// Worker threads. One serves a small team best; raise it on a machine
     /// with cores to spare for many busy tunnels.
     #[arg(long, env = "FERRY_RELAY_THREADS", default_value_t = 1,
@@ -162,6 +188,11 @@ fn size(text: &str) -> Result<u64, String> {
         0 => Err("must be more than zero".to_owned()),
         value => Ok(value),
     }
+}
+
+/// A size flag that may be zero.
+fn size_or_zero(text: &str) -> Result<u64, String> {
+    ferry_common::units::parse_size(text)
 }
 
 /// Binds `addr`, saying which flag it came from when it fails.
@@ -271,6 +302,24 @@ fn config(args: &Args) -> Result<Config, String> {
         max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),
         egress_allow: args.egress_allow.clone(),
+        data_dir: args.data_dir.clone(),
+        capture_body_limit: usize::try_from(args.capture_body_limit)
+            .ok()
+            .filter(|limit| *limit <= Config::MAX_CAPTURE_BODY_LIMIT)
+            .ok_or_else(|| {
+                format!(
+                    "--capture-body-limit may be at most {} MiB: the capture queue holds whole entries in memory",
+                    Config::MAX_CAPTURE_BODY_LIMIT >> 20
+                )
+            })?,
+        retention: ferry_relay::store::Retention {
+            max_age: args.retention_max_age,
+            max_bytes: args.retention_max_bytes,
+            max_bytes_per_owner: args
+                .retention_max_bytes_per_account
+                .unwrap_or(args.retention_max_bytes / 4)
+                .min(args.retention_max_bytes),
+        },
     })
 }
 
@@ -340,14 +389,28 @@ async fn serve(args: Args) -> ExitCode {
         )
         .exit(),
     };
-    let listeners = match listeners(&args, &config.domain).await {
+    let data_dir =
+        std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    let open = config.tokens.is_empty();
+    let domain = config.domain.clone();
+    // The data directory first: a relay that cannot keep its log says so
+    // before it listens.
+    let relay = match ferry_relay::Relay::open(config) {
+        Ok(relay) => relay,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = match listeners(&args, &domain).await {
         Ok(listeners) => listeners,
         Err(message) => {
             eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
     };
-    if config.tokens.is_empty() {
+    println!("activity log in {}", data_dir.display());
+    if open {
         println!("no tokens configured: any client that can reach this relay may open a tunnel");
     }
     let shutdown = CancellationToken::new();
@@ -359,7 +422,7 @@ async fn serve(args: Args) -> ExitCode {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
-    match ferry_relay::run(config, listeners, shutdown).await {
+    match relay.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

@@ -17,10 +17,11 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::api::ApiError;
 use crate::connection::ActiveGuard;
+use crate::store::{now_micros, Micros, NameRecord};
 use crate::tunnels::{ClaimError, ClientInfo, Owner, Tunnel};
 use crate::{Body, State};
 
@@ -164,11 +165,33 @@ async fn run(
         debug!(%err, "tunnel connection ended with an error");
     }
     state.tunnels.release(&tunnel);
+    if state.tunnels.get(&tunnel.name).is_none() {
+        let hold = i64::try_from(state.config.name_hold.as_micros()).unwrap_or(i64::MAX);
+        remember(&state, &tunnel, Some(now_micros().saturating_add(hold))).await;
+    }
     let reason = tunnel.close.remote_reason().map(|r| r.reason);
     info!(
         reason = reason.as_deref().unwrap_or("connection closed"),
         "tunnel disconnected"
     );
+}
+
+/// Saves `tunnel`'s name in the store: served (`hold_until` None) or held.
+/// A failed save is logged; the name's hold then lasts until a restart.
+async fn remember(state: &State, tunnel: &Tunnel, hold_until: Option<Micros>) {
+    if tunnel.owner == Owner::Anonymous {
+        return;
+    }
+    let record = NameRecord {
+        name: tunnel.name.to_string(),
+        owner: tunnel.owner.key(),
+        last_seen: now_micros(),
+        hold_until,
+        target: tunnel.client.target.clone(),
+    };
+    if let Err(err) = state.names.save_name(record).await {
+        warn!(%err, "tunnel name not saved");
+    }
 }
 
 /// Why a session ended.
@@ -183,7 +206,7 @@ enum SessionError {
 }
 
 async fn serve(
-    state: &State,
+    state: &Arc<State>,
     tunnel: &Arc<Tunnel>,
     on_upgrade: OnUpgrade,
 ) -> Result<(), SessionError> {
@@ -224,6 +247,8 @@ async fn serve(
             "a new session with the same credentials took over this subdomain",
         ));
     }
+    let (state_for_store, tunnel_for_store) = (Arc::clone(state), Arc::clone(tunnel));
+    state.spawn(async move { remember(&state_for_store, &tunnel_for_store, None).await });
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     info!(public_url = %tunnel.public_url, "tunnel connected");
     Ok(connection.await?)

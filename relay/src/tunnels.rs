@@ -20,6 +20,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{short_hash, AccountId};
 use crate::limits::{PerIp, PerIpGuard};
+use crate::store::OwnerKey;
 use crate::Body;
 
 /// How many random names to try before giving up on a free one.
@@ -30,6 +31,9 @@ const READY_WAIT: Duration = Duration::from_secs(5);
 /// The most names held at once; past it the holds that expire soonest go
 /// first, so a flood of short-lived tunnels cannot grow memory without end.
 const MAX_HOLDS: usize = 100_000;
+
+/// How the store marks the owner of an open relay's tunnel: by key hash.
+const KEY_PREFIX: &str = "key_";
 
 /// Who holds a tunnel or a name, which decides who may take it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +51,27 @@ impl Owner {
     /// The owner on an open relay of a client that sent `key`.
     pub fn of_key(key: Option<&str>) -> Self {
         key.map_or(Owner::Anonymous, |key| Owner::Key(short_hash(key)))
+    }
+
+    /// The owner as the store keys it: the account id, `key_` and the key's
+    /// hash, or empty for an anonymous client.
+    pub fn key(&self) -> OwnerKey {
+        match self {
+            Owner::Account(id) => id.to_string(),
+            Owner::Key(hash) => format!("{KEY_PREFIX}{hash}"),
+            Owner::Anonymous => String::new(),
+        }
+    }
+
+    /// The owner a stored key stands for.
+    pub fn from_key(key: &str) -> Self {
+        if let Some(hash) = key.strip_prefix(KEY_PREFIX) {
+            Owner::Key(hash.to_owned())
+        } else if key.is_empty() {
+            Owner::Anonymous
+        } else {
+            Owner::Account(AccountId::from_stored(key))
+        }
     }
 
     fn may_take_over(&self, holder: &Owner) -> bool {
@@ -426,6 +451,33 @@ impl Tunnels {
         Ok(registry
             .live
             .insert(tunnel.name.clone(), Arc::clone(tunnel)))
+    }
+
+    /// Who owns `name` now: its live tunnel's owner, or the holder of an
+    /// unexpired hold.
+    pub fn owner_of(&self, name: &Subdomain) -> Option<Owner> {
+        let registry = self.registry();
+        match registry.live.get(name) {
+            Some(tunnel) => Some(tunnel.owner.clone()),
+            None => registry.holder(name, Instant::now()).cloned(),
+        }
+    }
+
+    /// Holds `name` for `owner` for `left` from now, unless it is live: a
+    /// hold read back from the store when the relay starts.
+    pub fn restore_hold(&self, name: Subdomain, owner: Owner, left: Duration) {
+        if owner == Owner::Anonymous {
+            return;
+        }
+        let mut registry = self.registry();
+        if registry.live.contains_key(&name) {
+            return;
+        }
+        let now = Instant::now();
+        registry.sweep(now, MAX_HOLDS);
+        let until = now.checked_add(left).unwrap_or(now);
+        registry.held.insert(name.clone(), Hold { owner, until });
+        registry.expiries.push_back((until, name));
     }
 
     /// The tunnel serving `name`.

@@ -55,7 +55,11 @@ fn limits_beyond_what_a_tunnel_carries_are_refused() {
 
 #[test]
 fn the_banner_names_the_bound_address_and_units_are_taken() {
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().expect("UTF-8 temp path");
     let child = relay(&[
+        "--data-dir",
+        data_dir,
         "--listen",
         "127.0.0.1:0",
         "--name-hold",
@@ -92,4 +96,37 @@ fn the_banner_names_the_bound_address_and_units_are_taken() {
     assert_ne!(bound, 0, "{first}");
     let health = std::net::TcpStream::connect(("127.0.0.1", bound));
     assert!(health.is_ok(), "the relay listens where it says");
+}
+
+#[test]
+fn a_data_directory_that_cannot_be_written_or_is_taken_is_a_clear_error_at_start() {
+    let output = relay(&["--listen", "127.0.0.1:0", "--data-dir", "/proc/ferry-data"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not writable"), "{stderr}");
+    assert!(stderr.contains("--data-dir"), "{stderr}");
+
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().expect("UTF-8 temp path");
+    let child = relay(&["--listen", "127.0.0.1:0", "--data-dir", data_dir])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ferry-relay starts");
+    let mut first = Running(child);
+    let stdout = first.0.stdout.take().expect("piped stdout");
+    let said = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("activity log in"))
+        .expect("the data directory is said at start");
+    assert!(said.contains(data_dir), "{said}");
+    let output = relay(&["--listen", "127.0.0.1:0", "--data-dir", data_dir])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another relay already uses"), "{stderr}");
 }

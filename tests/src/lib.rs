@@ -8,6 +8,7 @@
 //! - [`Origin`]: the local server behind a tunnel, a hyper server built from
 //!   a closure.
 //! - [`send`]: a public request to a relay with a chosen Host.
+//! - [`Api`]: the relay's JSON API, and [`Tail`], its live feed.
 //! - [`FreezableProxy`]: a TCP proxy whose connections can go silent, as a
 //!   dead network link does.
 
@@ -76,6 +77,10 @@ pub struct TestRelay {
     shutdown: DropGuard,
     /// The relay's task.
     task: JoinHandle<std::io::Result<()>>,
+    /// Its data directory.
+    pub data_dir: std::path::PathBuf,
+    /// Removes the data directory the harness made, when dropped.
+    _made: Option<tempfile::TempDir>,
 }
 
 impl TestRelay {
@@ -101,12 +106,22 @@ impl TestRelay {
             (None, None) => panic!("a test relay needs a listener"),
         };
         let addr = bound.local_addr().expect("bound listener has an address");
+        // A relay given no data directory of its own gets a fresh one.
+        let mut config = config;
+        let made = (config.data_dir.as_os_str() == ferry_relay::Config::DEFAULT_DATA_DIR)
+            .then(|| tempfile::tempdir().expect("a temporary data directory"));
+        if let Some(made) = &made {
+            config.data_dir = made.path().to_owned();
+        }
+        let data_dir = config.data_dir.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ferry_relay::run(config, listeners, shutdown.clone()));
         Self {
             addr,
             shutdown: shutdown.drop_guard(),
             task,
+            data_dir,
+            _made: made,
         }
     }
 
@@ -509,5 +524,173 @@ impl FreezableProxy {
         let mut current = self.freeze.lock().expect("proxy lock");
         current.cancel();
         *current = CancellationToken::new();
+    }
+}
+
+/// The relay's JSON API, called as a user would: over HTTP/1.1 to the
+/// relay's own host, with a bearer token when given.
+#[derive(Clone)]
+pub struct Api {
+    /// The relay.
+    relay: SocketAddr,
+    /// The bearer token, if any.
+    token: Option<String>,
+}
+
+impl Api {
+    /// The API of `relay`, without a token.
+    pub fn of(relay: &TestRelay) -> Self {
+        Self {
+            relay: relay.addr,
+            token: None,
+        }
+    }
+
+    /// The API of `relay` with `token`.
+    pub fn with_token(relay: &TestRelay, token: &str) -> Self {
+        Self {
+            relay: relay.addr,
+            token: Some(token.to_owned()),
+        }
+    }
+
+    /// A request to `path` with the token, if any.
+    pub fn request(&self, method: &str, path: &str, body: Body) -> Request<Body> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(body)
+            .expect("valid API request");
+        if let Some(token) = &self.token {
+            request.headers_mut().insert(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {token}")
+                    .parse()
+                    .expect("valid token header"),
+            );
+        }
+        request
+    }
+
+    /// Sends `request` to the relay's host.
+    pub async fn send(&self, request: Request<Body>) -> Response<Incoming> {
+        send(self.relay, &self.relay.to_string(), request).await
+    }
+
+    /// `GET path`: the status and the body.
+    pub async fn get(&self, path: &str) -> (hyper::StatusCode, Vec<u8>) {
+        let response = self.send(self.request("GET", path, empty())).await;
+        let status = response.status();
+        (status, read_body(response.into_body()).await)
+    }
+
+    /// `GET path`, which must answer 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(
+            status,
+            hyper::StatusCode::OK,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).expect("the API answers JSON")
+    }
+
+    /// `POST path` with a JSON body: the status and the JSON answer.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (hyper::StatusCode, serde_json::Value) {
+        let mut request = self.request("POST", path, full(body.to_string()));
+        request.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            "application/json".parse().expect("valid header"),
+        );
+        let response = self.send(request).await;
+        let status = response.status();
+        let body = read_body(response.into_body()).await;
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    /// Opens the live tail `GET /api/v1/requests/stream?query`.
+    pub async fn tail(&self, query: &str) -> Tail {
+        self.tail_after(query, None).await
+    }
+
+    /// Opens the live tail, resuming after entry `last` when given.
+    pub async fn tail_after(&self, query: &str, last: Option<&str>) -> Tail {
+        let mut request = self.request("GET", &format!("/api/v1/requests/stream?{query}"), empty());
+        if let Some(last) = last {
+            request
+                .headers_mut()
+                .insert("last-event-id", last.parse().expect("valid event id"));
+        }
+        let response = self.send(request).await;
+        assert_eq!(
+            response.status(),
+            hyper::StatusCode::OK,
+            "the live tail opens"
+        );
+        let mut tail = Tail {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        };
+        // The opening comment says the stream is live: entries committed
+        // from now on will come.
+        within("the live tail to open", tail.next_block()).await;
+        tail
+    }
+}
+
+/// A live tail of the activity log: server-sent events, read one by one.
+pub struct Tail {
+    /// The stream.
+    body: Incoming,
+    /// Bytes read but not yet parsed.
+    buffer: Vec<u8>,
+}
+
+impl Tail {
+    /// The next event block (up to a blank line), comments included.
+    async fn next_block(&mut self) -> String {
+        loop {
+            if let Some(at) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..at + 2).collect();
+                return String::from_utf8(block).expect("the stream is UTF-8");
+            }
+            let frame = self
+                .body
+                .frame()
+                .await
+                .expect("the live tail stays open")
+                .expect("the live tail reads");
+            if let Ok(data) = frame.into_data() {
+                self.buffer.extend_from_slice(&data);
+            }
+        }
+    }
+
+    /// The next entry: its event id and its list item.
+    pub async fn next_item(&mut self) -> (String, serde_json::Value) {
+        within("an entry in the live tail", async {
+            loop {
+                let block = self.next_block().await;
+                let mut id = None;
+                let mut data = None;
+                for line in block.lines() {
+                    if let Some(value) = line.strip_prefix("id: ") {
+                        id = Some(value.to_owned());
+                    } else if let Some(value) = line.strip_prefix("data: ") {
+                        data = Some(value.to_owned());
+                    }
+                }
+                if let (Some(id), Some(data)) = (id, data) {
+                    return (id, serde_json::from_str(&data).expect("items are JSON"));
+                }
+            }
+        })
+        .await
     }
 }

@@ -7,6 +7,8 @@
 //! [`sqlite::Sqlite`] implements both. Everything is keyed on the owner's
 //! account key ([`OwnerKey`]), never on a token.
 
+pub mod sqlite;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;

@@ -155,7 +155,10 @@ async fn a_relay_with_tokens_refuses_clients_without_a_valid_one() {
             .into_body(),
     )
     .await;
-    assert_eq!(String::from_utf8_lossy(&theirs), r#"{"tunnels":[]}"#);
+    assert_eq!(
+        String::from_utf8_lossy(&theirs),
+        r#"{"tunnels":[],"offline":[]}"#
+    );
 
     right.stop().await.expect("client stops cleanly");
     origin.stop().await;

@@ -1,0 +1,430 @@
+//! Capture: each exchange is recorded while it streams, and handed to one
+//! writer that stores entries in batches.
+//!
+//! A [`Capture`] is shared by the request's and the response's [`Tap`]s;
+//! when the last of them is dropped the entry is complete and goes to the
+//! [`Recorder`]'s queue. The queue is bounded in bytes: an entry that does
+//! not fit goes in without its bodies (flagged incomplete), and one that
+//! does not fit even so is dropped and counted. Forwarding never waits on
+//! the queue or the disk.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::HeaderMap;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{
+    now_micros, ActivityLog, CapturedBody, CapturedResponse, Exchange, Header, Outcome,
+};
+
+/// Bytes of entries the queue may hold before it sheds bodies.
+pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// The most entries one transaction takes.
+const BATCH_ENTRIES: usize = 2048;
+/// The most body bytes one transaction takes.
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// What capture has done, for `/metrics` and `/healthz`.
+#[derive(Debug, Default)]
+pub struct CaptureStats {
+    /// Entries stored.
+    pub written: AtomicU64,
+    /// Entries queued without their bodies because the queue was full.
+    pub shed: AtomicU64,
+    /// Entries lost: the queue had no room even without bodies, or the
+    /// database refused the write.
+    pub dropped: AtomicU64,
+    /// Whether the last write failed.
+    pub failing: AtomicBool,
+    /// The last write error, for `/healthz`.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// Hands finished entries to the writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Recorder {
+    /// The writer's queue; each entry carries its share of the byte budget.
+    queue: mpsc::Sender<(Exchange, OwnedSemaphorePermit)>,
+    /// The queue's byte budget.
+    budget: Arc<Semaphore>,
+    /// The most body bytes kept per direction.
+    body_limit: usize,
+    /// Counters.
+    stats: Arc<CaptureStats>,
+    /// Bumped after every committed batch, for live tails.
+    committed: watch::Sender<u64>,
+}
+
+impl Recorder {
+    /// A recorder keeping `body_limit` bytes of each body, and the writer
+    /// that drains it into `log` until `stop` (it then stores what is
+    /// queued and returns).
+    pub fn new(
+        log: Arc<dyn ActivityLog>,
+        body_limit: usize,
+        queue_bytes: usize,
+        stop: CancellationToken,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send) {
+        let (queue, receiver) = mpsc::channel(queue_bytes / 256 + 1);
+        let recorder = Self {
+            queue,
+            budget: Arc::new(Semaphore::new(queue_bytes)),
+            body_limit,
+            stats: Arc::default(),
+            committed: watch::Sender::new(0),
+        };
+        let writer = write(
+            log,
+            receiver,
+            Arc::clone(&recorder.stats),
+            recorder.committed.clone(),
+            stop,
+        );
+        (recorder, writer)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &CaptureStats {
+        &self.stats
+    }
+
+    /// Changes after each committed batch.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// The most body bytes kept per direction.
+    pub fn body_limit(&self) -> usize {
+        self.body_limit
+    }
+
+    /// Queues `entry`, shedding its bodies or dropping it when the queue is
+    /// full. Never waits.
+    pub fn submit(&self, mut entry: Exchange) {
+        let size = entry.stored_size();
+        let permit = match self.reserve(size) {
+            Some(permit) => permit,
+            None => {
+                entry.request_body.bytes = Bytes::new();
+                entry.request_body.truncated |= entry.request_body.size > 0;
+                if let Some(response) = &mut entry.response {
+                    response.body.truncated |= response.body.size > 0;
+                    response.body.bytes = Bytes::new();
+                }
+                entry.incomplete = true;
+                match self.reserve(entry.stored_size()) {
+                    Some(permit) => {
+                        self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                        permit
+                    }
+                    None => {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        };
+        if self.queue.try_send((entry, permit)).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn reserve(&self, size: u64) -> Option<OwnedSemaphorePermit> {
+        let size = u32::try_from(size).ok()?;
+        Arc::clone(&self.budget).try_acquire_many_owned(size).ok()
+    }
+}
+
+/// The writer: takes what is queued, up to a batch, and stores it in one
+/// transaction; a failed write is counted and reported, never retried
+/// without bound.
+async fn write(
+    log: Arc<dyn ActivityLog>,
+    mut receiver: mpsc::Receiver<(Exchange, OwnedSemaphorePermit)>,
+    stats: Arc<CaptureStats>,
+    committed: watch::Sender<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        // Cancel-safe: `recv` loses nothing when `stop` wins.
+        let first = tokio::select! {
+            first = receiver.recv() => first,
+            () = stop.cancelled() => {
+                receiver.close();
+                receiver.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        let mut batch = vec![first];
+        let mut bytes = 0;
+        while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
+            match receiver.try_recv() {
+                Ok(next) => {
+                    bytes += next.1.num_permits();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let count = batch.len() as u64;
+        // The permits go back only once the entries are stored, so the
+        // budget bounds what the writer holds too.
+        let (entries, permits): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match log.append(entries).await {
+            Ok(()) => {
+                stats.written.fetch_add(count, Ordering::Relaxed);
+                stats.failing.store(false, Ordering::Relaxed);
+                committed.send_modify(|n| *n += 1);
+            }
+            Err(err) => {
+                tracing::warn!(%err, entries = count, "activity log write failed; forwarding goes on");
+                stats.dropped.fetch_add(count, Ordering::Relaxed);
+                stats.failing.store(true, Ordering::Relaxed);
+                *stats
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+            }
+        }
+        drop(permits);
+    }
+}
+
+/// Header fields as the log keeps them, in the map's order.
+pub fn headers_of(map: &HeaderMap) -> Vec<Header> {
+    map.iter()
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: value.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// One exchange being captured; stored when the last handle to it drops.
+pub struct Capture {
+    /// The entry so far.
+    entry: Mutex<Option<Exchange>>,
+    /// Where it goes.
+    recorder: Recorder,
+}
+
+impl Capture {
+    /// Starts capturing `entry`.
+    pub fn new(recorder: &Recorder, entry: Exchange) -> Arc<Self> {
+        Arc::new(Self {
+            entry: Mutex::new(Some(entry)),
+            recorder: recorder.clone(),
+        })
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Exchange)) {
+        if let Some(entry) = self
+            .entry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            change(entry);
+        }
+    }
+
+    /// The response's head was sent on.
+    pub fn responded(&self, status: u16, headers: &HeaderMap, outcome: Outcome) {
+        let headers = headers_of(headers);
+        let at = now_micros();
+        self.update(|entry| {
+            entry.response = Some(CapturedResponse {
+                status,
+                headers,
+                body: CapturedBody::default(),
+            });
+            entry.responded_at = Some(at);
+            entry.outcome = outcome;
+        });
+    }
+
+    /// The exchange ended with `outcome` and `error`; the relay's own
+    /// answer, if it gave one, is `answer`.
+    pub fn failed(
+        &self,
+        outcome: Outcome,
+        error: String,
+        answer: Option<(u16, &HeaderMap, Bytes)>,
+    ) {
+        let at = now_micros();
+        let answer = answer.map(|(status, headers, body)| CapturedResponse {
+            status,
+            headers: headers_of(headers),
+            body: CapturedBody {
+                size: body.len() as u64,
+                bytes: body,
+                truncated: false,
+            },
+        });
+        self.update(|entry| {
+            entry.outcome = outcome;
+            entry.error = Some(error);
+            if answer.is_some() {
+                entry.response = answer;
+                entry.responded_at = Some(at);
+            }
+            entry.done_at = Some(at);
+        });
+    }
+
+    /// Wraps a body so that what passes through is captured as `side`.
+    pub fn tap<B: HttpBody + Unpin>(self: &Arc<Self>, body: B, side: Side) -> Tap<B> {
+        Tap {
+            inner: body,
+            capture: Arc::clone(self),
+            side,
+            kept: Vec::new(),
+            kept_len: 0,
+            size: 0,
+            limit: self.recorder.body_limit,
+            ended: false,
+            error: None,
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let entry = self
+            .entry
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut entry) = entry {
+            entry.done_at.get_or_insert_with(now_micros);
+            self.recorder.submit(entry);
+        }
+    }
+}
+
+/// Which body a [`Tap`] captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The request's.
+    Request,
+    /// The response's.
+    Response,
+}
+
+/// A body that keeps the first bytes of what passes through (up to the
+/// capture limit) and counts all of them, without holding anything up.
+pub struct Tap<B: HttpBody + Unpin> {
+    /// The body being carried.
+    inner: B,
+    /// The exchange it belongs to.
+    capture: Arc<Capture>,
+    /// Which body it is.
+    side: Side,
+    /// Shared chunks, not copies: a frame's bytes are kept by reference.
+    kept: Vec<Bytes>,
+    /// Bytes in `kept`.
+    kept_len: usize,
+    /// Bytes that passed through.
+    size: u64,
+    /// The most bytes kept.
+    limit: usize,
+    /// Whether the body reached its end.
+    ended: bool,
+    /// What went wrong while reading it.
+    error: Option<String>,
+}
+
+impl<B: HttpBody + Unpin> Drop for Tap<B> {
+    fn drop(&mut self) {
+        let body = CapturedBody {
+            bytes: join(std::mem::take(&mut self.kept), self.kept_len),
+            size: self.size,
+            truncated: self.size > self.kept_len as u64,
+        };
+        let ended = self.ended || self.inner.is_end_stream();
+        let (side, error) = (self.side, self.error.take());
+        self.capture.update(|entry| {
+            match side {
+                Side::Request => entry.request_body = body,
+                Side::Response => {
+                    if let Some(response) = &mut entry.response {
+                        response.body = body;
+                    }
+                    entry.done_at = Some(now_micros());
+                    if !ended && entry.outcome == Outcome::Answered {
+                        entry.outcome = Outcome::CallerHungUp;
+                    }
+                }
+            }
+            if let Some(error) = error {
+                if matches!(entry.outcome, Outcome::Answered | Outcome::CallerHungUp) {
+                    entry.outcome = Outcome::Failed;
+                }
+                entry.error.get_or_insert(error);
+            }
+        });
+    }
+}
+
+/// The kept chunks as one buffer (without a copy when there is one).
+fn join(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(len);
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            all.freeze()
+        }
+    }
+}
+
+impl<B> HttpBody for Tap<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.size += data.len() as u64;
+                    let room = this.limit - this.kept_len;
+                    if room > 0 && !data.is_empty() {
+                        let take = room.min(data.len());
+                        this.kept.push(data.slice(..take));
+                        this.kept_len += take;
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(err))) => this.error = Some(err.to_string()),
+            Poll::Ready(None) => this.ended = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

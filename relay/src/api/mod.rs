@@ -1,0 +1,567 @@
+//! The relay's own host: `/healthz`, `/metrics` and the JSON API under
+//! `/api/v1/`, routed by one table ([`ROUTES`]) that tests can enumerate.
+//! Errors share one JSON shape, `{"error": {"code", "message"}}`.
+
+pub mod requests;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use ferry_common::api::{
+    ErrorBody, ErrorDetail, OfflineTunnel, ReplayRequest, TunnelInfo, TunnelList,
+};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::accounts::{AccountId, AuthError};
+use crate::connection::Activity;
+use crate::tunnels::Owner;
+use crate::{full, session, Body, State};
+
+/// What a route leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /healthz`: the relay is up.
+    Health,
+    /// `GET /metrics`: Prometheus counters.
+    Metrics,
+    /// `GET /api/v1/tunnels/connect`: the WebSocket a client opens.
+    Connect,
+    /// `GET /api/v1/tunnels`: the caller's live tunnels and held names.
+    Tunnels,
+    /// `GET /api/v1/requests`: the activity log, filtered, newest first.
+    Requests,
+    /// `GET /api/v1/requests/stream`: new entries as server-sent events.
+    RequestStream,
+    /// `GET /api/v1/requests/har`: the entries a list query finds, as HAR.
+    RequestsHar,
+    /// `GET /api/v1/requests/{id}`: everything about one entry.
+    Request,
+    /// `GET /api/v1/requests/{id}/body/{side}`: a body's raw bytes.
+    RequestBody,
+    /// `GET /api/v1/requests/{id}/curl`: a curl command for the request.
+    RequestCurl,
+    /// `GET /api/v1/requests/{id}/har`: one entry as HAR.
+    RequestHar,
+    /// `POST /api/v1/requests/{id}/replay`: sends the request again.
+    Replay,
+    /// `POST /api/v1/requests/{id}/replayed`: marks an offline capture as
+    /// replayed by the client itself.
+    MarkReplayed,
+}
+
+/// One route: a path pattern, the methods it answers and where it leads.
+#[derive(Debug)]
+pub struct Route {
+    /// The path, in `matchit` syntax (`/api/v1/requests/{id}`).
+    pub path: &'static str,
+    /// The methods it answers.
+    pub methods: &'static [&'static str],
+    /// What answers it.
+    pub endpoint: Endpoint,
+}
+
+/// Every route of the relay's own host.
+pub const ROUTES: &[Route] = &[
+    Route {
+        path: "/healthz",
+        methods: &["GET"],
+        endpoint: Endpoint::Health,
+    },
+    Route {
+        path: "/metrics",
+        methods: &["GET"],
+        endpoint: Endpoint::Metrics,
+    },
+    Route {
+        path: ferry_common::handshake::CONNECT_PATH,
+        methods: &["GET"],
+        endpoint: Endpoint::Connect,
+    },
+    Route {
+        path: "/api/v1/tunnels",
+        methods: &["GET"],
+        endpoint: Endpoint::Tunnels,
+    },
+    Route {
+        path: "/api/v1/requests",
+        methods: &["GET"],
+        endpoint: Endpoint::Requests,
+    },
+    Route {
+        path: "/api/v1/requests/stream",
+        methods: &["GET"],
+        endpoint: Endpoint::RequestStream,
+    },
+    Route {
+        path: "/api/v1/requests/har",
+        methods: &["GET"],
+        endpoint: Endpoint::RequestsHar,
+    },
+    Route {
+        path: "/api/v1/requests/{id}",
+        methods: &["GET"],
+        endpoint: Endpoint::Request,
+    },
+    Route {
+        path: "/api/v1/requests/{id}/body/{side}",
+        methods: &["GET"],
+        endpoint: Endpoint::RequestBody,
+    },
+    Route {
+        path: "/api/v1/requests/{id}/curl",
+        methods: &["GET"],
+        endpoint: Endpoint::RequestCurl,
+    },
+    Route {
+        path: "/api/v1/requests/{id}/har",
+        methods: &["GET"],
+        endpoint: Endpoint::RequestHar,
+    },
+    Route {
+        path: "/api/v1/requests/{id}/replay",
+        methods: &["POST"],
+        endpoint: Endpoint::Replay,
+    },
+    Route {
+        path: "/api/v1/requests/{id}/replayed",
+        methods: &["POST"],
+        endpoint: Endpoint::MarkReplayed,
+    },
+];
+
+/// The largest JSON body an API call may send.
+const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+
+/// The path router over [`ROUTES`].
+pub struct Router(matchit::Router<&'static Route>);
+
+impl Router {
+    /// Builds the router; the table is fixed, so a bad pattern is a bug.
+    pub fn new() -> Self {
+        let mut router = matchit::Router::new();
+        for route in ROUTES {
+            router
+                .insert(route.path, route)
+                .expect("the route table holds valid, distinct patterns");
+        }
+        Self(router)
+    }
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counters served at `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    /// Public requests sent through a tunnel.
+    pub requests: AtomicU64,
+    /// Public requests to a tunnel name that the relay answered itself with
+    /// an error (no tunnel, busy, too large, timeout, client gone).
+    pub request_errors: AtomicU64,
+    /// Tunnel sessions accepted.
+    pub sessions: AtomicU64,
+    /// Connections closed at accept because their address held its limit.
+    pub connections_refused: AtomicU64,
+}
+
+/// An API error: a status, a stable code and a sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    status: StatusCode,
+    /// The machine-readable code.
+    code: &'static str,
+    /// What to do, for people.
+    message: String,
+    /// Extra headers (`Retry-After`, `WWW-Authenticate`, `Allow`).
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// A 429 saying when to come back.
+    pub fn too_many(message: impl Into<String>, wait: Duration) -> Self {
+        let seconds = wait.as_secs().max(1).to_string();
+        let error = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        match HeaderValue::from_str(&seconds) {
+            Ok(value) => error.with_header(header::RETRY_AFTER, value),
+            Err(_) => error,
+        }
+    }
+
+    /// Adds a header to the answer.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Throttled(wait) => Self::too_many(err.to_string(), wait),
+            AuthError::Missing | AuthError::Wrong => {
+                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
+                    .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+            }
+        }
+    }
+}
+
+/// The JSON answer for `err`.
+pub fn error_response(err: ApiError) -> Response<Body> {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: err.code.to_owned(),
+            message: err.message,
+        },
+    };
+    let mut response = json(&body);
+    *response.status_mut() = err.status;
+    response.headers_mut().extend(err.headers);
+    response
+}
+
+/// Serves a request to the relay's own host.
+pub(crate) async fn handle(
+    state: &Arc<State>,
+    peer: IpAddr,
+    connection: &Arc<Activity>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match route(state, peer, connection, req).await {
+        Ok(response) => response,
+        Err(err) => error_response(err),
+    }
+}
+
+async fn route(
+    state: &Arc<State>,
+    peer: IpAddr,
+    connection: &Arc<Activity>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path();
+    let Ok(found) = state.router.0.at(path) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("nothing at {path} on this relay: the API lives under /api/v1/"),
+        ));
+    };
+    let route = *found.value;
+    if !route.methods.contains(&req.method().as_str()) {
+        let allow = route.methods.join(", ");
+        let error = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} answers {allow}, not {}", route.path, req.method()),
+        );
+        return Err(match HeaderValue::from_str(&allow) {
+            Ok(allow) => error.with_header(header::ALLOW, allow),
+            Err(_) => error,
+        });
+    }
+    if route.methods.contains(&"POST") {
+        same_site_json(&req)?;
+    }
+    let param = |name: &str| found.params.get(name).unwrap_or_default().to_owned();
+    let (id, side) = (param("id"), param("side"));
+    let owner = || -> Result<Option<String>, ApiError> {
+        Ok(state
+            .accounts
+            .authorize(req.headers(), peer)?
+            .map(|account| account.to_string()))
+    };
+    match route.endpoint {
+        Endpoint::Health => Ok(health(state)),
+        Endpoint::Metrics => Ok(metrics(state)),
+        Endpoint::Connect => session::connect(state, peer, connection.carry_tunnel(), req).await,
+        Endpoint::Tunnels => {
+            let account = state.accounts.authorize(req.headers(), peer)?;
+            tunnels(state, account.as_ref()).await
+        }
+        Endpoint::Requests => {
+            let query = requests::parse_query(req.uri().query(), owner()?)?;
+            requests::list(state, query).await
+        }
+        Endpoint::RequestsHar => {
+            let query = requests::parse_query(req.uri().query(), owner()?)?;
+            requests::har_list(state, query).await
+        }
+        Endpoint::RequestStream => {
+            let query = requests::parse_query(req.uri().query(), owner()?)?;
+            let last = req
+                .headers()
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            requests::stream(state, query.filter, last.as_deref()).await
+        }
+        Endpoint::Request => {
+            let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
+            Ok(json(&requests::detail(&entry)))
+        }
+        Endpoint::RequestBody => {
+            let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
+            requests::body(&entry, &side)
+        }
+        Endpoint::RequestCurl => {
+            let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
+            requests::curl(&entry, req.uri().query())
+        }
+        Endpoint::RequestHar => {
+            let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
+            Ok(requests::har(std::slice::from_ref(&entry)))
+        }
+        Endpoint::Replay => {
+            let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
+            let edits: ReplayRequest = read_json(req, true).await?;
+            let answer = crate::activity::replay::replay(state, &entry, &edits).await?;
+            Ok(json(&answer))
+        }
+        Endpoint::MarkReplayed => {
+            let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
+            let marked = state
+                .log
+                .mark_replayed(entry.id, crate::store::now_micros())
+                .await
+                .map_err(|err| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        err.to_string(),
+                    )
+                })?;
+            Ok(json(
+                &serde_json::json!({ "id": entry.id.to_string(), "marked": marked }),
+            ))
+        }
+    }
+}
+
+/// Refuses a state-changing call a web page elsewhere could make: the API
+/// may listen on loopback without a token, so a browser's cross-site form
+/// post must not reach it. Only JSON bodies (which a cross-site page cannot
+/// send without a CORS preflight the relay never grants) from no origin or
+/// this origin are taken.
+fn same_site_json(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("?");
+        let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
+        if origin == "null" || !origin_host.eq_ignore_ascii_case(host) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                format!("requests from the web page at {origin} may not change anything on this relay: call the API from the dashboard, the ferry CLI or curl"),
+            ));
+        }
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site")
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            "cross-site requests may not change anything on this relay",
+        ));
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "json_required",
+            "send this call with Content-Type: application/json (an empty body is {})",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BODY`] bytes; an empty body is
+/// the default value when `empty_ok`.
+async fn read_json<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+    empty_ok: bool,
+) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_JSON_BODY);
+    let bytes = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("an API call's body may hold at most {MAX_JSON_BODY} bytes"),
+            ))
+        }
+        Err(_) => return Err(ApiError::bad_request("the request body could not be read")),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) && empty_ok {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|err| {
+        ApiError::bad_request(format!("the JSON body is not what this call takes: {err}"))
+    })
+}
+
+/// `/healthz`: 200 while the relay serves and capture works; 503 with the
+/// reason while the activity log cannot be written (forwarding goes on).
+fn health(state: &State) -> Response<Body> {
+    let stats = state.recorder.stats();
+    if stats.failing.load(Ordering::Relaxed) {
+        let error = stats
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        return crate::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("capture failing: the activity log cannot be written ({error}); tunnels still forward"),
+        );
+    }
+    crate::text(StatusCode::OK, "ok")
+}
+
+async fn tunnels(state: &State, account: Option<&AccountId>) -> Result<Response<Body>, ApiError> {
+    let mine = |owner: &Owner| match account {
+        None => true,
+        Some(account) => matches!(owner, Owner::Account(o) if o == account),
+    };
+    let live = state.tunnels.list();
+    let tunnels = live
+        .iter()
+        .filter(|t| mine(&t.owner))
+        .map(|t| TunnelInfo {
+            name: t.name.to_string(),
+            public_url: t.public_url.clone(),
+            connected_at: t
+                .connected_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            client_version: t.client.version.clone(),
+            target: t.client.target.clone(),
+        })
+        .collect();
+    let seconds = |micros: i64| u64::try_from(micros / 1_000_000).unwrap_or(0);
+    let names = state
+        .names
+        .names(crate::store::now_micros())
+        .await
+        .map_err(|err| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                err.to_string(),
+            )
+        })?;
+    let mut offline: Vec<OfflineTunnel> = names
+        .into_iter()
+        .filter(|record| record.hold_until.is_some())
+        .filter(|record| mine(&Owner::from_key(&record.owner)))
+        .filter(|record| !live.iter().any(|t| t.name.as_str() == record.name))
+        .map(|record| OfflineTunnel {
+            name: record.name,
+            last_seen: seconds(record.last_seen),
+            held_until: record.hold_until.map(seconds),
+            target: record.target,
+        })
+        .collect();
+    offline.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(json(&TunnelList { tunnels, offline }))
+}
+
+fn metrics(state: &State) -> Response<Body> {
+    let m = &state.metrics;
+    let body = format!(
+        "# HELP ferry_tunnels Connected tunnels.\n# TYPE ferry_tunnels gauge\nferry_tunnels {}\n\
+         # HELP ferry_sessions_total Tunnel sessions accepted.\n# TYPE ferry_sessions_total counter\nferry_sessions_total {}\n\
+         # HELP ferry_requests_total Public requests sent through a tunnel.\n# TYPE ferry_requests_total counter\nferry_requests_total {}\n\
+         # HELP ferry_request_errors_total Public requests to a tunnel that the relay answered with an error itself.\n# TYPE ferry_request_errors_total counter\nferry_request_errors_total {}\n\
+         # HELP ferry_connections_refused_total Connections closed at accept: their address held its limit.\n# TYPE ferry_connections_refused_total counter\nferry_connections_refused_total {}\n\
+         # HELP ferry_capture_written_total Exchanges stored in the activity log.\n# TYPE ferry_capture_written_total counter\nferry_capture_written_total {}\n\
+         # HELP ferry_capture_shed_total Exchanges stored without their bodies because the capture queue was full.\n# TYPE ferry_capture_shed_total counter\nferry_capture_shed_total {}\n\
+         # HELP ferry_capture_dropped_total Exchanges lost: the capture queue was full, or the write failed.\n# TYPE ferry_capture_dropped_total counter\nferry_capture_dropped_total {}\n\
+         # HELP ferry_capture_failing Whether the last activity log write failed.\n# TYPE ferry_capture_failing gauge\nferry_capture_failing {}\n",
+        state.tunnels.len(),
+        m.sessions.load(Ordering::Relaxed),
+        m.requests.load(Ordering::Relaxed),
+        m.request_errors.load(Ordering::Relaxed),
+        m.connections_refused.load(Ordering::Relaxed),
+        state.recorder.stats().written.load(Ordering::Relaxed),
+        state.recorder.stats().shed.load(Ordering::Relaxed),
+        state.recorder.stats().dropped.load(Ordering::Relaxed),
+        u8::from(state.recorder.stats().failing.load(Ordering::Relaxed)),
+    );
+    let mut response = Response::new(full(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// A JSON answer.
+pub(crate) fn json(value: &impl serde::Serialize) -> Response<Body> {
+    let text = serde_json::to_string(value).unwrap_or_else(|_| String::from("{}"));
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Router, ROUTES};
+
+    #[test]
+    fn every_route_is_reachable_through_the_router() {
+        let router = Router::new();
+        for route in ROUTES {
+            let found = router.0.at(route.path).expect("route matches its own path");
+            assert_eq!(found.value.endpoint, route.endpoint);
+            assert!(!route.methods.is_empty());
+        }
+    }
+}

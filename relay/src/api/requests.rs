@@ -1,0 +1,503 @@
+//! `/api/v1/requests…`: the activity log's entries, their bodies, exports,
+//! a live tail and replays. An account sees only entries of names it owns;
+//! anything else is a 404, so ids reveal nothing.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use ferry_common::api::{
+    BodyView, DecodedView, HeaderField, RequestDetail, RequestItem, RequestPage, RequestView,
+    ResponseView, Timings,
+};
+use ferry_common::ids::ExchangeId;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use super::{json, ApiError};
+use crate::activity::{decode, export};
+use crate::store::{CapturedBody, Exchange, Filter, Header, Micros, StatusFilter};
+use crate::{full, Body, State};
+
+/// Entries per page unless the caller asks for fewer.
+const DEFAULT_PAGE: usize = 50;
+/// The most entries a page or an export holds.
+const MAX_PAGE: usize = 500;
+/// The most decoded bytes the detail view shows of a compressed body.
+const DECODED_CAP: usize = 4 * 1024 * 1024;
+/// Entries the live tail reads from the store at a time.
+const TAIL_BATCH: usize = 200;
+/// How often the live tail sends a comment, so proxies keep it open.
+const TAIL_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The filters, cursor and page size of a list query.
+pub struct ListQuery {
+    /// Which entries.
+    pub filter: Filter,
+    /// Entries older than this id.
+    pub cursor: Option<ExchangeId>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// Reads `tunnel`, `kind`, `method`, `status`, `q`, `since`, `until`,
+/// `missed`, `cursor` and `limit` from a query string.
+pub fn parse_query(query: Option<&str>, owner: Option<String>) -> Result<ListQuery, ApiError> {
+    let mut list = ListQuery {
+        filter: Filter {
+            owner,
+            ..Filter::default()
+        },
+        cursor: None,
+        limit: DEFAULT_PAGE,
+    };
+    let pairs = form_urlencoded(query.unwrap_or(""));
+    for (key, value) in pairs {
+        let filter = &mut list.filter;
+        match key.as_str() {
+            "tunnel" => filter.tunnel = Some(value.to_ascii_lowercase()),
+            "kind" => filter.kind = Some(value.parse().map_err(ApiError::bad_request)?),
+            "method" => filter.method = Some(value.to_ascii_uppercase()),
+            "status" => {
+                filter.status = Some(value.parse::<StatusFilter>().map_err(ApiError::bad_request)?)
+            }
+            "q" if !value.is_empty() => filter.text = Some(value),
+            "q" => {}
+            "since" => filter.since = Some(time_filter(&key, &value)?),
+            "until" => filter.until = Some(time_filter(&key, &value)?),
+            "missed" => filter.missed = matches!(value.as_str(), "true" | "1" | ""),
+            "cursor" => {
+                list.cursor = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "`cursor` must be the next_cursor of a previous page, not `{value}`"
+                    ))
+                })?)
+            }
+            "limit" => {
+                list.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "`limit` must be a number from 1 to {MAX_PAGE}, not `{value}`"
+                        ))
+                    })?
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown filter `{key}`: use tunnel, kind, method, status, q, since, until, missed, cursor or limit"
+                )))
+            }
+        }
+    }
+    Ok(list)
+}
+
+/// `since`/`until`: an RFC 3339 time, or a duration meaning that long ago.
+fn time_filter(key: &str, value: &str) -> Result<Micros, ApiError> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(value) {
+        return Ok(micros_of(at));
+    }
+    if let Ok(ago) = ferry_common::units::parse_duration(value) {
+        let now = crate::store::now_micros();
+        return Ok(now.saturating_sub(i64::try_from(ago.as_micros()).unwrap_or(i64::MAX)));
+    }
+    Err(ApiError::bad_request(format!(
+        "`{key}` must be an RFC 3339 time such as 2026-01-31T12:00:00Z, or a duration ago such as 1h, not `{value}`"
+    )))
+}
+
+fn micros_of(at: std::time::SystemTime) -> Micros {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The pairs of an `application/x-www-form-urlencoded` query, decoded.
+pub fn form_urlencoded(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(key), percent_decode(value))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 3339 with microseconds.
+pub fn rfc3339(at: Micros) -> String {
+    let at = UNIX_EPOCH + Duration::from_micros(u64::try_from(at).unwrap_or(0));
+    humantime::format_rfc3339_micros(at).to_string()
+}
+
+/// An entry as a list item.
+pub fn item(entry: &Exchange) -> RequestItem {
+    RequestItem {
+        id: entry.id.to_string(),
+        received_at: rfc3339(entry.received_at),
+        tunnel: entry.tunnel.clone(),
+        kind: entry.kind.to_string(),
+        method: entry.method.clone(),
+        path: entry.path().to_owned(),
+        status: entry.response.as_ref().map(|r| r.status),
+        duration_ms: entry.duration_ms(),
+        request_size: entry.request_body.size,
+        response_size: entry.response.as_ref().map_or(0, |r| r.body.size),
+        outcome: entry.outcome.as_str().to_owned(),
+        replay_of: entry.replay_of.map(|id| id.to_string()),
+    }
+}
+
+fn header_fields(headers: &[Header]) -> Vec<HeaderField> {
+    headers
+        .iter()
+        .map(|h| {
+            let text = std::str::from_utf8(&h.value);
+            HeaderField {
+                name: h.name.clone(),
+                value: String::from_utf8_lossy(&h.value).into_owned(),
+                value_base64: text
+                    .is_err()
+                    .then(|| base64::engine::general_purpose::STANDARD.encode(&h.value)),
+            }
+        })
+        .collect()
+}
+
+fn body_view(headers: &[Header], body: &CapturedBody) -> BodyView {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    BodyView {
+        size: body.size,
+        captured: body.bytes.len() as u64,
+        truncated: body.truncated,
+        base64: b64.encode(&body.bytes),
+        text: std::str::from_utf8(&body.bytes).ok().map(str::to_owned),
+        decoded: decode::decoded(headers, &body.bytes, DECODED_CAP).map(|d| DecodedView {
+            size: d.bytes.len() as u64,
+            text: std::str::from_utf8(&d.bytes).ok().map(str::to_owned),
+            base64: b64.encode(&d.bytes),
+            truncated: d.truncated,
+            error: d.error,
+        }),
+    }
+}
+
+/// Everything about an entry.
+pub fn detail(entry: &Exchange) -> RequestDetail {
+    RequestDetail {
+        item: item(entry),
+        remote_addr: entry.remote_addr.clone(),
+        request: RequestView {
+            method: entry.method.clone(),
+            url: entry.url.clone(),
+            http_version: entry.http_version.clone(),
+            headers: header_fields(&entry.request_headers),
+            body: body_view(&entry.request_headers, &entry.request_body),
+        },
+        response: entry.response.as_ref().map(|r| ResponseView {
+            status: r.status,
+            headers: header_fields(&r.headers),
+            body: body_view(&r.headers, &r.body),
+        }),
+        timings: Timings {
+            received_at: rfc3339(entry.received_at),
+            responded_at: entry.responded_at.map(rfc3339),
+            done_at: entry.done_at.map(rfc3339),
+        },
+        error: entry.error.clone(),
+        incomplete: entry.incomplete,
+        replayed_at: entry.replayed_at.map(rfc3339),
+    }
+}
+
+fn store_failed(err: crate::store::StoreError) -> ApiError {
+    tracing::warn!(%err, "activity log read failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the activity log cannot be read right now; try again shortly",
+    )
+}
+
+/// A 404 for an id that is not the caller's, or not at all.
+pub fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no request `{id}` in your activity log: list them with GET /api/v1/requests"),
+    )
+}
+
+/// Reads the entry `id` that `owner` may see.
+pub(crate) async fn entry(
+    state: &State,
+    id: &str,
+    owner: Option<&str>,
+) -> Result<Exchange, ApiError> {
+    let Ok(parsed) = id.parse::<ExchangeId>() else {
+        return Err(ApiError::bad_request(format!(
+            "`{}` is not a request id: ids look like 0192f0c4-8e4b-7d3a-9f1e-2b6c8d4e5f60",
+            id.chars().take(64).collect::<String>()
+        )));
+    };
+    state
+        .log
+        .get(parsed, owner)
+        .await
+        .map_err(store_failed)?
+        .ok_or_else(|| not_found(id))
+}
+
+/// `GET /api/v1/requests`.
+pub(crate) async fn list(state: &State, query: ListQuery) -> Result<Response<Body>, ApiError> {
+    let entries = state
+        .log
+        .list(&query.filter, query.cursor, query.limit)
+        .await
+        .map_err(store_failed)?;
+    let next_cursor = (entries.len() == query.limit)
+        .then(|| entries.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(json(&RequestPage {
+        items: entries.iter().map(item).collect(),
+        next_cursor,
+    }))
+}
+
+/// `GET /api/v1/requests/{id}/body/{side}`: the raw bytes kept.
+pub fn body(entry: &Exchange, side: &str) -> Result<Response<Body>, ApiError> {
+    let (headers, body) = match side {
+        "request" => (&entry.request_headers, &entry.request_body),
+        "response" => match &entry.response {
+            Some(response) => (&response.headers, &response.body),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "no_response",
+                    "this request got no response, so there is no response body",
+                ))
+            }
+        },
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("`{other}` is not a body: use /body/request or /body/response"),
+            ))
+        }
+    };
+    let content_type = headers
+        .iter()
+        .find(|h| h.name == "content-type")
+        .and_then(|h| HeaderValue::from_bytes(&h.value).ok())
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let mut response = Response::new(full(body.bytes.clone()));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&format!("attachment; filename=\"{}-{side}.bin\"", entry.id))
+            .unwrap_or(HeaderValue::from_static("attachment")),
+    );
+    // The bytes are the caller's, whatever they claim to be: never sniffed
+    // or rendered as a page of the relay.
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    if body.truncated {
+        if let Ok(size) = HeaderValue::from_str(&body.size.to_string()) {
+            headers.insert("ferry-body-size", size);
+        }
+    }
+    Ok(response)
+}
+
+/// `GET /api/v1/requests/{id}/curl`.
+pub fn curl(entry: &Exchange, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let to = form_urlencoded(query.unwrap_or(""))
+        .into_iter()
+        .find(|(k, _)| k == "to")
+        .map(|(_, v)| v);
+    let command = export::curl(entry, to.as_deref()).map_err(|err| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_exportable",
+            err.to_string(),
+        )
+    })?;
+    let mut response = Response::new(full(command));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+/// A HAR 1.2 document of `entries`.
+pub fn har(entries: &[Exchange]) -> Response<Body> {
+    let mut response = json(&export::har(entries));
+    response.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"ferry.har\""),
+    );
+    response
+}
+
+/// `GET /api/v1/requests/har?…`: the entries a list query finds, as HAR.
+pub(crate) async fn har_list(state: &State, query: ListQuery) -> Result<Response<Body>, ApiError> {
+    let entries = state
+        .log
+        .list(&query.filter, query.cursor, query.limit)
+        .await
+        .map_err(store_failed)?;
+    Ok(har(&entries))
+}
+
+/// `GET /api/v1/requests/stream`: every new entry that matches, as a
+/// server-sent event carrying its list item, with the entry id as the
+/// event id. Entries are sent only once committed, in commit order; a
+/// reconnect with `Last-Event-ID` resumes right after that entry.
+pub(crate) async fn stream(
+    state: &Arc<State>,
+    filter: Filter,
+    last_event_id: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let start = match last_event_id {
+        Some(id) => {
+            let id = id.trim().parse::<ExchangeId>().map_err(|_| {
+                ApiError::bad_request("Last-Event-ID must be the id of an entry this stream sent")
+            })?;
+            match state.log.seq_of(id).await.map_err(store_failed)? {
+                Some(seq) => seq,
+                None => return Err(not_found(&id.to_string())),
+            }
+        }
+        None => state.log.last_seq().await.map_err(store_failed)?,
+    };
+    let tail = Tail {
+        state: Arc::clone(state),
+        filter,
+        seq: start,
+        committed: state.recorder.committed(),
+        pending: std::collections::VecDeque::new(),
+        opened: false,
+    };
+    let events = futures_util::stream::unfold(tail, |mut tail| async move {
+        let chunk = tail.next().await?;
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), tail))
+    });
+    let body = StreamBody::new(events.boxed())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync();
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+/// The state of one live tail.
+struct Tail {
+    /// The relay, for its log and its shutdown.
+    state: Arc<State>,
+    /// Which entries.
+    filter: Filter,
+    /// The last commit position sent or skipped.
+    seq: i64,
+    /// Changes after each committed batch.
+    committed: tokio::sync::watch::Receiver<u64>,
+    /// Events read but not yet sent.
+    pending: std::collections::VecDeque<Bytes>,
+    /// Whether the opening comment went out.
+    opened: bool,
+}
+
+impl Tail {
+    /// The next piece of the event stream; `None` ends it (at shutdown, or
+    /// when the store fails).
+    async fn next(&mut self) -> Option<Bytes> {
+        if !self.opened {
+            self.opened = true;
+            // Sent at once, so the caller knows the stream is live.
+            return Some(Bytes::from_static(b": ferry activity log\n\n"));
+        }
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            // Marks what is committed now before reading, so a commit
+            // during the read wakes the wait below.
+            self.committed.borrow_and_update();
+            let found = match self
+                .state
+                .log
+                .committed_after(&self.filter, self.seq, TAIL_BATCH)
+                .await
+            {
+                Ok(found) => found,
+                Err(err) => {
+                    tracing::warn!(%err, "live tail ended: the log could not be read");
+                    return None;
+                }
+            };
+            if let Some(last) = found.last() {
+                self.seq = last.seq;
+                for logged in &found {
+                    let data = serde_json::to_string(&item(&logged.exchange)).ok()?;
+                    self.pending.push_back(Bytes::from(format!(
+                        "id: {}\nevent: request\ndata: {data}\n\n",
+                        logged.exchange.id
+                    )));
+                }
+                if found.len() == TAIL_BATCH || !self.pending.is_empty() {
+                    continue;
+                }
+            }
+            tokio::select! {
+                changed = self.committed.changed() => changed.ok()?,
+                () = tokio::time::sleep(TAIL_KEEPALIVE) => return Some(Bytes::from_static(b": keepalive\n\n")),
+                () = self.state.shutdown.cancelled() => return None,
+            }
+        }
+    }
+}

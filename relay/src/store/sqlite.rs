@@ -1,0 +1,767 @@
+//! The store on SQLite: one file in the data directory, in WAL mode, with
+//! one writer connection and a few readers, each call run on a blocking
+//! thread so no async task waits on the disk.
+//!
+//! Tables: `exchanges` (one row per log entry; `seq` is the commit order),
+//! `exchange_search` (FTS5 with the trigram tokenizer over each entry's
+//! path, header values and text bodies) and `names` (the name registry).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use ferry_common::ids::ExchangeId;
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
+
+use super::{
+    ActivityLog, CapturedBody, CapturedResponse, Exchange, Filter, Header, Logged, Micros,
+    NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError,
+};
+
+/// The schema, one migration per version, applied in order. Never edit a
+/// migration that shipped: add the next one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the activity log, its search index and the name registry.
+    "CREATE TABLE exchanges (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        tunnel TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        replay_of TEXT,
+        received_at INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        url TEXT NOT NULL,
+        http_version TEXT NOT NULL,
+        remote_addr TEXT NOT NULL,
+        request_headers BLOB NOT NULL,
+        request_body BLOB NOT NULL,
+        request_size INTEGER NOT NULL,
+        request_truncated INTEGER NOT NULL,
+        status INTEGER,
+        response_headers BLOB,
+        response_body BLOB,
+        response_size INTEGER,
+        response_truncated INTEGER,
+        responded_at INTEGER,
+        done_at INTEGER,
+        outcome TEXT NOT NULL,
+        error TEXT,
+        incomplete INTEGER NOT NULL,
+        replayed_at INTEGER,
+        stored_size INTEGER NOT NULL
+     );
+     CREATE INDEX exchanges_by_owner ON exchanges (owner, id);
+     CREATE INDEX exchanges_by_tunnel ON exchanges (tunnel, id);
+     CREATE INDEX exchanges_by_received ON exchanges (received_at);
+     CREATE INDEX exchanges_missed ON exchanges (outcome, replayed_at);
+     CREATE VIRTUAL TABLE exchange_search USING fts5 (text, tokenize = 'trigram', detail = 'none');
+     CREATE TABLE names (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        last_seen INTEGER NOT NULL,
+        hold_until INTEGER,
+        target TEXT
+     );",
+];
+
+/// Reader connections: reads run beside the writer in WAL mode.
+const READERS: usize = 3;
+/// How long a connection waits for another's lock before failing.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Body bytes of each direction that the search index reads: enough for
+/// any webhook payload worth searching, without indexing uploads.
+const SEARCH_BODY_PREFIX: usize = 4096;
+/// Rows one prune statement removes, so the writer is never held long.
+const PRUNE_CHUNK: i64 = 2000;
+/// The columns a log entry is read from, in [`entry_of`]'s order.
+const COLUMNS: &str = "seq, id, tunnel, owner, kind, replay_of, received_at, method, url, \
+     http_version, remote_addr, request_headers, request_body, request_size, request_truncated, \
+     status, response_headers, response_body, response_size, response_truncated, responded_at, \
+     done_at, outcome, error, incomplete, replayed_at";
+
+/// The SQLite store.
+pub struct Sqlite {
+    /// The one connection that writes.
+    writer: Option<Arc<Mutex<Connection>>>,
+    /// Connections that read.
+    readers: Arc<Vec<Mutex<Connection>>>,
+    /// The next reader to try.
+    next_reader: AtomicUsize,
+}
+
+fn failed(err: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("the database failed: {err}"))
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(())
+}
+
+impl Sqlite {
+    /// Opens (or creates) the database at `path` and brings its schema up
+    /// to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut writer = Connection::open(path)?;
+        configure(&writer)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        // Committed transactions survive a crash of the process (WAL);
+        // only a power loss may take the last few.
+        writer.pragma_update(None, "synchronous", "NORMAL")?;
+        migrate(&mut writer)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let reader = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                configure(&reader)?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Self {
+            writer: Some(Arc::new(Mutex::new(writer))),
+            readers: Arc::new(readers),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    /// Opens an existing database read-only, as `ferry log` does when no
+    /// relay runs: every write fails.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&reader)?;
+        let version: i64 = reader.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version != schema_version() {
+            return Err(StoreError(format!(
+                "the database {} has schema version {version}, this ferry reads {}: run the relay of this version once, or use a matching ferry",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        Ok(Self {
+            writer: None,
+            readers: Arc::new(vec![Mutex::new(reader)]),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `work` on the writer connection on a blocking thread.
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writer = self
+            .writer
+            .clone()
+            .ok_or_else(|| StoreError("the database is open read-only".to_owned()))?;
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            work(&mut conn)
+        })
+        .await
+        .map_err(failed)?
+    }
+
+    /// Runs `work` on a reader connection on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            // A free reader if there is one, else wait for the next in turn.
+            let count = readers.len();
+            for i in 0..count {
+                if let Ok(conn) = readers[(start + i) % count].try_lock() {
+                    return work(&conn);
+                }
+            }
+            let conn = readers[start % count]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            work(&conn)
+        })
+        .await
+        .map_err(failed)?
+    }
+}
+
+/// The version the migrations bring a database to.
+fn schema_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > schema_version() {
+        return Err(StoreError(format!(
+            "the database has schema version {version}, newer than this relay knows ({}): run a newer ferry-relay, or use another --data-dir",
+            MIGRATIONS.len()
+        )));
+    }
+    for migration in MIGRATIONS
+        .iter()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", schema_version())?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Header fields as one blob: for each, the name's and the value's lengths
+/// (u32, little-endian) and bytes. Exact for any bytes.
+fn encode_headers(headers: &[Header]) -> Vec<u8> {
+    let size = headers
+        .iter()
+        .map(|h| 8 + h.name.len() + h.value.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for header in headers {
+        for part in [header.name.as_bytes(), &header.value] {
+            out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    out
+}
+
+fn decode_headers(mut blob: &[u8]) -> Result<Vec<Header>, StoreError> {
+    let corrupt = || StoreError("a stored header list is corrupt".to_owned());
+    let take = |blob: &mut &[u8]| -> Result<Vec<u8>, StoreError> {
+        let (len, rest) = blob.split_first_chunk::<4>().ok_or_else(corrupt)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(corrupt());
+        }
+        let (part, rest) = rest.split_at(len);
+        *blob = rest;
+        Ok(part.to_vec())
+    };
+    let mut headers = Vec::new();
+    while !blob.is_empty() {
+        let name = String::from_utf8(take(&mut blob)?).map_err(|_| corrupt())?;
+        let value = take(&mut blob)?;
+        headers.push(Header { name, value });
+    }
+    Ok(headers)
+}
+
+/// What the search index holds of an entry.
+fn search_text(entry: &Exchange) -> String {
+    let mut text = String::with_capacity(256);
+    text.push_str(entry.path());
+    let mut add_headers = |headers: &[Header]| {
+        for header in headers {
+            if let Ok(value) = std::str::from_utf8(&header.value) {
+                text.push('\n');
+                text.push_str(value);
+            }
+        }
+    };
+    add_headers(&entry.request_headers);
+    if let Some(response) = &entry.response {
+        add_headers(&response.headers);
+    }
+    let mut add_body = |body: &CapturedBody| {
+        let prefix = &body.bytes[..body.bytes.len().min(SEARCH_BODY_PREFIX)];
+        let valid = match std::str::from_utf8(prefix) {
+            Ok(text) => text,
+            // A prefix may cut a character in two: keep what is whole.
+            Err(err) if err.error_len().is_none() => {
+                std::str::from_utf8(&prefix[..err.valid_up_to()]).unwrap_or_default()
+            }
+            Err(_) => "",
+        };
+        if !valid.is_empty() {
+            text.push('\n');
+            text.push_str(valid);
+        }
+    };
+    add_body(&entry.request_body);
+    if let Some(response) = &entry.response {
+        add_body(&response.body);
+    }
+    text
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, entry: &Exchange) -> Result<(), StoreError> {
+    let id = entry.id.to_string();
+    let old: Option<i64> = tx
+        .prepare_cached("SELECT seq FROM exchanges WHERE id = ?1")?
+        .query_row([&id], |r| r.get(0))
+        .optional()?;
+    if let Some(seq) = old {
+        tx.prepare_cached("DELETE FROM exchanges WHERE seq = ?1")?
+            .execute([seq])?;
+        tx.prepare_cached("DELETE FROM exchange_search WHERE rowid = ?1")?
+            .execute([seq])?;
+    }
+    let response = entry.response.as_ref();
+    tx.prepare_cached(
+        "INSERT INTO exchanges (id, tunnel, owner, kind, replay_of, received_at, method, url,
+            http_version, remote_addr, request_headers, request_body, request_size,
+            request_truncated, status, response_headers, response_body, response_size,
+            response_truncated, responded_at, done_at, outcome, error, incomplete, replayed_at,
+            stored_size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+            ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
+    )?
+    .execute(params![
+        id,
+        entry.tunnel,
+        entry.owner,
+        entry.kind.as_str(),
+        entry.replay_of.map(|r| r.to_string()),
+        entry.received_at,
+        entry.method,
+        entry.url,
+        entry.http_version,
+        entry.remote_addr,
+        encode_headers(&entry.request_headers),
+        &entry.request_body.bytes[..],
+        i64::try_from(entry.request_body.size).unwrap_or(i64::MAX),
+        entry.request_body.truncated,
+        response.map(|r| r.status),
+        response.map(|r| encode_headers(&r.headers)),
+        response.map(|r| &r.body.bytes[..]),
+        response.map(|r| i64::try_from(r.body.size).unwrap_or(i64::MAX)),
+        response.map(|r| r.body.truncated),
+        entry.responded_at,
+        entry.done_at,
+        entry.outcome.as_str(),
+        entry.error,
+        entry.incomplete,
+        entry.replayed_at,
+        i64::try_from(entry.stored_size()).unwrap_or(i64::MAX),
+    ])?;
+    let seq = tx.last_insert_rowid();
+    tx.prepare_cached("INSERT INTO exchange_search (rowid, text) VALUES (?1, ?2)")?
+        .execute(params![seq, search_text(entry)])?;
+    Ok(())
+}
+
+fn entry_of(row: &Row<'_>) -> Result<Logged, StoreError> {
+    let id: String = row.get(1)?;
+    let parse_id = |text: &str| {
+        text.parse::<ExchangeId>()
+            .map_err(|_| StoreError(format!("a stored id `{text}` is corrupt")))
+    };
+    let kind: String = row.get(4)?;
+    let replay_of: Option<String> = row.get(5)?;
+    let outcome: String = row.get(22)?;
+    let status: Option<u16> = row.get(15)?;
+    let response = match status {
+        Some(status) => Some(CapturedResponse {
+            status,
+            headers: decode_headers(&row.get::<_, Option<Vec<u8>>>(16)?.unwrap_or_default())?,
+            body: CapturedBody {
+                bytes: Bytes::from(row.get::<_, Option<Vec<u8>>>(17)?.unwrap_or_default()),
+                size: u64::try_from(row.get::<_, Option<i64>>(18)?.unwrap_or(0)).unwrap_or(0),
+                truncated: row.get::<_, Option<bool>>(19)?.unwrap_or(false),
+            },
+        }),
+        None => None,
+    };
+    Ok(Logged {
+        seq: row.get(0)?,
+        exchange: Exchange {
+            id: parse_id(&id)?,
+            tunnel: row.get(2)?,
+            owner: row.get(3)?,
+            kind: kind.parse().map_err(StoreError)?,
+            replay_of: replay_of.as_deref().map(parse_id).transpose()?,
+            received_at: row.get(6)?,
+            method: row.get(7)?,
+            url: row.get(8)?,
+            http_version: row.get(9)?,
+            remote_addr: row.get(10)?,
+            request_headers: decode_headers(&row.get::<_, Vec<u8>>(11)?)?,
+            request_body: CapturedBody {
+                bytes: Bytes::from(row.get::<_, Vec<u8>>(12)?),
+                size: u64::try_from(row.get::<_, i64>(13)?).unwrap_or(0),
+                truncated: row.get(14)?,
+            },
+            response,
+            responded_at: row.get(20)?,
+            done_at: row.get(21)?,
+            outcome: outcome.parse().map_err(StoreError)?,
+            error: row.get(23)?,
+            incomplete: row.get(24)?,
+            replayed_at: row.get(25)?,
+        },
+    })
+}
+
+/// A filter as SQL conditions over `exchanges` and their parameters.
+fn conditions(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = String::from("1");
+    let mut values: Vec<Value> = Vec::new();
+    let mut add = |clause: &str, value: Value, values: &mut Vec<Value>| {
+        values.push(value);
+        sql.push_str(&format!(" AND {clause} ?{}", values.len()));
+    };
+    if let Some(owner) = &filter.owner {
+        add("owner =", Value::Text(owner.clone()), &mut values);
+    }
+    if let Some(tunnel) = &filter.tunnel {
+        add("tunnel =", Value::Text(tunnel.clone()), &mut values);
+    }
+    if let Some(kind) = filter.kind {
+        add("kind =", Value::Text(kind.as_str().to_owned()), &mut values);
+    }
+    if let Some(method) = &filter.method {
+        add("method =", Value::Text(method.clone()), &mut values);
+    }
+    match filter.status {
+        Some(StatusFilter::Code(code)) => add("status =", Value::Integer(code.into()), &mut values),
+        Some(StatusFilter::Class(class)) => {
+            add("status / 100 =", Value::Integer(class.into()), &mut values)
+        }
+        None => {}
+    }
+    if let Some(since) = filter.since {
+        add("received_at >=", Value::Integer(since), &mut values);
+    }
+    if let Some(until) = filter.until {
+        add("received_at <", Value::Integer(until), &mut values);
+    }
+    if filter.missed {
+        sql.push_str(" AND outcome = 'client_offline' AND replayed_at IS NULL");
+    }
+    if let Some(text) = &filter.text {
+        // The trigram index answers `LIKE '%text%'` (any case) for three
+        // characters or more; a shorter text, or one holding LIKE's own
+        // wildcards, is found by a scan of the same text.
+        let indexed = text.chars().count() >= 3 && !text.contains(['%', '_']);
+        if indexed {
+            values.push(Value::Text(format!("%{text}%")));
+            sql.push_str(&format!(
+                " AND seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{})",
+                values.len()
+            ));
+        } else {
+            values.push(Value::Text(text.to_lowercase()));
+            sql.push_str(&format!(
+                " AND seq IN (SELECT rowid FROM exchange_search WHERE instr(lower(text), ?{}) > 0)",
+                values.len()
+            ));
+        }
+    }
+    (sql, values)
+}
+
+fn query(
+    conn: &Connection,
+    sql: &str,
+    values: Vec<rusqlite::types::Value>,
+) -> Result<Vec<Logged>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(params_from_iter(values))?;
+    let mut found = Vec::new();
+    while let Some(row) = rows.next()? {
+        found.push(entry_of(row)?);
+    }
+    Ok(found)
+}
+
+#[async_trait]
+impl ActivityLog for Sqlite {
+    async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            for entry in &entries {
+                insert(&tx, entry)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: &Filter,
+        before: Option<ExchangeId>,
+        limit: usize,
+    ) -> Result<Vec<Exchange>, StoreError> {
+        let (mut sql, mut values) = conditions(filter);
+        if let Some(before) = before {
+            values.push(rusqlite::types::Value::Text(before.to_string()));
+            sql.push_str(&format!(" AND id < ?{}", values.len()));
+        }
+        let sql = format!(
+            "SELECT {COLUMNS} FROM exchanges WHERE {sql} ORDER BY id DESC LIMIT {}",
+            limit.min(10_000)
+        );
+        let found = self.read(move |conn| query(conn, &sql, values)).await?;
+        Ok(found.into_iter().map(|l| l.exchange).collect())
+    }
+
+    async fn committed_after(
+        &self,
+        filter: &Filter,
+        seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let (sql, mut values) = conditions(filter);
+        values.push(rusqlite::types::Value::Integer(seq));
+        let sql = format!(
+            "SELECT {COLUMNS} FROM exchanges WHERE {sql} AND seq > ?{} ORDER BY seq LIMIT {}",
+            values.len(),
+            limit.min(10_000)
+        );
+        self.read(move |conn| query(conn, &sql, values)).await
+    }
+
+    async fn seq_of(&self, id: ExchangeId) -> Result<Option<i64>, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT seq FROM exchanges WHERE id = ?1")?
+                .query_row([id.to_string()], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn last_seq(&self) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM exchanges")?
+                .query_row([], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn get(
+        &self,
+        id: ExchangeId,
+        owner: Option<&str>,
+    ) -> Result<Option<Exchange>, StoreError> {
+        let owner = owner.map(str::to_owned);
+        let found = self
+            .read(move |conn| {
+                let sql = format!("SELECT {COLUMNS} FROM exchanges WHERE id = ?1");
+                query(
+                    conn,
+                    &sql,
+                    vec![rusqlite::types::Value::Text(id.to_string())],
+                )
+            })
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|l| l.exchange)
+            .find(|e| owner.as_ref().is_none_or(|owner| &e.owner == owner)))
+    }
+
+    async fn mark_replayed(&self, id: ExchangeId, at: Micros) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE exchanges SET replayed_at = ?2 WHERE id = ?1 AND replayed_at IS NULL",
+                )?
+                .execute(params![id.to_string(), at])?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn prune(&self, retention: Retention, now: Micros) -> Result<Pruned, StoreError> {
+        self.write(move |conn| {
+            let mut pruned = Pruned::default();
+            let oldest_allowed =
+                now.saturating_sub(i64::try_from(retention.max_age.as_micros()).unwrap_or(i64::MAX));
+            // By age.
+            loop {
+                let chunk = delete_where(
+                    conn,
+                    "seq IN (SELECT seq FROM exchanges WHERE received_at < ?1 ORDER BY seq LIMIT ?2)",
+                    params![oldest_allowed, PRUNE_CHUNK],
+                )?;
+                pruned.entries += chunk.entries;
+                pruned.bytes += chunk.bytes;
+                if chunk.entries == 0 {
+                    break;
+                }
+            }
+            // Each owner's share, then the whole log: oldest first.
+            let max_owner = i64::try_from(retention.max_bytes_per_owner).unwrap_or(i64::MAX);
+            let owners: Vec<(String, i64)> = conn
+                .prepare_cached(
+                    "SELECT owner, SUM(stored_size) FROM exchanges GROUP BY owner HAVING SUM(stored_size) > ?1",
+                )?
+                .query_map([max_owner], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (owner, total) in owners {
+                let chunk = delete_oldest(conn, Some(&owner), total - max_owner)?;
+                pruned.entries += chunk.entries;
+                pruned.bytes += chunk.bytes;
+            }
+            let total: i64 = conn
+                .prepare_cached("SELECT COALESCE(SUM(stored_size), 0) FROM exchanges")?
+                .query_row([], |r| r.get(0))?;
+            let max_total = i64::try_from(retention.max_bytes).unwrap_or(i64::MAX);
+            if total > max_total {
+                let chunk = delete_oldest(conn, None, total - max_total)?;
+                pruned.entries += chunk.entries;
+                pruned.bytes += chunk.bytes;
+            }
+            Ok(pruned)
+        })
+        .await
+    }
+}
+
+/// Deletes the rows matching `condition` (and their search rows) in one
+/// transaction.
+fn delete_where(
+    conn: &mut Connection,
+    condition: &str,
+    values: impl rusqlite::Params + Clone,
+) -> Result<Pruned, StoreError> {
+    let tx = conn.transaction()?;
+    let (entries, bytes): (i64, i64) = tx
+        .prepare_cached(&format!(
+            "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM exchanges WHERE {condition}"
+        ))?
+        .query_row(values.clone(), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    tx.prepare_cached(&format!(
+        "DELETE FROM exchange_search WHERE rowid IN (SELECT seq FROM exchanges WHERE {condition})"
+    ))?
+    .execute(values.clone())?;
+    tx.prepare_cached(&format!("DELETE FROM exchanges WHERE {condition}"))?
+        .execute(values)?;
+    tx.commit()?;
+    Ok(Pruned {
+        entries: u64::try_from(entries).unwrap_or(0),
+        bytes: u64::try_from(bytes).unwrap_or(0),
+    })
+}
+
+/// Deletes the oldest entries (of `owner`, when given) until at least
+/// `excess` bytes are gone.
+fn delete_oldest(
+    conn: &mut Connection,
+    owner: Option<&str>,
+    excess: i64,
+) -> Result<Pruned, StoreError> {
+    let mut pruned = Pruned::default();
+    while i64::try_from(pruned.bytes).unwrap_or(i64::MAX) < excess {
+        // The oldest chunk whose running total covers what is left.
+        let left = excess - i64::try_from(pruned.bytes).unwrap_or(0);
+        let cutoff: Option<i64> = conn
+            .prepare_cached(
+                "SELECT seq FROM (
+                    SELECT seq, SUM(stored_size) OVER (ORDER BY id, seq) AS running
+                    FROM exchanges WHERE (?1 IS NULL OR owner = ?1) ORDER BY id, seq LIMIT ?3
+                 ) WHERE running >= ?2 LIMIT 1",
+            )?
+            .query_row(params![owner, left, PRUNE_CHUNK], |r| r.get(0))
+            .optional()?;
+        let chunk = match cutoff {
+            Some(seq) => {
+                let id: String = conn
+                    .prepare_cached("SELECT id FROM exchanges WHERE seq = ?1")?
+                    .query_row([seq], |r| r.get(0))?;
+                delete_where(
+                    conn,
+                    "(?1 IS NULL OR owner = ?1) AND (id < ?2 OR (id = ?2 AND seq <= ?3))",
+                    params![owner, id, seq],
+                )?
+            }
+            None => delete_where(
+                conn,
+                "seq IN (SELECT seq FROM exchanges WHERE (?1 IS NULL OR owner = ?1) ORDER BY id, seq LIMIT ?2)",
+                params![owner, PRUNE_CHUNK],
+            )?,
+        };
+        pruned.entries += chunk.entries;
+        pruned.bytes += chunk.bytes;
+        if chunk.entries == 0 {
+            break;
+        }
+    }
+    Ok(pruned)
+}
+
+#[async_trait]
+impl NameRegistry for Sqlite {
+    async fn save_name(&self, record: NameRecord) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO names (name, owner, last_seen, hold_until, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (name) DO UPDATE SET owner = ?2, last_seen = ?3, hold_until = ?4,
+                    target = COALESCE(?5, target)",
+            )?
+            .execute(params![
+                record.name,
+                record.owner,
+                record.last_seen,
+                record.hold_until,
+                record.target
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn name(&self, name: &str) -> Result<Option<NameRecord>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT name, owner, last_seen, hold_until, target FROM names WHERE name = ?1",
+                )?
+                .query_row([name], name_of)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn names(&self, now: Micros) -> Result<Vec<NameRecord>, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT name, owner, last_seen, hold_until, target FROM names
+                     WHERE hold_until IS NULL OR hold_until > ?1
+                     ORDER BY COALESCE(hold_until, ?1), name",
+                )?
+                .query_map([now], name_of)?
+                .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn forget_expired(&self, now: Micros) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let removed = conn
+                .prepare_cached("DELETE FROM names WHERE hold_until <= ?1")?
+                .execute([now])?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+}
+
+fn name_of(row: &Row<'_>) -> rusqlite::Result<NameRecord> {
+    Ok(NameRecord {
+        name: row.get(0)?,
+        owner: row.get(1)?,
+        last_seen: row.get(2)?,
+        hold_until: row.get(3)?,
+        target: row.get(4)?,
+    })
+}
