@@ -9,7 +9,7 @@
 //! the queue or the disk.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -40,10 +40,6 @@ pub struct CaptureStats {
     /// Entries lost: the queue had no room even without bodies, or the
     /// database refused the write.
     pub dropped: AtomicU64,
-    /// Whether the last write failed.
-    pub failing: AtomicBool,
-    /// The last write error, for `/healthz`.
-    pub last_error: Mutex<Option<String>>,
 }
 
 /// Hands finished entries to the writer. Cheap to clone.
@@ -59,6 +55,8 @@ pub struct Recorder {
     stats: Arc<CaptureStats>,
     /// Bumped after every committed batch, for live tails.
     committed: watch::Sender<u64>,
+    /// The last write's error while writes fail, `None` while they work.
+    health: watch::Sender<Option<String>>,
 }
 
 impl Recorder {
@@ -78,12 +76,13 @@ impl Recorder {
             body_limit,
             stats: Arc::default(),
             committed: watch::Sender::new(0),
+            health: watch::Sender::new(None),
         };
         let writer = write(
             log,
             receiver,
             Arc::clone(&recorder.stats),
-            recorder.committed.clone(),
+            (recorder.committed.clone(), recorder.health.clone()),
             stop,
         );
         (recorder, writer)
@@ -97,6 +96,11 @@ impl Recorder {
     /// Changes after each committed batch.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.subscribe()
+    }
+
+    /// Whether writes fail: the last error while they do.
+    pub fn health(&self) -> watch::Receiver<Option<String>> {
+        self.health.subscribe()
     }
 
     /// The most body bytes kept per direction.
@@ -148,7 +152,7 @@ async fn write(
     log: Arc<dyn ActivityLog>,
     mut receiver: mpsc::Receiver<(Exchange, OwnedSemaphorePermit)>,
     stats: Arc<CaptureStats>,
-    committed: watch::Sender<u64>,
+    (committed, health): (watch::Sender<u64>, watch::Sender<Option<String>>),
     stop: CancellationToken,
 ) {
     loop {
@@ -179,17 +183,13 @@ async fn write(
         match log.append(entries).await {
             Ok(()) => {
                 stats.written.fetch_add(count, Ordering::Relaxed);
-                stats.failing.store(false, Ordering::Relaxed);
+                health.send_if_modified(|h| h.take().is_some());
                 committed.send_modify(|n| *n += 1);
             }
             Err(err) => {
                 tracing::warn!(%err, entries = count, "activity log write failed; forwarding goes on");
                 stats.dropped.fetch_add(count, Ordering::Relaxed);
-                stats.failing.store(true, Ordering::Relaxed);
-                *stats
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
+                health.send_replace(Some(err.to_string()));
             }
         }
         drop(permits);
@@ -426,5 +426,142 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use ferry_common::ids::ExchangeId;
+    use tokio_util::sync::CancellationToken;
+
+    use super::Recorder;
+    use crate::store::sqlite::Sqlite;
+    use crate::store::{
+        ActivityLog, CapturedBody, CapturedResponse, Exchange, Filter, Header, Kind, Outcome,
+    };
+
+    fn entry(body: usize) -> Exchange {
+        let bytes = Bytes::from(vec![b'x'; body]);
+        Exchange {
+            id: ExchangeId::new(),
+            tunnel: "demo".to_owned(),
+            owner: "acct_1".to_owned(),
+            kind: Kind::Tunnel,
+            replay_of: None,
+            received_at: 1,
+            method: "POST".to_owned(),
+            url: "http://demo.localhost/hook".to_owned(),
+            http_version: "HTTP/1.1".to_owned(),
+            remote_addr: "127.0.0.1:1".to_owned(),
+            request_headers: vec![Header {
+                name: "content-type".to_owned(),
+                value: b"application/json".to_vec(),
+            }],
+            request_body: CapturedBody {
+                size: body as u64,
+                bytes: bytes.clone(),
+                truncated: false,
+            },
+            response: Some(CapturedResponse {
+                status: 200,
+                headers: Vec::new(),
+                body: CapturedBody {
+                    size: body as u64,
+                    bytes,
+                    truncated: false,
+                },
+            }),
+            responded_at: Some(2),
+            done_at: Some(3),
+            outcome: Outcome::Answered,
+            error: None,
+            incomplete: false,
+            replayed_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_the_writer_cannot_keep_up_with_stays_within_the_queue_budget_and_is_counted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(Sqlite::open(&dir.path().join("ferry.db")).expect("store"));
+        let budget = 64 * 1024;
+        let stop = CancellationToken::new();
+        let (recorder, writer) = Recorder::new(store.clone(), 1024, budget, stop.clone());
+        // The writer is not running yet: as far as the queue can tell, the
+        // disk has stalled while the flood goes on.
+        let flood = 2000;
+        for _ in 0..flood {
+            recorder.submit(entry(1024));
+        }
+        let stats = recorder.stats();
+        let (shed, dropped) = (
+            stats.shed.load(Ordering::Relaxed),
+            stats.dropped.load(Ordering::Relaxed),
+        );
+        assert!(
+            shed > 0,
+            "entries beyond the budget lose their bodies first"
+        );
+        assert!(dropped > 0, "and beyond that are dropped");
+        stop.cancel();
+        writer.await;
+        let stored = store
+            .list(&Filter::default(), None, 10_000)
+            .await
+            .expect("list");
+        assert_eq!(
+            stored.len() as u64,
+            flood - dropped,
+            "every kept entry is stored"
+        );
+        assert_eq!(stats.written.load(Ordering::Relaxed), flood - dropped);
+        let held: u64 = stored.iter().map(Exchange::stored_size).sum();
+        assert!(
+            held <= budget as u64,
+            "everything queued at once fit the budget: {held} bytes"
+        );
+        let incomplete: Vec<_> = stored.iter().filter(|e| e.incomplete).collect();
+        assert_eq!(incomplete.len() as u64, shed, "shed entries are flagged");
+        assert!(incomplete.iter().all(|e| e.request_body.truncated
+            && e.request_body.size == 1024
+            && e.request_body.bytes.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_database_that_refuses_writes_is_reported_until_writes_work_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ferry.db");
+        let store = Arc::new(Sqlite::open(&path).expect("store"));
+        let stop = CancellationToken::new();
+        let (recorder, writer) =
+            Recorder::new(store.clone(), 1024, super::QUEUE_BYTES, stop.clone());
+        let writer = tokio::spawn(writer);
+        let mut health = recorder.health();
+        // Another program holds the database's write lock.
+        let blocker = rusqlite::Connection::open(&path).expect("second connection");
+        blocker
+            .execute_batch("BEGIN EXCLUSIVE")
+            .expect("exclusive lock");
+        recorder.submit(entry(10));
+        let failing = health
+            .wait_for(Option::is_some)
+            .await
+            .expect("health reported")
+            .clone();
+        assert!(failing.is_some_and(|e| e.contains("locked")));
+        assert_eq!(recorder.stats().dropped.load(Ordering::Relaxed), 1);
+        blocker.execute_batch("ROLLBACK").expect("release");
+        recorder.submit(entry(10));
+        health
+            .wait_for(Option::is_none)
+            .await
+            .expect("health reported");
+        assert_eq!(recorder.stats().written.load(Ordering::Relaxed), 1);
+        stop.cancel();
+        writer.await.expect("writer ends");
     }
 }

@@ -446,20 +446,13 @@ async fn read_json<T: serde::de::DeserializeOwned + Default>(
 /// `/healthz`: 200 while the relay serves and capture works; 503 with the
 /// reason while the activity log cannot be written (forwarding goes on).
 fn health(state: &State) -> Response<Body> {
-    let stats = state.recorder.stats();
-    if stats.failing.load(Ordering::Relaxed) {
-        let error = stats
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .unwrap_or_default();
-        return crate::text(
+    match state.recorder.health().borrow().as_deref() {
+        Some(error) => crate::text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("capture failing: the activity log cannot be written ({error}); tunnels still forward"),
-        );
+        ),
+        None => crate::text(StatusCode::OK, "ok"),
     }
-    crate::text(StatusCode::OK, "ok")
 }
 
 async fn tunnels(state: &State, account: Option<&AccountId>) -> Result<Response<Body>, ApiError> {
@@ -530,7 +523,7 @@ fn metrics(state: &State) -> Response<Body> {
         state.recorder.stats().written.load(Ordering::Relaxed),
         state.recorder.stats().shed.load(Ordering::Relaxed),
         state.recorder.stats().dropped.load(Ordering::Relaxed),
-        u8::from(state.recorder.stats().failing.load(Ordering::Relaxed)),
+        u8::from(state.recorder.health().borrow().is_some()),
     );
     let mut response = Response::new(full(body));
     response.headers_mut().insert(

@@ -219,6 +219,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A write transaction that takes the write lock at once, so a busy
+/// database is waited for (up to [`BUSY_TIMEOUT`]) rather than failing
+/// when a read inside the transaction would have to become a write.
+fn immediate(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 /// Header fields as one blob: for each, the name's and the value's lengths
 /// (u32, little-endian) and bytes. Exact for any bytes.
 fn encode_headers(headers: &[Header]) -> Vec<u8> {
@@ -480,7 +487,7 @@ fn query(
 impl ActivityLog for Sqlite {
     async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = immediate(conn)?;
             for entry in &entries {
                 insert(&tx, entry)?;
             }
@@ -631,7 +638,7 @@ fn delete_where(
     condition: &str,
     values: impl rusqlite::Params + Clone,
 ) -> Result<Pruned, StoreError> {
-    let tx = conn.transaction()?;
+    let tx = immediate(conn)?;
     let (entries, bytes): (i64, i64) = tx
         .prepare_cached(&format!(
             "SELECT COUNT(*), COALESCE(SUM(stored_size), 0) FROM exchanges WHERE {condition}"

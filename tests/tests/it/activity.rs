@@ -794,3 +794,46 @@ async fn curl_and_har_exports_answer_for_an_entry() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn forwarding_goes_on_while_the_database_is_locked_and_nothing_is_lost_after() {
+    let relay = TestRelay::open().await;
+    let (origin, _received) = recording_origin(|| Response::new(full("fine"))).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let api = Api::of(&relay);
+    let mut tail = api.tail("").await;
+    let blocker = rusqlite::Connection::open(relay.data_dir.join("ferry.db")).expect("open");
+    blocker
+        .execute_batch("BEGIN EXCLUSIVE")
+        .expect("take the write lock");
+    for i in 0..3 {
+        let response = send(
+            relay.addr,
+            &host_of(&client.public_url),
+            Request::get(format!("/while-locked/{i}"))
+                .body(empty())
+                .expect("request"),
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "forwarding never waits on the disk"
+        );
+        read_body(response.into_body()).await;
+    }
+    blocker.execute_batch("ROLLBACK").expect("release the lock");
+    let mut paths: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        let (_, item) = tail.next_item().await;
+        paths.push(item["path"].as_str().expect("path").to_owned());
+    }
+    paths.sort();
+    assert_eq!(
+        paths,
+        ["/while-locked/0", "/while-locked/1", "/while-locked/2"]
+    );
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
