@@ -212,7 +212,7 @@ impl Source {
             Source::Local(store) => {
                 let (filter, cursor, limit) = Self::local_filter(query)?;
                 let entries = store
-                    .list(&filter, cursor, limit)
+                    .list(&filter, cursor, limit, false)
                     .await
                     .map_err(|err| LogError::Store(err.to_string()))?;
                 let next_cursor = (entries.len() == limit)

@@ -96,6 +96,8 @@ pub(crate) struct State {
     recorder: activity::capture::Recorder,
     /// Everything the relay sends out passes it.
     egress: egress::Egress,
+    /// Live feeds of the activity log open per address.
+    live_feeds: Arc<limits::PerIp>,
     /// Cancelled when shutdown starts: no new tunnel is accepted after it.
     shutdown: CancellationToken,
 }
@@ -257,6 +259,7 @@ async fn serve(
         log,
         names,
         recorder,
+        live_feeds: limits::PerIp::new(api::requests::LIVE_FEEDS_PER_IP),
         egress: egress::Egress::new(
             config.egress_allow.clone(),
             Arc::new(egress::SystemResolver),
@@ -269,6 +272,7 @@ async fn serve(
         Arc::clone(&state.log),
         Arc::clone(&state.names),
         state.config.retention,
+        state.recorder.clone(),
         shutdown.clone(),
     ));
     if let Some((_, resolver)) = &listeners.tls {

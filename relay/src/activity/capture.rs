@@ -35,6 +35,8 @@ const BATCH_BYTES: usize = 16 * 1024 * 1024;
 pub struct CaptureStats {
     /// Entries stored.
     pub written: AtomicU64,
+    /// Their [`Exchange::stored_size`] in all.
+    pub written_bytes: AtomicU64,
     /// Entries queued without their bodies because the queue was full.
     pub shed: AtomicU64,
     /// Entries lost: the queue had no room even without bodies, or the
@@ -177,12 +179,14 @@ async fn write(
             }
         }
         let count = batch.len() as u64;
+        let size: u64 = batch.iter().map(|(entry, _)| entry.stored_size()).sum();
         // The permits go back only once the entries are stored, so the
         // budget bounds what the writer holds too.
         let (entries, permits): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         match log.append(entries).await {
             Ok(()) => {
                 stats.written.fetch_add(count, Ordering::Relaxed);
+                stats.written_bytes.fetch_add(size, Ordering::Relaxed);
                 health.send_if_modified(|h| h.take().is_some());
                 committed.send_modify(|n| *n += 1);
             }
@@ -510,7 +514,7 @@ mod tests {
         stop.cancel();
         writer.await;
         let stored = store
-            .list(&Filter::default(), None, 10_000)
+            .list(&Filter::default(), None, 10_000, true)
             .await
             .expect("list");
         assert_eq!(

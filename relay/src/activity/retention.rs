@@ -1,30 +1,48 @@
 //! Retention: the log is pruned by age and by size, oldest first, in the
 //! background, so one flooded tunnel cannot evict everyone's history.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::capture::Recorder;
 use crate::store::{now_micros, ActivityLog, NameRegistry, Retention};
 
-/// How often the log is pruned.
+/// How often the log is pruned at the least.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The share of `--retention-max-bytes` written since the last prune that
+/// prunes again at once: a flood cannot fill the disk between two ticks.
+const PRUNE_AFTER_SHARE: u64 = 16;
 
-/// Prunes `log` (and forgets expired name holds) every [`PRUNE_EVERY`],
-/// starting now, until `stop`.
+/// Prunes `log` (and forgets expired name holds) now, every
+/// [`PRUNE_EVERY`], and whenever `recorder` has written a sixteenth of the
+/// size limit since the last prune, until `stop`.
 pub async fn prune_until(
     log: Arc<dyn ActivityLog>,
     names: Arc<dyn NameRegistry>,
     retention: Retention,
+    recorder: Recorder,
     stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(PRUNE_EVERY);
+    let mut committed = recorder.committed();
+    let written = || recorder.stats().written_bytes.load(Ordering::Relaxed);
+    let mut pruned_at = written();
+    let enough = (retention.max_bytes / PRUNE_AFTER_SHARE).max(1);
     loop {
+        // Both arms are cancel-safe.
         tokio::select! {
             _ = ticks.tick() => {}
+            changed = committed.changed() => {
+                if changed.is_err() || written().saturating_sub(pruned_at) < enough {
+                    continue;
+                }
+            }
             () = stop.cancelled() => return,
         }
+        pruned_at = written();
         let now = now_micros();
         match log.prune(retention, now).await {
             Ok(pruned) if pruned.entries > 0 => {

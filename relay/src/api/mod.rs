@@ -325,7 +325,7 @@ async fn route(
                 .get("last-event-id")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            requests::stream(state, query.filter, last.as_deref()).await
+            requests::stream(state, peer, query.filter, last.as_deref()).await
         }
         Endpoint::Request => {
             let entry = requests::entry(state, &id, owner()?.as_deref()).await?;

@@ -21,7 +21,7 @@ use hyper::{Response, StatusCode};
 
 use super::{json, ApiError};
 use crate::activity::{decode, export};
-use crate::store::{CapturedBody, Exchange, Filter, Header, Micros, StatusFilter};
+use crate::store::{CapturedBody, Exchange, Filter, Header, Micros, StatusFilter, MIN_SEARCH};
 use crate::{full, Body, State};
 
 /// Entries per page unless the caller asks for fewer.
@@ -32,6 +32,8 @@ const MAX_PAGE: usize = 500;
 const DECODED_CAP: usize = 4 * 1024 * 1024;
 /// Entries the live tail reads from the store at a time.
 const TAIL_BATCH: usize = 200;
+/// Live feeds one address may hold open at once.
+pub const LIVE_FEEDS_PER_IP: usize = 8;
 /// How often the live tail sends a comment, so proxies keep it open.
 const TAIL_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -66,8 +68,15 @@ pub fn parse_query(query: Option<&str>, owner: Option<String>) -> Result<ListQue
             "status" => {
                 filter.status = Some(value.parse::<StatusFilter>().map_err(ApiError::bad_request)?)
             }
-            "q" if !value.is_empty() => filter.text = Some(value),
-            "q" => {}
+            "q" if value.is_empty() => {}
+            "q" => {
+                if crate::store::search_run(&value).chars().count() < MIN_SEARCH {
+                    return Err(ApiError::bad_request(format!(
+                        "`q` needs at least {MIN_SEARCH} characters in a row other than % and _"
+                    )));
+                }
+                filter.text = Some(value)
+            }
             "since" => filter.since = Some(time_filter(&key, &value)?),
             "until" => filter.until = Some(time_filter(&key, &value)?),
             "missed" => filter.missed = matches!(value.as_str(), "true" | "1" | ""),
@@ -284,7 +293,7 @@ pub(crate) async fn entry(
 pub(crate) async fn list(state: &State, query: ListQuery) -> Result<Response<Body>, ApiError> {
     let entries = state
         .log
-        .list(&query.filter, query.cursor, query.limit)
+        .list(&query.filter, query.cursor, query.limit, false)
         .await
         .map_err(store_failed)?;
     let next_cursor = (entries.len() == query.limit)
@@ -381,13 +390,82 @@ pub fn har(entries: &[Exchange]) -> Response<Body> {
 }
 
 /// `GET /api/v1/requests/har?…`: the entries a list query finds, as HAR.
-pub(crate) async fn har_list(state: &State, query: ListQuery) -> Result<Response<Body>, ApiError> {
-    let entries = state
+/// Written one entry at a time, so a page of large bodies never sits in
+/// memory whole.
+pub(crate) async fn har_list(
+    state: &Arc<State>,
+    query: ListQuery,
+) -> Result<Response<Body>, ApiError> {
+    let found = state
         .log
-        .list(&query.filter, query.cursor, query.limit)
+        .list(&query.filter, query.cursor, query.limit, false)
         .await
         .map_err(store_failed)?;
-    Ok(har(&entries))
+    // HAR lists entries oldest first.
+    let mut ids: std::collections::VecDeque<ExchangeId> =
+        found.iter().rev().map(|e| e.id).collect();
+    let mut head = export::har(&[]);
+    head["log"]["entries"] = serde_json::Value::Array(Vec::new());
+    let head = serde_json::to_string(&head).unwrap_or_default();
+    // `{"log":{…,"entries":[]}}` split around the empty list.
+    let Some(at) = head.find("[]") else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "export_failed",
+            "the HAR document could not be built",
+        ));
+    };
+    let (opening, closing) = (head[..at + 1].to_owned(), head[at + 1..].to_owned());
+    let log = Arc::clone(&state.log);
+    let owner = query.filter.owner;
+    let parts = futures_util::stream::unfold((0usize, false), move |(sent, done)| {
+        let log = Arc::clone(&log);
+        let owner = owner.clone();
+        // The opening takes no entry.
+        let next = if sent > 0 && !done {
+            ids.pop_front()
+        } else {
+            None
+        };
+        let (opening, closing) = (opening.clone(), closing.clone());
+        async move {
+            if done {
+                return None;
+            }
+            if sent == 0 {
+                return Some((Bytes::from(opening), (1, false)));
+            }
+            let Some(id) = next else {
+                return Some((Bytes::from(closing), (sent, true)));
+            };
+            let entry = match log.get(id, owner.as_deref()).await {
+                Ok(Some(entry)) => entry,
+                // Pruned since the list, or the store failed: the document
+                // stays valid without it.
+                _ => return Some((Bytes::new(), (sent, false))),
+            };
+            let json = export::har(std::slice::from_ref(&entry))["log"]["entries"][0].to_string();
+            let separator = if sent > 1 { "," } else { "" };
+            Some((Bytes::from(format!("{separator}{json}")), (sent + 1, false)))
+        }
+    });
+    let body = StreamBody::new(
+        parts
+            .map(|chunk| Ok::<_, Infallible>(Frame::data(chunk)))
+            .boxed(),
+    )
+    .map_err(|never: Infallible| match never {})
+    .boxed_unsync();
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"ferry.har\""),
+    );
+    Ok(response)
 }
 
 /// `GET /api/v1/requests/stream`: every new entry that matches, as a
@@ -396,9 +474,20 @@ pub(crate) async fn har_list(state: &State, query: ListQuery) -> Result<Response
 /// reconnect with `Last-Event-ID` resumes right after that entry.
 pub(crate) async fn stream(
     state: &Arc<State>,
+    peer: std::net::IpAddr,
     filter: Filter,
     last_event_id: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
+    // Every commit wakes every feed, which then reads the store: feeds per
+    // address are few, so opening many cannot multiply the relay's work.
+    let feed = state.live_feeds.acquire(peer).ok_or_else(|| {
+        ApiError::too_many(
+            format!(
+                "this address already has {LIVE_FEEDS_PER_IP} live feeds open: close one first"
+            ),
+            TAIL_KEEPALIVE,
+        )
+    })?;
     let start = match last_event_id {
         Some(id) => {
             let id = id.trim().parse::<ExchangeId>().map_err(|_| {
@@ -418,6 +507,7 @@ pub(crate) async fn stream(
         committed: state.recorder.committed(),
         pending: std::collections::VecDeque::new(),
         opened: false,
+        _feed: feed,
     };
     let events = futures_util::stream::unfold(tail, |mut tail| async move {
         let chunk = tail.next().await?;
@@ -450,6 +540,8 @@ struct Tail {
     pending: std::collections::VecDeque<Bytes>,
     /// Whether the opening comment went out.
     opened: bool,
+    /// The feed's place among its address's.
+    _feed: crate::limits::PerIpGuard,
 }
 
 impl Tail {

@@ -289,7 +289,8 @@ pub struct Filter {
     /// Only this status or class.
     pub status: Option<StatusFilter>,
     /// Case-insensitive text in the path, query, header values or text
-    /// bodies.
+    /// bodies: at least [`MIN_SEARCH`] characters without `%` or `_`
+    /// somewhere in it, so the search index can answer it.
     pub text: Option<String>,
     /// Received at or after.
     pub since: Option<Micros>,
@@ -297,6 +298,17 @@ pub struct Filter {
     pub until: Option<Micros>,
     /// Only offline captures not yet replayed.
     pub missed: bool,
+}
+
+/// The shortest run of characters a text search needs: the trigram index
+/// answers nothing shorter, and a full scan per query is not offered.
+pub const MIN_SEARCH: usize = 3;
+
+/// The longest run of `text` without the wildcards `%` and `_`.
+pub fn search_run(text: &str) -> &str {
+    text.split(['%', '_'])
+        .max_by_key(|run| run.chars().count())
+        .unwrap_or("")
 }
 
 /// A list entry with the position it was committed at, for live tails.
@@ -347,16 +359,20 @@ pub trait ActivityLog: Send + Sync {
     async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError>;
 
     /// Entries matching `filter`, newest first (by id), starting after
-    /// `before` (an id from the previous page), at most `limit`.
+    /// `before` (an id from the previous page), at most `limit`. Without
+    /// `bodies` the bodies' bytes are left empty (their sizes and flags
+    /// kept), so a page of list items never loads megabytes.
     async fn list(
         &self,
         filter: &Filter,
         before: Option<ExchangeId>,
         limit: usize,
+        bodies: bool,
     ) -> Result<Vec<Exchange>, StoreError>;
 
     /// Entries matching `filter` committed after `seq`, oldest commit
-    /// first, at most `limit`: the feed of a live tail.
+    /// first, at most `limit`, without their bodies' bytes: the feed of a
+    /// live tail.
     async fn committed_after(
         &self,
         filter: &Filter,

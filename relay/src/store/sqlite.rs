@@ -81,6 +81,11 @@ const COLUMNS: &str = "seq, id, tunnel, owner, kind, replay_of, received_at, met
      http_version, remote_addr, request_headers, request_body, request_size, request_truncated, \
      status, response_headers, response_body, response_size, response_truncated, responded_at, \
      done_at, outcome, error, incomplete, replayed_at";
+/// [`COLUMNS`] with empty bodies, for lists.
+const COLUMNS_WITHOUT_BODIES: &str = "seq, id, tunnel, owner, kind, replay_of, received_at, \
+     method, url, http_version, remote_addr, request_headers, x'', request_size, \
+     request_truncated, status, response_headers, x'', response_size, response_truncated, \
+     responded_at, done_at, outcome, error, incomplete, replayed_at";
 
 /// The SQLite store.
 pub struct Sqlite {
@@ -448,23 +453,16 @@ fn conditions(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
         sql.push_str(" AND outcome = 'client_offline' AND replayed_at IS NULL");
     }
     if let Some(text) = &filter.text {
-        // The trigram index answers `LIKE '%text%'` (any case) for three
-        // characters or more; a shorter text, or one holding LIKE's own
-        // wildcards, is found by a scan of the same text.
-        let indexed = text.chars().count() >= 3 && !text.contains(['%', '_']);
-        if indexed {
-            values.push(Value::Text(format!("%{text}%")));
-            sql.push_str(&format!(
-                " AND seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{})",
-                values.len()
-            ));
-        } else {
-            values.push(Value::Text(text.to_lowercase()));
-            sql.push_str(&format!(
-                " AND seq IN (SELECT rowid FROM exchange_search WHERE instr(lower(text), ?{}) > 0)",
-                values.len()
-            ));
-        }
+        // The trigram index finds the candidates (`LIKE` over the longest
+        // run without LIKE's own wildcards, any case); `instr` then keeps
+        // those holding the whole text.
+        values.push(Value::Text(format!("%{}%", super::search_run(text))));
+        values.push(Value::Text(text.to_lowercase()));
+        sql.push_str(&format!(
+            " AND seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{} AND instr(lower(text), ?{}) > 0)",
+            values.len() - 1,
+            values.len()
+        ));
     }
     (sql, values)
 }
@@ -502,14 +500,20 @@ impl ActivityLog for Sqlite {
         filter: &Filter,
         before: Option<ExchangeId>,
         limit: usize,
+        bodies: bool,
     ) -> Result<Vec<Exchange>, StoreError> {
         let (mut sql, mut values) = conditions(filter);
+        let columns = if bodies {
+            COLUMNS
+        } else {
+            COLUMNS_WITHOUT_BODIES
+        };
         if let Some(before) = before {
             values.push(rusqlite::types::Value::Text(before.to_string()));
             sql.push_str(&format!(" AND id < ?{}", values.len()));
         }
         let sql = format!(
-            "SELECT {COLUMNS} FROM exchanges WHERE {sql} ORDER BY id DESC LIMIT {}",
+            "SELECT {columns} FROM exchanges WHERE {sql} ORDER BY id DESC LIMIT {}",
             limit.min(10_000)
         );
         let found = self.read(move |conn| query(conn, &sql, values)).await?;
@@ -525,7 +529,7 @@ impl ActivityLog for Sqlite {
         let (sql, mut values) = conditions(filter);
         values.push(rusqlite::types::Value::Integer(seq));
         let sql = format!(
-            "SELECT {COLUMNS} FROM exchanges WHERE {sql} AND seq > ?{} ORDER BY seq LIMIT {}",
+            "SELECT {COLUMNS_WITHOUT_BODIES} FROM exchanges WHERE {sql} AND seq > ?{} ORDER BY seq LIMIT {}",
             values.len(),
             limit.min(10_000)
         );

@@ -296,6 +296,8 @@ async fn the_list_filters_searches_and_pages_newest_first() {
         "cursor=nope",
         "limit=0",
         "colour=red",
+        "q=ab",
+        "q=a%25b_c",
     ] {
         let (status, body) = api.get(&format!("/api/v1/requests?{bad}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
@@ -833,6 +835,53 @@ async fn forwarding_goes_on_while_the_database_is_locked_and_nothing_is_lost_aft
         paths,
         ["/while-locked/0", "/while-locked/1", "/while-locked/2"]
     );
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn one_address_may_hold_only_a_few_live_feeds() {
+    let relay = TestRelay::open().await;
+    let api = Api::of(&relay);
+    let mut feeds = Vec::new();
+    for _ in 0..ferry_relay::api::requests::LIVE_FEEDS_PER_IP {
+        feeds.push(api.tail("").await);
+    }
+    let refused = api
+        .send(api.request("GET", "/api/v1/requests/stream", empty()))
+        .await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = read_body(refused.into_body()).await;
+    assert!(String::from_utf8_lossy(&body).contains("live feeds"));
+    drop(feeds.pop());
+    // The closed feed's place is freed once the relay notices the hang-up,
+    // which it does at its next write (a commit or the keepalive): a
+    // request through a tunnel makes a commit.
+    let (origin, _received) = recording_origin(|| Response::new(full("fine"))).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let response = send(
+        relay.addr,
+        &host_of(&client.public_url),
+        Request::new(empty()),
+    )
+    .await;
+    read_body(response.into_body()).await;
+    feeds[0].next_item().await;
+    let reopened = within("a free place for a feed", async {
+        loop {
+            let response = api
+                .send(api.request("GET", "/api/v1/requests/stream", empty()))
+                .await;
+            if response.status() == StatusCode::OK {
+                return response;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    drop((reopened, feeds));
     client.stop().await.expect("client stops");
     origin.stop().await;
     relay.stop().await;
