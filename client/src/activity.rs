@@ -368,6 +368,18 @@ impl Source {
         }
     }
 
+    /// The commit position of the newest entry, where a local `--follow`
+    /// starts.
+    pub async fn local_last_seq(&self) -> Result<i64, LogError> {
+        let Source::Local(store) = self else {
+            return Err(LogError::Invalid("not a local log".to_owned()));
+        };
+        store
+            .last_seq()
+            .await
+            .map_err(|err| LogError::Store(err.to_string()))
+    }
+
     /// Entries committed after position `seq`, for a local `--follow`;
     /// returns them with the new position.
     pub async fn local_after(
@@ -379,14 +391,6 @@ impl Source {
             return Err(LogError::Invalid("not a local log".to_owned()));
         };
         let (filter, _, _) = Self::local_filter(query)?;
-        let seq = if seq < 0 {
-            store
-                .last_seq()
-                .await
-                .map_err(|err| LogError::Store(err.to_string()))?
-        } else {
-            seq
-        };
         let found = store
             .committed_after(&filter, seq, PAGE)
             .await

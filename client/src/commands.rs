@@ -1,6 +1,7 @@
 //! The log commands: `ferry log`, `show`, `replay` and `export`, printing
 //! for people (or JSON with `--json`).
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -61,6 +62,20 @@ pub async fn log(args: LogArgs) -> Result<(), String> {
     let query = args.query();
     let limit = args.limit.clamp(1, 500);
     let separator = if query.is_empty() { "" } else { "&" };
+    // A followed log starts its tail before it reads the page, so that an
+    // entry committed in between is not lost; one in both is printed once.
+    let tail = match (&source, args.follow) {
+        (_, false) => None,
+        (Source::Api { .. }, true) => Some(Tail::Stream(
+            source.stream(&query).await.map_err(|err| err.to_string())?,
+        )),
+        (Source::Local(_), true) => Some(Tail::Seq(
+            source
+                .local_last_seq()
+                .await
+                .map_err(|err| err.to_string())?,
+        )),
+    };
     let page = source
         .list(&format!("{query}{separator}limit={limit}"))
         .await
@@ -69,12 +84,15 @@ pub async fn log(args: LogArgs) -> Result<(), String> {
     for item in page.items.iter().rev() {
         print_item(item, args.json);
     }
-    if !args.follow {
-        return Ok(());
-    }
-    match &source {
-        Source::Api { .. } => {
-            let mut stream = source.stream(&query).await.map_err(|err| err.to_string())?;
+    let printed: HashSet<String> = page.items.into_iter().map(|item| item.id).collect();
+    let print_new = |item: &RequestItem| {
+        if !printed.contains(&item.id) {
+            print_item(item, args.json);
+        }
+    };
+    match tail {
+        None => Ok(()),
+        Some(Tail::Stream(mut stream)) => {
             let mut buffer = Vec::new();
             while let Some(frame) = stream.frame().await {
                 let frame = frame.map_err(|err| format!("the live tail ended: {err}"))?;
@@ -87,28 +105,33 @@ pub async fn log(args: LogArgs) -> Result<(), String> {
                     let block = String::from_utf8_lossy(&block);
                     for data in block.lines().filter_map(|l| l.strip_prefix("data: ")) {
                         if let Ok(item) = serde_json::from_str::<RequestItem>(data) {
-                            print_item(&item, args.json);
+                            print_new(&item);
                         }
                     }
                 }
             }
             Err("the relay ended the live tail".to_owned())
         }
-        Source::Local(_) => {
-            let mut seq = -1;
-            loop {
-                let (items, next) = source
-                    .local_after(&query, seq)
-                    .await
-                    .map_err(|err| err.to_string())?;
-                seq = next;
-                for item in &items {
-                    print_item(item, args.json);
-                }
-                tokio::time::sleep(LOCAL_FOLLOW_EVERY).await;
+        Some(Tail::Seq(mut seq)) => loop {
+            let (items, next) = source
+                .local_after(&query, seq)
+                .await
+                .map_err(|err| err.to_string())?;
+            seq = next;
+            for item in &items {
+                print_new(item);
             }
-        }
+            tokio::time::sleep(LOCAL_FOLLOW_EVERY).await;
+        },
     }
+}
+
+/// Where a followed log reads new entries.
+enum Tail {
+    /// The relay's live tail.
+    Stream(hyper::body::Incoming),
+    /// The database, after this commit position.
+    Seq(i64),
 }
 
 fn print_headers(out: &mut String, headers: &[HeaderField]) {
@@ -132,15 +155,22 @@ fn print_body(out: &mut String, body: &BodyView) {
         return;
     }
     out.push('\n');
+    let cut = bytes.len() > SHOWN_BODY;
     let shown = &bytes[..bytes.len().min(SHOWN_BODY)];
-    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+    // Pretty JSON only for a body shown whole: the part of one is not JSON.
+    let json = (!cut)
+        .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .flatten();
+    let printed = if let Some(json) = json {
         let _ = writeln!(
             out,
             "{}",
             serde_json::to_string_pretty(&json).unwrap_or_default()
         );
-    } else if let Ok(text) = std::str::from_utf8(shown) {
+        bytes.len()
+    } else if let Some(text) = text_prefix(shown, cut) {
         let _ = writeln!(out, "{text}");
+        text.len()
     } else {
         for (row, chunk) in shown.chunks(16).enumerate() {
             let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
@@ -156,12 +186,13 @@ fn print_body(out: &mut String, body: &BodyView) {
                 .collect();
             let _ = writeln!(out, "{:08x}  {:<47}  {ascii}", row * 16, hex.join(" "));
         }
-    }
-    if bytes.len() > SHOWN_BODY {
+        shown.len()
+    };
+    if bytes.len() > printed {
         let _ = writeln!(
             out,
             "… {} more bytes (ferry export --har, or the /body download)",
-            bytes.len() - SHOWN_BODY
+            bytes.len() - printed
         );
     }
     if body.truncated {
@@ -172,6 +203,19 @@ fn print_body(out: &mut String, body: &BodyView) {
         );
     } else if !note.is_empty() {
         let _ = writeln!(out, "[{} bytes as sent{note}]", body.size);
+    }
+}
+
+/// `shown` as text when it is UTF-8; when it was `cut` from a longer body,
+/// up to the character the cut split.
+fn text_prefix(shown: &[u8], cut: bool) -> Option<&str> {
+    match std::str::from_utf8(shown) {
+        Ok(text) => Some(text),
+        // No error length: the bytes end inside a character.
+        Err(err) if cut && err.error_len().is_none() => {
+            std::str::from_utf8(&shown[..err.valid_up_to()]).ok()
+        }
+        Err(_) => None,
     }
 }
 
