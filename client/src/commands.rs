@@ -19,6 +19,23 @@ const LOCAL_FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// The most body bytes `ferry show` prints of a body.
 const SHOWN_BODY: usize = 64 * 1024;
 
+/// Text from a capture made safe for a terminal: control characters (but
+/// newlines and tabs), C1 controls and bidirectional overrides are shown
+/// escaped, so a body cannot retitle the window, clear the screen, write
+/// the clipboard or reorder what is shown.
+fn inert(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n' && c != '\t') || bidi {
+            let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn line(item: &RequestItem) -> String {
     let time = item.received_at.get(11..23).unwrap_or(&item.received_at);
     let status = item.status.map_or("---".to_owned(), |s| s.to_string());
@@ -52,7 +69,7 @@ fn print_item(item: &RequestItem, json: bool) {
     if json {
         println!("{}", serde_json::to_string(item).unwrap_or_default());
     } else {
-        println!("{}", line(item));
+        println!("{}", inert(&line(item)));
     }
 }
 
@@ -146,7 +163,11 @@ fn print_body(out: &mut String, body: &BodyView) {
     let b64 = base64::engine::general_purpose::STANDARD;
     let (bytes, note) = match &body.decoded {
         Some(decoded) => (
-            b64.decode(&decoded.base64).unwrap_or_default(),
+            match (&decoded.text, &decoded.base64) {
+                (Some(text), _) => text.clone().into_bytes(),
+                (None, Some(encoded)) => b64.decode(encoded).unwrap_or_default(),
+                (None, None) => Vec::new(),
+            },
             " (decoded from its content-encoding)",
         ),
         None => (b64.decode(&body.base64).unwrap_or_default(), ""),
@@ -270,7 +291,7 @@ pub async fn show(args: ShowArgs) -> Result<(), String> {
     if let Some(error) = &detail.error {
         let _ = writeln!(out, "error: {error}");
     }
-    print!("{out}");
+    print!("{}", inert(&out));
     Ok(())
 }
 
@@ -322,7 +343,7 @@ fn print_replay(replay: &LocalReplay) {
     );
     let body = String::from_utf8_lossy(&replay.body[..replay.body.len().min(SHOWN_BODY)]);
     if !body.trim().is_empty() {
-        println!("{}", body.trim_end());
+        println!("{}", inert(body.trim_end()));
     }
 }
 
@@ -400,4 +421,21 @@ pub async fn export(args: ExportArgs) -> Result<(), String> {
         println!("{}", command.trim_end());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inert;
+
+    #[test]
+    fn terminal_controls_from_a_capture_are_shown_escaped() {
+        let hostile = "hello \u{1b}]0;PWNED\u{7}\u{1b}[2J\u{9b}31m\u{202e}txt.exe\nnext\tline";
+        let shown = inert(hostile);
+        assert!(!shown
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'));
+        assert!(!shown.contains('\u{202e}'));
+        assert!(shown.contains("\\u{001b}]0;PWNED"), "{shown}");
+        assert!(shown.contains("\nnext\tline"));
+    }
 }

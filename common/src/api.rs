@@ -118,8 +118,9 @@ pub struct BodyView {
 pub struct DecodedView {
     /// Decoded bytes kept.
     pub size: u64,
-    /// The decoded bytes, base64.
-    pub base64: String,
+    /// The decoded bytes, base64, when they are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base64: Option<String>,
     /// The decoded bytes as text, when they are UTF-8.
     pub text: Option<String>,
     /// The cap was reached (a decompression bomb, or a large body).

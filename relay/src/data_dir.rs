@@ -58,11 +58,17 @@ impl DataDir {
             path: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(path).map_err(not_writable)?;
-        let lock = OpenOptions::new()
+        if !path.exists() {
+            // The log holds what callers sent, secrets included: only this
+            // user may read it. A directory the operator made keeps its mode.
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(path).map_err(not_writable)?;
+        }
+        let lock = private_file()
             .read(true)
-            .write(true)
-            .create(true)
             .truncate(false)
             .open(path.join(LOCK_FILE))
             .map_err(not_writable)?;
@@ -84,6 +90,12 @@ impl DataDir {
             .and_then(|mut f| f.write_all(b"ok"))
             .map_err(not_writable)?;
         let _ = std::fs::remove_file(&probe);
+        // SQLite gives its journal files the database's mode: made here
+        // first, the database is private and so are they.
+        private_file()
+            .truncate(false)
+            .open(path.join(DATABASE_FILE))
+            .map_err(not_writable)?;
         Ok(Self {
             path: path.to_owned(),
             lock,
@@ -107,6 +119,15 @@ impl DataDir {
         self.lock.write_all(api_url.as_bytes())?;
         self.lock.flush()
     }
+}
+
+/// Options that create a file only this user may read and write.
+fn private_file() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
 }
 
 /// The API URL of the relay that holds `path`, if one does.
@@ -147,6 +168,21 @@ mod tests {
         drop(first);
         assert_eq!(running_relay(dir.path()), None);
         DataDir::open(dir.path()).expect("free again once the owner is gone");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_directory_and_its_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().expect("temp dir");
+        let path = parent.path().join("data");
+        let dir = DataDir::open(&path).expect("data dir");
+        let mode = |p: &std::path::Path| {
+            std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+        };
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&dir.database()), 0o600);
+        assert_eq!(mode(&path.join(super::LOCK_FILE)), 0o600);
     }
 
     #[test]

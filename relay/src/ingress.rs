@@ -148,7 +148,10 @@ pub(crate) async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_timeout);
+        .header_read_timeout(state.config.header_timeout)
+        // A request head beyond this gets a bare 431 from hyper, unread;
+        // up to it, the relay's own 431 says what to send instead.
+        .max_buf_size(4 * MAX_REQUEST_HEADER_LIST);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -302,7 +305,18 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         Err(err) => return error_response(&err),
     };
     match route(&host, &state.config.domain) {
-        Ok(Route::Relay) => api::handle(state, link.peer.ip(), &link.activity, req).await,
+        Ok(Route::Relay) => {
+            let h2_caller = req.version() == Version::HTTP_2;
+            let response = api::handle(state, link.peer.ip(), &link.activity, req).await;
+            if h2_caller {
+                // An API answer (a detail view, a HAR, a live feed) waits
+                // on an HTTP/2 caller's credit like a tunnel's does.
+                let (parts, body) = response.into_parts();
+                Response::from_parts(parts, relay_body(link, body, ()))
+            } else {
+                response
+            }
+        }
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
             let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
@@ -347,6 +361,10 @@ fn start_capture(
     let owner = link.state.tunnels.owner_of(name)?;
     let scheme = if link.https { "https" } else { "http" };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // A header list the tunnel refuses (431) is kept only up to what it
+    // would carry: a stranger's oversized headers do not fill the log.
+    let mut request_headers = headers_of(req.headers());
+    let cut = cap_headers(&mut request_headers, MAX_REQUEST_HEADER_LIST);
     let entry = Exchange {
         id,
         tunnel: name.to_string(),
@@ -358,17 +376,44 @@ fn start_capture(
         url: format!("{scheme}://{host}{path}"),
         http_version: format!("{:?}", req.version()),
         remote_addr: link.peer.to_string(),
-        request_headers: headers_of(req.headers()),
+        request_headers,
         request_body: CapturedBody::default(),
         response: None,
         responded_at: None,
         done_at: None,
-        outcome: Outcome::Answered,
+        // Until an answer is recorded, the caller is the one who left.
+        outcome: Outcome::CallerHungUp,
         error: None,
-        incomplete: false,
+        incomplete: cut,
         replayed_at: None,
     };
     Some(Capture::new(&link.state.recorder, entry))
+}
+
+/// Cuts header values so that names and values total at most `cap` bytes;
+/// returns whether anything was cut.
+fn cap_headers(headers: &mut [crate::store::Header], cap: usize) -> bool {
+    let mut left = cap;
+    let mut cut = false;
+    for header in headers {
+        let size = header.name.len() + header.value.len();
+        if size > left {
+            header
+                .value
+                .truncate(left.saturating_sub(header.name.len()));
+            cut = true;
+        }
+        left = left.saturating_sub(header.name.len() + header.value.len());
+    }
+    cut
+}
+
+/// The `content-length` a request declares.
+fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Records a request for a held name whose client is not connected, and
@@ -380,6 +425,19 @@ async fn offline(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, IngressError> {
     let state = &link.state;
+    // The limits a live tunnel's requests meet, so a name whose client is
+    // away is no cheaper to flood.
+    let size = crate::tunnels::request_header_list_size(&req);
+    if size > MAX_REQUEST_HEADER_LIST {
+        return Err(SendError::HeadersTooLarge(size).into());
+    }
+    let (per_ip, slots) = &state.offline;
+    let _caller = per_ip
+        .acquire(link.peer.ip())
+        .ok_or_else(|| SendError::CallerBusy(name.clone(), per_ip.limit()))?;
+    let _slot = Arc::clone(slots)
+        .try_acquire_owned()
+        .map_err(|_| SendError::Busy(name.clone(), state.config.max_requests_per_tunnel))?;
     let (body, watch) = PacedBody::new(
         req.into_body(),
         state.config.body_timeout,
@@ -531,9 +589,12 @@ async fn forward(
             .extensions
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
+    let declared = content_length(&parts.headers);
     let (body, watch) = PacedBody::new(body, state.config.body_timeout, state.config.body_min_rate);
     let body = match capture {
-        Some(capture) => Coalesce::new(capture.tap(body, Side::Request)).boxed_unsync(),
+        Some(capture) => {
+            Coalesce::new(capture.tap(body, Side::Request).declared(declared)).boxed_unsync()
+        }
         None => Coalesce::new(body).boxed_unsync(),
     };
     let request = Request::from_parts(parts, body);
@@ -564,15 +625,17 @@ async fn forward(
         .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
         .unwrap_or(Outcome::Answered);
     let body = body.map_err(BodyError::Tunnel);
+    let upgraded = websocket.is_some() && parts.status == StatusCode::OK;
     let body = match capture {
-        Some(capture) => {
+        // An upgrade's answer is recorded as the caller sees it, below.
+        Some(capture) if !upgraded => {
             capture.responded(parts.status.as_u16(), &parts.headers, outcome);
             capture.tap(body, Side::Response).boxed_unsync()
         }
-        None => body.boxed_unsync(),
+        _ => body.boxed_unsync(),
     };
     match websocket.zip(tunnel_side) {
-        Some((public, tunnel_side)) if parts.status == StatusCode::OK => {
+        Some((public, tunnel_side)) if upgraded => {
             let active = link.activity.begin();
             state.spawn(bridge(public, tunnel_side, (admission, active)).in_current_span());
             parts.status = StatusCode::SWITCHING_PROTOCOLS;
@@ -586,6 +649,9 @@ async fn forward(
                 if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
                     parts.headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
                 }
+            }
+            if let Some(capture) = capture {
+                capture.responded(parts.status.as_u16(), &parts.headers, outcome);
             }
             Ok(Response::from_parts(parts, crate::full("")))
         }
@@ -615,12 +681,12 @@ async fn forward(
 /// connection is closed (hyper would wait on its credit forever). HTTP/1.1
 /// callers need none of this: their socket blocks, and [`GuardedIo`] times
 /// the write out.
-fn relay_body(link: &Link, mut body: Body, admission: Admission) -> Body {
+fn relay_body<G: Send + 'static>(link: &Link, mut body: Body, held: G) -> Body {
     let (frames, receiver) = tokio::sync::mpsc::channel(1);
     let stall = link.state.config.write_timeout;
     let connection = Arc::clone(&link.activity);
     link.state.spawn(async move {
-        let _held = admission;
+        let _held = held;
         while let Some(frame) = body.frame().await {
             let last = frame.is_err();
             match tokio::time::timeout(stall, frames.send(frame)).await {

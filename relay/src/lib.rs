@@ -98,6 +98,11 @@ pub(crate) struct State {
     egress: egress::Egress,
     /// Live feeds of the activity log open per address.
     live_feeds: Arc<limits::PerIp>,
+    /// Requests for bodies, exports and replays running per address.
+    heavy_calls: Arc<limits::PerIp>,
+    /// Requests to offline names in flight per address, and in all: the
+    /// same limits a live tunnel's requests have.
+    offline: (Arc<limits::PerIp>, Arc<tokio::sync::Semaphore>),
     /// Cancelled when shutdown starts: no new tunnel is accepted after it.
     shutdown: CancellationToken,
 }
@@ -260,6 +265,11 @@ async fn serve(
         names,
         recorder,
         live_feeds: limits::PerIp::new(api::requests::LIVE_FEEDS_PER_IP),
+        heavy_calls: limits::PerIp::new(api::HEAVY_CALLS_PER_IP),
+        offline: (
+            limits::PerIp::new(config.max_requests_per_ip),
+            Arc::new(tokio::sync::Semaphore::new(config.max_requests_per_tunnel)),
+        ),
         egress: egress::Egress::new(
             config.egress_allow.clone(),
             Arc::new(egress::SystemResolver),

@@ -206,7 +206,7 @@ enum SessionError {
 }
 
 async fn serve(
-    state: &Arc<State>,
+    state: &State,
     tunnel: &Arc<Tunnel>,
     on_upgrade: OnUpgrade,
 ) -> Result<(), SessionError> {
@@ -247,9 +247,10 @@ async fn serve(
             "a new session with the same credentials took over this subdomain",
         ));
     }
-    let (state_for_store, tunnel_for_store) = (Arc::clone(state), Arc::clone(tunnel));
-    state.spawn(async move { remember(&state_for_store, &tunnel_for_store, None).await });
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     info!(public_url = %tunnel.public_url, "tunnel connected");
-    Ok(connection.await?)
+    // The name is saved while the session serves, and before the session's
+    // end saves its hold, so the two saves cannot land out of order.
+    let ((), ended) = tokio::join!(remember(state, tunnel, None), connection);
+    Ok(ended?)
 }

@@ -228,7 +228,7 @@ impl Tunnel {
 }
 
 /// The header list `request` makes on the tunnel, pseudo-headers included.
-fn request_header_list_size<B>(request: &Request<B>) -> usize {
+pub(crate) fn request_header_list_size<B>(request: &Request<B>) -> usize {
     let uri = request.uri();
     let pseudo = [
         (":method", request.method().as_str()),

@@ -288,11 +288,11 @@ impl Capture {
             inner: body,
             capture: Arc::clone(self),
             side,
-            kept: Vec::new(),
-            kept_len: 0,
+            kept: BytesMut::new(),
             size: 0,
             limit: self.recorder.body_limit,
             ended: false,
+            declared: None,
             error: None,
         }
     }
@@ -330,32 +330,50 @@ pub struct Tap<B: HttpBody + Unpin> {
     capture: Arc<Capture>,
     /// Which body it is.
     side: Side,
-    /// Shared chunks, not copies: a frame's bytes are kept by reference.
-    kept: Vec<Bytes>,
-    /// Bytes in `kept`.
-    kept_len: usize,
+    /// The bytes kept, copied: a reference to each frame would pin its
+    /// whole read buffer, so a body sent in tiny chunks would cost many
+    /// times the limit.
+    kept: BytesMut,
     /// Bytes that passed through.
     size: u64,
     /// The most bytes kept.
     limit: usize,
     /// Whether the body reached its end.
     ended: bool,
+    /// The size the request said its body has (`content-length`).
+    declared: Option<u64>,
     /// What went wrong while reading it.
     error: Option<String>,
 }
 
+impl<B: HttpBody + Unpin> Tap<B> {
+    /// Notes the size the body is declared to have, so that a body cut
+    /// short is recorded with it.
+    pub fn declared(mut self, size: Option<u64>) -> Self {
+        self.declared = size;
+        self
+    }
+}
+
 impl<B: HttpBody + Unpin> Drop for Tap<B> {
     fn drop(&mut self) {
-        let body = CapturedBody {
-            bytes: join(std::mem::take(&mut self.kept), self.kept_len),
-            size: self.size,
-            truncated: self.size > self.kept_len as u64,
-        };
         let ended = self.ended || self.inner.is_end_stream();
+        let kept = std::mem::take(&mut self.kept).freeze();
+        let body = CapturedBody {
+            // A body not read to its end is cut, however much was kept.
+            truncated: !ended || self.size > kept.len() as u64,
+            bytes: kept,
+            size: self.size.max(self.declared.unwrap_or(0)),
+        };
         let (side, error) = (self.side, self.error.take());
         self.capture.update(|entry| {
             match side {
-                Side::Request => entry.request_body = body,
+                Side::Request => {
+                    entry.request_body = body;
+                    // The rest never passed: what is kept is exact, but
+                    // not all of it.
+                    entry.incomplete |= !ended;
+                }
                 Side::Response => {
                     if let Some(response) = &mut entry.response {
                         response.body = body;
@@ -373,21 +391,6 @@ impl<B: HttpBody + Unpin> Drop for Tap<B> {
                 entry.error.get_or_insert(error);
             }
         });
-    }
-}
-
-/// The kept chunks as one buffer (without a copy when there is one).
-fn join(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(len);
-            for chunk in chunks {
-                all.extend_from_slice(&chunk);
-            }
-            all.freeze()
-        }
     }
 }
 
@@ -409,11 +412,9 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.size += data.len() as u64;
-                    let room = this.limit - this.kept_len;
+                    let room = this.limit - this.kept.len();
                     if room > 0 && !data.is_empty() {
-                        let take = room.min(data.len());
-                        this.kept.push(data.slice(..take));
-                        this.kept_len += take;
+                        this.kept.extend_from_slice(&data[..room.min(data.len())]);
                     }
                 }
             }
@@ -567,5 +568,28 @@ mod tests {
         assert_eq!(recorder.stats().written.load(Ordering::Relaxed), 1);
         stop.cancel();
         writer.await.expect("writer ends");
+    }
+
+    #[tokio::test]
+    async fn kept_bytes_are_copied_not_pinned_from_the_frames() {
+        use http_body_util::BodyExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(Sqlite::open(&dir.path().join("ferry.db")).expect("store"));
+        let (recorder, writer) =
+            Recorder::new(store.clone(), 64, 1 << 20, CancellationToken::new());
+        let capture = super::Capture::new(&recorder, entry(0));
+        // One large read buffer, sent as one-byte frames: keeping a
+        // reference per frame would pin the whole buffer per byte kept.
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        let frames: Vec<Result<_, std::convert::Infallible>> = (0..4096)
+            .map(|i| Ok(hyper::body::Frame::data(buffer.slice(i..i + 1))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let mut tap = capture.tap(body, super::Side::Request);
+        while tap.frame().await.is_some() {}
+        assert_eq!(tap.kept.len(), 64);
+        let range = buffer.as_ptr_range();
+        assert!(!range.contains(&tap.kept.as_ptr()), "kept bytes are a copy");
+        drop((tap, capture, recorder, writer));
     }
 }

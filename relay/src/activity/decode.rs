@@ -321,6 +321,17 @@ impl<R: Read> Read for Inflate<R> {
     }
 }
 
+/// `bytes` as text worth showing as text: UTF-8 without control characters
+/// other than whitespace. Anything else is shown as base64, which JSON
+/// does not inflate six times over as it does escaped control characters.
+pub fn readable(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok().filter(|text| {
+        !text
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;

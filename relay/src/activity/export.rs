@@ -20,7 +20,7 @@ use crate::store::{CapturedBody, Exchange, Header, Micros};
 /// argument to an exec'd program at 128 KiB.
 const INLINE_BODY_MAX: usize = 64 * 1024;
 /// The most decoded response body one HAR entry holds.
-const HAR_DECODE_CAP: usize = 16 << 20;
+const HAR_DECODE_CAP: usize = 1 << 20;
 
 /// Why an exchange cannot be exported as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,8 +189,10 @@ fn shell_quote(text: &str) -> String {
 /// zsh would read `!` as history expansion even inside single quotes.
 fn printf_format(bytes: &[u8]) -> String {
     let mut format = String::with_capacity(bytes.len());
-    for &b in bytes {
+    for (at, &b) in bytes.iter().enumerate() {
         match b {
+            // A format starting with `-` would be read as an option.
+            b'-' if at == 0 => format.push_str(r"\055"),
             b'%' => format.push_str("%%"),
             b'\\' => format.push_str(r"\\"),
             b' '..=b'~' if b != b'!' => format.push(char::from(b)),
@@ -446,15 +448,15 @@ fn har_request(exchange: &Exchange) -> Value {
             header_text(headers, "content-type").into(),
         );
         let mut notes = cut_note(body).into_iter().collect::<Vec<_>>();
-        match std::str::from_utf8(&body.bytes) {
-            Ok(text) => {
+        match crate::activity::decode::readable(&body.bytes) {
+            Some(text) => {
                 post.insert("text".into(), text.into());
             }
-            Err(_) => {
+            None => {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(&body.bytes);
                 post.insert("text".into(), encoded.into());
                 post.insert("_encoding".into(), "base64".into());
-                notes.push("the body is not UTF-8: text is its base64".into());
+                notes.push("the body is not readable text: text is its base64".into());
             }
         }
         if !notes.is_empty() {
@@ -536,11 +538,11 @@ fn har_content(headers: &[Header], body: &CapturedBody) -> Value {
         header_text(headers, "content-type").into(),
     );
     if !bytes.is_empty() {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => {
+        match crate::activity::decode::readable(bytes) {
+            Some(text) => {
                 content.insert("text".into(), text.into());
             }
-            Err(_) => {
+            None => {
                 let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
                 content.insert("text".into(), encoded.into());
                 content.insert("encoding".into(), "base64".into());
@@ -765,6 +767,8 @@ mod tests {
 
     #[test]
     fn printf_formats_print_back_every_byte() {
+        let dash = b"-x: caf\xe9";
+        assert_eq!(sh_printf(&shell_quote(&printf_format(dash))), dash);
         let all: Vec<u8> = (1..=255).collect();
         let format = printf_format(&all);
         assert!(format.is_ascii());

@@ -222,7 +222,9 @@ pub(crate) async fn replay(
             response: None,
             responded_at: None,
             done_at: None,
-            outcome: Outcome::Answered,
+            // Until an answer is recorded, the API caller is the one who
+            // left.
+            outcome: Outcome::CallerHungUp,
             error: None,
             incomplete: false,
             replayed_at: None,

@@ -134,6 +134,9 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
+/// Requests for bodies, exports or replays one address may have running.
+pub const HEAVY_CALLS_PER_IP: usize = 4;
+
 /// The largest JSON body an API call may send.
 const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
 
@@ -296,6 +299,46 @@ async fn route(
     }
     let param = |name: &str| found.params.get(name).unwrap_or_default().to_owned();
     let (id, side) = (param("id"), param("side"));
+    // Views that build or stream megabytes (bodies, decoded views, HAR,
+    // replays) run a few at a time per address, each until its answer
+    // has been sent.
+    let heavy = match route.endpoint {
+        Endpoint::Request
+        | Endpoint::RequestBody
+        | Endpoint::RequestCurl
+        | Endpoint::RequestHar
+        | Endpoint::RequestsHar
+        | Endpoint::Replay => Some(state.heavy_calls.acquire(peer).ok_or_else(|| {
+            ApiError::too_many(
+                format!(
+                    "this address already has {HEAVY_CALLS_PER_IP} requests for bodies, exports or replays running: wait for one to finish"
+                ),
+                Duration::from_secs(1),
+            )
+        })?),
+        _ => None,
+    };
+    let response = endpoint(state, peer, connection, route, &id, &side, req).await?;
+    Ok(match heavy {
+        Some(guard) => {
+            let (parts, body) = response.into_parts();
+            Response::from_parts(parts, crate::body::Holding::new(body, guard).boxed_unsync())
+        }
+        None => response,
+    })
+}
+
+/// Answers `route` (already checked for its method and its site).
+async fn endpoint(
+    state: &Arc<State>,
+    peer: IpAddr,
+    connection: &Arc<Activity>,
+    route: &Route,
+    id: &str,
+    side: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (id, side) = (id.to_owned(), side.to_owned());
     let owner = || -> Result<Option<String>, ApiError> {
         Ok(state
             .accounts

@@ -29,7 +29,7 @@ const DEFAULT_PAGE: usize = 50;
 /// The most entries a page or an export holds.
 const MAX_PAGE: usize = 500;
 /// The most decoded bytes the detail view shows of a compressed body.
-const DECODED_CAP: usize = 4 * 1024 * 1024;
+const DECODED_CAP: usize = 1024 * 1024;
 /// Entries the live tail reads from the store at a time.
 const TAIL_BATCH: usize = 200;
 /// Live feeds one address may hold open at once.
@@ -212,13 +212,16 @@ fn body_view(headers: &[Header], body: &CapturedBody) -> BodyView {
         captured: body.bytes.len() as u64,
         truncated: body.truncated,
         base64: b64.encode(&body.bytes),
-        text: std::str::from_utf8(&body.bytes).ok().map(str::to_owned),
-        decoded: decode::decoded(headers, &body.bytes, DECODED_CAP).map(|d| DecodedView {
-            size: d.bytes.len() as u64,
-            text: std::str::from_utf8(&d.bytes).ok().map(str::to_owned),
-            base64: b64.encode(&d.bytes),
-            truncated: d.truncated,
-            error: d.error,
+        text: decode::readable(&body.bytes).map(str::to_owned),
+        decoded: decode::decoded(headers, &body.bytes, DECODED_CAP).map(|d| {
+            let text = decode::readable(&d.bytes).map(str::to_owned);
+            DecodedView {
+                size: d.bytes.len() as u64,
+                base64: text.is_none().then(|| b64.encode(&d.bytes)),
+                text,
+                truncated: d.truncated,
+                error: d.error,
+            }
         }),
     }
 }
@@ -252,6 +255,9 @@ pub fn detail(entry: &Exchange) -> RequestDetail {
 }
 
 fn store_failed(err: crate::store::StoreError) -> ApiError {
+    if err.0.starts_with(crate::store::TOO_SLOW) {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "query_too_slow", err.0);
+    }
     tracing::warn!(%err, "activity log read failed");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -349,6 +355,10 @@ pub fn body(entry: &Exchange, side: &str) -> Result<Response<Body>, ApiError> {
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("sandbox"),
+    );
+    headers.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
     );
     if body.truncated {
         if let Ok(size) = HeaderValue::from_str(&body.size.to_string()) {
@@ -493,7 +503,12 @@ pub(crate) async fn stream(
             let id = id.trim().parse::<ExchangeId>().map_err(|_| {
                 ApiError::bad_request("Last-Event-ID must be the id of an entry this stream sent")
             })?;
-            match state.log.seq_of(id).await.map_err(store_failed)? {
+            match state
+                .log
+                .seq_of(id, filter.owner.as_deref())
+                .await
+                .map_err(store_failed)?
+            {
                 Some(seq) => seq,
                 None => return Err(not_found(&id.to_string())),
             }

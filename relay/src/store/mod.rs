@@ -223,23 +223,36 @@ impl Exchange {
             .map(|done| u64::try_from((done - self.received_at) / 1000).unwrap_or(0))
     }
 
-    /// Bytes the entry holds on disk, roughly: what retention counts.
+    /// Bytes the entry holds on disk, roughly: what retention counts. The
+    /// search index holds the header values again and the first
+    /// [`SEARCH_BODY_PREFIX`] bytes of each body.
     pub fn stored_size(&self) -> u64 {
         let headers = |h: &[Header]| {
             h.iter()
-                .map(|h| (h.name.len() + h.value.len()) as u64)
+                .map(|h| (h.name.len() + 2 * h.value.len()) as u64)
                 .sum::<u64>()
+        };
+        let body = |b: &CapturedBody| {
+            let kept = b.bytes.len();
+            (kept + kept.min(SEARCH_BODY_PREFIX)) as u64
         };
         let response = self
             .response
             .as_ref()
-            .map_or(0, |r| headers(&r.headers) + r.body.bytes.len() as u64);
-        256 + self.url.len() as u64
+            .map_or(0, |r| headers(&r.headers) + body(&r.body));
+        256 + 2 * self.url.len() as u64
             + headers(&self.request_headers)
-            + self.request_body.bytes.len() as u64
+            + body(&self.request_body)
             + response
     }
 }
+
+/// Body bytes of each direction that the search index reads: enough for
+/// any webhook payload worth searching, without indexing uploads.
+pub const SEARCH_BODY_PREFIX: usize = 4096;
+
+/// The start of the error a query gets when it ran out of time.
+pub const TOO_SLOW: &str = "the query took too long";
 
 /// The status filter: one code or a class (`4xx`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,8 +393,9 @@ pub trait ActivityLog: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Logged>, StoreError>;
 
-    /// The commit position of entry `id`, if it is stored.
-    async fn seq_of(&self, id: ExchangeId) -> Result<Option<i64>, StoreError>;
+    /// The commit position of entry `id`, if it is stored and `owner`
+    /// (when given) owns it.
+    async fn seq_of(&self, id: ExchangeId, owner: Option<&str>) -> Result<Option<i64>, StoreError>;
 
     /// The latest commit position (0 for an empty log).
     async fn last_seq(&self) -> Result<i64, StoreError>;

@@ -17,7 +17,8 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 
 use super::{
     ActivityLog, CapturedBody, CapturedResponse, Exchange, Filter, Header, Logged, Micros,
-    NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError,
+    NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError, SEARCH_BODY_PREFIX,
+    TOO_SLOW,
 };
 
 /// The schema, one migration per version, applied in order. Never edit a
@@ -71,9 +72,13 @@ const MIGRATIONS: &[&str] = &[
 const READERS: usize = 3;
 /// How long a connection waits for another's lock before failing.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Body bytes of each direction that the search index reads: enough for
-/// any webhook payload worth searching, without indexing uploads.
-const SEARCH_BODY_PREFIX: usize = 4096;
+/// Header bytes the search index reads of each message.
+const SEARCH_HEADERS_MAX: usize = 8 * 1024;
+/// How long one read may run before it is interrupted: a search over a
+/// large log must not hold a reader (there are few) for long.
+const READ_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// SQLite virtual machine steps between checks of the time limit.
+const STEPS_PER_CHECK: i32 = 10_000;
 /// Rows one prune statement removes, so the writer is never held long.
 const PRUNE_CHUNK: i64 = 2000;
 /// The columns a log entry is read from, in [`entry_of`]'s order.
@@ -184,15 +189,29 @@ impl Sqlite {
         tokio::task::spawn_blocking(move || {
             // A free reader if there is one, else wait for the next in turn.
             let count = readers.len();
-            for i in 0..count {
-                if let Ok(conn) = readers[(start + i) % count].try_lock() {
-                    return work(&conn);
+            let mut conn = (0..count)
+                .find_map(|i| readers[(start + i) % count].try_lock().ok())
+                .unwrap_or_else(|| {
+                    readers[start % count]
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                });
+            let deadline = std::time::Instant::now() + READ_TIME_LIMIT;
+            conn.progress_handler(
+                STEPS_PER_CHECK,
+                Some(move || std::time::Instant::now() > deadline),
+            )?;
+            let result = work(&conn);
+            conn.progress_handler(STEPS_PER_CHECK, None::<fn() -> bool>)?;
+            result.map_err(|err| {
+                if err.0.contains("interrupted") {
+                    StoreError(format!(
+                        "{TOO_SLOW}: narrow it with a tunnel, a time range or a longer search"
+                    ))
+                } else {
+                    err
                 }
-            }
-            let conn = readers[start % count]
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            work(&conn)
+            })
         })
         .await
         .map_err(failed)?
@@ -269,26 +288,35 @@ fn decode_headers(mut blob: &[u8]) -> Result<Vec<Header>, StoreError> {
     Ok(headers)
 }
 
-/// What the search index holds of an entry.
+/// What the search index holds of an entry, folded to lowercase (the
+/// query is folded the same way, so any case matches, beyond ASCII too).
+/// It starts with the owner, so a search narrowed to one owner finds its
+/// candidates among that owner's rows only, however large the log.
 fn search_text(entry: &Exchange) -> String {
     let mut text = String::with_capacity(256);
+    text.push_str(&entry.owner);
+    text.push('\n');
     text.push_str(entry.path());
-    let mut add_headers = |headers: &[Header]| {
+    let add_headers = |text: &mut String, headers: &[Header]| {
+        let start = text.len();
         for header in headers {
             if let Ok(value) = std::str::from_utf8(&header.value) {
+                if text.len() - start + value.len() > SEARCH_HEADERS_MAX {
+                    break;
+                }
                 text.push('\n');
                 text.push_str(value);
             }
         }
     };
-    add_headers(&entry.request_headers);
+    add_headers(&mut text, &entry.request_headers);
     if let Some(response) = &entry.response {
-        add_headers(&response.headers);
+        add_headers(&mut text, &response.headers);
     }
-    let mut add_body = |body: &CapturedBody| {
+    let add_body = |text: &mut String, body: &CapturedBody| {
         let prefix = &body.bytes[..body.bytes.len().min(SEARCH_BODY_PREFIX)];
         let valid = match std::str::from_utf8(prefix) {
-            Ok(text) => text,
+            Ok(valid) => valid,
             // A prefix may cut a character in two: keep what is whole.
             Err(err) if err.error_len().is_none() => {
                 std::str::from_utf8(&prefix[..err.valid_up_to()]).unwrap_or_default()
@@ -300,11 +328,18 @@ fn search_text(entry: &Exchange) -> String {
             text.push_str(valid);
         }
     };
-    add_body(&entry.request_body);
+    add_body(&mut text, &entry.request_body);
     if let Some(response) = &entry.response {
-        add_body(&response.body);
+        add_body(&mut text, &response.body);
     }
-    text
+    fold(&text)
+}
+
+/// The case folding the index and the queries share: lowercase, and `ß`
+/// as `ss` (as full Unicode case folding has it), so `STRASSE` finds
+/// `Straße`.
+fn fold(text: &str) -> String {
+    text.to_lowercase().replace('ß', "ss")
 }
 
 fn insert(tx: &rusqlite::Transaction<'_>, entry: &Exchange) -> Result<(), StoreError> {
@@ -416,7 +451,9 @@ fn entry_of(row: &Row<'_>) -> Result<Logged, StoreError> {
 }
 
 /// A filter as SQL conditions over `exchanges` and their parameters.
-fn conditions(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
+/// A live tail passes `after`, its position: the search then looks only at
+/// newer rows of the index, not the whole log at every commit.
+fn conditions(filter: &Filter, after: Option<i64>) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
     let mut sql = String::from("1");
     let mut values: Vec<Value> = Vec::new();
@@ -454,12 +491,22 @@ fn conditions(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
     }
     if let Some(text) = &filter.text {
         // The trigram index finds the candidates (`LIKE` over the longest
-        // run without LIKE's own wildcards, any case); `instr` then keeps
-        // those holding the whole text.
-        values.push(Value::Text(format!("%{}%", super::search_run(text))));
-        values.push(Value::Text(text.to_lowercase()));
+        // run without LIKE's own wildcards); `instr` then keeps those
+        // holding the whole text. Both sides are folded to lowercase.
+        let text = fold(text);
+        let owner = filter
+            .owner
+            .as_deref()
+            .map_or(String::new(), |owner| format!("{}\n%", fold(owner)));
+        values.push(Value::Text(format!(
+            "{owner}%{}%",
+            super::search_run(&text)
+        )));
+        values.push(Value::Text(text));
+        values.push(Value::Integer(after.unwrap_or(0)));
         sql.push_str(&format!(
-            " AND seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{} AND instr(lower(text), ?{}) > 0)",
+            " AND seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{} AND instr(text, ?{}) > 0 AND rowid > ?{})",
+            values.len() - 2,
             values.len() - 1,
             values.len()
         ));
@@ -502,7 +549,7 @@ impl ActivityLog for Sqlite {
         limit: usize,
         bodies: bool,
     ) -> Result<Vec<Exchange>, StoreError> {
-        let (mut sql, mut values) = conditions(filter);
+        let (mut sql, mut values) = conditions(filter, None);
         let columns = if bodies {
             COLUMNS
         } else {
@@ -526,7 +573,7 @@ impl ActivityLog for Sqlite {
         seq: i64,
         limit: usize,
     ) -> Result<Vec<Logged>, StoreError> {
-        let (sql, mut values) = conditions(filter);
+        let (sql, mut values) = conditions(filter, Some(seq));
         values.push(rusqlite::types::Value::Integer(seq));
         let sql = format!(
             "SELECT {COLUMNS_WITHOUT_BODIES} FROM exchanges WHERE {sql} AND seq > ?{} ORDER BY seq LIMIT {}",
@@ -536,11 +583,14 @@ impl ActivityLog for Sqlite {
         self.read(move |conn| query(conn, &sql, values)).await
     }
 
-    async fn seq_of(&self, id: ExchangeId) -> Result<Option<i64>, StoreError> {
+    async fn seq_of(&self, id: ExchangeId, owner: Option<&str>) -> Result<Option<i64>, StoreError> {
+        let owner = owner.map(str::to_owned);
         self.read(move |conn| {
             Ok(conn
-                .prepare_cached("SELECT seq FROM exchanges WHERE id = ?1")?
-                .query_row([id.to_string()], |r| r.get(0))
+                .prepare_cached(
+                    "SELECT seq FROM exchanges WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+                )?
+                .query_row(params![id.to_string(), owner], |r| r.get(0))
                 .optional()?)
         })
         .await
@@ -563,18 +613,20 @@ impl ActivityLog for Sqlite {
         let owner = owner.map(str::to_owned);
         let found = self
             .read(move |conn| {
-                let sql = format!("SELECT {COLUMNS} FROM exchanges WHERE id = ?1");
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM exchanges WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)"
+                );
                 query(
                     conn,
                     &sql,
-                    vec![rusqlite::types::Value::Text(id.to_string())],
+                    vec![
+                        rusqlite::types::Value::Text(id.to_string()),
+                        owner.map_or(rusqlite::types::Value::Null, rusqlite::types::Value::Text),
+                    ],
                 )
             })
             .await?;
-        Ok(found
-            .into_iter()
-            .map(|l| l.exchange)
-            .find(|e| owner.as_ref().is_none_or(|owner| &e.owner == owner)))
+        Ok(found.into_iter().next().map(|l| l.exchange))
     }
 
     async fn mark_replayed(&self, id: ExchangeId, at: Micros) -> Result<bool, StoreError> {
