@@ -665,8 +665,7 @@ async fn curl_export_keeps_a_header_whose_name_starts_with_a_dash() {
 
 /// An HTTP/2 caller that grants no flow-control credit cannot keep API
 /// answers (here HAR exports of a decompression bomb) held in the relay:
-/// its connection is closed after the write timeout, which frees their
-/// places among the address's heavy calls.
+/// its connection is closed after the write timeout.
 #[tokio::test]
 async fn api_answers_to_a_caller_that_reads_nothing_are_not_held() {
     let relay = TestRelay::start(ferry_relay::Config {
@@ -717,19 +716,13 @@ async fn api_answers_to_a_caller_that_reads_nothing_are_not_held() {
         assert_eq!(response.status(), StatusCode::OK);
         held.push(response);
     }
-    let (status, _) = api.get(&format!("/api/v1/requests/{id}/har")).await;
-    assert_eq!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "the address's heavy calls are all taken"
-    );
     within("the relay to close the stalled connection", connection)
         .await
         .expect("connection task")
         .ok();
     drop(held);
     let (status, _) = api.get(&format!("/api/v1/requests/{id}/har")).await;
-    assert_eq!(status, StatusCode::OK, "the places were freed");
+    assert_eq!(status, StatusCode::OK, "the relay serves on");
     client.stop().await.expect("client stops");
     origin.stop().await;
     relay.stop().await;
