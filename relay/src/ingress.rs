@@ -689,19 +689,43 @@ fn relay_body<G: Send + 'static>(link: &Link, mut body: Body, held: G) -> Body {
         let _held = held;
         while let Some(frame) = body.frame().await {
             let last = frame.is_err();
-            match tokio::time::timeout(stall, frames.send(frame)).await {
-                Ok(Ok(())) if !last => {}
-                Ok(Ok(())) => return,
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    debug!("the caller took no response data in time; closing its connection");
-                    connection.abort();
-                    return;
+            for piece in pieces(frame) {
+                match tokio::time::timeout(stall, frames.send(piece)).await {
+                    Ok(Ok(())) if !last => {}
+                    Ok(Ok(())) => return,
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        debug!("the caller took no response data in time; closing its connection");
+                        connection.abort();
+                        return;
+                    }
                 }
             }
         }
     });
     ChannelBody(receiver).boxed_unsync()
+}
+
+/// The largest frame handed to an HTTP/2 caller at once.
+const RELAYED_FRAME: usize = 16 * 1024;
+
+/// `frame` in pieces of at most [`RELAYED_FRAME`]: hyper takes one piece
+/// ahead of the caller's credit, so an answer built whole in memory (an API
+/// view) still stalls the sender, and is noticed, when the caller takes
+/// nothing.
+fn pieces(frame: Result<Frame<Bytes>, BodyError>) -> Vec<Result<Frame<Bytes>, BodyError>> {
+    match frame {
+        Ok(frame) if frame.data_ref().is_some_and(|d| d.len() > RELAYED_FRAME) => {
+            let mut data = frame.into_data().unwrap_or_default();
+            let mut pieces = Vec::with_capacity(data.len() / RELAYED_FRAME + 1);
+            while !data.is_empty() {
+                let piece = data.split_to(data.len().min(RELAYED_FRAME));
+                pieces.push(Ok(Frame::data(piece)));
+            }
+            pieces
+        }
+        other => vec![other],
+    }
 }
 
 /// A body fed frame by frame through a channel.
