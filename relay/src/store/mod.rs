@@ -210,11 +210,7 @@ pub struct Exchange {
 impl Exchange {
     /// The path and query of [`Exchange::url`].
     pub fn path(&self) -> &str {
-        let rest = self
-            .url
-            .split_once("://")
-            .map_or(self.url.as_str(), |(_, rest)| rest);
-        rest.find('/').map_or("/", |at| &rest[at..])
+        path_of(&self.url)
     }
 
     /// Milliseconds from receipt to the end, if it ended.
@@ -253,6 +249,12 @@ pub const SEARCH_BODY_PREFIX: usize = 4096;
 
 /// The start of the error a query gets when it ran out of time.
 pub const TOO_SLOW: &str = "the query took too long";
+
+/// The path and query of a URL as the log keeps it.
+pub fn path_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.find('/').map_or("/", |at| &rest[at..])
+}
 
 /// The status filter: one code or a class (`4xx`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,7 +441,7 @@ pub trait NameRegistry: Send + Sync {
     /// One name's record.
     async fn name(&self, name: &str) -> Result<Option<NameRecord>, StoreError>;
 
-    /// Every name held at `now` (or served), oldest hold first.
+    /// Every name held at `now` (or served), the longest unseen first.
     async fn names(&self, now: Micros) -> Result<Vec<NameRecord>, StoreError>;
 
     /// Forgets names whose hold ended before `now`; returns how many.

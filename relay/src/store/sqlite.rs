@@ -59,6 +59,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX exchanges_by_received ON exchanges (received_at);
      CREATE INDEX exchanges_missed ON exchanges (outcome, replayed_at);
      CREATE VIRTUAL TABLE exchange_search USING fts5 (text, tokenize = 'trigram', detail = 'none');
+     CREATE TABLE exchange_search_progress (indexed_through INTEGER NOT NULL);
+     INSERT INTO exchange_search_progress VALUES (0);
      CREATE TABLE names (
         name TEXT PRIMARY KEY,
         owner TEXT NOT NULL,
@@ -100,6 +102,152 @@ pub struct Sqlite {
     readers: Arc<Vec<Mutex<Connection>>>,
     /// The next reader to try.
     next_reader: AtomicUsize,
+    /// The thread that fills the search index, if this store writes.
+    indexer: Option<Indexer>,
+}
+
+/// The search index's own thread: indexing a 1 KiB webhook costs about 25
+/// times storing it, so entries are stored at once and indexed while the
+/// writer is idle. Until then a search checks them one by one
+/// ([`ferry_matches`]), so results never depend on how far it got.
+struct Indexer {
+    /// Set to stop the thread.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Wakes the thread after an append.
+    wake: std::sync::mpsc::SyncSender<()>,
+    /// When the writer last appended.
+    last_append: Arc<Mutex<std::time::Instant>>,
+    /// The thread, joined when the store is dropped.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Sqlite {
+    fn drop(&mut self) {
+        if let Some(mut indexer) = self.indexer.take() {
+            indexer.stop.store(true, Ordering::Relaxed);
+            let _ = indexer.wake.try_send(());
+            if let Some(thread) = indexer.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Entries one index step takes: a few milliseconds of the writer's time.
+const INDEX_STEP: i64 = 64;
+/// How long the writer must have been idle before the index takes a step.
+const INDEX_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_millis(5);
+/// How often the indexer looks for work without being woken.
+const INDEX_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn run_indexer(
+    writer: Arc<Mutex<Connection>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    wake: std::sync::mpsc::Receiver<()>,
+    last_append: Arc<Mutex<std::time::Instant>>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let _ = wake.recv_timeout(INDEX_CHECK_EVERY);
+        while !stop.load(Ordering::Relaxed) {
+            let idle = last_append
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .elapsed();
+            if idle < INDEX_WHEN_IDLE_FOR {
+                std::thread::sleep(INDEX_WHEN_IDLE_FOR - idle);
+                continue;
+            }
+            let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            match index_step(&mut conn) {
+                Ok(done) if done < INDEX_STEP => break,
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(%err, "search index step failed; retried later");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Indexes up to [`INDEX_STEP`] entries past the index's watermark;
+/// returns how many it took.
+fn index_step(conn: &mut Connection) -> Result<i64, StoreError> {
+    let tx = immediate(conn)?;
+    let through: i64 = tx
+        .prepare_cached("SELECT indexed_through FROM exchange_search_progress")?
+        .query_row([], |r| r.get(0))?;
+    let rows: Vec<(i64, String)> = {
+        let mut statement = tx.prepare_cached(
+            "SELECT seq, owner, url, request_headers, request_body, response_headers, response_body
+             FROM exchanges WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = statement.query_map(params![through, INDEX_STEP], |row| {
+            Ok((row.get::<_, i64>(0)?, searchable_row(row)?))
+        })?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (seq, text) in &rows {
+        tx.prepare_cached("INSERT INTO exchange_search (rowid, text) VALUES (?1, ?2)")?
+            .execute(params![seq, text])?;
+    }
+    if let Some((last, _)) = rows.last() {
+        tx.prepare_cached("UPDATE exchange_search_progress SET indexed_through = ?1")?
+            .execute([last])?;
+    }
+    tx.commit()?;
+    Ok(i64::try_from(rows.len()).unwrap_or(0))
+}
+
+/// The search text of a row read as owner, url, request headers and body,
+/// response headers and body (columns 1 to 6).
+fn searchable_row(row: &Row<'_>) -> rusqlite::Result<String> {
+    let owner: String = row.get(1)?;
+    let url: String = row.get(2)?;
+    let request_headers: Vec<u8> = row.get(3)?;
+    let request_body: Vec<u8> = row.get(4)?;
+    let response_headers: Option<Vec<u8>> = row.get(5)?;
+    let response_body: Option<Vec<u8>> = row.get(6)?;
+    Ok(search_text_of(
+        &owner,
+        &url,
+        &decode_headers(&request_headers).unwrap_or_default(),
+        &request_body,
+        &decode_headers(&response_headers.unwrap_or_default()).unwrap_or_default(),
+        &response_body.unwrap_or_default(),
+    ))
+}
+
+/// `ferry_matches(text, owner, url, request_headers, request_body,
+/// response_headers, response_body)`: whether an entry not indexed yet
+/// holds `text` (folded), judged on the very text the index would hold.
+fn register_matches(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_scalar_function(
+        "ferry_matches",
+        7,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let text: String = ctx.get(0)?;
+            let owner: String = ctx.get(1)?;
+            let url: String = ctx.get(2)?;
+            let request_headers: Vec<u8> = ctx.get(3)?;
+            let request_body: Vec<u8> = ctx.get(4)?;
+            let response_headers: Option<Vec<u8>> = ctx.get(5)?;
+            let response_body: Option<Vec<u8>> = ctx.get(6)?;
+            let searchable = search_text_of(
+                &owner,
+                &url,
+                &decode_headers(&request_headers).unwrap_or_default(),
+                &request_body,
+                &decode_headers(&response_headers.unwrap_or_default()).unwrap_or_default(),
+                &response_body.unwrap_or_default(),
+            );
+            // The owner that leads the text is not searched.
+            let searched = searchable.split_once('\n').map_or("", |(_, rest)| rest);
+            Ok(searched.contains(&text))
+        },
+    )
 }
 
 fn failed(err: impl std::fmt::Display) -> StoreError {
@@ -122,6 +270,7 @@ impl Sqlite {
         // only a power loss may take the last few.
         writer.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut writer)?;
+        register_matches(&writer)?;
         let readers = (0..READERS)
             .map(|_| {
                 let reader = Connection::open_with_flags(
@@ -129,13 +278,35 @@ impl Sqlite {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 configure(&reader)?;
+                register_matches(&reader)?;
                 Ok(Mutex::new(reader))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let writer = Arc::new(Mutex::new(writer));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let last_append = Arc::new(Mutex::new(std::time::Instant::now()));
+        let thread = std::thread::Builder::new()
+            .name("ferry-search-index".to_owned())
+            .spawn({
+                let (writer, stop, last_append) = (
+                    Arc::clone(&writer),
+                    Arc::clone(&stop),
+                    Arc::clone(&last_append),
+                );
+                move || run_indexer(writer, stop, woken, last_append)
+            })
+            .map_err(failed)?;
         Ok(Self {
-            writer: Some(Arc::new(Mutex::new(writer))),
+            writer: Some(writer),
             readers: Arc::new(readers),
             next_reader: AtomicUsize::new(0),
+            indexer: Some(Indexer {
+                stop,
+                wake,
+                last_append,
+                thread: Some(thread),
+            }),
         })
     }
 
@@ -147,6 +318,7 @@ impl Sqlite {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         configure(&reader)?;
+        register_matches(&reader)?;
         let version: i64 = reader.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != schema_version() {
             return Err(StoreError(format!(
@@ -159,6 +331,7 @@ impl Sqlite {
             writer: None,
             readers: Arc::new(vec![Mutex::new(reader)]),
             next_reader: AtomicUsize::new(0),
+            indexer: None,
         })
     }
 
@@ -228,7 +401,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > schema_version() {
         return Err(StoreError(format!(
-            "the database has schema version {version}, newer than this relay knows ({}): run a newer ferry-relay, or use another --data-dir",
+            "the database has schema version {version}, newer than this Ferry knows ({}): a newer Ferry wrote it; run that version, or use another --data-dir",
             MIGRATIONS.len()
         )));
     }
@@ -292,11 +465,18 @@ fn decode_headers(mut blob: &[u8]) -> Result<Vec<Header>, StoreError> {
 /// query is folded the same way, so any case matches, beyond ASCII too).
 /// It starts with the owner, so a search narrowed to one owner finds its
 /// candidates among that owner's rows only, however large the log.
-fn search_text(entry: &Exchange) -> String {
+fn search_text_of(
+    owner: &str,
+    url: &str,
+    request_headers: &[Header],
+    request_body: &[u8],
+    response_headers: &[Header],
+    response_body: &[u8],
+) -> String {
     let mut text = String::with_capacity(256);
-    text.push_str(&entry.owner);
+    text.push_str(owner);
     text.push('\n');
-    text.push_str(entry.path());
+    text.push_str(super::path_of(url));
     let add_headers = |text: &mut String, headers: &[Header]| {
         let start = text.len();
         for header in headers {
@@ -309,12 +489,10 @@ fn search_text(entry: &Exchange) -> String {
             }
         }
     };
-    add_headers(&mut text, &entry.request_headers);
-    if let Some(response) = &entry.response {
-        add_headers(&mut text, &response.headers);
-    }
-    let add_body = |text: &mut String, body: &CapturedBody| {
-        let prefix = &body.bytes[..body.bytes.len().min(SEARCH_BODY_PREFIX)];
+    add_headers(&mut text, request_headers);
+    add_headers(&mut text, response_headers);
+    let add_body = |text: &mut String, body: &[u8]| {
+        let prefix = &body[..body.len().min(SEARCH_BODY_PREFIX)];
         let valid = match std::str::from_utf8(prefix) {
             Ok(valid) => valid,
             // A prefix may cut a character in two: keep what is whole.
@@ -328,10 +506,8 @@ fn search_text(entry: &Exchange) -> String {
             text.push_str(valid);
         }
     };
-    add_body(&mut text, &entry.request_body);
-    if let Some(response) = &entry.response {
-        add_body(&mut text, &response.body);
-    }
+    add_body(&mut text, request_body);
+    add_body(&mut text, response_body);
     fold(&text)
 }
 
@@ -392,9 +568,6 @@ fn insert(tx: &rusqlite::Transaction<'_>, entry: &Exchange) -> Result<(), StoreE
         entry.replayed_at,
         i64::try_from(entry.stored_size()).unwrap_or(i64::MAX),
     ])?;
-    let seq = tx.last_insert_rowid();
-    tx.prepare_cached("INSERT INTO exchange_search (rowid, text) VALUES (?1, ?2)")?
-        .execute(params![seq, search_text(entry)])?;
     Ok(())
 }
 
@@ -490,9 +663,11 @@ fn conditions(filter: &Filter, after: Option<i64>) -> (String, Vec<rusqlite::typ
         sql.push_str(" AND outcome = 'client_offline' AND replayed_at IS NULL");
     }
     if let Some(text) = &filter.text {
-        // The trigram index finds the candidates (`LIKE` over the longest
-        // run without LIKE's own wildcards); `instr` then keeps those
-        // holding the whole text. Both sides are folded to lowercase.
+        // Indexed entries: the trigram index finds the candidates (`LIKE`
+        // over the longest run without LIKE's own wildcards, from the
+        // owner's rows when there is an owner), and `instr` keeps those
+        // holding the whole text. Entries not indexed yet are checked one
+        // by one on the same text. Both sides are folded to lowercase.
         let text = fold(text);
         let owner = filter
             .owner
@@ -504,11 +679,11 @@ fn conditions(filter: &Filter, after: Option<i64>) -> (String, Vec<rusqlite::typ
         )));
         values.push(Value::Text(text));
         values.push(Value::Integer(after.unwrap_or(0)));
+        let (pattern, text, after) = (values.len() - 2, values.len() - 1, values.len());
         sql.push_str(&format!(
-            " AND seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{} AND instr(text, ?{}) > 0 AND rowid > ?{})",
-            values.len() - 2,
-            values.len() - 1,
-            values.len()
+            " AND (CASE WHEN seq <= (SELECT indexed_through FROM exchange_search_progress)
+                 THEN seq IN (SELECT rowid FROM exchange_search WHERE text LIKE ?{pattern} AND instr(substr(text, instr(text, char(10)) + 1), ?{text}) > 0 AND rowid > ?{after})
+                 ELSE ferry_matches(?{text}, owner, url, request_headers, request_body, response_headers, response_body) END)"
         ));
     }
     (sql, values)
@@ -531,15 +706,24 @@ fn query(
 #[async_trait]
 impl ActivityLog for Sqlite {
     async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError> {
+        let last_append = self.indexer.as_ref().map(|i| Arc::clone(&i.last_append));
         self.write(move |conn| {
             let tx = immediate(conn)?;
             for entry in &entries {
                 insert(&tx, entry)?;
             }
             tx.commit()?;
+            if let Some(last_append) = last_append {
+                *last_append.lock().unwrap_or_else(PoisonError::into_inner) =
+                    std::time::Instant::now();
+            }
             Ok(())
         })
-        .await
+        .await?;
+        if let Some(indexer) = &self.indexer {
+            let _ = indexer.wake.try_send(());
+        }
+        Ok(())
     }
 
     async fn list(
@@ -767,7 +951,7 @@ impl NameRegistry for Sqlite {
                 "INSERT INTO names (name, owner, last_seen, hold_until, target)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (name) DO UPDATE SET owner = ?2, last_seen = ?3, hold_until = ?4,
-                    target = COALESCE(?5, target)",
+                    target = ?5",
             )?
             .execute(params![
                 record.name,
@@ -800,7 +984,7 @@ impl NameRegistry for Sqlite {
                 .prepare_cached(
                     "SELECT name, owner, last_seen, hold_until, target FROM names
                      WHERE hold_until IS NULL OR hold_until > ?1
-                     ORDER BY COALESCE(hold_until, ?1), name",
+                     ORDER BY last_seen, name",
                 )?
                 .query_map([now], name_of)?
                 .collect::<Result<_, _>>()?)

@@ -9,6 +9,7 @@ mod export;
 mod forwarding;
 mod handshake;
 mod reconnect;
+mod store_contract;
 mod streaming;
 mod tls;
 mod websocket;
