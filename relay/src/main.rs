@@ -438,8 +438,11 @@ async fn serve(args: Args) -> ExitCode {
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         ferry_relay::shutdown::signal().await;
-        tracing::info!("shutting down");
+        // Cancel before logging: with stderr gone (a closed pipe), the
+        // subscriber's report of the failed write panics this task, and a
+        // cancel after it would never run.
         on_signal.cancel();
+        tracing::info!("shutting down");
     });
     match relay.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
