@@ -5,11 +5,16 @@
 //! - [`procs`]: the relay, client and origin as separate release processes.
 //! - [`load`]: `wrk` where installed, and the built-in load generator.
 //! - [`origin`]: the fast origin everything is measured against.
+//! - [`metrics`]: a relay's `/metrics`, and the waits that read it.
+//! - [`log_writes`]: the activity log's write rate, on the relay's store
+//!   in this process.
 //!
 //! Without a subcommand it runs every scenario and prints a table; the
 //! subcommands are the pieces it starts as separate processes.
 
 mod load;
+mod log_writes;
+mod metrics;
 mod origin;
 mod procs;
 mod scenarios;
@@ -82,6 +87,12 @@ enum Command {
         #[arg(long)]
         download: bool,
     },
+    /// Append ENTRIES webhook exchanges to a fresh activity log in a
+    /// temporary directory and print the write rate as JSON.
+    LogWrites {
+        #[arg(long)]
+        entries: usize,
+    },
     /// Open COUNT tunnels, print `connected in SECONDS`, and hold them until
     /// standard input closes.
     IdleTunnels {
@@ -136,6 +147,10 @@ async fn main() -> ExitCode {
             ..
         }) => match load::transfer(addr, &host, bytes, upload).await {
             Ok(transfer) => print_json(&transfer),
+            Err(err) => Err(err),
+        },
+        Some(Command::LogWrites { entries }) => match log_writes::measure(entries).await {
+            Ok(rate) => print_json(&rate),
             Err(err) => Err(err),
         },
         Some(Command::IdleTunnels {
@@ -203,7 +218,8 @@ async fn bench(quick: bool, json: bool, wrk: bool) -> Result<(), String> {
 fn print_table(rows: &[Row]) {
     let number = |v: Option<f64>| {
         v.map_or_else(String::new, |v| {
-            if v.abs() >= 100.0 {
+            // Counts and large figures are whole; small ones keep two places.
+            if v.abs() >= 100.0 || v.fract() == 0.0 {
                 format!("{v:.0}")
             } else {
                 format!("{v:.2}")

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -41,11 +42,32 @@ pub struct Proc {
     /// Its stdout, line by line; lines are dropped when nobody reads them
     /// fast enough, so a chatty child never blocks on a full pipe.
     lines: mpsc::Receiver<String>,
+    /// A directory of its own (the relay's data, the client's keys), removed
+    /// when this handle drops: after the child has exited, when it was
+    /// terminated.
+    _scratch: Option<TempDir>,
 }
 
 impl Proc {
     /// Starts `program` with `args`.
     pub fn spawn(program: &Path, args: &[String]) -> Result<Self, String> {
+        Self::start(program, args, None)
+    }
+
+    /// Starts `program` with `args` and the flag `dir_flag` naming a fresh
+    /// temporary directory, which lives as long as the process.
+    pub fn spawn_with_dir(program: &Path, args: &[String], dir_flag: &str) -> Result<Self, String> {
+        let scratch = tempfile::Builder::new()
+            .prefix("ferry-bench-")
+            .tempdir()
+            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let mut args = args.to_vec();
+        args.push(dir_flag.to_owned());
+        args.push(scratch.path().display().to_string());
+        Self::start(program, &args, Some(scratch))
+    }
+
+    fn start(program: &Path, args: &[String], scratch: Option<TempDir>) -> Result<Self, String> {
         let mut child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "warn")
@@ -64,7 +86,12 @@ impl Proc {
                 let _ = tx.try_send(line);
             }
         });
-        Ok(Self { child, pid, lines })
+        Ok(Self {
+            child,
+            pid,
+            lines,
+            _scratch: scratch,
+        })
     }
 
     /// Waits for the first line `parse` accepts.

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::load::{self, Outcome, Spec, Transfer};
+use crate::log_writes::WriteRate;
+use crate::metrics;
 use crate::procs::Proc;
 
 /// How a run is sized.
@@ -23,6 +25,8 @@ pub struct Settings {
     pub idle_tunnels: usize,
     /// Relay restarts timed.
     pub restarts: usize,
+    /// Entries appended to the activity log for its write rate.
+    pub log_entries: usize,
     /// Whether wrk drives the plain HTTP load.
     pub wrk: bool,
 }
@@ -36,6 +40,7 @@ impl Settings {
             transfer_bytes: 512 << 20,
             idle_tunnels: 10_000,
             restarts: 10,
+            log_entries: 200_000,
             wrk,
         }
     }
@@ -48,6 +53,7 @@ impl Settings {
             transfer_bytes: 16 << 20,
             idle_tunnels: 100,
             restarts: 2,
+            log_entries: 5_000,
             wrk: false,
         }
     }
@@ -99,9 +105,22 @@ impl Row {
     }
 
     /// Target: the ratio is at least `min`.
-    fn ratio_at_least(mut self, min: f64) -> Self {
-        self.target = format!(">= {min:.2}x direct");
+    fn ratio_at_least(self, min: f64) -> Self {
+        self.ratio_at_least_of(min, "direct")
+    }
+
+    /// Target: the ratio is at least `min` of `baseline`, the figure in the
+    /// direct column.
+    fn ratio_at_least_of(mut self, min: f64, baseline: &str) -> Self {
+        self.target = format!(">= {min:.2}x {baseline}");
         self.met = self.ratio.map(|r| r >= min);
+        self
+    }
+
+    /// Target: the tunnel figure is at least `min`.
+    fn at_least(mut self, min: f64, unit: &str) -> Self {
+        self.target = format!(">= {min} {unit}");
+        self.met = self.tunnel.map(|t| t >= min);
         self
     }
 
@@ -127,6 +146,15 @@ pub fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// Whether a relay records exchanges in its activity log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    /// The default: every exchange is stored.
+    On,
+    /// `--capture off`: nothing is.
+    Off,
+}
+
 /// The processes of one measured setup: origin, relay, client.
 struct Stack {
     bin: PathBuf,
@@ -134,6 +162,8 @@ struct Stack {
     origin_addr: SocketAddr,
     relay: Proc,
     relay_addr: SocketAddr,
+    /// Whether the relay records what passes.
+    capture: Capture,
     client: Proc,
     tunnel_host: String,
 }
@@ -148,15 +178,28 @@ async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
     Ok((origin, addr))
 }
 
-async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr), String> {
+/// Starts a relay on `listen` with a fresh data directory of its own, so
+/// that relays running together or one after another never share a log
+/// (nor leave one in the working directory).
+async fn start_relay(
+    bin: &Path,
+    listen: SocketAddr,
+    capture: Capture,
+) -> Result<(Proc, SocketAddr), String> {
     // Every connection of the benchmark comes from this one machine, which
     // the relay's per-address connect rate, connection cap and share of a
     // tunnel's requests would otherwise (rightly) refuse.
-    let mut relay = Proc::spawn(
+    let mut relay = Proc::spawn_with_dir(
         &bin.join("ferry-relay"),
         &[
             "--listen".into(),
             listen.to_string(),
+            "--capture".into(),
+            match capture {
+                Capture::On => "on",
+                Capture::Off => "off",
+            }
+            .into(),
             "--connects-per-minute".into(),
             "1000000".into(),
             "--max-tunnels".into(),
@@ -166,6 +209,7 @@ async fn start_relay(bin: &Path, listen: SocketAddr) -> Result<(Proc, SocketAddr
             "--max-requests-per-ip".into(),
             "100000".into(),
         ],
+        "--data-dir",
     )?;
     let port: u16 = relay
         .wait_line("the relay", |line| {
@@ -190,7 +234,8 @@ async fn start_client(
         "--relay".into(),
         format!("ws://{relay}"),
     ];
-    let mut client = Proc::spawn(&bin.join("ferry"), &args)?;
+    // Its reconnect key goes to a directory of its own, not the user's.
+    let mut client = Proc::spawn_with_dir(&bin.join("ferry"), &args, "--config-dir")?;
     let host = client
         .wait_line("the tunnel", |line| {
             let (url, _) = line.split_once(" -> ")?;
@@ -201,9 +246,10 @@ async fn start_client(
 }
 
 impl Stack {
-    async fn start(bin: &Path) -> Result<Self, String> {
+    async fn start(bin: &Path, capture: Capture) -> Result<Self, String> {
         let (origin, origin_addr) = start_origin(bin).await?;
-        let (relay, relay_addr) = start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let (relay, relay_addr) =
+            start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), capture).await?;
         let (client, tunnel_host) = start_client(bin, relay_addr, origin_addr).await?;
         Ok(Self {
             bin: bin.to_path_buf(),
@@ -211,9 +257,19 @@ impl Stack {
             origin_addr,
             relay,
             relay_addr,
+            capture,
             client,
             tunnel_host,
         })
+    }
+
+    /// Waits until the relay has stored what the last run left queued, so
+    /// that its writer takes no CPU from the next run.
+    async fn settle(&self) -> Result<(), String> {
+        if self.capture == Capture::On {
+            metrics::capture_caught_up(self.relay_addr).await?;
+        }
+        Ok(())
     }
 
     fn direct(&self, path: &str, connections: usize, duration: Duration, close: bool) -> Spec {
@@ -278,7 +334,7 @@ async fn json_output<T: serde::de::DeserializeOwned>(
         .args(args)
         .output()
         .await
-        .map_err(|e| format!("cannot run the load generator: {e}"))?;
+        .map_err(|e| format!("cannot run {args:?}: {e}"))?;
     if !output.status.success() {
         return Err(format!(
             "{args:?} failed: {}",
@@ -310,6 +366,7 @@ async fn alternate(
             settings.wrk,
         )
         .await?;
+        stack.settle().await?;
         for (outcome, side) in [(&d, "direct"), (&t, "tunnel")] {
             if outcome.requests == 0 {
                 return Err(format!(
@@ -331,7 +388,8 @@ fn medians(outcomes: &[Outcome], field: fn(&Outcome) -> f64) -> f64 {
 /// Runs every scenario and returns the report's rows.
 pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
-    let stack = Stack::start(bin).await?;
+    // The relay as it ships: capture on.
+    let stack = Stack::start(bin, Capture::On).await?;
 
     let name = "1 KiB GET, 64 connections";
     let (d, t) = alternate(&stack, settings, "/1k", 64, false).await?;
@@ -363,14 +421,93 @@ pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     );
 
     rows.extend(transfers(&stack, settings).await?);
-    rows.push(
-        Row::new("activity log capture on vs off", "-")
-            .note("not measured: the activity log is not built yet"),
-    );
+    rows.extend(capture_cost(bin, settings).await?);
+    rows.extend(log_writes(bin, settings).await?);
     rows.extend(reconnects(stack, settings).await?);
     rows.extend(idle_tunnels(bin, settings).await?);
     rows.push(Row::new("dispatcher", "-").note("not measured: the dispatcher is not built yet"));
     Ok(rows)
+}
+
+/// Capture on against capture off: the same 64-connection load through two
+/// stacks that differ only in `--capture`, alternating, and what the log
+/// kept of the load it took.
+async fn capture_cost(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
+    let on = Stack::start(bin, Capture::On).await?;
+    let off = Stack::start(bin, Capture::Off).await?;
+    let (mut with, mut without, mut catch_up) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..settings.rounds {
+        let without_run = run_load(
+            bin,
+            &off.tunnel("/1k", 64, settings.load_duration, false),
+            settings.wrk,
+        )
+        .await?;
+        let with_run = run_load(
+            bin,
+            &on.tunnel("/1k", 64, settings.load_duration, false),
+            settings.wrk,
+        )
+        .await?;
+        // What the writer still holds when the load ends, in seconds of
+        // writing; the next run waits for it.
+        let (_, took) = metrics::capture_caught_up(on.relay_addr).await?;
+        for (outcome, side) in [(&without_run, "off"), (&with_run, "on")] {
+            if outcome.requests == 0 {
+                return Err(format!(
+                    "the capture-{side} run completed no request ({} errors)",
+                    outcome.errors
+                ));
+            }
+        }
+        without.push(without_run);
+        with.push(with_run);
+        catch_up.push(took.as_secs_f64());
+    }
+    let counts = metrics::CaptureCounts::read(on.relay_addr).await?;
+    on.stop().await?;
+    off.stop().await?;
+    let served: u64 = with.iter().map(|o| o.requests).sum();
+    let name = "activity log capture on vs off, 1 KiB GET, 64 connections";
+    Ok(vec![
+        Row::new(name, "requests/s (off, on)")
+            .pair(medians(&without, |o| o.rps), medians(&with, |o| o.rps))
+            .ratio_at_least_of(0.9, "off"),
+        Row::new(name, "p99 µs (off, on)").pair(
+            medians(&without, |o| o.p99_us),
+            medians(&with, |o| o.p99_us),
+        ),
+        Row::new(name, "entries written (on) of requests served (on)")
+            .pair(served as f64, counts.written as f64)
+            .note(&format!("relay forwarded {}", counts.forwarded)),
+        Row::new(name, "captures dropped")
+            .only(counts.dropped as f64)
+            .at_most(0.0, "dropped"),
+        Row::new(name, "captures shed (stored without bodies)").only(counts.shed as f64),
+        Row::new(name, "s until all was stored after a run").only(median(&mut catch_up)),
+    ])
+}
+
+/// The activity log's sustained write rate, measured in a process of its
+/// own on the relay's store.
+async fn log_writes(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
+    let args = [
+        "log-writes".to_owned(),
+        "--entries".into(),
+        settings.log_entries.to_string(),
+    ];
+    let rate: WriteRate = json_output(bin, &args).await?;
+    let name = format!(
+        "activity log writes, {} webhooks (1 KiB JSON each way), {} per transaction",
+        settings.log_entries,
+        crate::log_writes::BATCH
+    );
+    Ok(vec![
+        Row::new(&name, "entries/s")
+            .only(rate.entries_per_sec)
+            .at_least(100_000.0, "entries/s"),
+        Row::new(&name, "KiB on disk per entry").only(rate.bytes_per_entry / 1024.0),
+    ])
 }
 
 async fn transfers(stack: &Stack, settings: &Settings) -> Result<Vec<Row>, String> {
@@ -444,7 +581,7 @@ async fn reconnects(mut stack: Stack, settings: &Settings) -> Result<Vec<Row>, S
     let mut times = Vec::new();
     for _ in 0..settings.restarts {
         stack.relay.terminate().await?;
-        let (relay, addr) = start_relay(&stack.bin, stack.relay_addr).await?;
+        let (relay, addr) = start_relay(&stack.bin, stack.relay_addr, Capture::On).await?;
         let ready = Instant::now();
         stack.relay = relay;
         let spec = stack.tunnel("/1k", 1, Duration::ZERO, true);
@@ -486,7 +623,8 @@ async fn probe(addr: SocketAddr, host: &str) -> bool {
 /// tunnel and the time to connect them.
 async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     let (origin, origin_addr) = start_origin(bin).await?;
-    let (relay, relay_addr) = start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let (relay, relay_addr) =
+        start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), Capture::On).await?;
     let before = relay.rss_kib().unwrap_or(0);
     let args = [
         "idle-tunnels".to_owned(),
@@ -505,7 +643,7 @@ async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
         .await?;
     let after = relay.rss_kib().unwrap_or(0);
     tunnels.terminate().await?;
-    wait_for_no_tunnels(relay_addr).await?;
+    metrics::no_tunnels(relay_addr).await?;
     // What the allocator gives back takes a moment after the last free.
     tokio::time::sleep(RELEASE_SETTLE).await;
     let closed = relay.rss_kib().unwrap_or(0);
@@ -527,31 +665,3 @@ async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
 /// How long the relay gets to return memory once the last tunnel is gone:
 /// it looks every 5 s.
 const RELEASE_SETTLE: Duration = Duration::from_secs(6);
-
-/// Polls the relay's `/metrics` until it reports no tunnel (a bench, not a
-/// test: polling is how it watches another process).
-async fn wait_for_no_tunnels(relay: SocketAddr) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut stream = tokio::net::TcpStream::connect(relay)
-            .await
-            .map_err(|err| format!("cannot reach the relay's /metrics: {err}"))?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
-            .await
-            .map_err(|err| format!("cannot ask the relay's /metrics: {err}"))?;
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .await
-            .map_err(|err| format!("cannot read the relay's /metrics: {err}"))?;
-        if answer.contains("\nferry_tunnels 0\n") {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err("the relay still holds tunnels a minute after they closed".to_owned());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}

@@ -65,6 +65,10 @@ pub struct Config {
     pub egress_allow: Vec<Allow>,
     /// Where the database and the lock file live.
     pub data_dir: std::path::PathBuf,
+    /// Whether requests through tunnels are recorded in the activity log.
+    /// Off, none is (held names still answer 503, unrecorded); for
+    /// measuring what capture costs, and for operators who want no log.
+    pub capture: bool,
     /// Body bytes the activity log keeps per direction of an exchange; 0
     /// keeps metadata only.
     pub capture_body_limit: usize,
@@ -156,6 +160,7 @@ impl Default for Config {
             keepalive: Keepalive::default(),
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
+            capture: true,
             capture_body_limit: Self::DEFAULT_CAPTURE_BODY_LIMIT,
             retention: Self::DEFAULT_RETENTION,
         }

@@ -349,8 +349,9 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Starts recording an exchange with tunnel `name`, if the name has an
-/// owner (a live tunnel or a hold): unknown names are not recorded.
+/// Starts recording an exchange with tunnel `name`, if capture is on and
+/// the name has an owner (a live tunnel or a hold): unknown names are not
+/// recorded.
 fn start_capture(
     link: &Link,
     name: &Subdomain,
@@ -358,6 +359,9 @@ fn start_capture(
     id: ExchangeId,
     req: &Request<Incoming>,
 ) -> Option<Arc<Capture>> {
+    if !link.state.config.capture {
+        return None;
+    }
     let owner = link.state.tunnels.owner_of(name)?;
     let scheme = if link.https { "https" } else { "http" };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -416,12 +420,13 @@ fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Records a request for a held name whose client is not connected, and
-/// tells the caller to come back: webhook senders retry on their own.
+/// Answers a request for a held name whose client is not connected, and
+/// tells the caller to come back: webhook senders retry on their own. The
+/// request is recorded for a later replay when capture is on.
 async fn offline(
     link: &Link,
     name: &Subdomain,
-    capture: &Arc<Capture>,
+    capture: Option<&Arc<Capture>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, IngressError> {
     let state = &link.state;
@@ -443,7 +448,11 @@ async fn offline(
         state.config.body_timeout,
         state.config.body_min_rate,
     );
-    let mut body = capture.tap(body, Side::Request);
+    // Read whole either way, so the caller's connection stays usable.
+    let mut body = match capture {
+        Some(capture) => capture.tap(body, Side::Request).boxed_unsync(),
+        None => body.boxed_unsync(),
+    };
     while let Some(frame) = body.frame().await {
         if frame.is_err() {
             return Err(match watch.failure() {
@@ -458,19 +467,26 @@ async fn offline(
         }
     }
     drop(body);
+    let recorded = if capture.is_some() {
+        ". The request was recorded for its owner to replay"
+    } else {
+        ""
+    };
     let message = format!(
-        "the tunnel {name} is offline: its client is not connected. The request was recorded for its owner to replay; try again later\n"
+        "the tunnel {name} is offline: its client is not connected{recorded}; try again later\n"
     );
     let mut response = text(StatusCode::SERVICE_UNAVAILABLE, message.trim_end());
     response.headers_mut().insert(
         header::RETRY_AFTER,
         HeaderValue::from_static(OFFLINE_RETRY_AFTER),
     );
-    capture.failed(
-        Outcome::ClientOffline,
-        "the tunnel's client was not connected".to_owned(),
-        Some((503, response.headers(), message.into())),
-    );
+    if let Some(capture) = capture {
+        capture.failed(
+            Outcome::ClientOffline,
+            "the tunnel's client was not connected".to_owned(),
+            Some((503, response.headers(), message.into())),
+        );
+    }
     Ok(response)
 }
 
@@ -561,10 +577,13 @@ async fn forward(
     } else {
         None
     };
-    let tunnel = match (state.tunnels.get(&name), capture) {
-        (Some(tunnel), _) => tunnel,
-        (None, Some(capture)) => return offline(link, &name, capture, req).await,
-        (None, None) => return Err(SendError::NotConnected(name.clone()).into()),
+    let tunnel = match state.tunnels.get(&name) {
+        Some(tunnel) => tunnel,
+        // Held for its owner: a capture exists only for names with one.
+        None if capture.is_some() || state.tunnels.owner_of(&name).is_some() => {
+            return offline(link, &name, capture, req).await
+        }
+        None => return Err(SendError::NotConnected(name.clone()).into()),
     };
     let admission = tunnel.admit(link.peer.ip())?;
 

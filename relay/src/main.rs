@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::Parser;
 use ferry_relay::egress::Allow;
 use ferry_relay::tls::{CertResolver, TlsFiles};
@@ -119,6 +120,15 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_DATA_DIR", value_name = "DIR",
           default_value = Config::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// Whether the activity log records the requests that pass through
+    /// tunnels. `off` records none (a held name's callers still get 503,
+    /// unrecorded; replays made through the API are still logged): for
+    /// measuring what capture costs, and for operators who want no log.
+    #[arg(long, env = "FERRY_RELAY_CAPTURE", value_name = "on|off", default_value = "on",
+          action = clap::ArgAction::Set,
+          value_parser = clap::builder::PossibleValuesParser::new(["on", "off"])
+              .map(|value| value == "on"))]
+    capture: bool,
     /// Body bytes the activity log keeps of each request and each response
     /// (1MiB, 64KiB, …); the rest streams through uncaptured and the entry
     /// is flagged truncated. 0 keeps metadata only.
@@ -303,6 +313,7 @@ fn config(args: &Args) -> Result<Config, String> {
         keepalive: ferry_common::handshake::Keepalive::default(),
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
+        capture: args.capture,
         capture_body_limit: usize::try_from(args.capture_body_limit)
             .ok()
             .filter(|limit| *limit <= Config::MAX_CAPTURE_BODY_LIMIT)
@@ -392,6 +403,7 @@ async fn serve(args: Args) -> ExitCode {
     let data_dir =
         std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     let open = config.tokens.is_empty();
+    let capture = config.capture;
     let domain = config.domain.clone();
     // The data directory first: a relay that cannot keep its log says so
     // before it listens.
@@ -409,7 +421,14 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("activity log in {}", data_dir.display());
+    if capture {
+        println!("activity log in {}", data_dir.display());
+    } else {
+        println!(
+            "activity log in {} (capture off: requests through tunnels are not recorded)",
+            data_dir.display()
+        );
+    }
     if open {
         println!("no tokens configured: any client that can reach this relay may open a tunnel");
     }
@@ -419,8 +438,11 @@ async fn serve(args: Args) -> ExitCode {
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         ferry_relay::shutdown::signal().await;
-        tracing::info!("shutting down");
+        // Cancel before logging: with stderr gone (a closed pipe), the
+        // subscriber's report of the failed write panics this task, and a
+        // cancel after it would never run.
         on_signal.cancel();
+        tracing::info!("shutting down");
     });
     match relay.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -700,6 +700,73 @@ async fn requests_to_an_offline_held_name_are_kept_and_answered_503() {
 }
 
 #[tokio::test]
+async fn with_capture_off_nothing_is_recorded_and_a_held_name_still_answers_503() {
+    let dir = tempfile::tempdir().expect("data dir");
+    let relay = TestRelay::start(ferry_relay::Config {
+        data_dir: dir.path().to_owned(),
+        capture: false,
+        ..ferry_relay::Config::default()
+    })
+    .await;
+    let (origin, mut received) = recording_origin(|| Response::new(full("fine"))).await;
+    let options = ClientOptions {
+        client_key: Some("11112222333344441111222233334444".to_owned()),
+        ..ClientOptions::default()
+    };
+    let client = TestClient::start(&relay, &origin.target(), options).await;
+    let host = host_of(&client.public_url);
+    let response = send(
+        relay.addr,
+        &host,
+        Request::post("/webhook/live")
+            .body(full("event"))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, b"fine");
+    within("the origin", received.recv())
+        .await
+        .expect("request");
+    client.stop().await.expect("client stops");
+
+    let response = send(
+        relay.addr,
+        &host,
+        Request::post("/webhook/held")
+            .body(full("event"))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"30"[..])
+    );
+    let text = String::from_utf8_lossy(&read_body(response.into_body()).await).into_owned();
+    assert!(text.contains("offline"), "{text}");
+    assert!(!text.contains("recorded"), "nothing was: {text}");
+    origin.stop().await;
+    // Shutdown stores whatever capture still holds, so the file is final.
+    relay.stop().await;
+
+    let log = ferry_relay::store::sqlite::Sqlite::open_read_only(
+        &dir.path().join(ferry_relay::data_dir::DATABASE_FILE),
+    )
+    .expect("the database opens");
+    let stored = ferry_relay::store::ActivityLog::list(
+        &log,
+        &ferry_relay::store::Filter::default(),
+        None,
+        10,
+        false,
+    )
+    .await
+    .expect("the log reads");
+    assert!(stored.is_empty(), "capture off recorded {stored:?}");
+}
+
+#[tokio::test]
 async fn entries_and_name_holds_survive_a_relay_restart() {
     let dir = tempfile::tempdir().expect("data dir");
     let config = || ferry_relay::Config {
