@@ -161,10 +161,15 @@ async fn run(
     on_upgrade: OnUpgrade,
     _connection: ActiveGuard,
 ) {
-    if let Err(err) = serve(&state, &tunnel, on_upgrade).await {
+    let mut saved = None;
+    if let Err(err) = serve(&state, &tunnel, on_upgrade, &mut saved).await {
         debug!(%err, "tunnel connection ended with an error");
     }
     state.tunnels.release(&tunnel);
+    // The hold is saved after the session's start was, never before.
+    if let Some(saved) = saved {
+        let _ = saved.await;
+    }
     if state.tunnels.get(&tunnel.name).is_none() {
         let hold = i64::try_from(state.config.name_hold.as_micros()).unwrap_or(i64::MAX);
         remember(&state, &tunnel, Some(now_micros().saturating_add(hold))).await;
@@ -206,9 +211,10 @@ enum SessionError {
 }
 
 async fn serve(
-    state: &State,
+    state: &Arc<State>,
     tunnel: &Arc<Tunnel>,
     on_upgrade: OnUpgrade,
+    saved: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> Result<(), SessionError> {
     let upgraded = on_upgrade.await?;
     let ws = WebSocketStream::from_raw_socket(
@@ -249,8 +255,10 @@ async fn serve(
     }
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     info!(public_url = %tunnel.public_url, "tunnel connected");
-    // The name is saved while the session serves, and before the session's
-    // end saves its hold, so the two saves cannot land out of order.
-    let ((), ended) = tokio::join!(remember(state, tunnel, None), connection);
-    Ok(ended?)
+    // Saved beside the serving connection, which never waits on the disk.
+    let (state, tunnel) = (Arc::clone(state), Arc::clone(tunnel));
+    *saved = Some(tokio::spawn(async move {
+        remember(&state, &tunnel, None).await
+    }));
+    Ok(connection.await?)
 }
