@@ -13,11 +13,12 @@ use crate::store::{now_micros, ActivityLog, NameRegistry, Retention};
 /// How often the log is pruned at the least.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// The share of `--retention-max-bytes` written since the last prune that
-/// prunes again at once: a flood cannot fill the disk between two ticks.
-const PRUNE_AFTER_SHARE: u64 = 16;
+/// prunes again at once: a flood cannot fill the disk between two ticks,
+/// and a prune (which holds the writer) does not run every second of it.
+const PRUNE_AFTER_SHARE: u64 = 4;
 
 /// Prunes `log` (and forgets expired name holds) now, every
-/// [`PRUNE_EVERY`], and whenever `recorder` has written a sixteenth of the
+/// [`PRUNE_EVERY`], and whenever `recorder` has written a quarter of the
 /// size limit since the last prune, until `stop`.
 pub async fn prune_until(
     log: Arc<dyn ActivityLog>,

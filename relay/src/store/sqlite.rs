@@ -117,6 +117,8 @@ struct Indexer {
     wake: std::sync::mpsc::SyncSender<()>,
     /// When the writer last appended.
     last_append: Arc<Mutex<std::time::Instant>>,
+    /// Appends waiting for the writer: the index steps aside for them.
+    appending: Arc<AtomicUsize>,
     /// The thread, joined when the store is dropped.
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -134,9 +136,10 @@ impl Drop for Sqlite {
 }
 
 /// Entries one index step takes: a few milliseconds of the writer's time.
-const INDEX_STEP: i64 = 64;
-/// How long the writer must have been idle before the index takes a step.
-const INDEX_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_millis(5);
+const INDEX_STEP: i64 = 16;
+/// How long the writer must have been idle before the index takes a step:
+/// under a steady flow of captures the index waits for a lull.
+const INDEX_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_millis(50);
 /// How often the indexer looks for work without being woken.
 const INDEX_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -145,6 +148,7 @@ fn run_indexer(
     stop: Arc<std::sync::atomic::AtomicBool>,
     wake: std::sync::mpsc::Receiver<()>,
     last_append: Arc<Mutex<std::time::Instant>>,
+    appending: Arc<AtomicUsize>,
 ) {
     while !stop.load(Ordering::Relaxed) {
         let _ = wake.recv_timeout(INDEX_CHECK_EVERY);
@@ -153,8 +157,12 @@ fn run_indexer(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .elapsed();
-            if idle < INDEX_WHEN_IDLE_FOR {
-                std::thread::sleep(INDEX_WHEN_IDLE_FOR - idle);
+            if idle < INDEX_WHEN_IDLE_FOR || appending.load(Ordering::Relaxed) > 0 {
+                std::thread::sleep(
+                    INDEX_WHEN_IDLE_FOR
+                        .saturating_sub(idle)
+                        .max(INDEX_WHEN_IDLE_FOR / 10),
+                );
                 continue;
             }
             let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -286,15 +294,17 @@ impl Sqlite {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let last_append = Arc::new(Mutex::new(std::time::Instant::now()));
+        let appending = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("ferry-search-index".to_owned())
             .spawn({
-                let (writer, stop, last_append) = (
+                let (writer, stop, last_append, appending) = (
                     Arc::clone(&writer),
                     Arc::clone(&stop),
                     Arc::clone(&last_append),
+                    Arc::clone(&appending),
                 );
-                move || run_indexer(writer, stop, woken, last_append)
+                move || run_indexer(writer, stop, woken, last_append, appending)
             })
             .map_err(failed)?;
         Ok(Self {
@@ -305,6 +315,7 @@ impl Sqlite {
                 stop,
                 wake,
                 last_append,
+                appending,
                 thread: Some(thread),
             }),
         })
@@ -707,23 +718,28 @@ fn query(
 impl ActivityLog for Sqlite {
     async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError> {
         let last_append = self.indexer.as_ref().map(|i| Arc::clone(&i.last_append));
-        self.write(move |conn| {
-            let tx = immediate(conn)?;
-            for entry in &entries {
-                insert(&tx, entry)?;
-            }
-            tx.commit()?;
-            if let Some(last_append) = last_append {
-                *last_append.lock().unwrap_or_else(PoisonError::into_inner) =
-                    std::time::Instant::now();
-            }
-            Ok(())
-        })
-        .await?;
         if let Some(indexer) = &self.indexer {
+            indexer.appending.fetch_add(1, Ordering::Relaxed);
+        }
+        let written = self
+            .write(move |conn| {
+                let tx = immediate(conn)?;
+                for entry in &entries {
+                    insert(&tx, entry)?;
+                }
+                tx.commit()?;
+                if let Some(last_append) = last_append {
+                    *last_append.lock().unwrap_or_else(PoisonError::into_inner) =
+                        std::time::Instant::now();
+                }
+                Ok(())
+            })
+            .await;
+        if let Some(indexer) = &self.indexer {
+            indexer.appending.fetch_sub(1, Ordering::Relaxed);
             let _ = indexer.wake.try_send(());
         }
-        Ok(())
+        written
     }
 
     async fn list(
@@ -1011,4 +1027,93 @@ fn name_of(row: &Row<'_>) -> rusqlite::Result<NameRecord> {
         hold_until: row.get(3)?,
         target: row.get(4)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::PoisonError;
+
+    use bytes::Bytes;
+    use ferry_common::ids::ExchangeId;
+
+    use super::{index_step, Sqlite, INDEX_STEP};
+    use crate::store::{ActivityLog, CapturedBody, Exchange, Filter, Kind, Outcome};
+
+    fn entry(owner: &str, body: &str) -> Exchange {
+        Exchange {
+            id: ExchangeId::new(),
+            tunnel: "demo".to_owned(),
+            owner: owner.to_owned(),
+            kind: Kind::Tunnel,
+            replay_of: None,
+            received_at: 1,
+            method: "POST".to_owned(),
+            url: "http://demo.localhost/hook".to_owned(),
+            http_version: "HTTP/1.1".to_owned(),
+            remote_addr: "127.0.0.1:1".to_owned(),
+            request_headers: Vec::new(),
+            request_body: CapturedBody {
+                size: body.len() as u64,
+                bytes: Bytes::from(body.to_owned()),
+                truncated: false,
+            },
+            response: None,
+            responded_at: None,
+            done_at: Some(2),
+            outcome: Outcome::Answered,
+            error: None,
+            incomplete: false,
+            replayed_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn searches_find_the_same_entries_before_and_after_indexing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Sqlite::open(&dir.path().join("ferry.db")).expect("store");
+        let entries: Vec<Exchange> = (0..100)
+            .map(|i| {
+                let owner = if i % 2 == 0 { "acct_a" } else { "acct_b" };
+                let body = if i % 10 == 0 {
+                    "Invoice PAID straße"
+                } else {
+                    "other"
+                };
+                entry(owner, body)
+            })
+            .collect();
+        store.append(entries).await.expect("append");
+        let search = |owner: Option<&str>, text: &str| Filter {
+            owner: owner.map(str::to_owned),
+            text: Some(text.to_owned()),
+            ..Filter::default()
+        };
+        let queries = [
+            search(Some("acct_a"), "invoice paid"),
+            search(None, "STRASSE"),
+            search(Some("acct_b"), "acct"),
+        ];
+        let mut before = Vec::new();
+        for query in &queries {
+            before.push(
+                store
+                    .list(query, None, 1000, false)
+                    .await
+                    .expect("list")
+                    .len(),
+            );
+        }
+        assert_eq!(before, [10, 10, 0], "found one by one before indexing");
+        let writer = store.writer.clone().expect("writable");
+        loop {
+            let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            if index_step(&mut conn).expect("index step") < INDEX_STEP {
+                break;
+            }
+        }
+        for (query, expected) in queries.iter().zip(before) {
+            let found = store.list(query, None, 1000, false).await.expect("list");
+            assert_eq!(found.len(), expected, "{query:?} through the index");
+        }
+    }
 }
