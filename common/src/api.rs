@@ -241,3 +241,209 @@ pub struct OfflineTunnel {
     /// The local target its client last reported.
     pub target: Option<String>,
 }
+
+/// A webhook as `GET /api/v1/webhooks/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookView {
+    /// `wh_…`.
+    pub id: String,
+    /// A name its owner picked.
+    pub name: String,
+    /// The method deliveries use: POST, PUT, PATCH, GET or DELETE.
+    pub method: String,
+    /// Where deliveries go: an absolute http(s) URL, possibly a tunnel on
+    /// this relay.
+    pub url: String,
+    /// The event types it listens to, with `*` and `group.*` wildcards.
+    pub actions: Vec<String>,
+    /// Headers added to every delivery.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Whether events queue deliveries for it.
+    pub enabled: bool,
+    /// One delivery in flight at a time, in event order.
+    pub ordered: bool,
+    /// The signing secret, `whsec_…`.
+    pub secret: String,
+    /// Until when the secret before the last rotation still signs too.
+    pub previous_secret_until: Option<String>,
+    /// Why the relay disabled it, if it did.
+    pub disabled_reason: Option<String>,
+    /// Since when its deliveries have only failed.
+    pub failing_since: Option<String>,
+    /// The state of its latest delivery: `pending`, `succeeded` or `failed`.
+    pub last_delivery: Option<String>,
+    /// When it was created, RFC 3339.
+    pub created_at: String,
+    /// When it was last changed, RFC 3339.
+    pub updated_at: String,
+}
+
+/// `GET /api/v1/webhooks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookList {
+    /// The caller's webhooks, oldest first.
+    pub items: Vec<WebhookView>,
+}
+
+/// The body of `POST /api/v1/webhooks` (`name`, `url` and `actions`
+/// needed) and of `PUT /api/v1/webhooks/{id}` (fields left out keep their
+/// value).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookInput {
+    /// A name of the owner's choosing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// POST (the default), PUT, PATCH, GET or DELETE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// An absolute http(s) URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Event types, or wildcards (`*`, `document.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions: Option<Vec<String>>,
+    /// Headers added to every delivery, such as `x-auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<std::collections::BTreeMap<String, String>>,
+    /// Whether events queue deliveries for it (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// One delivery in flight at a time, in event order (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered: Option<bool>,
+    /// `whsec_` and the base64 of 24 to 64 bytes; generated when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// One event type of `GET /api/v1/event-types`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventTypeView {
+    /// `document.create` …
+    pub name: String,
+    /// What happened, for people.
+    pub description: String,
+    /// A payload such an event carries, sent by the test delivery.
+    pub example: serde_json::Value,
+    /// `builtin`, `operator` (`--event-type`) or `account` (added through
+    /// the API by the caller's account).
+    pub source: String,
+}
+
+/// `GET /api/v1/event-types`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventTypeList {
+    /// Every type the caller may send, by name.
+    pub items: Vec<EventTypeView>,
+}
+
+/// The body of `POST /api/v1/event-types`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTypeInput {
+    /// Dot-separated lowercase words: `invoice.paid`.
+    pub name: String,
+    /// What happened, for people.
+    pub description: String,
+    /// An example payload; `{}` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example: Option<serde_json::Value>,
+}
+
+/// The body of `POST /api/v1/events`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventInput {
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The payload, any JSON value.
+    #[serde(default)]
+    pub data: serde_json::Value,
+    /// The sender's id for the event: the same id again within a day
+    /// queues nothing new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// The answer of `POST /api/v1/events` and of a webhook's test event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventAccepted {
+    /// The event's id.
+    pub id: String,
+    /// Deliveries queued, durably stored.
+    pub queued: usize,
+    /// The id was sent before within a day, so nothing new was queued.
+    pub duplicate: bool,
+}
+
+/// The body of `POST /api/v1/webhooks/{id}/test`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestEventInput {
+    /// The type whose example is sent; the webhook's first listened type
+    /// when left out.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// 1 for the first.
+    pub number: u32,
+    /// When it started, RFC 3339.
+    pub at: String,
+    /// The response status, if one came.
+    pub status: Option<u16>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Milliseconds it took.
+    pub duration_ms: u64,
+    /// Its activity log entry, with the exact request and response.
+    pub request_id: String,
+}
+
+/// One delivery: an event for one webhook, with its attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryView {
+    /// `msg_…`: the `webhook-id` every attempt carries.
+    pub id: String,
+    /// The webhook.
+    pub webhook_id: String,
+    /// The event.
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// `pending`, `succeeded` or `failed`.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When the next attempt is due, while pending.
+    pub next_attempt_at: Option<String>,
+    /// Why it failed, or what the last attempt met.
+    pub last_error: Option<String>,
+    /// The last response status.
+    pub last_status: Option<u16>,
+    /// When it was queued, RFC 3339.
+    pub created_at: String,
+    /// Its attempts, first first.
+    pub attempt_log: Vec<AttemptView>,
+}
+
+/// `GET /api/v1/webhooks/{id}/deliveries`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryPage {
+    /// The deliveries.
+    pub items: Vec<DeliveryView>,
+    /// Pass as `before` for the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// The answer of `POST /api/v1/webhooks/{id}/recover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovered {
+    /// Failed deliveries queued again.
+    pub queued: usize,
+}
