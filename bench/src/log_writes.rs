@@ -253,6 +253,7 @@ fn webhook(random: &mut Random) -> Exchange {
         error: None,
         incomplete: false,
         replayed_at: None,
+        dispatch: None,
     }
 }
 

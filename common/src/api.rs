@@ -72,6 +72,22 @@ pub struct RequestItem {
     pub outcome: String,
     /// The exchange this one replays.
     pub replay_of: Option<String>,
+    /// For a `dispatch` entry: the delivery attempt it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<DispatchInfo>,
+}
+
+/// What a `dispatch` entry of the activity log was an attempt of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchInfo {
+    /// The webhook.
+    pub webhook_id: String,
+    /// The event.
+    pub event_id: String,
+    /// The delivery (`msg_…`).
+    pub delivery_id: String,
+    /// The attempt's number, from 1.
+    pub attempt: u32,
 }
 
 /// A page of `GET /api/v1/requests`, newest first.

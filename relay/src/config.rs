@@ -74,6 +74,8 @@ pub struct Config {
     pub capture_body_limit: usize,
     /// How much history the activity log keeps.
     pub retention: Retention,
+    /// How webhooks are delivered.
+    pub dispatch: crate::dispatch::Settings,
 }
 
 impl Config {
@@ -163,6 +165,7 @@ impl Default for Config {
             capture: true,
             capture_body_limit: Self::DEFAULT_CAPTURE_BODY_LIMIT,
             retention: Self::DEFAULT_RETENTION,
+            dispatch: crate::dispatch::Settings::default(),
         }
     }
 }

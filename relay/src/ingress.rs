@@ -390,6 +390,7 @@ fn start_capture(
         error: None,
         incomplete: cut,
         replayed_at: None,
+        dispatch: None,
     };
     Some(Capture::new(&link.state.recorder, entry))
 }

@@ -7,6 +7,8 @@
 //! - [`session`]: the connect handshake and the life of one client's tunnel.
 //! - [`tunnels`]: the registry of subdomain → live session and held names.
 //! - [`activity`]: the activity log: capture, retention, replay and export.
+//! - [`dispatch`]: the webhook dispatcher: events, signed deliveries,
+//!   retries, and its durable queue.
 //! - [`data_dir`]: the data directory and the lock that makes one relay
 //!   its owner.
 //! - [`accounts`]: accounts, the tokens that prove them, and the throttle
@@ -33,6 +35,7 @@ pub mod body;
 pub mod config;
 pub mod connection;
 pub mod data_dir;
+pub mod dispatch;
 pub mod egress;
 pub mod ingress;
 pub mod limits;
@@ -69,7 +72,7 @@ pub(crate) struct State {
     /// The validated settings.
     config: Config,
     /// The live tunnels and held names.
-    tunnels: tunnels::Tunnels,
+    tunnels: Arc<tunnels::Tunnels>,
     /// Token checks.
     accounts: accounts::Accounts,
     /// Tunnel connects per address.
@@ -96,6 +99,8 @@ pub(crate) struct State {
     recorder: activity::capture::Recorder,
     /// Everything the relay sends out passes it.
     egress: egress::Egress,
+    /// Delivers webhooks.
+    dispatcher: Arc<dispatch::Dispatcher>,
     /// Live feeds of the activity log open per address.
     live_feeds: Arc<limits::PerIp>,
     /// Requests for bodies, exports and replays running per address.
@@ -229,8 +234,11 @@ async fn serve(
         (_, Some((listener, _))) => format!("https://{}", listener.local_addr()?),
         (None, None) => String::new(),
     };
-    let (log, names): (Arc<dyn store::ActivityLog>, Arc<dyn store::NameRegistry>) =
-        (store.clone(), store);
+    let (log, names, webhooks): (
+        Arc<dyn store::ActivityLog>,
+        Arc<dyn store::NameRegistry>,
+        Arc<dyn store::Webhooks>,
+    ) = (store.clone(), store.clone(), store);
     let writer_stop = CancellationToken::new();
     let (recorder, writer) = activity::capture::Recorder::new(
         Arc::clone(&log),
@@ -239,15 +247,28 @@ async fn serve(
         writer_stop.clone(),
     );
     let writer = tokio::spawn(writer);
+    let tunnels = Arc::new(tunnels::Tunnels::new(tunnels::RegistryLimits {
+        max_in_flight: config.max_requests_per_tunnel,
+        max_in_flight_per_ip: config.max_requests_per_ip,
+        max_per_account: config.max_tunnels_per_token,
+        max_tunnels: config.max_tunnels,
+        name_hold: config.name_hold,
+    }));
+    let egress = egress::Egress::new(
+        config.egress_allow.clone(),
+        Arc::new(egress::SystemResolver),
+    );
+    let dispatcher = dispatch::Dispatcher::new(
+        webhooks,
+        egress.clone(),
+        recorder.clone(),
+        Arc::clone(&tunnels),
+        &config.domain,
+        config.dispatch.clone(),
+    );
     let state = Arc::new(State {
         shutdown: shutdown.clone(),
-        tunnels: tunnels::Tunnels::new(tunnels::RegistryLimits {
-            max_in_flight: config.max_requests_per_tunnel,
-            max_in_flight_per_ip: config.max_requests_per_ip,
-            max_per_account: config.max_tunnels_per_token,
-            max_tunnels: config.max_tunnels,
-            name_hold: config.name_hold,
-        }),
+        tunnels,
         accounts: accounts::Accounts::new(config.tokens.clone(), config.failed_auths_per_minute),
         connects: limits::RateLimit::per_minute(config.connects_per_minute),
         connections_per_ip: limits::PerIp::new(config.max_connections_per_ip),
@@ -270,10 +291,8 @@ async fn serve(
             limits::PerIp::new(config.max_requests_per_ip),
             Arc::new(tokio::sync::Semaphore::new(config.max_requests_per_tunnel)),
         ),
-        egress: egress::Egress::new(
-            config.egress_allow.clone(),
-            Arc::new(egress::SystemResolver),
-        ),
+        egress,
+        dispatcher: Arc::clone(&dispatcher),
         config,
     });
     restore_holds(&state).await.map_err(std::io::Error::other)?;
@@ -281,10 +300,13 @@ async fn serve(
     state.spawn(activity::retention::prune_until(
         Arc::clone(&state.log),
         Arc::clone(&state.names),
+        Arc::clone(state.dispatcher.store()),
         state.config.retention,
         state.recorder.clone(),
         shutdown.clone(),
     ));
+    let dispatch_stop = CancellationToken::new();
+    let dispatching = tokio::spawn(dispatcher.run(dispatch_stop.clone()));
     if let Some((_, resolver)) = &listeners.tls {
         state.spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
     }
@@ -300,6 +322,11 @@ async fn serve(
         tracing::warn!("tunnel sessions still open after the shutdown wait; ending them");
         state.abort_tasks.cancel();
         state.tasks.wait().await;
+    }
+    // Attempts in flight end within their timeout and store their results.
+    dispatch_stop.cancel();
+    if let Err(err) = dispatching.await {
+        tracing::warn!(%err, "webhook dispatcher failed");
     }
     // Everything that captured has ended: the writer stores what is queued.
     writer_stop.cancel();

@@ -177,6 +177,48 @@ struct Args {
         value_delimiter = ','
     )]
     egress_allow: Vec<Allow>,
+    /// How long one webhook delivery attempt may take, response included.
+    #[arg(long, env = "FERRY_RELAY_DISPATCH_TIMEOUT", value_name = "DURATION",
+          default_value = "15s", value_parser = duration)]
+    dispatch_timeout: Duration,
+    /// Webhook delivery attempts in flight at once, for all webhooks.
+    #[arg(long, env = "FERRY_RELAY_DISPATCH_CONCURRENCY", default_value_t = ferry_relay::dispatch::Settings::DEFAULT_CONCURRENCY,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    dispatch_concurrency: usize,
+    /// Delivery attempts in flight at once for one webhook (an ordered
+    /// webhook has one).
+    #[arg(long, env = "FERRY_RELAY_DISPATCH_PER_WEBHOOK", default_value_t = ferry_relay::dispatch::Settings::DEFAULT_PER_WEBHOOK,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    dispatch_per_webhook: usize,
+    /// The waits before each delivery attempt, comma-separated: the number
+    /// of waits is the number of attempts. Each gets up to a tenth of
+    /// jitter.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_RETRY_SCHEDULE",
+        value_name = "WAITS",
+        default_value = "0,5s,5m,30m,2h,5h,10h,10h"
+    )]
+    retry_schedule: ferry_relay::dispatch::schedule::RetrySchedule,
+    /// A webhook whose deliveries have only failed for this long is
+    /// disabled.
+    #[arg(long, env = "FERRY_RELAY_DISABLE_AFTER", value_name = "DURATION",
+          default_value = "5d", value_parser = duration)]
+    disable_after: Duration,
+    /// An event type to offer besides the built-in ones, as
+    /// NAME=DESCRIPTION (repeatable).
+    #[arg(long = "event-type", env = "FERRY_RELAY_EVENT_TYPE", value_name = "NAME=DESCRIPTION",
+          value_parser = event_type)]
+    event_types: Vec<(String, String)>,
+}
+
+/// An `--event-type` flag: `NAME=DESCRIPTION`.
+fn event_type(text: &str) -> Result<(String, String), String> {
+    let (name, description) = text
+        .split_once('=')
+        .ok_or("write it as NAME=DESCRIPTION, such as invoice.paid=An invoice was paid")?;
+    ferry_relay::dispatch::catalogue::check_name(name.trim())?;
+    Ok((name.trim().to_owned(), description.trim().to_owned()))
 }
 
 /// The longest duration a flag takes: ten years, far below where adding it
@@ -330,6 +372,14 @@ fn config(args: &Args) -> Result<Config, String> {
                 .retention_max_bytes_per_account
                 .unwrap_or(args.retention_max_bytes / 4)
                 .min(args.retention_max_bytes),
+        },
+        dispatch: ferry_relay::dispatch::Settings {
+            timeout: args.dispatch_timeout,
+            concurrency: args.dispatch_concurrency,
+            per_webhook: args.dispatch_per_webhook,
+            schedule: args.retry_schedule.clone(),
+            disable_after: args.disable_after,
+            event_types: args.event_types.clone(),
         },
     })
 }

@@ -738,6 +738,7 @@ mod tests {
             error: None,
             incomplete: false,
             replayed_at: None,
+            dispatch: None,
         }
     }
 

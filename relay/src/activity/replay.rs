@@ -156,6 +156,13 @@ fn destination(
             ))
         });
     }
+    // A delivery attempt to a URL is sent to that URL again, through the
+    // egress guard.
+    if original.kind == Kind::Dispatch && original.tunnel.is_empty() {
+        return Uri::from_str(&original.url)
+            .map(Destination::Url)
+            .map_err(|_| ApiError::bad_request("the delivery's URL cannot be sent to again"));
+    }
     let offline = || {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -228,6 +235,7 @@ pub(crate) async fn replay(
             error: None,
             incomplete: false,
             replayed_at: None,
+            dispatch: None,
         },
     );
     let mut request = Request::new(

@@ -23,6 +23,7 @@ const PRUNE_AFTER_SHARE: u64 = 4;
 pub async fn prune_until(
     log: Arc<dyn ActivityLog>,
     names: Arc<dyn NameRegistry>,
+    webhooks: Arc<dyn crate::store::Webhooks>,
     retention: Retention,
     recorder: Recorder,
     stop: CancellationToken,
@@ -58,6 +59,13 @@ pub async fn prune_until(
         }
         if let Err(err) = names.forget_expired(now).await {
             tracing::warn!(%err, "expired name holds not forgotten");
+        }
+        // Finished deliveries are kept as long as the log keeps their
+        // attempts.
+        let oldest =
+            now.saturating_sub(i64::try_from(retention.max_age.as_micros()).unwrap_or(i64::MAX));
+        if let Err(err) = webhooks.prune_deliveries(oldest).await {
+            tracing::warn!(%err, "finished deliveries not pruned");
         }
     }
 }

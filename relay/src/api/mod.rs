@@ -3,6 +3,7 @@
 //! Errors share one JSON shape, `{"error": {"code", "message"}}`.
 
 pub mod requests;
+pub mod webhooks;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +53,26 @@ pub enum Endpoint {
     /// `POST /api/v1/requests/{id}/replayed`: marks an offline capture as
     /// replayed by the client itself.
     MarkReplayed,
+    /// `GET|POST /api/v1/webhooks`: the caller's webhooks; a new one.
+    Webhooks,
+    /// `GET|PUT|DELETE /api/v1/webhooks/{id}`: one webhook.
+    Webhook,
+    /// `POST /api/v1/webhooks/{id}/rotate-secret`: a new signing secret.
+    RotateSecret,
+    /// `POST /api/v1/webhooks/{id}/test`: the example event, to it alone.
+    TestWebhook,
+    /// `GET /api/v1/webhooks/{id}/deliveries`: its deliveries, newest first.
+    Deliveries,
+    /// `POST /api/v1/webhooks/{id}/recover`: failed deliveries again.
+    Recover,
+    /// `GET /api/v1/deliveries/{id}`: one delivery and its attempts.
+    Delivery,
+    /// `POST /api/v1/deliveries/{id}/resend`: one more attempt.
+    Resend,
+    /// `GET|POST /api/v1/event-types`: the types events may have.
+    EventTypes,
+    /// `POST /api/v1/events`: an event, fanned out to its webhooks.
+    Events,
 }
 
 /// One route: a path pattern, the methods it answers and where it leads.
@@ -131,6 +152,56 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/requests/{id}/replayed",
         methods: &["POST"],
         endpoint: Endpoint::MarkReplayed,
+    },
+    Route {
+        path: "/api/v1/webhooks",
+        methods: &["GET", "POST"],
+        endpoint: Endpoint::Webhooks,
+    },
+    Route {
+        path: "/api/v1/webhooks/{id}",
+        methods: &["GET", "PUT", "DELETE"],
+        endpoint: Endpoint::Webhook,
+    },
+    Route {
+        path: "/api/v1/webhooks/{id}/rotate-secret",
+        methods: &["POST"],
+        endpoint: Endpoint::RotateSecret,
+    },
+    Route {
+        path: "/api/v1/webhooks/{id}/test",
+        methods: &["POST"],
+        endpoint: Endpoint::TestWebhook,
+    },
+    Route {
+        path: "/api/v1/webhooks/{id}/deliveries",
+        methods: &["GET"],
+        endpoint: Endpoint::Deliveries,
+    },
+    Route {
+        path: "/api/v1/webhooks/{id}/recover",
+        methods: &["POST"],
+        endpoint: Endpoint::Recover,
+    },
+    Route {
+        path: "/api/v1/deliveries/{id}",
+        methods: &["GET"],
+        endpoint: Endpoint::Delivery,
+    },
+    Route {
+        path: "/api/v1/deliveries/{id}/resend",
+        methods: &["POST"],
+        endpoint: Endpoint::Resend,
+    },
+    Route {
+        path: "/api/v1/event-types",
+        methods: &["GET", "POST"],
+        endpoint: Endpoint::EventTypes,
+    },
+    Route {
+        path: "/api/v1/events",
+        methods: &["POST"],
+        endpoint: Endpoint::Events,
     },
 ];
 
@@ -294,8 +365,11 @@ async fn route(
             Err(_) => error,
         });
     }
-    if route.methods.contains(&"POST") {
-        same_site_json(&req)?;
+    if req.method() != hyper::Method::GET {
+        same_site(&req)?;
+    }
+    if matches!(*req.method(), hyper::Method::POST | hyper::Method::PUT) {
+        json_body(&req)?;
     }
     let param = |name: &str| found.params.get(name).unwrap_or_default().to_owned();
     let (id, side) = (param("id"), param("side"));
@@ -339,6 +413,13 @@ async fn endpoint(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let (id, side) = (id.to_owned(), side.to_owned());
+    if is_dispatch(route.endpoint) {
+        let owner = state
+            .accounts
+            .authorize(req.headers(), peer)?
+            .map(|account| account.to_string());
+        return dispatch_endpoint(state, route.endpoint, &id, owner.as_deref(), req).await;
+    }
     let owner = || -> Result<Option<String>, ApiError> {
         Ok(state
             .accounts
@@ -409,15 +490,74 @@ async fn endpoint(
                 &serde_json::json!({ "id": entry.id.to_string(), "marked": marked }),
             ))
         }
+        _ => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unrouted",
+            "this route has no handler",
+        )),
+    }
+}
+
+fn is_dispatch(endpoint: Endpoint) -> bool {
+    matches!(
+        endpoint,
+        Endpoint::Webhooks
+            | Endpoint::Webhook
+            | Endpoint::RotateSecret
+            | Endpoint::TestWebhook
+            | Endpoint::Deliveries
+            | Endpoint::Recover
+            | Endpoint::Delivery
+            | Endpoint::Resend
+            | Endpoint::EventTypes
+            | Endpoint::Events
+    )
+}
+
+/// Answers the dispatcher's routes for `owner` (`None` on a relay without
+/// tokens).
+async fn dispatch_endpoint(
+    state: &Arc<State>,
+    endpoint: Endpoint,
+    id: &str,
+    owner: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    use hyper::Method;
+    let dispatcher = &state.dispatcher;
+    let query = req.uri().query().map(str::to_owned);
+    let query = query.as_deref();
+    match (endpoint, req.method().clone()) {
+        (Endpoint::Webhooks, Method::GET) => webhooks::list(dispatcher, owner).await,
+        (Endpoint::Webhooks, _) => {
+            webhooks::create(dispatcher, owner, read_json(req, false).await?).await
+        }
+        (Endpoint::Webhook, Method::GET) => webhooks::get(dispatcher, id, owner).await,
+        (Endpoint::Webhook, Method::PUT) => {
+            webhooks::update(dispatcher, id, owner, read_json(req, false).await?).await
+        }
+        (Endpoint::Webhook, _) => webhooks::delete(dispatcher, id, owner).await,
+        (Endpoint::RotateSecret, _) => webhooks::rotate(dispatcher, id, owner).await,
+        (Endpoint::TestWebhook, _) => {
+            webhooks::test(dispatcher, id, owner, read_json(req, true).await?).await
+        }
+        (Endpoint::Deliveries, _) => webhooks::deliveries(dispatcher, id, owner, query).await,
+        (Endpoint::Recover, _) => webhooks::recover(dispatcher, id, owner, query).await,
+        (Endpoint::Delivery, _) => webhooks::delivery(dispatcher, id, owner).await,
+        (Endpoint::Resend, _) => webhooks::resend(dispatcher, id, owner).await,
+        (Endpoint::EventTypes, Method::GET) => webhooks::list_event_types(dispatcher, owner).await,
+        (Endpoint::EventTypes, _) => {
+            webhooks::add_event_type(dispatcher, owner, read_json(req, false).await?).await
+        }
+        _ => webhooks::send_event(dispatcher, owner, read_json(req, false).await?).await,
     }
 }
 
 /// Refuses a state-changing call a web page elsewhere could make: the API
 /// may listen on loopback without a token, so a browser's cross-site form
-/// post must not reach it. Only JSON bodies (which a cross-site page cannot
-/// send without a CORS preflight the relay never grants) from no origin or
-/// this origin are taken.
-fn same_site_json(req: &Request<Incoming>) -> Result<(), ApiError> {
+/// post must not reach it. Only calls from no origin or this origin are
+/// taken.
+fn same_site(req: &Request<Incoming>) -> Result<(), ApiError> {
     let headers = req.headers();
     let host = headers
         .get(header::HOST)
@@ -445,7 +585,14 @@ fn same_site_json(req: &Request<Incoming>) -> Result<(), ApiError> {
             "cross-site requests may not change anything on this relay",
         ));
     }
-    let json = headers
+    Ok(())
+}
+
+/// Takes only JSON bodies, which a cross-site page cannot send without a
+/// CORS preflight the relay never grants.
+fn json_body(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let json = req
+        .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
@@ -557,7 +704,11 @@ fn metrics(state: &State) -> Response<Body> {
          # HELP ferry_capture_written_total Exchanges stored in the activity log.\n# TYPE ferry_capture_written_total counter\nferry_capture_written_total {}\n\
          # HELP ferry_capture_shed_total Exchanges stored without their bodies because the capture queue was full.\n# TYPE ferry_capture_shed_total counter\nferry_capture_shed_total {}\n\
          # HELP ferry_capture_dropped_total Exchanges lost: the capture queue was full, or the write failed.\n# TYPE ferry_capture_dropped_total counter\nferry_capture_dropped_total {}\n\
-         # HELP ferry_capture_failing Whether the last activity log write failed.\n# TYPE ferry_capture_failing gauge\nferry_capture_failing {}\n",
+         # HELP ferry_capture_failing Whether the last activity log write failed.\n# TYPE ferry_capture_failing gauge\nferry_capture_failing {}\n\
+         # HELP ferry_dispatch_attempts_total Webhook delivery attempts made.\n# TYPE ferry_dispatch_attempts_total counter\nferry_dispatch_attempts_total {}\n\
+         # HELP ferry_dispatch_succeeded_total Webhook deliveries that succeeded.\n# TYPE ferry_dispatch_succeeded_total counter\nferry_dispatch_succeeded_total {}\n\
+         # HELP ferry_dispatch_failed_total Webhook deliveries that failed for good.\n# TYPE ferry_dispatch_failed_total counter\nferry_dispatch_failed_total {}\n\
+         # HELP ferry_dispatch_store_errors_total Delivery queue reads or writes that failed.\n# TYPE ferry_dispatch_store_errors_total counter\nferry_dispatch_store_errors_total {}\n",
         state.tunnels.len(),
         m.sessions.load(Ordering::Relaxed),
         m.requests.load(Ordering::Relaxed),
@@ -567,6 +718,10 @@ fn metrics(state: &State) -> Response<Body> {
         state.recorder.stats().shed.load(Ordering::Relaxed),
         state.recorder.stats().dropped.load(Ordering::Relaxed),
         u8::from(state.recorder.health().borrow().is_some()),
+        state.dispatcher.stats().attempts.load(Ordering::Relaxed),
+        state.dispatcher.stats().succeeded.load(Ordering::Relaxed),
+        state.dispatcher.stats().failed.load(Ordering::Relaxed),
+        state.dispatcher.stats().store_errors.load(Ordering::Relaxed),
     );
     let mut response = Response::new(full(body));
     response.headers_mut().insert(

@@ -109,7 +109,7 @@ pub fn parse_query(query: Option<&str>, owner: Option<String>) -> Result<ListQue
 }
 
 /// `since`/`until`: an RFC 3339 time, or a duration meaning that long ago.
-fn time_filter(key: &str, value: &str) -> Result<Micros, ApiError> {
+pub(crate) fn time_filter(key: &str, value: &str) -> Result<Micros, ApiError> {
     if let Ok(at) = humantime::parse_rfc3339_weak(value) {
         return Ok(micros_of(at));
     }
@@ -186,6 +186,15 @@ pub fn item(entry: &Exchange) -> RequestItem {
         response_size: entry.response.as_ref().map_or(0, |r| r.body.size),
         outcome: entry.outcome.as_str().to_owned(),
         replay_of: entry.replay_of.map(|id| id.to_string()),
+        dispatch: entry
+            .dispatch
+            .as_ref()
+            .map(|d| ferry_common::api::DispatchInfo {
+                webhook_id: d.webhook.clone(),
+                event_id: d.event.clone(),
+                delivery_id: d.delivery.clone(),
+                attempt: d.attempt,
+            }),
     }
 }
 

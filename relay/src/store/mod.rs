@@ -3,8 +3,10 @@
 //!
 //! - [`ActivityLog`]: every captured exchange, searchable and pruned.
 //! - [`NameRegistry`]: tunnel names, their owners and holds.
+//! - [`Webhooks`]: the dispatcher's webhooks, event types, events and its
+//!   durable delivery queue.
 //!
-//! [`sqlite::Sqlite`] implements both. Everything is keyed on the owner's
+//! [`sqlite::Sqlite`] implements them all. Everything is keyed on the owner's
 //! account key ([`OwnerKey`]), never on a token.
 
 pub mod sqlite;
@@ -39,6 +41,8 @@ pub enum Kind {
     Tunnel,
     /// A captured request sent again.
     Replay,
+    /// One attempt of a webhook delivery.
+    Dispatch,
 }
 
 impl Kind {
@@ -47,6 +51,7 @@ impl Kind {
         match self {
             Kind::Tunnel => "tunnel",
             Kind::Replay => "replay",
+            Kind::Dispatch => "dispatch",
         }
     }
 }
@@ -58,7 +63,10 @@ impl FromStr for Kind {
         match text {
             "tunnel" => Ok(Kind::Tunnel),
             "replay" => Ok(Kind::Replay),
-            _ => Err(format!("`{text}` is not a kind: use tunnel or replay")),
+            "dispatch" => Ok(Kind::Dispatch),
+            _ => Err(format!(
+                "`{text}` is not a kind: use tunnel, replay or dispatch"
+            )),
         }
     }
 }
@@ -205,6 +213,21 @@ pub struct Exchange {
     pub incomplete: bool,
     /// When this entry was replayed by `ferry replay --missed`.
     pub replayed_at: Option<Micros>,
+    /// For a [`Kind::Dispatch`] entry: which delivery attempt it was.
+    pub dispatch: Option<DispatchRef>,
+}
+
+/// What a [`Kind::Dispatch`] entry was an attempt of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchRef {
+    /// The webhook (`wh_…`).
+    pub webhook: String,
+    /// The event's id.
+    pub event: String,
+    /// The delivery (`msg_…`, the `webhook-id` header).
+    pub delivery: String,
+    /// The attempt's number, from 1.
+    pub attempt: u32,
 }
 
 impl Exchange {
@@ -446,4 +469,310 @@ pub trait NameRegistry: Send + Sync {
 
     /// Forgets names whose hold ended before `now`; returns how many.
     async fn forget_expired(&self, now: Micros) -> Result<u64, StoreError>;
+}
+
+/// A webhook as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    /// `wh_…`.
+    pub id: String,
+    /// Who owns it.
+    pub owner: OwnerKey,
+    /// The owner's name for it.
+    pub name: String,
+    /// The method deliveries use.
+    pub method: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// The event types it listens to, wildcards included.
+    pub actions: Vec<String>,
+    /// Headers added to every delivery, in order.
+    pub headers: Vec<(String, String)>,
+    /// Whether events queue deliveries for it.
+    pub enabled: bool,
+    /// One delivery in flight at a time, in event order.
+    pub ordered: bool,
+    /// The signing secret (`whsec_…`).
+    pub secret: String,
+    /// The secret before the last rotation, and until when it still signs.
+    pub previous_secret: Option<(String, Micros)>,
+    /// Why the dispatcher disabled it.
+    pub disabled_reason: Option<String>,
+    /// Since when its attempts have only failed.
+    pub failing_since: Option<Micros>,
+    /// When it was created.
+    pub created_at: Micros,
+    /// When it was last changed.
+    pub updated_at: Micros,
+}
+
+/// Whether `actions` (names, `*`, or `group.*`) take events of type `kind`.
+pub fn listens_to(actions: &[String], kind: &str) -> bool {
+    actions.iter().any(|action| {
+        action == "*"
+            || action == kind
+            || action.strip_suffix(".*").is_some_and(|group| {
+                kind.strip_prefix(group)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            })
+    })
+}
+
+/// An event type added by the operator or an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTypeRecord {
+    /// Who added it; empty for the whole relay.
+    pub owner: OwnerKey,
+    /// `invoice.paid`.
+    pub name: String,
+    /// What it means.
+    pub description: String,
+    /// An example payload, JSON.
+    pub example: String,
+}
+
+/// An event to fan out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Who sent it.
+    pub owner: OwnerKey,
+    /// Its id: the sender's, or one the relay made.
+    pub id: String,
+    /// Its type.
+    pub kind: String,
+    /// The body every delivery carries, exactly.
+    pub payload: Bytes,
+    /// When it was accepted.
+    pub at: Micros,
+    /// Only this webhook, whatever it listens to (a test event); `None`
+    /// queues one delivery per enabled webhook of the owner that listens.
+    pub only: Option<String>,
+    /// Attempts each delivery gets.
+    pub max_attempts: u32,
+}
+
+/// What [`Webhooks::enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Deliveries stored, ready to go.
+    Queued(usize),
+    /// The owner sent this event id within the last day: nothing queued.
+    Duplicate,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for its next attempt, or in flight.
+    Pending,
+    /// An attempt got a 2xx.
+    Succeeded,
+    /// Out of attempts, or given up.
+    Failed,
+}
+
+impl DeliveryState {
+    /// The name the API and the database use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Succeeded => "succeeded",
+            DeliveryState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for DeliveryState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "pending" => Ok(DeliveryState::Pending),
+            "succeeded" => Ok(DeliveryState::Succeeded),
+            "failed" => Ok(DeliveryState::Failed),
+            _ => Err(format!(
+                "`{text}` is not a delivery state: use pending, succeeded or failed"
+            )),
+        }
+    }
+}
+
+/// One delivery: an event for one webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    /// `msg_…`, sent as `webhook-id` on every attempt.
+    pub id: String,
+    /// The queue order: later events have larger numbers.
+    pub seq: i64,
+    /// The webhook.
+    pub webhook: String,
+    /// The webhook's owner.
+    pub owner: OwnerKey,
+    /// The event's id.
+    pub event: String,
+    /// The event's type.
+    pub kind: String,
+    /// The exact body.
+    pub payload: Bytes,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Attempts it may make in all.
+    pub max_attempts: u32,
+    /// When the next attempt is due.
+    pub next_at: Micros,
+    /// The last response status.
+    pub last_status: Option<u16>,
+    /// The last error, or why it failed.
+    pub last_error: Option<String>,
+    /// When it was queued.
+    pub created_at: Micros,
+}
+
+/// One attempt, as the queue keeps it (the exact exchange is in the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// Its number, from 1.
+    pub number: u32,
+    /// When it started.
+    pub at: Micros,
+    /// The response status, if one came.
+    pub status: Option<u16>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Its activity log entry.
+    pub exchange: ExchangeId,
+}
+
+/// A delivery claimed for an attempt, with its webhook as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The delivery.
+    pub delivery: DeliveryRecord,
+    /// Its webhook.
+    pub webhook: WebhookRecord,
+}
+
+/// What comes after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Delivered.
+    Succeeded,
+    /// Try again at this time.
+    RetryAt(Micros),
+    /// No more attempts.
+    Failed,
+    /// Disable the webhook (410 Gone); the delivery fails.
+    DisableWebhook(String),
+}
+
+/// An attempt's result, stored in one transaction with what follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// The delivery.
+    pub delivery: String,
+    /// The attempt.
+    pub attempt: AttemptRecord,
+    /// What comes next.
+    pub next: Next,
+    /// A webhook failing for this long (with this attempt failed) is
+    /// disabled.
+    pub disable_after: Micros,
+}
+
+/// The dispatcher's durable state: webhooks, event types, event ids seen,
+/// and the delivery queue. Every call is one transaction, so a delivery
+/// is never lost between queueing and its last attempt, whenever the
+/// process dies.
+#[async_trait]
+pub trait Webhooks: Send + Sync {
+    /// Stores a new webhook, or replaces the one with its id.
+    async fn save_webhook(&self, webhook: WebhookRecord) -> Result<(), StoreError>;
+
+    /// One webhook, if it exists and `owner` (when given) owns it.
+    async fn webhook(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<WebhookRecord>, StoreError>;
+
+    /// The webhooks `owner` owns (every one when `None`), oldest first,
+    /// each with the state of its latest delivery.
+    async fn webhooks(
+        &self,
+        owner: Option<&str>,
+    ) -> Result<Vec<(WebhookRecord, Option<DeliveryState>)>, StoreError>;
+
+    /// Deletes a webhook and its queue; false if there was none of
+    /// `owner`'s.
+    async fn delete_webhook(&self, id: &str, owner: Option<&str>) -> Result<bool, StoreError>;
+
+    /// Adds (or redescribes) an event type.
+    async fn save_event_type(&self, event_type: EventTypeRecord) -> Result<(), StoreError>;
+
+    /// The event types added for `owner` and for the whole relay.
+    async fn event_types(&self, owner: Option<&str>) -> Result<Vec<EventTypeRecord>, StoreError>;
+
+    /// Records the event and queues its deliveries, all or nothing. An
+    /// event id the owner sent at most `dedup` ago queues nothing.
+    async fn enqueue(&self, event: NewEvent, dedup: Micros) -> Result<Enqueued, StoreError>;
+
+    /// Takes up to `limit` due deliveries (oldest event first) for an
+    /// attempt, leased until `lease_until`: an ordered webhook's only when
+    /// it is the oldest pending one, none of the webhooks in `skip`.
+    async fn claim(
+        &self,
+        now: Micros,
+        limit: usize,
+        lease_until: Micros,
+        skip: Vec<String>,
+    ) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Gives claimed deliveries back without an attempt, due at `due`
+    /// (unchanged when `None`).
+    async fn release(&self, ids: Vec<String>, due: Option<Micros>) -> Result<(), StoreError>;
+
+    /// Gives back every lease: at start, nothing is in flight.
+    async fn release_all(&self) -> Result<u64, StoreError>;
+
+    /// When the next delivery [`Webhooks::claim`] could take at `now` (or
+    /// later) is due.
+    async fn next_due(&self, now: Micros, skip: Vec<String>) -> Result<Option<Micros>, StoreError>;
+
+    /// Stores attempts' results and what follows each.
+    async fn finish(&self, results: Vec<Finished>) -> Result<(), StoreError>;
+
+    /// Fails every pending delivery of `webhook` with `reason`.
+    async fn fail_pending(&self, webhook: &str, reason: &str) -> Result<u64, StoreError>;
+
+    /// A webhook's deliveries, newest first, after `before` (a `seq`).
+    async fn deliveries(
+        &self,
+        webhook: &str,
+        state: Option<DeliveryState>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError>;
+
+    /// One delivery and its attempts, if `owner` (when given) owns it.
+    async fn delivery(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError>;
+
+    /// Queues a delivery again for one attempt at `now`; false if there
+    /// is none of `owner`'s or it is pending already.
+    async fn resend(&self, id: &str, owner: Option<&str>, now: Micros) -> Result<bool, StoreError>;
+
+    /// Queues every failed delivery of `webhook` queued since `since`
+    /// again, one attempt each; returns how many.
+    async fn recover(&self, webhook: &str, since: Micros, now: Micros) -> Result<u64, StoreError>;
+
+    /// Forgets finished deliveries, and events without deliveries, queued
+    /// before `before`.
+    async fn prune_deliveries(&self, before: Micros) -> Result<u64, StoreError>;
 }

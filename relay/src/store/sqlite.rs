@@ -4,7 +4,9 @@
 //!
 //! Tables: `exchanges` (one row per log entry; `seq` is the commit order),
 //! `exchange_search` (FTS5 with the trigram tokenizer over each entry's
-//! path, header values and text bodies) and `names` (the name registry).
+//! path, header values and text bodies), `names` (the name registry), and
+//! the dispatcher's `webhooks`, `event_types`, `events`, `deliveries` (the
+//! durable queue) and `delivery_attempts`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,10 +17,12 @@ use bytes::Bytes;
 use ferry_common::ids::ExchangeId;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row};
 
+mod dispatch;
+
 use super::{
-    ActivityLog, CapturedBody, CapturedResponse, Exchange, Filter, Header, Logged, Micros,
-    NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError, SEARCH_BODY_PREFIX,
-    TOO_SLOW,
+    ActivityLog, CapturedBody, CapturedResponse, DispatchRef, Exchange, Filter, Header, Logged,
+    Micros, NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError,
+    SEARCH_BODY_PREFIX, TOO_SLOW,
 };
 
 /// The schema, one migration per version, applied in order. Never edit a
@@ -68,6 +72,78 @@ const MIGRATIONS: &[&str] = &[
         hold_until INTEGER,
         target TEXT
      );",
+    // 2: the dispatcher: webhooks, event types, events, the delivery queue
+    // and its attempts; log entries that are delivery attempts.
+    "ALTER TABLE exchanges ADD COLUMN dispatch_webhook TEXT;
+     ALTER TABLE exchanges ADD COLUMN dispatch_event TEXT;
+     ALTER TABLE exchanges ADD COLUMN dispatch_delivery TEXT;
+     ALTER TABLE exchanges ADD COLUMN dispatch_attempt INTEGER;
+     CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        method TEXT NOT NULL,
+        url TEXT NOT NULL,
+        actions TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        ordered INTEGER NOT NULL,
+        secret TEXT NOT NULL,
+        previous_secret TEXT,
+        previous_until INTEGER,
+        disabled_reason TEXT,
+        failing_since INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+     );
+     CREATE INDEX webhooks_by_owner ON webhooks (owner, created_at);
+     CREATE TABLE event_types (
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        example TEXT NOT NULL,
+        PRIMARY KEY (owner, name)
+     );
+     CREATE TABLE events (
+        key INTEGER PRIMARY KEY,
+        owner TEXT NOT NULL,
+        id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE INDEX events_by_id ON events (owner, id, created_at);
+     CREATE INDEX events_by_age ON events (created_at);
+     CREATE TABLE deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        webhook_id TEXT NOT NULL,
+        event INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        next_at INTEGER NOT NULL,
+        leased_until INTEGER,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at INTEGER NOT NULL
+     );
+     CREATE INDEX deliveries_pending ON deliveries (seq) WHERE state = 'pending';
+     CREATE INDEX deliveries_pending_by_webhook ON deliveries (webhook_id, seq)
+        WHERE state = 'pending';
+     CREATE INDEX deliveries_by_webhook ON deliveries (webhook_id, seq);
+     CREATE INDEX deliveries_by_event ON deliveries (event);
+     CREATE INDEX deliveries_by_age ON deliveries (created_at);
+     CREATE TABLE delivery_attempts (
+        delivery INTEGER NOT NULL,
+        number INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        status INTEGER,
+        error TEXT,
+        duration_ms INTEGER NOT NULL,
+        exchange_id TEXT NOT NULL,
+        PRIMARY KEY (delivery, number)
+     );",
 ];
 
 /// Reader connections: reads run beside the writer in WAL mode.
@@ -87,12 +163,14 @@ const PRUNE_CHUNK: i64 = 2000;
 const COLUMNS: &str = "seq, id, tunnel, owner, kind, replay_of, received_at, method, url, \
      http_version, remote_addr, request_headers, request_body, request_size, request_truncated, \
      status, response_headers, response_body, response_size, response_truncated, responded_at, \
-     done_at, outcome, error, incomplete, replayed_at";
+     done_at, outcome, error, incomplete, replayed_at, dispatch_webhook, dispatch_event, \
+     dispatch_delivery, dispatch_attempt";
 /// [`COLUMNS`] with empty bodies, for lists.
 const COLUMNS_WITHOUT_BODIES: &str = "seq, id, tunnel, owner, kind, replay_of, received_at, \
      method, url, http_version, remote_addr, request_headers, x'', request_size, \
      request_truncated, status, response_headers, x'', response_size, response_truncated, \
-     responded_at, done_at, outcome, error, incomplete, replayed_at";
+     responded_at, done_at, outcome, error, incomplete, replayed_at, dispatch_webhook, \
+     dispatch_event, dispatch_delivery, dispatch_attempt";
 
 /// The SQLite store.
 pub struct Sqlite {
@@ -542,14 +620,15 @@ fn insert(tx: &rusqlite::Transaction<'_>, entry: &Exchange) -> Result<(), StoreE
             .execute([seq])?;
     }
     let response = entry.response.as_ref();
+    let dispatch = entry.dispatch.as_ref();
     tx.prepare_cached(
         "INSERT INTO exchanges (id, tunnel, owner, kind, replay_of, received_at, method, url,
             http_version, remote_addr, request_headers, request_body, request_size,
             request_truncated, status, response_headers, response_body, response_size,
             response_truncated, responded_at, done_at, outcome, error, incomplete, replayed_at,
-            stored_size)
+            stored_size, dispatch_webhook, dispatch_event, dispatch_delivery, dispatch_attempt)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
+            ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)",
     )?
     .execute(params![
         id,
@@ -578,6 +657,10 @@ fn insert(tx: &rusqlite::Transaction<'_>, entry: &Exchange) -> Result<(), StoreE
         entry.incomplete,
         entry.replayed_at,
         i64::try_from(entry.stored_size()).unwrap_or(i64::MAX),
+        dispatch.map(|d| &d.webhook),
+        dispatch.map(|d| &d.event),
+        dispatch.map(|d| &d.delivery),
+        dispatch.map(|d| d.attempt),
     ])?;
     Ok(())
 }
@@ -630,6 +713,15 @@ fn entry_of(row: &Row<'_>) -> Result<Logged, StoreError> {
             error: row.get(23)?,
             incomplete: row.get(24)?,
             replayed_at: row.get(25)?,
+            dispatch: match row.get::<_, Option<String>>(26)? {
+                Some(webhook) => Some(DispatchRef {
+                    webhook,
+                    event: row.get::<_, Option<String>>(27)?.unwrap_or_default(),
+                    delivery: row.get::<_, Option<String>>(28)?.unwrap_or_default(),
+                    attempt: row.get::<_, Option<u32>>(29)?.unwrap_or(0),
+                }),
+                None => None,
+            },
         },
     })
 }
@@ -1064,6 +1156,7 @@ mod tests {
             error: None,
             incomplete: false,
             replayed_at: None,
+            dispatch: None,
         }
     }
 

@@ -306,6 +306,7 @@ async fn a_search_costs_the_searcher_not_the_whole_log() {
                     error: None,
                     incomplete: false,
                     replayed_at: None,
+                    dispatch: None,
                 })
                 .collect();
             within("append", store.append(batch)).await.expect("append");
@@ -539,6 +540,7 @@ async fn retention_counts_what_the_search_index_holds() {
                 error: None,
                 incomplete: false,
                 replayed_at: None,
+                dispatch: None,
             })
             .collect();
         store.append(batch).await.expect("append");
@@ -647,6 +649,7 @@ async fn curl_export_keeps_a_header_whose_name_starts_with_a_dash() {
         error: None,
         incomplete: false,
         replayed_at: None,
+        dispatch: None,
     };
     let command = ferry_relay::activity::export::curl(&exchange, None).expect("a command");
     let script =
@@ -820,6 +823,7 @@ async fn a_search_finds_non_ascii_text_as_written() {
             error: None,
             incomplete: false,
             replayed_at: None,
+            dispatch: None,
         }])
         .await
         .expect("append");

@@ -85,6 +85,7 @@ fn captured(method: &str, target: &str, headers: Vec<Header>, body: &[u8]) -> Ex
         error: None,
         incomplete: false,
         replayed_at: None,
+        dispatch: None,
     }
 }
 

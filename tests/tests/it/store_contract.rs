@@ -45,6 +45,7 @@ fn entry(owner: &str, tunnel: &str, received_at: Micros) -> Exchange {
         error: None,
         incomplete: false,
         replayed_at: None,
+        dispatch: None,
     }
 }
 

@@ -1,0 +1,621 @@
+//! The dispatcher's tables on SQLite. The queue is `deliveries`: a row is
+//! written in the transaction that accepts its event and changed only in
+//! transactions that store an attempt, so a kill at any moment leaves each
+//! delivery either pending (and attempted again after the restart, under
+//! the same id) or finished.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{immediate, Sqlite};
+use crate::store::{
+    listens_to, AttemptRecord, Claimed, DeliveryRecord, DeliveryState, Enqueued, EventTypeRecord,
+    Finished, Micros, NewEvent, Next, StoreError, WebhookRecord, Webhooks,
+};
+
+/// The columns a webhook is read from, in [`webhook_of`]'s order.
+const WEBHOOK_COLUMNS: &str = "w.id, w.owner, w.name, w.method, w.url, w.actions, w.headers, \
+     w.enabled, w.ordered, w.secret, w.previous_secret, w.previous_until, w.disabled_reason, \
+     w.failing_since, w.created_at, w.updated_at";
+
+/// Which pending deliveries may be claimed (`?1` is now, `?2` the
+/// webhooks to skip as a JSON list): unleased (or leased by an attempt
+/// that died), and for an ordered webhook only its oldest.
+const CLAIMABLE: &str = "d.state = 'pending' AND (d.leased_until IS NULL OR d.leased_until < ?1)
+     AND d.webhook_id NOT IN (SELECT value FROM json_each(?2))
+     AND (w.ordered = 0 OR d.seq = (SELECT MIN(p.seq) FROM deliveries p
+          WHERE p.webhook_id = d.webhook_id AND p.state = 'pending'))";
+
+/// The columns a delivery is read from, in [`delivery_of`]'s order.
+const DELIVERY_COLUMNS: &str = "d.id, d.seq, d.webhook_id, e.owner, e.id, e.type, e.payload, \
+     d.state, d.attempts, d.max_attempts, d.next_at, d.last_status, d.last_error, d.created_at";
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError(format!("a stored {what} is corrupt"))
+}
+
+fn webhook_of(row: &Row<'_>, at: usize) -> Result<WebhookRecord, StoreError> {
+    let actions: String = row.get(at + 5)?;
+    let headers: String = row.get(at + 6)?;
+    let previous: Option<String> = row.get(at + 10)?;
+    let previous_until: Option<Micros> = row.get(at + 11)?;
+    Ok(WebhookRecord {
+        id: row.get(at)?,
+        owner: row.get(at + 1)?,
+        name: row.get(at + 2)?,
+        method: row.get(at + 3)?,
+        url: row.get(at + 4)?,
+        actions: serde_json::from_str(&actions).map_err(|_| corrupt("action list"))?,
+        headers: serde_json::from_str(&headers).map_err(|_| corrupt("header list"))?,
+        enabled: row.get(at + 7)?,
+        ordered: row.get(at + 8)?,
+        secret: row.get(at + 9)?,
+        previous_secret: previous.zip(previous_until),
+        disabled_reason: row.get(at + 12)?,
+        failing_since: row.get(at + 13)?,
+        created_at: row.get(at + 14)?,
+        updated_at: row.get(at + 15)?,
+    })
+}
+
+fn delivery_of(row: &Row<'_>) -> Result<DeliveryRecord, StoreError> {
+    let state: String = row.get(7)?;
+    Ok(DeliveryRecord {
+        id: row.get(0)?,
+        seq: row.get(1)?,
+        webhook: row.get(2)?,
+        owner: row.get(3)?,
+        event: row.get(4)?,
+        kind: row.get(5)?,
+        payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
+        state: state.parse().map_err(StoreError)?,
+        attempts: row.get(8)?,
+        max_attempts: row.get(9)?,
+        next_at: row.get(10)?,
+        last_status: row.get(11)?,
+        last_error: row.get(12)?,
+        created_at: row.get(13)?,
+    })
+}
+
+fn attempts_of(conn: &Connection, delivery: i64) -> Result<Vec<AttemptRecord>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT number, at, status, error, duration_ms, exchange_id FROM delivery_attempts
+         WHERE delivery = ?1 ORDER BY number",
+    )?;
+    let mut rows = statement.query([delivery])?;
+    let mut attempts = Vec::new();
+    while let Some(row) = rows.next()? {
+        let exchange: String = row.get(5)?;
+        attempts.push(AttemptRecord {
+            number: row.get(0)?,
+            at: row.get(1)?,
+            status: row.get(2)?,
+            error: row.get(3)?,
+            duration_ms: row.get::<_, i64>(4)?.try_into().unwrap_or(0),
+            exchange: exchange.parse().map_err(|_| corrupt("exchange id"))?,
+        });
+    }
+    Ok(attempts)
+}
+
+fn json_list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Fails `webhook`'s pending deliveries with `reason`.
+fn fail_all(conn: &Connection, webhook: &str, reason: &str) -> Result<u64, StoreError> {
+    let failed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'failed', leased_until = NULL, last_error = ?2
+             WHERE webhook_id = ?1 AND state = 'pending'",
+        )?
+        .execute(params![webhook, reason])?;
+    Ok(u64::try_from(failed).unwrap_or(0))
+}
+
+fn disable(conn: &Connection, webhook: &str, reason: &str, now: Micros) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE webhooks SET enabled = 0, disabled_reason = ?2, updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![webhook, reason, now])?;
+    fail_all(
+        conn,
+        webhook,
+        &format!("not sent: the webhook was disabled ({reason})"),
+    )?;
+    Ok(())
+}
+
+/// Stores one attempt and what follows it.
+fn finish_one(conn: &Connection, done: &Finished) -> Result<(), StoreError> {
+    let found: Option<(i64, String)> = conn
+        .prepare_cached("SELECT seq, webhook_id FROM deliveries WHERE id = ?1")?
+        .query_row([&done.delivery], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    // The webhook was deleted while the attempt ran.
+    let Some((seq, webhook)) = found else {
+        return Ok(());
+    };
+    let attempt = &done.attempt;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO delivery_attempts
+            (delivery, number, at, status, error, duration_ms, exchange_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        seq,
+        attempt.number,
+        attempt.at,
+        attempt.status,
+        attempt.error,
+        i64::try_from(attempt.duration_ms).unwrap_or(i64::MAX),
+        attempt.exchange.to_string(),
+    ])?;
+    let (state, next_at) = match &done.next {
+        Next::Succeeded => (DeliveryState::Succeeded, None),
+        Next::RetryAt(at) => (DeliveryState::Pending, Some(*at)),
+        Next::Failed | Next::DisableWebhook(_) => (DeliveryState::Failed, None),
+    };
+    conn.prepare_cached(
+        "UPDATE deliveries SET state = ?2, attempts = MAX(attempts, ?3), leased_until = NULL,
+            next_at = COALESCE(?4, next_at), last_status = ?5, last_error = ?6
+         WHERE seq = ?1",
+    )?
+    .execute(params![
+        seq,
+        state.as_str(),
+        attempt.number,
+        next_at,
+        attempt.status,
+        attempt.error,
+    ])?;
+    match &done.next {
+        Next::Succeeded => {
+            conn.prepare_cached("UPDATE webhooks SET failing_since = NULL WHERE id = ?1")?
+                .execute([&webhook])?;
+        }
+        Next::DisableWebhook(reason) => disable(conn, &webhook, reason, attempt.at)?,
+        Next::RetryAt(_) | Next::Failed => {
+            conn.prepare_cached(
+                "UPDATE webhooks SET failing_since = COALESCE(failing_since, ?2) WHERE id = ?1",
+            )?
+            .execute(params![webhook, attempt.at])?;
+            let since: Option<Micros> = conn
+                .prepare_cached("SELECT failing_since FROM webhooks WHERE id = ?1 AND enabled = 1")?
+                .query_row([&webhook], |r| r.get(0))
+                .optional()?
+                .flatten();
+            if let Some(since) = since {
+                if attempt.at - since >= done.disable_after {
+                    let days = done.disable_after as f64 / 86_400_000_000.0;
+                    disable(
+                        conn,
+                        &webhook,
+                        &format!("its deliveries failed for {days:.1} days without a success"),
+                        attempt.at,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Webhooks for Sqlite {
+    async fn save_webhook(&self, webhook: WebhookRecord) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let (previous, previous_until) = webhook.previous_secret.clone().unzip();
+            let headers = serde_json::to_string(&webhook.headers)
+                .map_err(|err| StoreError(err.to_string()))?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO webhooks (id, owner, name, method, url, actions, headers,
+                    enabled, ordered, secret, previous_secret, previous_until, disabled_reason,
+                    failing_since, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )?
+            .execute(params![
+                webhook.id,
+                webhook.owner,
+                webhook.name,
+                webhook.method,
+                webhook.url,
+                json_list(&webhook.actions),
+                headers,
+                webhook.enabled,
+                webhook.ordered,
+                webhook.secret,
+                previous,
+                previous_until,
+                webhook.disabled_reason,
+                webhook.failing_since,
+                webhook.created_at,
+                webhook.updated_at,
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn webhook(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<WebhookRecord>, StoreError> {
+        let (id, owner) = (id.to_owned(), owner.map(str::to_owned));
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {WEBHOOK_COLUMNS} FROM webhooks w WHERE w.id = ?1 AND (?2 IS NULL OR w.owner = ?2)"
+            ))?;
+            let mut rows = statement.query(params![id, owner])?;
+            rows.next()?.map(|row| webhook_of(row, 0)).transpose()
+        })
+        .await
+    }
+
+    async fn webhooks(
+        &self,
+        owner: Option<&str>,
+    ) -> Result<Vec<(WebhookRecord, Option<DeliveryState>)>, StoreError> {
+        let owner = owner.map(str::to_owned);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {WEBHOOK_COLUMNS},
+                    (SELECT state FROM deliveries d WHERE d.webhook_id = w.id ORDER BY seq DESC LIMIT 1)
+                 FROM webhooks w WHERE ?1 IS NULL OR w.owner = ?1 ORDER BY w.created_at, w.id"
+            ))?;
+            let mut rows = statement.query([owner])?;
+            let mut found = Vec::new();
+            while let Some(row) = rows.next()? {
+                let last: Option<String> = row.get(16)?;
+                found.push((
+                    webhook_of(row, 0)?,
+                    last.map(|s| s.parse()).transpose().map_err(StoreError)?,
+                ));
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn delete_webhook(&self, id: &str, owner: Option<&str>) -> Result<bool, StoreError> {
+        let (id, owner) = (id.to_owned(), owner.map(str::to_owned));
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let deleted = tx
+                .prepare_cached(
+                    "DELETE FROM webhooks WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+                )?
+                .execute(params![id, owner])?;
+            if deleted > 0 {
+                tx.prepare_cached(
+                    "DELETE FROM delivery_attempts WHERE delivery IN
+                        (SELECT seq FROM deliveries WHERE webhook_id = ?1)",
+                )?
+                .execute([&id])?;
+                tx.prepare_cached("DELETE FROM deliveries WHERE webhook_id = ?1")?
+                    .execute([&id])?;
+            }
+            tx.commit()?;
+            Ok(deleted > 0)
+        })
+        .await
+    }
+
+    async fn save_event_type(&self, event_type: EventTypeRecord) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO event_types (owner, name, description, example)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                event_type.owner,
+                event_type.name,
+                event_type.description,
+                event_type.example
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn event_types(&self, owner: Option<&str>) -> Result<Vec<EventTypeRecord>, StoreError> {
+        let owner = owner.map(str::to_owned);
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT owner, name, description, example FROM event_types
+                 WHERE ?1 IS NULL OR owner = ?1 OR owner = '' ORDER BY name, owner",
+            )?;
+            let found = statement
+                .query_map([owner], |r| {
+                    Ok(EventTypeRecord {
+                        owner: r.get(0)?,
+                        name: r.get(1)?,
+                        description: r.get(2)?,
+                        example: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn enqueue(&self, event: NewEvent, dedup: Micros) -> Result<Enqueued, StoreError> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let seen: bool = tx
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM events WHERE owner = ?1 AND id = ?2 AND created_at >= ?3)",
+                )?
+                .query_row(params![event.owner, event.id, event.at - dedup], |r| {
+                    r.get(0)
+                })?;
+            if seen {
+                return Ok(Enqueued::Duplicate);
+            }
+            tx.prepare_cached(
+                "INSERT INTO events (owner, id, type, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                event.owner,
+                event.id,
+                event.kind,
+                &event.payload[..],
+                event.at
+            ])?;
+            let key = tx.last_insert_rowid();
+            let targets: Vec<String> = {
+                let mut statement = tx.prepare_cached(&format!(
+                    "SELECT {WEBHOOK_COLUMNS} FROM webhooks w
+                     WHERE w.owner = ?1 AND (?2 IS NULL OR w.id = ?2) ORDER BY w.created_at, w.id"
+                ))?;
+                let mut rows = statement.query(params![event.owner, event.only])?;
+                let mut targets = Vec::new();
+                while let Some(row) = rows.next()? {
+                    let webhook = webhook_of(row, 0)?;
+                    let wanted = event.only.is_some()
+                        || (webhook.enabled && listens_to(&webhook.actions, &event.kind));
+                    if wanted {
+                        targets.push(webhook.id);
+                    }
+                }
+                targets
+            };
+            for webhook in &targets {
+                tx.prepare_cached(
+                    "INSERT INTO deliveries (id, webhook_id, event, state, attempts, max_attempts,
+                        next_at, created_at)
+                     VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?5)",
+                )?
+                .execute(params![
+                    delivery_id(),
+                    webhook,
+                    key,
+                    event.max_attempts,
+                    event.at
+                ])?;
+            }
+            tx.commit()?;
+            Ok(Enqueued::Queued(targets.len()))
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        now: Micros,
+        limit: usize,
+        lease_until: Micros,
+        skip: Vec<String>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let skip = json_list(&skip);
+            let seqs: Vec<i64> = tx
+                .prepare_cached(&format!(
+                    "SELECT d.seq FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                     WHERE {CLAIMABLE} AND d.next_at <= ?1 ORDER BY d.seq LIMIT ?3"
+                ))?
+                .query_map(
+                    params![now, skip, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |r| r.get(0),
+                )?
+                .collect::<Result<_, _>>()?;
+            let mut claimed = Vec::with_capacity(seqs.len());
+            for seq in seqs {
+                tx.prepare_cached("UPDATE deliveries SET leased_until = ?2 WHERE seq = ?1")?
+                    .execute(params![seq, lease_until])?;
+                let mut statement = tx.prepare_cached(&format!(
+                    "SELECT {DELIVERY_COLUMNS}, {WEBHOOK_COLUMNS} FROM deliveries d
+                     JOIN events e ON e.key = d.event JOIN webhooks w ON w.id = d.webhook_id
+                     WHERE d.seq = ?1"
+                ))?;
+                let mut rows = statement.query([seq])?;
+                if let Some(row) = rows.next()? {
+                    claimed.push(Claimed {
+                        delivery: delivery_of(row)?,
+                        webhook: webhook_of(row, 14)?,
+                    });
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn release(&self, ids: Vec<String>, due: Option<Micros>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            for id in &ids {
+                tx.prepare_cached(
+                    "UPDATE deliveries SET leased_until = NULL, next_at = COALESCE(?2, next_at)
+                     WHERE id = ?1",
+                )?
+                .execute(params![id, due])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_all(&self) -> Result<u64, StoreError> {
+        self.write(|conn| {
+            let released = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET leased_until = NULL WHERE leased_until IS NOT NULL",
+                )?
+                .execute([])?;
+            Ok(u64::try_from(released).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn next_due(&self, now: Micros, skip: Vec<String>) -> Result<Option<Micros>, StoreError> {
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(&format!(
+                    "SELECT MIN(d.next_at) FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                     WHERE {CLAIMABLE}"
+                ))?
+                .query_row(params![now, json_list(&skip)], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn finish(&self, results: Vec<Finished>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            for done in &results {
+                finish_one(&tx, done)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fail_pending(&self, webhook: &str, reason: &str) -> Result<u64, StoreError> {
+        let (webhook, reason) = (webhook.to_owned(), reason.to_owned());
+        self.write(move |conn| fail_all(conn, &webhook, &reason))
+            .await
+    }
+
+    async fn deliveries(
+        &self,
+        webhook: &str,
+        state: Option<DeliveryState>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError> {
+        let webhook = webhook.to_owned();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event
+                 WHERE d.webhook_id = ?1 AND (?2 IS NULL OR d.state = ?2)
+                   AND (?3 IS NULL OR d.seq < ?3)
+                 ORDER BY d.seq DESC LIMIT ?4"
+            ))?;
+            let mut rows = statement.query(params![
+                webhook,
+                state.map(DeliveryState::as_str),
+                before,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut found = Vec::new();
+            while let Some(row) = rows.next()? {
+                let delivery = delivery_of(row)?;
+                let attempts = attempts_of(conn, delivery.seq)?;
+                found.push((delivery, attempts));
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn delivery(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError> {
+        let (id, owner) = (id.to_owned(), owner.map(str::to_owned));
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event
+                 WHERE d.id = ?1 AND (?2 IS NULL OR e.owner = ?2)"
+            ))?;
+            let mut rows = statement.query(params![id, owner])?;
+            let Some(row) = rows.next()? else {
+                return Ok(None);
+            };
+            let delivery = delivery_of(row)?;
+            let attempts = attempts_of(conn, delivery.seq)?;
+            Ok(Some((delivery, attempts)))
+        })
+        .await
+    }
+
+    async fn resend(&self, id: &str, owner: Option<&str>, now: Micros) -> Result<bool, StoreError> {
+        let (id, owner) = (id.to_owned(), owner.map(str::to_owned));
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'pending', next_at = ?3, max_attempts = attempts + 1,
+                        leased_until = NULL
+                     WHERE id = ?1 AND state != 'pending'
+                       AND (?2 IS NULL OR event IN (SELECT key FROM events WHERE owner = ?2))",
+                )?
+                .execute(params![id, owner, now])?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn recover(&self, webhook: &str, since: Micros, now: Micros) -> Result<u64, StoreError> {
+        let webhook = webhook.to_owned();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'pending', next_at = ?3, max_attempts = attempts + 1,
+                        leased_until = NULL
+                     WHERE webhook_id = ?1 AND state = 'failed' AND created_at >= ?2",
+                )?
+                .execute(params![webhook, since, now])?;
+            Ok(u64::try_from(changed).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn prune_deliveries(&self, before: Micros) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            tx.prepare_cached(
+                "DELETE FROM delivery_attempts WHERE delivery IN (SELECT seq FROM deliveries
+                    WHERE created_at < ?1 AND state != 'pending')",
+            )?
+            .execute([before])?;
+            let deleted = tx
+                .prepare_cached(
+                    "DELETE FROM deliveries WHERE created_at < ?1 AND state != 'pending'",
+                )?
+                .execute([before])?;
+            tx.prepare_cached(
+                "DELETE FROM events WHERE created_at < ?1
+                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event = events.key)",
+            )?
+            .execute([before])?;
+            tx.commit()?;
+            Ok(u64::try_from(deleted).unwrap_or(0))
+        })
+        .await
+    }
+}
+
+/// A new delivery id: `msg_` and a UUIDv7, so ids sort by queueing time.
+fn delivery_id() -> String {
+    format!("msg_{}", uuid::Uuid::now_v7().simple())
+}
