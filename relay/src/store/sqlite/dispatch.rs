@@ -356,17 +356,6 @@ impl Webhooks for Sqlite {
             if seen {
                 return Ok(Enqueued::Duplicate);
             }
-            tx.prepare_cached(
-                "INSERT INTO events (owner, id, type, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                event.owner,
-                event.id,
-                event.kind,
-                &event.payload[..],
-                event.at
-            ])?;
-            let key = tx.last_insert_rowid();
             let targets: Vec<String> = {
                 let mut statement = tx.prepare_cached(&format!(
                     "SELECT {WEBHOOK_COLUMNS} FROM webhooks w
@@ -384,6 +373,18 @@ impl Webhooks for Sqlite {
                 }
                 targets
             };
+            tx.prepare_cached(
+                "INSERT INTO events (owner, id, type, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                event.owner,
+                event.id,
+                event.kind,
+                // An event no webhook takes is kept for its id only.
+                if targets.is_empty() { &[][..] } else { &event.payload[..] },
+                event.at
+            ])?;
+            let key = tx.last_insert_rowid();
             for webhook in &targets {
                 tx.prepare_cached(
                     "INSERT INTO deliveries (id, webhook_id, event, state, attempts, max_attempts,
