@@ -30,7 +30,7 @@ const PAGE: usize = 500;
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Why a log command failed.
+/// Why a command that reads the log or calls the relay's API failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     /// The relay answered with an error.
@@ -47,6 +47,9 @@ pub enum LogError {
     /// The data directory holds no log.
     #[error("no activity log in {0}: run `ferry http` first, or pass --relay and --token")]
     NoLog(String),
+    /// The command needs a relay's API and none runs on the data directory.
+    #[error("no relay is running for {0}: start `ferry http` (or pass --relay URL)")]
+    NoRelay(String),
     /// The database failed.
     #[error("{0}")]
     Store(String),
@@ -122,7 +125,15 @@ impl Source {
         Ok(Source::Local(Arc::new(store)))
     }
 
-    async fn call(
+    /// The API of the relay running on data directory `dir`, for commands
+    /// that only a running relay can answer (the dispatcher runs there).
+    pub fn running(dir: &Path) -> Result<Self, LogError> {
+        ferry_relay::data_dir::running_relay(dir)
+            .map(|url| Self::api(&url, None))
+            .ok_or_else(|| LogError::NoRelay(dir.display().to_string()))
+    }
+
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -180,7 +191,7 @@ impl Source {
         Ok(body)
     }
 
-    async fn call_json<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn call_json<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -435,7 +446,7 @@ impl Source {
 }
 
 /// Percent-encodes a query or path value.
-fn encode(text: &str) -> String {
+pub(crate) fn encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

@@ -23,7 +23,7 @@ const SHOWN_BODY: usize = 64 * 1024;
 /// newlines and tabs), C1 controls and bidirectional overrides are shown
 /// escaped, so a body cannot retitle the window, clear the screen, write
 /// the clipboard or reorder what is shown.
-fn inert(text: &str) -> String {
+pub fn inert(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');

@@ -6,6 +6,8 @@
 //! - [`target`]: the local target and the Host header it sees.
 //! - [`activity`]: the activity log from the command line: list, show,
 //!   export and replay, through a relay's API or the data directory.
+//! - [`webhooks`]: webhooks, event types, events and deliveries, through a
+//!   relay's API.
 //! - [`embedded`]: the in-process relay `ferry http` starts when no relay is
 //!   configured.
 //! - [`keys`]: the reconnect key kept per relay in the config directory.
@@ -21,6 +23,7 @@ pub mod keys;
 pub mod local_tls;
 pub mod target;
 pub mod tunnel;
+pub mod webhooks;
 
 use std::fmt;
 use std::time::Duration;

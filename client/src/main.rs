@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 mod commands;
+mod webhook_commands;
 
 /// Expose a local server through a Ferry relay, so webhooks and browsers
 /// reach localhost.
@@ -39,14 +40,21 @@ enum Command {
     Replay(ReplayArgs),
     /// Export captured requests as curl commands or HAR.
     Export(ExportArgs),
+    /// Manage the webhooks the relay delivers events to, and their
+    /// deliveries.
+    Webhooks(webhook_commands::WebhooksArgs),
+    /// Send events to the webhooks that listen to their type.
+    Events(webhook_commands::EventsArgs),
+    /// List the event types that may be sent.
+    EventTypes(webhook_commands::EventTypesArgs),
 }
 
-/// Where the log commands read the activity log.
+/// Which relay a command asks.
 #[derive(Args, Debug)]
 struct SourceArgs {
-    /// The relay whose log to read, such as https://relay.example.com.
-    /// Without one, the embedded relay's log: through the running `ferry
-    /// http`, or from its data directory when none runs.
+    /// The relay to ask, such as https://relay.example.com. Without one,
+    /// the embedded relay: through the running `ferry http`, or for the log
+    /// commands from its data directory when none runs.
     #[arg(long, env = "FERRY_RELAY")]
     relay: Option<String>,
     /// The token the relay asks for.
@@ -59,16 +67,29 @@ struct SourceArgs {
 }
 
 impl SourceArgs {
+    /// The log: through --relay, the relay running on the data directory,
+    /// or the data directory's database.
     fn open(&self, writable: bool) -> Result<ferry::activity::Source, String> {
         if let Some(relay) = &self.relay {
             return Ok(ferry::activity::Source::api(relay, self.token.as_deref()));
         }
-        let dir = self
-            .data_dir
+        ferry::activity::Source::data_dir(&self.dir()?, writable).map_err(|err| err.to_string())
+    }
+
+    /// A running relay's API: --relay, or the relay running on the data
+    /// directory.
+    fn api(&self) -> Result<ferry::activity::Source, String> {
+        if let Some(relay) = &self.relay {
+            return Ok(ferry::activity::Source::api(relay, self.token.as_deref()));
+        }
+        ferry::activity::Source::running(&self.dir()?).map_err(|err| err.to_string())
+    }
+
+    fn dir(&self) -> Result<std::path::PathBuf, String> {
+        self.data_dir
             .clone()
             .or_else(ferry::embedded::default_data_dir)
-            .ok_or("no data directory: pass --data-dir or --relay")?;
-        ferry::activity::Source::data_dir(&dir, writable).map_err(|err| err.to_string())
+            .ok_or_else(|| "no data directory: pass --data-dir or --relay".to_owned())
     }
 }
 
@@ -264,6 +285,9 @@ async fn main() -> ExitCode {
         Command::Show(args) => return report(commands::show(args).await),
         Command::Replay(args) => return report(commands::replay(args).await),
         Command::Export(args) => return report(commands::export(args).await),
+        Command::Webhooks(args) => return report(webhook_commands::webhooks(args).await),
+        Command::Events(args) => return report(webhook_commands::events(args).await),
+        Command::EventTypes(args) => return report(webhook_commands::event_types(args).await),
     };
     let (writer, lines) = match Writer::start() {
         Ok(started) => started,
@@ -283,7 +307,7 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The exit status of a log command, its error printed.
+/// The exit status of a command other than `http`, its error printed.
 fn report(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
