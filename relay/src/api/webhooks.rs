@@ -409,6 +409,7 @@ pub(crate) async fn update(
     input: WebhookInput,
 ) -> Result<Response<Body>, ApiError> {
     let mut found = webhook(dispatcher, id, owner).await?;
+    let was_enabled = found.enabled;
     apply(dispatcher, owner, &mut found, input).await?;
     found.updated_at = dispatcher.now();
     dispatcher
@@ -416,6 +417,14 @@ pub(crate) async fn update(
         .save_webhook(found.clone())
         .await
         .map_err(store_failed)?;
+    // A webhook its owner turned off sends nothing more, queued or not.
+    if was_enabled && !found.enabled {
+        dispatcher
+            .store()
+            .fail_pending(&found.id, "not sent: the webhook was disabled by its owner")
+            .await
+            .map_err(store_failed)?;
+    }
     dispatcher.poke();
     Ok(json(&view(&found, None, found.updated_at)))
 }
