@@ -35,6 +35,11 @@ const MAX_NAME: usize = 200;
 const MAX_URL: usize = 2048;
 /// Custom headers one webhook may add.
 const MAX_HEADERS: usize = 32;
+/// Bytes a webhook's custom headers may total, names and values: well
+/// inside what a tunnel carries with the dispatcher's own.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Event types or wildcards one webhook may list.
+const MAX_ACTIONS: usize = 100;
 /// The longest sender-chosen event id.
 const MAX_EVENT_ID: usize = 256;
 /// The longest event type description.
@@ -191,6 +196,12 @@ async fn apply(
         webhook.url = check_url(dispatcher, owner, &url)?;
     }
     if let Some(actions) = input.actions {
+        if actions.len() > MAX_ACTIONS {
+            return Err(invalid(
+                "unknown_action",
+                format!("a webhook may list at most {MAX_ACTIONS} actions; use a wildcard such as `document.*` or `*`"),
+            ));
+        }
         let mut unique: Vec<String> = Vec::new();
         for action in actions {
             let action = action.trim().to_owned();
@@ -258,10 +269,14 @@ fn check_url(dispatcher: &Dispatcher, owner: Option<&str>, url: &str) -> Result<
 }
 
 fn check_headers(headers: BTreeMap<String, String>) -> Result<Vec<(String, String)>, ApiError> {
-    if headers.len() > MAX_HEADERS {
+    let bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
         return Err(invalid(
             "invalid_headers",
-            format!("a webhook may add at most {MAX_HEADERS} headers"),
+            format!(
+                "a webhook may add at most {MAX_HEADERS} headers of {} KiB in all",
+                MAX_HEADER_BYTES >> 10
+            ),
         ));
     }
     let mut checked = Vec::with_capacity(headers.len());
@@ -850,5 +865,6 @@ mod tests {
         assert!(one("Webhook-Id", "x").is_err());
         assert!(one("x-auth", "a\r\nb").is_err());
         assert!(one("bad name", "x").is_err());
+        assert!(one("x-big", &"a".repeat(17 * 1024)).is_err());
     }
 }
