@@ -284,34 +284,8 @@ pub(crate) async fn replay(
             ));
         }
     };
-    let (mut parts, body) = response.into_parts();
-    let outcome = parts
-        .headers
-        .remove(meta::OUTCOME)
-        .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
-        .unwrap_or(Outcome::Answered);
-    capture.responded(parts.status.as_u16(), &parts.headers, outcome);
-    let mut body = capture.tap(body.map_err(BodyError::Tunnel), Side::Response);
-    let read = tokio::time::timeout(timeout, async {
-        while let Some(frame) = body.frame().await {
-            frame?;
-        }
-        Ok::<(), BodyError>(())
-    })
-    .await;
-    drop(body);
-    let error = match read {
-        Ok(Ok(())) => None,
-        Ok(Err(err)) => Some(err.to_string()),
-        Err(_) => {
-            let message = format!(
-                "the response body did not end within {} s",
-                timeout.as_secs()
-            );
-            capture.failed(Outcome::TargetTimeout, message.clone(), None);
-            Some(message)
-        }
-    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (parts, outcome, error) = record_response(&capture, response, deadline).await;
     Ok(ReplayAnswer {
         id: id.to_string(),
         replay_of: original.id.to_string(),
@@ -325,7 +299,44 @@ pub(crate) async fn replay(
     })
 }
 
-fn failure_of_send(err: &SendError) -> (Outcome, StatusCode, String) {
+/// Records `response`'s head on `capture` and reads its body to the end
+/// (captured as it passes) by `deadline`. Returns the head (without the
+/// client's outcome header), the outcome, and what went wrong reading.
+pub(crate) async fn record_response(
+    capture: &Arc<Capture>,
+    response: hyper::Response<hyper::body::Incoming>,
+    deadline: tokio::time::Instant,
+) -> (http::response::Parts, Outcome, Option<String>) {
+    let (mut parts, body) = response.into_parts();
+    let outcome = parts
+        .headers
+        .remove(meta::OUTCOME)
+        .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
+        .unwrap_or(Outcome::Answered);
+    capture.responded(parts.status.as_u16(), &parts.headers, outcome);
+    let mut body = capture.tap(body.map_err(BodyError::Tunnel), Side::Response);
+    let read = tokio::time::timeout_at(deadline, async {
+        while let Some(frame) = body.frame().await {
+            frame?;
+        }
+        Ok::<(), BodyError>(())
+    })
+    .await;
+    drop(body);
+    let error = match read {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(format!("the response body failed: {err}")),
+        Err(_) => {
+            let message = "the response body did not end in time".to_owned();
+            capture.failed(Outcome::TargetTimeout, message.clone(), None);
+            Some(message)
+        }
+    };
+    (parts, outcome, error)
+}
+
+/// The outcome, API status and message of a failed send into a tunnel.
+pub(crate) fn failure_of_send(err: &SendError) -> (Outcome, StatusCode, String) {
     let (outcome, status) = match err {
         SendError::Busy(..) | SendError::CallerBusy(..) | SendError::HeadersTooLarge(_) => {
             (Outcome::RelayLimit, StatusCode::SERVICE_UNAVAILABLE)
@@ -337,7 +348,8 @@ fn failure_of_send(err: &SendError) -> (Outcome, StatusCode, String) {
     (outcome, status, err.to_string())
 }
 
-fn failure_of_egress(err: &EgressError) -> (Outcome, StatusCode, String) {
+/// The outcome, API status and message of a failed send to a URL.
+pub(crate) fn failure_of_egress(err: &EgressError) -> (Outcome, StatusCode, String) {
     let (outcome, status) = match err {
         EgressError::Refused { .. } | EgressError::BadUrl(_) => {
             (Outcome::EgressRefused, StatusCode::FORBIDDEN)

@@ -534,6 +534,20 @@ async fn queue(dispatcher: &Dispatcher, event: NewEvent) -> Result<Response<Body
     ))
 }
 
+/// A 422 for an event type that is not in `types`, listing them.
+fn unknown_type(kind: &str, types: &[EventTypeView]) -> ApiError {
+    invalid(
+        "unknown_event_type",
+        catalogue::known(
+            &format!(
+                "`{}` is not a known event type",
+                kind.chars().take(128).collect::<String>()
+            ),
+            types,
+        ),
+    )
+}
+
 /// `POST /api/v1/events`: answers once every delivery is stored.
 pub(crate) async fn send_event(
     dispatcher: &Dispatcher,
@@ -542,16 +556,7 @@ pub(crate) async fn send_event(
 ) -> Result<Response<Body>, ApiError> {
     let types = event_types(dispatcher, owner).await?;
     if !types.iter().any(|t| t.name == input.kind) {
-        return Err(invalid(
-            "unknown_event_type",
-            catalogue::known(
-                &format!(
-                    "`{}` is not a known event type",
-                    input.kind.chars().take(128).collect::<String>()
-                ),
-                &types,
-            ),
-        ));
+        return Err(unknown_type(&input.kind, &types));
     }
     let id = match input.id {
         Some(id) => {
@@ -594,18 +599,10 @@ pub(crate) async fn test(
     let found = webhook(dispatcher, id, owner).await?;
     let types = event_types(dispatcher, owner).await?;
     let chosen = match &input.kind {
-        Some(kind) => types.iter().find(|t| &t.name == kind).ok_or_else(|| {
-            invalid(
-                "unknown_event_type",
-                catalogue::known(
-                    &format!(
-                        "`{}` is not a known event type",
-                        kind.chars().take(128).collect::<String>()
-                    ),
-                    &types,
-                ),
-            )
-        })?,
+        Some(kind) => types
+            .iter()
+            .find(|t| &t.name == kind)
+            .ok_or_else(|| unknown_type(kind, &types))?,
         None => types
             .iter()
             .find(|t| crate::store::listens_to(&found.actions, &t.name))

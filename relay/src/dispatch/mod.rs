@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_common::handshake::meta::{self, RequestMeta};
+use ferry_common::handshake::meta::RequestMeta;
 use ferry_common::ids::ExchangeId;
 use ferry_common::subdomain::Subdomain;
 use http_body_util::BodyExt;
@@ -35,14 +35,14 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::activity::capture::{headers_of, Capture, Recorder, Side};
-use crate::body::BodyError;
-use crate::egress::{Egress, EgressError};
+use crate::activity::replay::{failure_of_egress, failure_of_send, record_response};
+use crate::egress::Egress;
 use crate::full;
 use crate::store::{
     now_micros, AttemptRecord, CapturedBody, Claimed, DispatchRef, Exchange, Finished, Kind,
     Micros, Next, Outcome, WebhookRecord, Webhooks,
 };
-use crate::tunnels::{Owner, SendError, Tunnels};
+use crate::tunnels::{Owner, Tunnels};
 
 use schedule::RetrySchedule;
 
@@ -825,41 +825,14 @@ impl Dispatcher {
         };
         let (response, _admission) = match sent {
             Ok(sent) => sent,
-            Err((outcome, message)) => {
+            Err((outcome, _, message)) => {
                 capture.failed(outcome, message.clone(), None);
                 return (None, Some(message));
             }
         };
-        let (mut parts, body) = response.into_parts();
-        let outcome = parts
-            .headers
-            .remove(meta::OUTCOME)
-            .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
-            .unwrap_or(Outcome::Answered);
-        capture.responded(parts.status.as_u16(), &parts.headers, outcome);
-        let mut body = capture.tap(body.map_err(BodyError::Tunnel), Side::Response);
-        let read = tokio::time::timeout_at(deadline, async {
-            while let Some(frame) = body.frame().await {
-                frame?;
-            }
-            Ok::<(), BodyError>(())
-        })
-        .await;
-        drop(body);
+        let (parts, _, mut error) = record_response(capture, response, deadline).await;
         let status = parts.status.as_u16();
         let wait = schedule::retry_after(status, &parts.headers, std::time::SystemTime::now());
-        let mut error = match read {
-            Ok(Ok(())) => None,
-            Ok(Err(err)) => Some(format!("the response body failed: {err}")),
-            Err(_) => {
-                let message = format!(
-                    "the response body did not end within {} s",
-                    timeout.as_secs()
-                );
-                capture.failed(Outcome::TargetTimeout, message.clone(), None);
-                Some(message)
-            }
-        };
         if error.is_none() {
             error = match status {
                 200..=299 => None,
@@ -880,26 +853,4 @@ impl Dispatcher {
 
 fn micros(wait: Duration) -> Micros {
     i64::try_from(wait.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn failure_of_send(err: &SendError) -> (Outcome, String) {
-    let outcome = match err {
-        SendError::Busy(..) | SendError::CallerBusy(..) | SendError::HeadersTooLarge(_) => {
-            Outcome::RelayLimit
-        }
-        SendError::Timeout(..) => Outcome::TargetTimeout,
-        SendError::NotConnected(_) => Outcome::ClientOffline,
-        SendError::Gone(..) | SendError::Refused(..) => Outcome::Failed,
-    };
-    (outcome, err.to_string())
-}
-
-fn failure_of_egress(err: &EgressError) -> (Outcome, String) {
-    let outcome = match err {
-        EgressError::Refused { .. } | EgressError::BadUrl(_) => Outcome::EgressRefused,
-        EgressError::Timeout(..) => Outcome::TargetTimeout,
-        EgressError::Connect(..) => Outcome::TargetUnreachable,
-        _ => Outcome::Failed,
-    };
-    (outcome, err.to_string())
 }
