@@ -391,6 +391,20 @@ async fn webhook(
         .ok_or_else(|| webhook_not_found(id))
 }
 
+/// The state of `webhook`'s latest delivery, which its view shows alone as
+/// in the list.
+async fn last_state(
+    dispatcher: &Dispatcher,
+    webhook: &str,
+) -> Result<Option<DeliveryState>, ApiError> {
+    let latest = dispatcher
+        .store()
+        .deliveries(webhook, None, None, 1)
+        .await
+        .map_err(store_failed)?;
+    Ok(latest.first().map(|(delivery, _)| delivery.state))
+}
+
 /// `GET /api/v1/webhooks/{id}`.
 pub(crate) async fn get(
     dispatcher: &Dispatcher,
@@ -398,7 +412,8 @@ pub(crate) async fn get(
     owner: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let found = webhook(dispatcher, id, owner).await?;
-    Ok(json(&view(&found, None, dispatcher.now())))
+    let last = last_state(dispatcher, &found.id).await?;
+    Ok(json(&view(&found, last, dispatcher.now())))
 }
 
 /// `PUT /api/v1/webhooks/{id}`: fields left out keep their value.
@@ -409,6 +424,8 @@ pub(crate) async fn update(
     input: WebhookInput,
 ) -> Result<Response<Body>, ApiError> {
     let mut found = webhook(dispatcher, id, owner).await?;
+    // Read before the write, so that a failed read leaves nothing changed.
+    let last = last_state(dispatcher, &found.id).await?;
     apply(dispatcher, owner, &mut found, input).await?;
     found.updated_at = dispatcher.now();
     dispatcher
@@ -417,7 +434,7 @@ pub(crate) async fn update(
         .await
         .map_err(store_failed)?;
     dispatcher.poke();
-    Ok(json(&view(&found, None, found.updated_at)))
+    Ok(json(&view(&found, last, found.updated_at)))
 }
 
 /// `DELETE /api/v1/webhooks/{id}`: the webhook and its queue.
@@ -445,6 +462,7 @@ pub(crate) async fn rotate(
     owner: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let mut found = webhook(dispatcher, id, owner).await?;
+    let last = last_state(dispatcher, &found.id).await?;
     let now = dispatcher.now();
     let secret = sign::generate()
         .map_err(|m| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_randomness", m))?;
@@ -456,7 +474,7 @@ pub(crate) async fn rotate(
         .save_webhook(found.clone())
         .await
         .map_err(store_failed)?;
-    Ok(json(&view(&found, None, now)))
+    Ok(json(&view(&found, last, now)))
 }
 
 /// The body every delivery of an event carries.

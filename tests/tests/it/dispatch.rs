@@ -528,6 +528,33 @@ async fn a_410_disables_the_webhook_and_fails_what_was_queued_for_it() {
     assert_eq!(later["queued"], 0, "a disabled webhook gets nothing");
     assert!(arrivals.try_recv().is_err());
 
+    // Alone it reads as in the list, its last delivery included.
+    let alone = api.get_json(&format!("/api/v1/webhooks/{id}")).await;
+    assert_eq!(alone["last_delivery"], "failed", "{alone}");
+    assert_eq!(items(&api.get_json("/api/v1/webhooks").await)[0], alone);
+
+    // Enabled again by a partial update, it clears the reason and takes
+    // events; the rest stays as it was.
+    let (status, enabled) = call(
+        &api,
+        "PUT",
+        &format!("/api/v1/webhooks/{id}"),
+        Some(&json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{enabled}");
+    assert_eq!(enabled["enabled"], true);
+    assert!(enabled["disabled_reason"].is_null(), "{enabled}");
+    assert_eq!(enabled["last_delivery"], "failed");
+    for field in ["name", "url", "actions", "secret", "ordered", "method"] {
+        assert_eq!(enabled[field], webhook[field], "{field}");
+    }
+    let back = event(&api, json!({"type": "document.create", "data": {"n": 4}})).await;
+    assert_eq!(back["queued"], 1);
+    gate.add_permits(1);
+    let arrival = next(&mut arrivals, "a delivery after enabling").await;
+    assert_eq!(arrival.json()["data"]["n"], 4);
+
     origin.stop().await;
     relay.stop().await;
 }
