@@ -608,6 +608,42 @@ async fn retry_after_sets_the_next_attempt_and_the_retry_keeps_its_webhook_id() 
 }
 
 #[tokio::test]
+async fn retry_after_may_be_an_http_date() {
+    let relay = TestRelay::start(config("0,1h")).await;
+    let (origin, mut arrivals) = receiver(|n| async move {
+        if n == 0 {
+            // At least a second ahead, as the date has whole seconds.
+            let when = std::time::SystemTime::now() + Duration::from_secs(2);
+            Response::builder()
+                .status(429)
+                .header("retry-after", httpdate::fmt_http_date(when))
+                .body(full("slow down"))
+                .expect("valid response")
+        } else {
+            reply(200)
+        }
+    })
+    .await;
+    let api = Api::of(&relay);
+    let webhook = create(
+        &api,
+        json!({"name": "limited", "url": url_of(&origin, "/limited"), "actions": ["*"]}),
+    )
+    .await;
+    event(&api, json!({"type": "blueprint.update", "data": {}})).await;
+    let first = next(&mut arrivals, "the first attempt").await;
+    let second = next(&mut arrivals, "the attempt at the date asked for").await;
+    let waited = second.at - first.at;
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert_eq!(second.header("webhook-id"), first.header("webhook-id"));
+    let done = settled(&api, &id_of(&webhook), 1, "succeeded").await;
+    assert_eq!(done[0]["attempt_log"][0]["status"], 429);
+
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn an_event_id_sent_twice_is_delivered_once() {
     let relay = TestRelay::start(config("0")).await;
     let (origin, mut arrivals) = accepting_receiver().await;
@@ -1125,7 +1161,7 @@ async fn only_a_tunnels_owner_may_point_a_webhook_at_it() {
         ..ferry_relay::Config::default()
     })
     .await;
-    let (origin, _arrivals) = accepting_receiver().await;
+    let (origin, mut arrivals) = accepting_receiver().await;
     let client = TestClient::start(
         &relay,
         &origin.target(),
@@ -1144,7 +1180,13 @@ async fn only_a_tunnels_owner_may_point_a_webhook_at_it() {
     let (code, message) = refused(&Api::with_token(&relay, "b"), spec.clone()).await;
     assert_eq!(code, "tunnel_not_yours");
     assert!(message.contains("mine"), "{message}");
-    create(&Api::with_token(&relay, "a"), spec).await;
+    let a = Api::with_token(&relay, "a");
+    create(&a, spec).await;
+    // And it delivers into its owner's tunnel.
+    event(&a, json!({"type": "document.create", "data": {"n": 1}})).await;
+    let arrival = next(&mut arrivals, "the delivery into a's tunnel").await;
+    assert_eq!(arrival.path, "/hook");
+    assert_eq!(arrival.json()["data"], json!({"n": 1}));
 
     client.stop().await.expect("client stops");
     origin.stop().await;
