@@ -744,7 +744,95 @@ async fn another_accounts_webhooks_and_deliveries_are_404() {
     assert_eq!(items(&a.get_json("/api/v1/webhooks").await).len(), 1);
     assert!(arrivals.try_recv().is_err());
 
+    // Each account's attempts are in its own activity log only.
+    let a_log = poll(
+        &a,
+        "a's attempt in a's activity log",
+        "/api/v1/requests?kind=dispatch",
+        |page| items(page).len() == 1,
+    )
+    .await;
+    assert_eq!(
+        items(&a_log)[0]["dispatch"]["delivery_id"],
+        delivery.as_str()
+    );
+    let entry = items(&a_log)[0]["id"].as_str().expect("an entry id");
+    assert!(items(&b.get_json("/api/v1/requests?kind=dispatch").await).is_empty());
+    let (status, _) = b.get(&format!("/api/v1/requests/{entry}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Event ids are per account: the same id from each is new to each.
+    for api in [&a, &b] {
+        let sent = event(
+            api,
+            json!({"type": "blueprint.delete", "data": {}, "id": "shared-id"}),
+        )
+        .await;
+        assert_eq!(sent["duplicate"], false);
+    }
+    next(&mut arrivals, "a's event with the shared id").await;
+
+    // Deleting takes the deliveries along.
+    let (status, _) = call(&a, "DELETE", &format!("/api/v1/webhooks/{id}"), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = a.get(&format!("/api/v1/webhooks/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = a.get(&format!("/api/v1/deliveries/{delivery}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_accounts_event_types_are_its_own() {
+    let relay = TestRelay::start(ferry_relay::Config {
+        tokens: vec![ferry_relay::Token::new("a"), ferry_relay::Token::new("b")],
+        ..config("0")
+    })
+    .await;
+    let (a, b) = (Api::with_token(&relay, "a"), Api::with_token(&relay, "b"));
+    let (status, added) = a
+        .post_json(
+            "/api/v1/event-types",
+            &json!({"name": "invoice.paid", "description": "An invoice was paid."}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{added}");
+    assert_eq!(added["source"], "account");
+    let named = |list: &Value| items_named(&list["items"], "invoice.paid");
+    assert!(named(&a.get_json("/api/v1/event-types").await));
+    assert!(!named(&b.get_json("/api/v1/event-types").await));
+
+    let (status, answer) = b
+        .post_json(
+            "/api/v1/events",
+            &json!({"type": "invoice.paid", "data": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["code"], "unknown_event_type");
+    let (code, _) = refused(
+        &b,
+        json!({"name": "b's", "url": "https://example.com/hooks", "actions": ["invoice.paid"]}),
+    )
+    .await;
+    assert_eq!(code, "unknown_action");
+    let sent = event(&a, json!({"type": "invoice.paid", "data": {}})).await;
+    assert_eq!(sent["queued"], 0);
+
+    let (status, answer) = a
+        .post_json(
+            "/api/v1/event-types",
+            &json!({"name": "document.create", "description": "mine now"}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the catalogue's stay: {answer}"
+    );
+
     relay.stop().await;
 }
 
@@ -1180,6 +1268,23 @@ async fn only_a_tunnels_owner_may_point_a_webhook_at_it() {
     let (code, message) = refused(&Api::with_token(&relay, "b"), spec.clone()).await;
     assert_eq!(code, "tunnel_not_yours");
     assert!(message.contains("mine"), "{message}");
+    let b_hook = create(
+        &Api::with_token(&relay, "b"),
+        json!({"name": "b's", "url": "https://example.com/hooks", "actions": ["*"]}),
+    )
+    .await;
+    let (status, answer) = call(
+        &Api::with_token(&relay, "b"),
+        "PUT",
+        &format!("/api/v1/webhooks/{}", id_of(&b_hook)),
+        Some(&json!({"url": spec["url"]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(
+        answer["error"]["code"], "tunnel_not_yours",
+        "nor by an update"
+    );
     let a = Api::with_token(&relay, "a");
     create(&a, spec).await;
     // And it delivers into its owner's tunnel.
