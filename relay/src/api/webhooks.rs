@@ -406,6 +406,20 @@ async fn webhook(
         .ok_or_else(|| webhook_not_found(id))
 }
 
+/// The state of `webhook`'s latest delivery, which its view shows alone as
+/// in the list.
+async fn last_state(
+    dispatcher: &Dispatcher,
+    webhook: &str,
+) -> Result<Option<DeliveryState>, ApiError> {
+    let latest = dispatcher
+        .store()
+        .deliveries(webhook, None, None, 1)
+        .await
+        .map_err(store_failed)?;
+    Ok(latest.first().map(|(delivery, _)| delivery.state))
+}
+
 /// `GET /api/v1/webhooks/{id}`.
 pub(crate) async fn get(
     dispatcher: &Dispatcher,
@@ -413,7 +427,8 @@ pub(crate) async fn get(
     owner: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let found = webhook(dispatcher, id, owner).await?;
-    Ok(json(&view(&found, None, dispatcher.now())))
+    let last = last_state(dispatcher, &found.id).await?;
+    Ok(json(&view(&found, last, dispatcher.now())))
 }
 
 /// `PUT /api/v1/webhooks/{id}`: fields left out keep their value.
@@ -425,6 +440,8 @@ pub(crate) async fn update(
 ) -> Result<Response<Body>, ApiError> {
     let mut found = webhook(dispatcher, id, owner).await?;
     let was_enabled = found.enabled;
+    // Read before the write, so that a failed read leaves nothing changed.
+    let last = last_state(dispatcher, &found.id).await?;
     apply(dispatcher, owner, &mut found, input).await?;
     found.updated_at = dispatcher.now();
     dispatcher
@@ -441,7 +458,7 @@ pub(crate) async fn update(
             .map_err(store_failed)?;
     }
     dispatcher.poke();
-    Ok(json(&view(&found, None, found.updated_at)))
+    Ok(json(&view(&found, last, found.updated_at)))
 }
 
 /// `DELETE /api/v1/webhooks/{id}`: the webhook and its queue.
@@ -469,6 +486,7 @@ pub(crate) async fn rotate(
     owner: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let mut found = webhook(dispatcher, id, owner).await?;
+    let last = last_state(dispatcher, &found.id).await?;
     let now = dispatcher.now();
     let secret = sign::generate()
         .map_err(|m| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_randomness", m))?;
@@ -480,7 +498,7 @@ pub(crate) async fn rotate(
         .save_webhook(found.clone())
         .await
         .map_err(store_failed)?;
-    Ok(json(&view(&found, None, now)))
+    Ok(json(&view(&found, last, now)))
 }
 
 /// The body every delivery of an event carries.
@@ -790,11 +808,13 @@ pub(crate) async fn add_event_type(
             format!("`example` may hold at most {} KiB", MAX_EXAMPLE >> 10),
         ));
     }
-    let types = event_types(dispatcher, owner).await?;
-    if types
+    // The built-in and operator types are the relay's; an account (or an
+    // open relay's API caller) may not redefine them.
+    if dispatcher
+        .catalogue()
+        .all(&[])
         .iter()
-        .any(|t| t.name == input.name && t.source != "account")
-        && owner.is_some()
+        .any(|t| t.name == input.name)
     {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
