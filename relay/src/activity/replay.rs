@@ -247,6 +247,7 @@ pub(crate) async fn replay(
     *request.uri_mut() = uri;
     *request.headers_mut() = prepared.headers;
     let timeout = state.config.request_timeout;
+    let via_tunnel = matches!(destination, Destination::Tunnel(_));
     let sent = match destination {
         Destination::Tunnel(tunnel) => match tunnel.admit(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) {
             Ok(admission) => {
@@ -285,7 +286,7 @@ pub(crate) async fn replay(
         }
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let (parts, outcome, error) = record_response(&capture, response, deadline).await;
+    let (parts, outcome, error) = record_response(&capture, response, deadline, via_tunnel).await;
     Ok(ReplayAnswer {
         id: id.to_string(),
         replay_of: original.id.to_string(),
@@ -300,17 +301,23 @@ pub(crate) async fn replay(
 }
 
 /// Records `response`'s head on `capture` and reads its body to the end
-/// (captured as it passes) by `deadline`. Returns the head (without the
-/// client's outcome header), the outcome, and what went wrong reading.
+/// (captured as it passes) by `deadline`. Returns the head, the outcome
+/// (which a Ferry client reports in a header the relay strips; any other
+/// server's header of that name is its own, kept and not believed), and
+/// what went wrong reading.
 pub(crate) async fn record_response(
     capture: &Arc<Capture>,
     response: hyper::Response<hyper::body::Incoming>,
     deadline: tokio::time::Instant,
+    from_client: bool,
 ) -> (http::response::Parts, Outcome, Option<String>) {
     let (mut parts, body) = response.into_parts();
-    let outcome = parts
-        .headers
-        .remove(meta::OUTCOME)
+    let reported = if from_client {
+        parts.headers.remove(meta::OUTCOME)
+    } else {
+        None
+    };
+    let outcome = reported
         .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
         .unwrap_or(Outcome::Answered);
     capture.responded(parts.status.as_u16(), &parts.headers, outcome);

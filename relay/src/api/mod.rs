@@ -365,6 +365,16 @@ async fn route(
             Err(_) => error,
         });
     }
+    // The dispatcher's own deliveries never reach the API: a webhook
+    // pointed at it (resend, recover …) would make the relay call itself in
+    // a loop.
+    if req.headers().contains_key("webhook-signature") {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "delivery_refused",
+            "the relay's API does not take webhook deliveries: point the webhook at your own receiver",
+        ));
+    }
     if req.method() != hyper::Method::GET {
         same_site(&req)?;
     }
@@ -530,16 +540,19 @@ async fn dispatch_endpoint(
     match (endpoint, req.method().clone()) {
         (Endpoint::Webhooks, Method::GET) => webhooks::list(dispatcher, owner).await,
         (Endpoint::Webhooks, _) => {
-            webhooks::create(dispatcher, owner, read_json(req, false).await?).await
+            let input = read_json_within(req, false, webhooks::MAX_SETTINGS_BODY).await?;
+            webhooks::create(dispatcher, owner, input).await
         }
         (Endpoint::Webhook, Method::GET) => webhooks::get(dispatcher, id, owner).await,
         (Endpoint::Webhook, Method::PUT) => {
-            webhooks::update(dispatcher, id, owner, read_json(req, false).await?).await
+            let input = read_json_within(req, false, webhooks::MAX_SETTINGS_BODY).await?;
+            webhooks::update(dispatcher, id, owner, input).await
         }
         (Endpoint::Webhook, _) => webhooks::delete(dispatcher, id, owner).await,
         (Endpoint::RotateSecret, _) => webhooks::rotate(dispatcher, id, owner).await,
         (Endpoint::TestWebhook, _) => {
-            webhooks::test(dispatcher, id, owner, read_json(req, true).await?).await
+            let input = read_json_within(req, true, webhooks::MAX_SETTINGS_BODY).await?;
+            webhooks::test(dispatcher, id, owner, input).await
         }
         (Endpoint::Deliveries, _) => webhooks::deliveries(dispatcher, id, owner, query).await,
         (Endpoint::Recover, _) => webhooks::recover(dispatcher, id, owner, query).await,
@@ -547,9 +560,13 @@ async fn dispatch_endpoint(
         (Endpoint::Resend, _) => webhooks::resend(dispatcher, id, owner).await,
         (Endpoint::EventTypes, Method::GET) => webhooks::list_event_types(dispatcher, owner).await,
         (Endpoint::EventTypes, _) => {
-            webhooks::add_event_type(dispatcher, owner, read_json(req, false).await?).await
+            let input = read_json_within(req, false, webhooks::MAX_SETTINGS_BODY).await?;
+            webhooks::add_event_type(dispatcher, owner, input).await
         }
-        _ => webhooks::send_event(dispatcher, owner, read_json(req, false).await?).await,
+        _ => {
+            let input = read_json_within(req, false, webhooks::MAX_EVENT_REQUEST).await?;
+            webhooks::send_event(dispatcher, owner, input).await
+        }
     }
 }
 
@@ -613,14 +630,25 @@ async fn read_json<T: serde::de::DeserializeOwned + Default>(
     req: Request<Incoming>,
     empty_ok: bool,
 ) -> Result<T, ApiError> {
-    let limited = http_body_util::Limited::new(req.into_body(), MAX_JSON_BODY);
+    read_json_within(req, empty_ok, MAX_JSON_BODY).await
+}
+
+/// [`read_json`] with a tighter limit, for calls whose bodies are small:
+/// the whole body is parsed in memory, so the limit bounds what one call
+/// costs.
+async fn read_json_within<T: serde::de::DeserializeOwned + Default>(
+    req: Request<Incoming>,
+    empty_ok: bool,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let limited = http_body_util::Limited::new(req.into_body(), limit);
     let bytes = match limited.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("an API call's body may hold at most {MAX_JSON_BODY} bytes"),
+                format!("this call's body may hold at most {limit} bytes"),
             ))
         }
         Err(_) => return Err(ApiError::bad_request("the request body could not be read")),

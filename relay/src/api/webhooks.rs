@@ -29,6 +29,12 @@ pub const MAX_WEBHOOKS: usize = 200;
 pub const MAX_EVENT_TYPES: usize = 200;
 /// The largest event payload, as sent (`data` inside the envelope).
 pub const MAX_EVENT_BODY: usize = 1024 * 1024;
+/// The largest `POST /api/v1/events` body: the payload and room for the
+/// rest of the call.
+pub const MAX_EVENT_REQUEST: usize = MAX_EVENT_BODY + 64 * 1024;
+/// The largest body of the calls that change settings (webhooks, event
+/// types, test events).
+pub const MAX_SETTINGS_BODY: usize = 256 * 1024;
 /// The longest webhook name.
 const MAX_NAME: usize = 200;
 /// The longest webhook URL.
@@ -254,6 +260,13 @@ fn check_url(dispatcher: &Dispatcher, owner: Option<&str>, url: &str) -> Result<
     {
         return Err(bad());
     }
+    let host = uri.host().unwrap_or_default().trim_end_matches('.');
+    if host.eq_ignore_ascii_case(dispatcher.domain()) {
+        return Err(invalid(
+            "invalid_url",
+            "`url` points at this relay's own API: point it at your receiver, or at a tunnel (NAME.DOMAIN)",
+        ));
+    }
     if let Target::Tunnel(name) = dispatcher.target_of(&uri) {
         let mine = dispatcher
             .tunnel_owner(&name)
@@ -303,6 +316,12 @@ fn check_headers(headers: BTreeMap<String, String>) -> Result<Vec<(String, Strin
                 format!("the value of `{shown}` is not a valid header value (no line breaks or control characters)"),
             )
         })?;
+        if checked.iter().any(|(n, _)| n == parsed.as_str()) {
+            return Err(invalid(
+                "invalid_headers",
+                format!("`{shown}` is given twice (header names are case-insensitive)"),
+            ));
+        }
         checked.push((parsed.as_str().to_owned(), value));
     }
     Ok(checked)
@@ -345,6 +364,7 @@ pub(crate) async fn create(
             ));
         }
     }
+    let _adding = dispatcher.adding().await;
     let existing = dispatcher
         .store()
         .webhooks(Some(owner.unwrap_or_default()))
@@ -822,6 +842,7 @@ pub(crate) async fn add_event_type(
             format!("`{}` is already in the relay's catalogue", input.name),
         ));
     }
+    let _adding = dispatcher.adding().await;
     let added = dispatcher
         .store()
         .event_types(Some(owner.unwrap_or_default()))

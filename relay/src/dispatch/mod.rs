@@ -257,6 +257,9 @@ pub struct Dispatcher {
     done_rx: Mutex<Option<mpsc::UnboundedReceiver<Done>>>,
     /// Counters.
     stats: DispatchStats,
+    /// Held while a webhook or event type is counted and added, so that
+    /// concurrent calls cannot pass a per-account cap together.
+    adding: tokio::sync::Mutex<()>,
 }
 
 impl Dispatcher {
@@ -285,6 +288,7 @@ impl Dispatcher {
             done,
             done_rx: Mutex::new(Some(done_rx)),
             stats: DispatchStats::default(),
+            adding: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -318,9 +322,24 @@ impl Dispatcher {
         self.wake.notify_one();
     }
 
-    /// Where `url` leads: a tunnel of this relay, or elsewhere.
+    /// Waits for the right to count and add webhooks or event types.
+    pub async fn adding(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.adding.lock().await
+    }
+
+    /// The relay's domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Where `url` leads: a tunnel of this relay, or elsewhere. A trailing
+    /// dot names the same host, as ingress reads it.
     pub fn target_of(&self, url: &Uri) -> Target {
-        let host = url.host().unwrap_or_default().to_ascii_lowercase();
+        let host = url
+            .host()
+            .unwrap_or_default()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         host.strip_suffix(&self.domain)
             .and_then(|rest| rest.strip_suffix('.'))
             .and_then(|name| name.parse::<Subdomain>().ok())
@@ -770,10 +789,12 @@ impl Dispatcher {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        headers.insert(
-            header::USER_AGENT,
-            HeaderValue::from_static(concat!("Ferry-Dispatcher/", env!("CARGO_PKG_VERSION"))),
-        );
+        headers
+            .entry(header::USER_AGENT)
+            .or_insert(HeaderValue::from_static(concat!(
+                "Ferry-Dispatcher/",
+                env!("CARGO_PKG_VERSION")
+            )));
         let mut set = |name: &'static str, value: &str| {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(HeaderName::from_static(name), value);
@@ -800,6 +821,7 @@ impl Dispatcher {
     ) -> (Option<(u16, Option<Duration>)>, Option<String>) {
         let timeout = self.settings.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
+        let from_client = tunnel.is_some();
         let sent = match tunnel {
             Some(tunnel) => match tunnel.admit(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) {
                 Ok(admission) => {
@@ -830,7 +852,7 @@ impl Dispatcher {
                 return (None, Some(message));
             }
         };
-        let (parts, _, mut error) = record_response(capture, response, deadline).await;
+        let (parts, _, mut error) = record_response(capture, response, deadline, from_client).await;
         let status = parts.status.as_u16();
         let wait = schedule::retry_after(status, &parts.headers, std::time::SystemTime::now());
         if error.is_none() {
