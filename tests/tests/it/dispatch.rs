@@ -1297,3 +1297,140 @@ async fn only_a_tunnels_owner_may_point_a_webhook_at_it() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_webhook_pointed_at_the_relays_own_api_is_refused_and_cannot_loop() {
+    let relay = TestRelay::start(config("0")).await;
+    let api = Api::of(&relay);
+    // By the relay's domain, refused when the webhook is made.
+    let (code, _) = refused(
+        &api,
+        json!({
+            "name": "self", "actions": ["*"],
+            "url": format!("http://localhost:{}/api/v1/events", relay.addr.port()),
+        }),
+    )
+    .await;
+    assert_eq!(code, "invalid_url");
+    // By address, the relay's API refuses the delivery itself: a delivery
+    // that resends or sends events would otherwise call the relay forever.
+    let webhook = create(
+        &api,
+        json!({
+            "name": "self by address", "actions": ["*"],
+            "url": format!("http://{}/api/v1/events", relay.addr),
+        }),
+    )
+    .await;
+    event(&api, json!({"type": "document.create", "data": {}})).await;
+    let failed = settled(&api, &id_of(&webhook), 1, "failed").await;
+    assert_eq!(failed[0]["last_status"], 403, "{}", failed[0]);
+    let attempt = &failed[0]["attempt_log"][0];
+    let entry = api
+        .get_json(&format!(
+            "/api/v1/requests/{}",
+            attempt["request_id"].as_str().expect("a request id")
+        ))
+        .await;
+    let body = entry["response"]["body"]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(body.contains("delivery_refused"), "{body}");
+    // Nothing more was queued by the delivery.
+    let page = api
+        .get_json(&format!("/api/v1/webhooks/{}/deliveries", id_of(&webhook)))
+        .await;
+    assert_eq!(items(&page).len(), 1);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_event_and_settings_bodies_are_refused_before_they_are_parsed() {
+    let relay = TestRelay::start(config("0")).await;
+    let api = Api::of(&relay);
+    let big = "x".repeat(2 * 1024 * 1024);
+    let (status, answer) = call(
+        &api,
+        "POST",
+        "/api/v1/events",
+        Some(&json!({"type": "document.create", "data": big})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    let (status, answer) = call(
+        &api,
+        "POST",
+        "/api/v1/webhooks",
+        Some(
+            &json!({"name": "x", "url": "https://example.com/", "actions": ["*"],
+                      "headers": {"x-pad": "y".repeat(300 * 1024)}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    // An event just under the payload limit is taken.
+    let fits = "x".repeat(1000 * 1024);
+    event(&api, json!({"type": "document.create", "data": fits})).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_trailing_dot_does_not_get_a_webhook_into_someone_elses_tunnel() {
+    let relay = TestRelay::start(ferry_relay::Config {
+        tokens: vec![ferry_relay::Token::new("a"), ferry_relay::Token::new("b")],
+        ..ferry_relay::Config::default()
+    })
+    .await;
+    let (origin, _arrivals) = accepting_receiver().await;
+    let client = TestClient::start(
+        &relay,
+        &origin.target(),
+        ClientOptions {
+            token: Some("b".to_owned()),
+            subdomain: Some("bobs"),
+            ..ClientOptions::default()
+        },
+    )
+    .await;
+    let (code, _) = refused(
+        &Api::with_token(&relay, "a"),
+        json!({
+            "name": "sneaky", "actions": ["*"],
+            "url": format!("http://bobs.localhost.:{}/hook", relay.addr.port()),
+        }),
+    )
+    .await;
+    assert_eq!(code, "tunnel_not_yours");
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_creates_cannot_pass_the_webhook_cap_together() {
+    let relay = TestRelay::start(config("0")).await;
+    let api = Arc::new(Api::of(&relay));
+    let spec = |n: usize| json!({"name": format!("hook {n}"), "url": "https://example.com/", "actions": ["*"]});
+    let cap = ferry_relay::api::webhooks::MAX_WEBHOOKS;
+    for n in 0..cap - 5 {
+        create(&api, spec(n)).await;
+    }
+    let racers: Vec<_> = (0..20)
+        .map(|n| {
+            let api = Arc::clone(&api);
+            let body = spec(cap + n);
+            tokio::spawn(async move { call(&api, "POST", "/api/v1/webhooks", Some(&body)).await.0 })
+        })
+        .collect();
+    let mut created = 0;
+    for racer in racers {
+        match racer.await.expect("the call ran") {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(created, 5);
+    assert_eq!(items(&api.get_json("/api/v1/webhooks").await).len(), cap);
+    relay.stop().await;
+}
