@@ -15,6 +15,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// Prints a line of the start-up banner. A reader that took what it wanted
+/// and closed the pipe (`ferry-relay | head -1`, a test reading the bound
+/// port) must not stop the relay, as `println!` would by panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Ferry's public relay: gives each `ferry http` client a subdomain and
 /// forwards the requests that arrive there through the client's tunnel.
 #[derive(Parser, Debug)]
@@ -279,19 +289,19 @@ async fn listeners(args: &Args, domain: &str) -> Result<Listeners, String> {
             .map_or_else(|_| "?".to_owned(), |a| a.to_string())
     };
     let port = |listener: &TcpListener| listener.local_addr().map(|a| a.port()).unwrap_or_default();
-    println!(
+    say!(
         "ferry-relay listening on http://{} for {domain}",
         bound(&plain)
     );
     match &tls {
         Some((listener, _)) => {
-            println!(
+            say!(
                 "ferry-relay listening on https://{} for {domain}",
                 bound(listener)
             );
-            println!("tunnels at https://NAME.{domain}:{}", port(listener));
+            say!("tunnels at https://NAME.{domain}:{}", port(listener));
         }
-        None => println!("tunnels at http://NAME.{domain}:{}", port(&plain)),
+        None => say!("tunnels at http://NAME.{domain}:{}", port(&plain)),
     }
     Ok(Listeners {
         plain: Some(plain),
@@ -472,15 +482,15 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
     if capture {
-        println!("activity log in {}", data_dir.display());
+        say!("activity log in {}", data_dir.display());
     } else {
-        println!(
+        say!(
             "activity log in {} (capture off: requests through tunnels are not recorded)",
             data_dir.display()
         );
     }
     if open {
-        println!("no tokens configured: any client that can reach this relay may open a tunnel");
+        say!("no tokens configured: any client that can reach this relay may open a tunnel");
     }
     let shutdown = CancellationToken::new();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -130,3 +130,51 @@ fn a_data_directory_that_cannot_be_written_or_is_taken_is_a_clear_error_at_start
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("another relay already uses"), "{stderr}");
 }
+
+#[test]
+fn a_relay_whose_stdout_reader_left_keeps_running() {
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().expect("UTF-8 temp path");
+    let child = relay(&["--listen", "127.0.0.1:0", "--data-dir", data_dir])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ferry-relay starts");
+    let mut running = Running(child);
+    // Gone before the banner: every line the relay prints meets a closed
+    // pipe.
+    drop(running.0.stdout.take());
+
+    // It announces its API in the data directory once it serves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let url = loop {
+        if let Some(status) = running.0.try_wait().expect("the relay's status") {
+            panic!("the relay stopped with {status} when its stdout closed");
+        }
+        if let Some(url) = ferry_relay::data_dir::running_relay(data.path()) {
+            break url;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never announced its API"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("the relay accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("a read timeout");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("send a request");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        running.0.try_wait().expect("the relay's status").is_none(),
+        "the relay still runs"
+    );
+}

@@ -1,8 +1,9 @@
 //! The store's contract: what every implementation of `ActivityLog` and
-//! `NameRegistry` must do. Each case is a function generic over the traits,
-//! run below against a fresh SQLite file; another store (PostgreSQL) runs
-//! the very same functions. The last cases are about the SQLite file
-//! itself: reopening it, reading it read-only, refusing a newer schema.
+//! `NameRegistry` must do (and, in [`webhooks`], of `Webhooks`). Each case
+//! is a function generic over the traits, run below against a fresh SQLite
+//! file; another store (PostgreSQL) runs the very same functions. The last
+//! cases are about the SQLite file itself: reopening it, reading it
+//! read-only, refusing a newer schema.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -1000,3 +1001,5 @@ async fn sqlite_refuses_a_database_from_a_newer_schema() {
         assert!(message.contains("schema version 1000"), "{message}");
     }
 }
+
+mod webhooks;

@@ -1,0 +1,748 @@
+//! The `Webhooks` contract: what every store of the dispatcher's queue must
+//! do, written against the trait alone, so that another store (PostgreSQL)
+//! runs the very same functions.
+
+use bytes::Bytes;
+use ferry_common::ids::ExchangeId;
+use ferry_relay::store::{
+    AttemptRecord, Claimed, DeliveryRecord, DeliveryState, Enqueued, Finished, Micros, NewEvent,
+    Next, WebhookRecord, Webhooks,
+};
+
+use super::Fresh;
+
+const T0: Micros = 1_700_000_000_000_000;
+const SECOND: Micros = 1_000_000;
+const DAY: Micros = 86_400 * SECOND;
+/// A lease that outlasts every case.
+const LEASE: Micros = T0 + 30 * DAY;
+
+/// A webhook of `owner` listening to `actions`, created at `created`.
+fn hook(id: &str, owner: &str, actions: &[&str], created: Micros) -> WebhookRecord {
+    WebhookRecord {
+        id: id.to_owned(),
+        owner: owner.to_owned(),
+        name: format!("{id} hook"),
+        method: "POST".to_owned(),
+        url: format!("https://{id}.example.com/hooks"),
+        actions: actions.iter().map(|a| (*a).to_owned()).collect(),
+        headers: vec![("x-team".to_owned(), "core".to_owned())],
+        enabled: true,
+        ordered: false,
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
+        previous_secret: None,
+        disabled_reason: None,
+        failing_since: None,
+        created_at: created,
+        updated_at: created,
+    }
+}
+
+/// Event `id` of `owner` and type `kind`, accepted at `at`, three attempts.
+fn event(owner: &str, id: &str, kind: &str, at: Micros) -> NewEvent {
+    NewEvent {
+        owner: owner.to_owned(),
+        id: id.to_owned(),
+        kind: kind.to_owned(),
+        payload: Bytes::from(format!(r#"{{"type":"{kind}","data":{{"id":"{id}"}}}}"#)),
+        at,
+        only: None,
+        max_attempts: 3,
+    }
+}
+
+async fn save(store: &impl Webhooks, webhook: &WebhookRecord) {
+    store
+        .save_webhook(webhook.clone())
+        .await
+        .expect("save_webhook");
+}
+
+async fn queue(store: &impl Webhooks, event: NewEvent) -> usize {
+    match store.enqueue(event, DAY).await.expect("enqueue") {
+        Enqueued::Queued(n) => n,
+        Enqueued::Duplicate => panic!("taken for a duplicate"),
+    }
+}
+
+/// Every delivery of `webhook`, oldest first.
+async fn all_of(store: &impl Webhooks, webhook: &str) -> Vec<DeliveryRecord> {
+    let mut found: Vec<DeliveryRecord> = store
+        .deliveries(webhook, None, None, 1_000)
+        .await
+        .expect("deliveries")
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    found.reverse();
+    found
+}
+
+async fn one(store: &impl Webhooks, id: &str) -> (DeliveryRecord, Vec<AttemptRecord>) {
+    store
+        .delivery(id, None)
+        .await
+        .expect("delivery")
+        .unwrap_or_else(|| panic!("delivery {id} is stored"))
+}
+
+async fn claim(store: &impl Webhooks, now: Micros, skip: &[&str]) -> Vec<Claimed> {
+    let skip = skip.iter().map(|s| (*s).to_owned()).collect();
+    store.claim(now, 100, LEASE, skip).await.expect("claim")
+}
+
+fn ids(claimed: &[Claimed]) -> Vec<String> {
+    claimed.iter().map(|c| c.delivery.id.clone()).collect()
+}
+
+fn attempt(number: u32, at: Micros, status: Option<u16>) -> AttemptRecord {
+    AttemptRecord {
+        number,
+        at,
+        status,
+        error: status
+            .filter(|s| !(200..300).contains(s))
+            .map(|s| format!("the receiver answered {s}")),
+        duration_ms: 12,
+        exchange: ExchangeId::new(),
+    }
+}
+
+fn finished(delivery: &str, attempt: AttemptRecord, next: Next) -> Finished {
+    Finished {
+        delivery: delivery.to_owned(),
+        attempt,
+        next,
+        disable_after: 5 * DAY,
+    }
+}
+
+pub(super) async fn enqueue_fans_out_to_listeners_and_refuses_an_id_seen_within_the_window(
+    store: &impl Webhooks,
+) {
+    let docs = hook("wh_docs", "acct_a", &["document.*"], T0);
+    let create = hook("wh_create", "acct_a", &["document.create"], T0 + 1);
+    let blueprints = hook("wh_blueprints", "acct_a", &["blueprint.*"], T0 + 2);
+    let off = WebhookRecord {
+        enabled: false,
+        ..hook("wh_off", "acct_a", &["*"], T0 + 3)
+    };
+    let other = hook("wh_other", "acct_b", &["*"], T0 + 4);
+    for webhook in [&docs, &create, &blueprints, &off, &other] {
+        save(store, webhook).await;
+    }
+    assert_eq!(
+        store
+            .webhook("wh_docs", Some("acct_a"))
+            .await
+            .expect("webhook"),
+        Some(docs.clone()),
+        "a webhook reads back as saved"
+    );
+
+    let first = event("acct_a", "evt_1", "document.create", T0);
+    assert_eq!(
+        queue(store, first.clone()).await,
+        2,
+        "docs and create listen"
+    );
+    for webhook in [&docs, &create] {
+        let queued = all_of(store, &webhook.id).await;
+        assert_eq!(queued.len(), 1, "{}", webhook.id);
+        let delivery = &queued[0];
+        assert!(delivery.id.starts_with("msg_"), "{}", delivery.id);
+        assert_eq!(
+            (
+                delivery.webhook.as_str(),
+                delivery.owner.as_str(),
+                delivery.event.as_str(),
+                delivery.kind.as_str()
+            ),
+            (webhook.id.as_str(), "acct_a", "evt_1", "document.create")
+        );
+        assert_eq!(delivery.payload, first.payload, "the body, exactly");
+        assert_eq!(delivery.state, DeliveryState::Pending);
+        assert_eq!((delivery.attempts, delivery.max_attempts), (0, 3));
+        assert_eq!((delivery.next_at, delivery.created_at), (T0, T0));
+        assert_eq!((delivery.last_status, &delivery.last_error), (None, &None));
+    }
+    for quiet in [&blueprints, &off, &other] {
+        assert!(all_of(store, &quiet.id).await.is_empty(), "{}", quiet.id);
+    }
+
+    // The same id within the window queues nothing, up to its last moment.
+    for at in [T0 + SECOND, T0 + DAY] {
+        let again = event("acct_a", "evt_1", "document.update", at);
+        assert_eq!(
+            store.enqueue(again, DAY).await.expect("enqueue"),
+            Enqueued::Duplicate
+        );
+    }
+    assert_eq!(all_of(store, "wh_docs").await.len(), 1);
+    // Ids are per owner, and the window ends.
+    assert_eq!(
+        queue(store, event("acct_b", "evt_1", "document.create", T0)).await,
+        1
+    );
+    assert_eq!(
+        queue(
+            store,
+            event("acct_a", "evt_1", "document.create", T0 + DAY + 1)
+        )
+        .await,
+        2
+    );
+    // A test event goes to its one webhook, whatever it listens to.
+    let test = NewEvent {
+        only: Some("wh_blueprints".to_owned()),
+        ..event("acct_a", "evt_test", "document.create", T0 + 5)
+    };
+    assert_eq!(queue(store, test).await, 1);
+    assert_eq!(all_of(store, "wh_blueprints").await.len(), 1);
+}
+
+pub(super) async fn claim_takes_due_deliveries_in_order_an_ordered_webhook_s_oldest_only_and_skips(
+    store: &impl Webhooks,
+) {
+    let fast = hook("wh_fast", "acct_a", &["*"], T0);
+    let ordered = WebhookRecord {
+        ordered: true,
+        ..hook("wh_ordered", "acct_a", &["*"], T0 + 1)
+    };
+    save(store, &fast).await;
+    save(store, &ordered).await;
+    for i in 0..3 {
+        queue(
+            store,
+            event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+        )
+        .await;
+    }
+    // Not yet due.
+    queue(
+        store,
+        event("acct_a", "evt_later", "document.create", T0 + 60 * SECOND),
+    )
+    .await;
+    let f = all_of(store, "wh_fast").await;
+    let o = all_of(store, "wh_ordered").await;
+    assert!(f.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(
+        f[0].seq < o[0].seq && o[0].seq < f[1].seq,
+        "queue order is event order"
+    );
+
+    let now = T0 + 10 * SECOND;
+    let claimed = claim(store, now, &[]).await;
+    assert_eq!(
+        ids(&claimed),
+        [
+            f[0].id.as_str(),
+            o[0].id.as_str(),
+            f[1].id.as_str(),
+            f[2].id.as_str()
+        ],
+        "due ones, oldest first; the ordered webhook's oldest alone"
+    );
+    assert_eq!(claimed[1].webhook, ordered, "each with its webhook");
+    assert_eq!(claimed[0].delivery, f[0], "the delivery as stored");
+    assert!(claim(store, now, &[]).await.is_empty(), "leased");
+    // While its oldest is leased the ordered webhook has nothing to give.
+    assert_eq!(
+        store.next_due(now, Vec::new()).await.expect("next_due"),
+        Some(f[3].next_at)
+    );
+
+    // A lease that ran out is an attempt that died: claimed again.
+    let expired = claim(store, LEASE + 1, &[]).await;
+    assert_eq!(
+        ids(&expired),
+        [
+            f[0].id.as_str(),
+            o[0].id.as_str(),
+            f[1].id.as_str(),
+            f[2].id.as_str(),
+            f[3].id.as_str()
+        ]
+    );
+    assert_eq!(store.release_all().await.expect("release_all"), 5);
+    assert_eq!(store.release_all().await.expect("release_all"), 0);
+
+    assert_eq!(
+        ids(&claim(store, now, &["wh_fast"]).await),
+        [o[0].id.as_str()],
+        "a skipped webhook is left alone"
+    );
+    assert_eq!(claim(store, now, &["wh_ordered"]).await.len(), 3);
+    assert_eq!(
+        store
+            .next_due(now, vec!["wh_fast".to_owned()])
+            .await
+            .expect("next_due"),
+        None,
+        "nothing more for the ordered webhook until its oldest is done"
+    );
+
+    // Once the ordered webhook's oldest is done, its next one is due.
+    store
+        .finish(vec![finished(
+            o[0].id.as_str(),
+            attempt(1, now, Some(200)),
+            Next::Succeeded,
+        )])
+        .await
+        .expect("finish");
+    assert_eq!(ids(&claim(store, now, &[]).await), [o[1].id.as_str()]);
+}
+
+pub(super) async fn release_gives_deliveries_back_without_an_attempt(store: &impl Webhooks) {
+    save(store, &hook("wh_a", "acct_a", &["*"], T0)).await;
+    for i in 0..3 {
+        queue(
+            store,
+            event("acct_a", &format!("evt_{i}"), "document.create", T0),
+        )
+        .await;
+    }
+    let d = all_of(store, "wh_a").await;
+    let now = T0 + SECOND;
+    assert_eq!(claim(store, now, &[]).await.len(), 3);
+
+    store
+        .release(vec![d[0].id.clone()], Some(T0 + 50 * SECOND))
+        .await
+        .expect("release");
+    store
+        .release(vec![d[1].id.clone()], None)
+        .await
+        .expect("release");
+    assert_eq!(
+        ids(&claim(store, now, &[]).await),
+        [d[1].id.as_str()],
+        "released as it was due"
+    );
+    assert_eq!(
+        store.next_due(now, Vec::new()).await.expect("next_due"),
+        Some(T0 + 50 * SECOND),
+        "released to be due later"
+    );
+    assert_eq!(
+        ids(&claim(store, T0 + 50 * SECOND, &[]).await),
+        [d[0].id.as_str()]
+    );
+    assert_eq!(store.release_all().await.expect("release_all"), 3);
+    for delivery in &d {
+        let (stored, attempts) = one(store, &delivery.id).await;
+        assert_eq!((stored.state, stored.attempts), (DeliveryState::Pending, 0));
+        assert!(attempts.is_empty());
+    }
+}
+
+pub(super) async fn finish_stores_attempts_and_what_follows_each(store: &impl Webhooks) {
+    save(store, &hook("wh_a", "acct_a", &["*"], T0)).await;
+    for i in 0..4 {
+        queue(
+            store,
+            event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+        )
+        .await;
+    }
+    let d = all_of(store, "wh_a").await;
+    let now = T0 + SECOND;
+    assert_eq!(claim(store, now, &[]).await.len(), 4);
+
+    let ok = attempt(1, now, Some(200));
+    let retry = attempt(1, now + 1, Some(503));
+    let failed = attempt(1, now + 2, Some(500));
+    store
+        .finish(vec![
+            finished(d[0].id.as_str(), ok.clone(), Next::Succeeded),
+            finished(
+                d[1].id.as_str(),
+                retry.clone(),
+                Next::RetryAt(now + 300 * SECOND),
+            ),
+            finished(d[2].id.as_str(), failed.clone(), Next::Failed),
+        ])
+        .await
+        .expect("finish");
+
+    let (succeeded, attempts) = one(store, &d[0].id).await;
+    assert_eq!(succeeded.state, DeliveryState::Succeeded);
+    assert_eq!((succeeded.attempts, succeeded.last_status), (1, Some(200)));
+    assert_eq!(attempts, [ok]);
+    let (pending, attempts) = one(store, &d[1].id).await;
+    assert_eq!(pending.state, DeliveryState::Pending);
+    assert_eq!(pending.attempts, 1);
+    assert_eq!(pending.next_at, now + 300 * SECOND);
+    assert_eq!(pending.last_status, Some(503));
+    assert_eq!(pending.last_error, retry.error);
+    assert_eq!(attempts, [retry]);
+    let (gone, attempts) = one(store, &d[2].id).await;
+    assert_eq!((gone.state, gone.attempts), (DeliveryState::Failed, 1));
+    assert_eq!(attempts, [failed]);
+
+    // A retry's lease is gone: it is claimed again when due, not before.
+    assert!(claim(store, now + 299 * SECOND, &[]).await.is_empty());
+    assert_eq!(
+        ids(&claim(store, now + 300 * SECOND, &[]).await),
+        [d[1].id.as_str()]
+    );
+    let webhook = store
+        .webhook("wh_a", None)
+        .await
+        .expect("webhook")
+        .expect("stored");
+    assert_eq!(
+        webhook.failing_since,
+        Some(now + 1),
+        "failing since its first failure"
+    );
+    let listed = store.webhooks(Some("acct_a")).await.expect("webhooks");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].1,
+        Some(DeliveryState::Pending),
+        "the latest delivery's state"
+    );
+
+    let second = attempt(2, now + 300 * SECOND, Some(204));
+    store
+        .finish(vec![finished(
+            d[1].id.as_str(),
+            second.clone(),
+            Next::Succeeded,
+        )])
+        .await
+        .expect("finish");
+    let (_, attempts) = one(store, &d[1].id).await;
+    assert_eq!(attempts.len(), 2, "every attempt is kept");
+    assert_eq!(attempts[1], second);
+    let webhook = store
+        .webhook("wh_a", None)
+        .await
+        .expect("webhook")
+        .expect("stored");
+    assert_eq!(webhook.failing_since, None, "a success ends the failing");
+
+    // 410 Gone: the webhook is disabled and its queue fails with a reason.
+    queue(store, event("acct_a", "evt_next", "document.create", now)).await;
+    let waiting = all_of(store, "wh_a").await.pop().expect("the new delivery");
+    store
+        .finish(vec![finished(
+            d[3].id.as_str(),
+            attempt(1, now + 400 * SECOND, Some(410)),
+            Next::DisableWebhook("the receiver answered 410 Gone".to_owned()),
+        )])
+        .await
+        .expect("finish");
+    let webhook = store
+        .webhook("wh_a", None)
+        .await
+        .expect("webhook")
+        .expect("stored");
+    assert!(!webhook.enabled);
+    assert_eq!(
+        webhook.disabled_reason.as_deref(),
+        Some("the receiver answered 410 Gone")
+    );
+    assert_eq!(one(store, &d[3].id).await.0.state, DeliveryState::Failed);
+    let (waiting, attempts) = one(store, &waiting.id).await;
+    assert_eq!(waiting.state, DeliveryState::Failed);
+    assert!(attempts.is_empty(), "failed without an attempt");
+    assert!(
+        waiting
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("410")),
+        "{:?}",
+        waiting.last_error
+    );
+    assert_eq!(
+        queue(store, event("acct_a", "evt_after", "document.create", now)).await,
+        0,
+        "a disabled webhook gets no deliveries"
+    );
+}
+
+pub(super) async fn a_webhook_failing_for_the_disable_period_is_disabled(store: &impl Webhooks) {
+    save(store, &hook("wh_a", "acct_a", &["*"], T0)).await;
+    queue(store, event("acct_a", "evt_0", "document.create", T0)).await;
+    let d = all_of(store, "wh_a").await;
+    assert_eq!(claim(store, T0, &[]).await.len(), 1);
+    store
+        .finish(vec![finished(
+            d[0].id.as_str(),
+            attempt(1, T0, Some(500)),
+            Next::RetryAt(T0 + 4 * DAY),
+        )])
+        .await
+        .expect("finish");
+    assert_eq!(claim(store, T0 + 4 * DAY, &[]).await.len(), 1);
+    store
+        .finish(vec![finished(
+            d[0].id.as_str(),
+            attempt(2, T0 + 4 * DAY, Some(500)),
+            Next::RetryAt(T0 + 5 * DAY),
+        )])
+        .await
+        .expect("finish");
+    let webhook = store.webhook("wh_a", None).await.expect("webhook");
+    assert!(webhook.is_some_and(|w| w.enabled), "four days is not five");
+
+    assert_eq!(claim(store, T0 + 5 * DAY, &[]).await.len(), 1);
+    store
+        .finish(vec![finished(
+            d[0].id.as_str(),
+            attempt(3, T0 + 5 * DAY, Some(500)),
+            Next::RetryAt(T0 + 6 * DAY),
+        )])
+        .await
+        .expect("finish");
+    let webhook = store
+        .webhook("wh_a", None)
+        .await
+        .expect("webhook")
+        .expect("stored");
+    assert!(!webhook.enabled, "five days of failures disable it");
+    assert!(webhook.disabled_reason.is_some());
+    assert_eq!(one(store, &d[0].id).await.0.state, DeliveryState::Failed);
+}
+
+pub(super) async fn resend_and_recover_queue_finished_deliveries_for_one_more_attempt(
+    store: &impl Webhooks,
+) {
+    save(store, &hook("wh_a", "acct_a", &["*"], T0)).await;
+    for i in 0..4 {
+        queue(
+            store,
+            event(
+                "acct_a",
+                &format!("evt_{i}"),
+                "document.create",
+                T0 + i * 100 * SECOND,
+            ),
+        )
+        .await;
+    }
+    let d = all_of(store, "wh_a").await;
+    let now = T0 + 1_000 * SECOND;
+    assert_eq!(claim(store, now, &[]).await.len(), 4);
+    store
+        .finish(vec![
+            finished(
+                d[0].id.as_str(),
+                attempt(1, now, Some(200)),
+                Next::Succeeded,
+            ),
+            finished(d[1].id.as_str(), attempt(1, now, Some(500)), Next::Failed),
+            finished(d[2].id.as_str(), attempt(1, now, Some(500)), Next::Failed),
+        ])
+        .await
+        .expect("finish");
+    // d[3] stays pending (leased).
+
+    let later = now + 10 * SECOND;
+    let resend = |id: &str, owner: Option<&'static str>| {
+        let id = id.to_owned();
+        async move { store.resend(&id, owner, later).await.expect("resend") }
+    };
+    assert!(
+        !resend(d[3].id.as_str(), None).await,
+        "a pending delivery is not resent"
+    );
+    assert!(
+        !resend(d[1].id.as_str(), Some("acct_b")).await,
+        "nor another owner's"
+    );
+    assert!(!resend("msg_missing", None).await);
+    assert!(resend(d[1].id.as_str(), Some("acct_a")).await);
+    assert!(
+        resend(d[0].id.as_str(), None).await,
+        "a succeeded one may be sent again"
+    );
+    for resent in [&d[0], &d[1]] {
+        let (stored, _) = one(store, &resent.id).await;
+        assert_eq!(stored.state, DeliveryState::Pending);
+        assert_eq!(stored.next_at, later);
+        assert_eq!(
+            (stored.attempts, stored.max_attempts),
+            (1, 2),
+            "one more attempt"
+        );
+    }
+    assert_eq!(
+        ids(&claim(store, later, &[]).await),
+        [d[0].id.as_str(), d[1].id.as_str()],
+        "due at once"
+    );
+
+    // Recover takes the failed ones queued since a time.
+    assert_eq!(
+        store
+            .recover("wh_a", T0 + 150 * SECOND, later)
+            .await
+            .expect("recover"),
+        1,
+        "d[2] alone: d[1] is pending again"
+    );
+    let (recovered, _) = one(store, &d[2].id).await;
+    assert_eq!(recovered.state, DeliveryState::Pending);
+    assert_eq!((recovered.attempts, recovered.max_attempts), (1, 2));
+    assert_eq!(
+        store.recover("wh_a", T0, later).await.expect("recover"),
+        0,
+        "nothing failed is left"
+    );
+}
+
+pub(super) async fn prune_forgets_finished_deliveries_and_keeps_pending_ones(
+    store: &impl Webhooks,
+) {
+    save(store, &hook("wh_a", "acct_a", &["*"], T0)).await;
+    for i in 0..4 {
+        queue(
+            store,
+            event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+        )
+        .await;
+    }
+    queue(
+        store,
+        event("acct_a", "evt_new", "document.create", T0 + DAY),
+    )
+    .await;
+    let d = all_of(store, "wh_a").await;
+    let now = T0 + DAY;
+    assert_eq!(claim(store, now, &[]).await.len(), 5);
+    store
+        .finish(vec![
+            finished(
+                d[0].id.as_str(),
+                attempt(1, now, Some(200)),
+                Next::Succeeded,
+            ),
+            finished(d[1].id.as_str(), attempt(1, now, Some(500)), Next::Failed),
+            finished(
+                d[2].id.as_str(),
+                attempt(1, now, Some(500)),
+                Next::RetryAt(now + SECOND),
+            ),
+            finished(
+                d[4].id.as_str(),
+                attempt(1, now, Some(200)),
+                Next::Succeeded,
+            ),
+        ])
+        .await
+        .expect("finish");
+    // d[3] is in flight, d[2] waits for its retry.
+
+    assert_eq!(
+        store
+            .prune_deliveries(T0 + DAY / 2)
+            .await
+            .expect("prune_deliveries"),
+        2
+    );
+    assert!(store
+        .delivery(d[0].id.as_str(), None)
+        .await
+        .expect("delivery")
+        .is_none());
+    assert!(store
+        .delivery(d[1].id.as_str(), None)
+        .await
+        .expect("delivery")
+        .is_none());
+    for kept in [&d[2], &d[3], &d[4]] {
+        let (stored, attempts) = one(store, &kept.id).await;
+        assert_eq!(stored.payload, kept.payload, "its event is kept too");
+        assert_eq!(attempts.len(), usize::from(kept.id != d[3].id));
+    }
+    assert_eq!(all_of(store, "wh_a").await.len(), 3);
+}
+
+pub(super) async fn another_owner_s_webhooks_and_deliveries_are_out_of_reach(
+    store: &impl Webhooks,
+) {
+    let mine = hook("wh_mine", "acct_a", &["*"], T0);
+    save(store, &mine).await;
+    queue(store, event("acct_a", "evt_0", "document.create", T0)).await;
+    let delivery = all_of(store, "wh_mine").await.remove(0);
+
+    let reach = store
+        .webhook("wh_mine", Some("acct_b"))
+        .await
+        .expect("webhook");
+    assert_eq!(reach, None);
+    assert!(store
+        .webhooks(Some("acct_b"))
+        .await
+        .expect("webhooks")
+        .is_empty());
+    assert_eq!(
+        store
+            .delivery(&delivery.id, Some("acct_b"))
+            .await
+            .expect("delivery"),
+        None
+    );
+    assert!(!store
+        .delete_webhook("wh_mine", Some("acct_b"))
+        .await
+        .expect("delete_webhook"));
+    assert!(store
+        .delivery(&delivery.id, Some("acct_a"))
+        .await
+        .expect("delivery")
+        .is_some());
+    let everyone = store.webhooks(None).await.expect("webhooks");
+    assert_eq!(everyone.len(), 1, "a relay without tokens sees all");
+
+    assert!(store
+        .delete_webhook("wh_mine", Some("acct_a"))
+        .await
+        .expect("delete_webhook"));
+    assert_eq!(
+        store.delivery(&delivery.id, None).await.expect("delivery"),
+        None,
+        "its queue goes with it"
+    );
+    // An attempt that ends after the delete stores nothing, and fails not.
+    store
+        .finish(vec![finished(
+            &delivery.id,
+            attempt(1, T0, Some(200)),
+            Next::Succeeded,
+        )])
+        .await
+        .expect("finish after a delete");
+    assert!(store.webhooks(None).await.expect("webhooks").is_empty());
+}
+
+/// One test per case, each on a fresh SQLite file.
+mod sqlite {
+    macro_rules! cases {
+        ($($case:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let fresh = super::Fresh::new();
+                    super::$case(&fresh.store).await;
+                }
+            )*
+        };
+    }
+
+    cases!(
+        enqueue_fans_out_to_listeners_and_refuses_an_id_seen_within_the_window,
+        claim_takes_due_deliveries_in_order_an_ordered_webhook_s_oldest_only_and_skips,
+        release_gives_deliveries_back_without_an_attempt,
+        finish_stores_attempts_and_what_follows_each,
+        a_webhook_failing_for_the_disable_period_is_disabled,
+        resend_and_recover_queue_finished_deliveries_for_one_more_attempt,
+        prune_forgets_finished_deliveries_and_keeps_pending_ones,
+        another_owner_s_webhooks_and_deliveries_are_out_of_reach,
+    );
+}
