@@ -200,6 +200,16 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_DISPATCH_PER_WEBHOOK", default_value_t = ferry_relay::dispatch::Settings::DEFAULT_PER_WEBHOOK,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     dispatch_per_webhook: usize,
+    /// Delivery attempts in flight at once for one account's webhooks, so
+    /// that one account's slow receivers leave room for others'.
+    #[arg(long, env = "FERRY_RELAY_DISPATCH_PER_ACCOUNT", default_value_t = ferry_relay::dispatch::Settings::DEFAULT_PER_ACCOUNT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    dispatch_per_account: usize,
+    /// Pending deliveries one account may have; its events beyond get 429
+    /// until receivers catch up.
+    #[arg(long, env = "FERRY_RELAY_MAX_PENDING_DELIVERIES", default_value_t = ferry_relay::dispatch::Settings::DEFAULT_MAX_PENDING,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    max_pending_deliveries: u64,
     /// The waits before each delivery attempt, comma-separated: the number
     /// of waits is the number of attempts. Each gets up to a tenth of
     /// jitter.
@@ -387,6 +397,8 @@ fn config(args: &Args) -> Result<Config, String> {
             timeout: args.dispatch_timeout,
             concurrency: args.dispatch_concurrency,
             per_webhook: args.dispatch_per_webhook,
+            per_account: args.dispatch_per_account,
+            max_pending: args.max_pending_deliveries,
             schedule: args.retry_schedule.clone(),
             disable_after: args.disable_after,
             event_types: args.event_types.clone(),

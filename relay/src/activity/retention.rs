@@ -61,9 +61,10 @@ pub async fn prune_until(
             tracing::warn!(%err, "expired name holds not forgotten");
         }
         // Finished deliveries are kept as long as the log keeps their
-        // attempts.
-        let oldest =
-            now.saturating_sub(i64::try_from(retention.max_age.as_micros()).unwrap_or(i64::MAX));
+        // attempts, and event ids for the whole dedup window however short
+        // the retention.
+        let keep = retention.max_age.max(crate::dispatch::DEDUP_WINDOW);
+        let oldest = now.saturating_sub(i64::try_from(keep.as_micros()).unwrap_or(i64::MAX));
         if let Err(err) = webhooks.prune_deliveries(oldest).await {
             tracing::warn!(%err, "finished deliveries not pruned");
         }

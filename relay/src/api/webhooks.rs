@@ -95,6 +95,23 @@ fn delivery_not_found(id: &str) -> ApiError {
     )
 }
 
+/// A 409 for sending through a disabled webhook.
+fn disabled(webhook: &WebhookRecord) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "webhook_disabled",
+        format!(
+            "the webhook {} is disabled{}: enable it first with PUT {{\"enabled\": true}}",
+            webhook.id,
+            webhook
+                .disabled_reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+    )
+}
+
 fn with_status(mut response: Response<Body>, status: StatusCode) -> Response<Body> {
     *response.status_mut() = status;
     response
@@ -548,7 +565,7 @@ fn envelope(kind: &str, at: i64, data: &serde_json::Value) -> Result<bytes::Byte
 }
 
 async fn queue(dispatcher: &Dispatcher, event: NewEvent) -> Result<Response<Body>, ApiError> {
-    let id = event.id.clone();
+    let (id, owner) = (event.id.clone(), event.owner.clone());
     let dedup = i64::try_from(crate::dispatch::DEDUP_WINDOW.as_micros()).unwrap_or(0);
     let enqueued = dispatcher
         .store()
@@ -559,6 +576,7 @@ async fn queue(dispatcher: &Dispatcher, event: NewEvent) -> Result<Response<Body
         Enqueued::Queued(n) => (n, false),
         Enqueued::Duplicate => (0, true),
     };
+    dispatcher.queued(&owner, u64::try_from(queued).unwrap_or(u64::MAX));
     if queued > 0 {
         dispatcher.poke();
     }
@@ -570,6 +588,21 @@ async fn queue(dispatcher: &Dispatcher, event: NewEvent) -> Result<Response<Body
         }),
         StatusCode::ACCEPTED,
     ))
+}
+
+/// A 429 while `owner` has as many pending deliveries as it may.
+async fn full_queue(dispatcher: &Dispatcher, owner: Option<&str>) -> Result<(), ApiError> {
+    dispatcher
+        .pending_room(owner.unwrap_or_default())
+        .await
+        .map_err(|count| {
+            ApiError::too_many(
+                format!(
+                    "{count} deliveries of yours are pending, as many as this relay queues per account: they drain as your receivers answer (see GET /api/v1/webhooks/ID/deliveries?state=pending)"
+                ),
+                Duration::from_secs(30),
+            )
+        })
 }
 
 /// A 422 for an event type that is not in `types`, listing them.
@@ -609,6 +642,7 @@ pub(crate) async fn send_event(
         }
         None => format!("evt_{}", uuid::Uuid::now_v7().simple()),
     };
+    full_queue(dispatcher, owner).await?;
     let at = dispatcher.now();
     let payload = envelope(&input.kind, at, &input.data)?;
     queue(
@@ -635,6 +669,9 @@ pub(crate) async fn test(
     input: TestEventInput,
 ) -> Result<Response<Body>, ApiError> {
     let found = webhook(dispatcher, id, owner).await?;
+    if !found.enabled {
+        return Err(disabled(&found));
+    }
     let types = event_types(dispatcher, owner).await?;
     let chosen = match &input.kind {
         Some(kind) => types
@@ -723,6 +760,10 @@ pub(crate) async fn recover(
     query: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
     let found = webhook(dispatcher, id, owner).await?;
+    if !found.enabled {
+        return Err(disabled(&found));
+    }
+    full_queue(dispatcher, owner).await?;
     let since = form_urlencoded(query.unwrap_or_default())
         .into_iter()
         .find(|(key, _)| key == "since")
@@ -770,6 +811,21 @@ pub(crate) async fn resend(
     id: &str,
     owner: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
+    let (before, _) = dispatcher
+        .store()
+        .delivery(id, owner)
+        .await
+        .map_err(store_failed)?
+        .ok_or_else(|| delivery_not_found(id))?;
+    if let Some(hook) = dispatcher
+        .store()
+        .webhook(&before.webhook, owner)
+        .await
+        .map_err(store_failed)?
+        .filter(|w| !w.enabled)
+    {
+        return Err(disabled(&hook));
+    }
     let queued = dispatcher
         .store()
         .resend(id, owner, dispatcher.now())
@@ -785,7 +841,7 @@ pub(crate) async fn resend(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "delivery_pending",
-            "the delivery is still pending: its next attempt comes on its own",
+            "the delivery is still pending or in flight: its next attempt comes on its own",
         ));
     }
     dispatcher.poke();

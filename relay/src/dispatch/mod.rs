@@ -58,6 +58,11 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 const MIN_WAIT: Duration = Duration::from_millis(20);
 /// How long a claim holds a delivery beyond the attempt's timeout.
 const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// How long an account's count of pending deliveries is trusted.
+const PENDING_RECOUNT: Duration = Duration::from_secs(1);
+/// Accounts whose pending count is kept at most; the cache starts over
+/// beyond.
+const PENDING_CACHE: usize = 10_000;
 /// Event ids remembered per account.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// How long the secret before a rotation keeps signing.
@@ -91,6 +96,11 @@ pub struct Settings {
     pub concurrency: usize,
     /// Attempts in flight at once for one webhook (1 for an ordered one).
     pub per_webhook: usize,
+    /// Attempts in flight at once for one account's webhooks, so that one
+    /// account's slow receivers leave room for everyone else's.
+    pub per_account: usize,
+    /// Pending deliveries one account may have; events beyond get 429.
+    pub max_pending: u64,
     /// The waits before each attempt.
     pub schedule: RetrySchedule,
     /// A webhook whose deliveries only failed for this long is disabled.
@@ -106,6 +116,10 @@ impl Settings {
     pub const DEFAULT_CONCURRENCY: usize = 64;
     /// The default for [`Settings::per_webhook`].
     pub const DEFAULT_PER_WEBHOOK: usize = 16;
+    /// The default for [`Settings::per_account`]: half the slots.
+    pub const DEFAULT_PER_ACCOUNT: usize = 32;
+    /// The default for [`Settings::max_pending`].
+    pub const DEFAULT_MAX_PENDING: u64 = 100_000;
     /// The default for [`Settings::disable_after`].
     pub const DEFAULT_DISABLE_AFTER: Duration = Duration::from_secs(5 * 86_400);
 }
@@ -116,6 +130,8 @@ impl Default for Settings {
             timeout: Self::DEFAULT_TIMEOUT,
             concurrency: Self::DEFAULT_CONCURRENCY,
             per_webhook: Self::DEFAULT_PER_WEBHOOK,
+            per_account: Self::DEFAULT_PER_ACCOUNT,
+            max_pending: Self::DEFAULT_MAX_PENDING,
             schedule: RetrySchedule::standard(),
             disable_after: Self::DEFAULT_DISABLE_AFTER,
             event_types: Vec::new(),
@@ -225,6 +241,10 @@ struct Busy {
     draining: HashSet<String>,
     /// Ordered webhooks.
     ordered: HashSet<String>,
+    /// Each webhook's owner, as claims showed it.
+    owners: HashMap<String, String>,
+    /// Attempts in flight per owner.
+    owner_in_flight: HashMap<String, usize>,
 }
 
 /// The dispatcher.
@@ -257,6 +277,8 @@ pub struct Dispatcher {
     done_rx: Mutex<Option<mpsc::UnboundedReceiver<Done>>>,
     /// Counters.
     stats: DispatchStats,
+    /// Each account's pending deliveries, and when they were counted.
+    pending: Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
     /// Held while a webhook or event type is counted and added, so that
     /// concurrent calls cannot pass a per-account cap together.
     adding: tokio::sync::Mutex<()>,
@@ -289,6 +311,7 @@ impl Dispatcher {
             done_rx: Mutex::new(Some(done_rx)),
             stats: DispatchStats::default(),
             adding: tokio::sync::Mutex::new(()),
+            pending: Mutex::default(),
         })
     }
 
@@ -363,7 +386,8 @@ impl Dispatcher {
         }
     }
 
-    /// Webhooks the next claim leaves alone: at their limit, or paused.
+    /// Webhooks the next claim leaves alone: at their limit, their owner's,
+    /// or paused.
     fn skip_list(&self) -> Vec<String> {
         let busy = self.busy();
         let mut skip: Vec<String> = busy.paused.keys().cloned().collect();
@@ -373,7 +397,61 @@ impl Dispatcher {
                 .filter(|(webhook, count)| **count >= self.limit_of(&busy, webhook))
                 .map(|(webhook, _)| webhook.clone()),
         );
+        skip.extend(
+            busy.owners
+                .iter()
+                .filter(|(_, owner)| self.owner_full(&busy, owner))
+                .map(|(webhook, _)| webhook.clone()),
+        );
         skip
+    }
+
+    fn owner_full(&self, busy: &Busy, owner: &str) -> bool {
+        busy.owner_in_flight.get(owner).copied().unwrap_or(0) >= self.settings.per_account.max(1)
+    }
+
+    /// Whether `owner` may queue more deliveries (the count if not). The
+    /// pending count is read at most once a second, so a flood of events
+    /// costs one count a second; what was queued since is added to it.
+    pub async fn pending_room(&self, owner: &str) -> Result<(), u64> {
+        let now = tokio::time::Instant::now();
+        let cached = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(owner)
+            .filter(|(at, _)| now.duration_since(*at) < PENDING_RECOUNT)
+            .map(|(_, count)| *count);
+        let count = match cached {
+            Some(count) => count,
+            None => {
+                let count = self.store.pending(owner).await.unwrap_or(0);
+                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                if pending.len() > PENDING_CACHE {
+                    pending.clear();
+                }
+                pending.insert(owner.to_owned(), (now, count));
+                count
+            }
+        };
+        if count >= self.settings.max_pending {
+            Err(count)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counts `queued` more pending deliveries of `owner` until the next
+    /// recount.
+    pub fn queued(&self, owner: &str, queued: u64) {
+        if let Some((_, count)) = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(owner)
+        {
+            *count += queued;
+        }
     }
 
     /// Sends due deliveries until `shutdown`, then waits for the attempts
@@ -475,9 +553,14 @@ impl Dispatcher {
                 } else {
                     busy.ordered.remove(&webhook);
                 }
+                let owner = claim.webhook.owner.clone();
+                busy.owners.insert(webhook.clone(), owner.clone());
                 let limit = self.limit_of(&busy, &webhook);
                 let count = busy.in_flight.get(&webhook).copied().unwrap_or(0);
-                if count >= limit || busy.paused.contains_key(&webhook) {
+                if count >= limit
+                    || busy.paused.contains_key(&webhook)
+                    || self.owner_full(&busy, &owner)
+                {
                     None
                 } else {
                     Arc::clone(&self.permits)
@@ -485,6 +568,7 @@ impl Dispatcher {
                         .ok()
                         .inspect(|_| {
                             *busy.in_flight.entry(webhook.clone()).or_default() += 1;
+                            *busy.owner_in_flight.entry(owner).or_default() += 1;
                         })
                 }
             };
@@ -615,6 +699,19 @@ impl Dispatcher {
                         if *count == 0 {
                             busy.in_flight.remove(webhook);
                         }
+                    }
+                    let owner = busy.owners.get(webhook).cloned().unwrap_or_default();
+                    if let Some(count) = busy.owner_in_flight.get_mut(&owner) {
+                        *count = count.saturating_sub(1);
+                        if *count == 0 {
+                            busy.owner_in_flight.remove(&owner);
+                        }
+                    }
+                    // A webhook with nothing in flight is learned again at
+                    // its next claim, so deleted ones are not kept.
+                    if !busy.in_flight.contains_key(webhook) {
+                        busy.owners.remove(webhook);
+                        busy.ordered.remove(webhook);
                     }
                 }
             }

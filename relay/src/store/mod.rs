@@ -772,6 +772,9 @@ pub trait Webhooks: Send + Sync {
     /// again, one attempt each; returns how many.
     async fn recover(&self, webhook: &str, since: Micros, now: Micros) -> Result<u64, StoreError>;
 
+    /// How many of `owner`'s deliveries are pending.
+    async fn pending(&self, owner: &str) -> Result<u64, StoreError>;
+
     /// Forgets finished deliveries, and events without deliveries, queued
     /// before `before`.
     async fn prune_deliveries(&self, before: Micros) -> Result<u64, StoreError>;

@@ -4,6 +4,8 @@
 //! delivery either pending (and attempted again after the restart, under
 //! the same id) or finished.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -29,15 +31,15 @@ const WEBHOOK_COLUMNS: &str = "w.id, w.owner, w.name, w.method, w.url, w.actions
 
 /// The oldest pending delivery of each ordered webhook not skipped (`?2`,
 /// a JSON list), if unleased at `?1`: its `seq` and `next_at`.
-const ORDERED_HEADS: &str = "SELECT d.seq, d.next_at FROM webhooks w
+const ORDERED_HEADS: &str = "SELECT d.seq, d.next_at, w.owner FROM webhooks w
      JOIN deliveries d ON d.seq = (SELECT MIN(p.seq) FROM deliveries p
           WHERE p.webhook_id = w.id AND p.state = 'pending')
-     WHERE w.ordered = 1 AND w.id NOT IN (SELECT value FROM json_each(?2))
+     WHERE w.ordered = 1 AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?2))
        AND (d.leased_until IS NULL OR d.leased_until < ?1)";
 
 /// The unordered webhooks not skipped (`?1`, a JSON list).
-const UNORDERED: &str = "SELECT w.id FROM webhooks w
-     WHERE w.ordered = 0 AND w.id NOT IN (SELECT value FROM json_each(?1))";
+const UNORDERED: &str = "SELECT w.id, w.owner FROM webhooks w
+     WHERE w.ordered = 0 AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?1))";
 
 /// Up to `?3` deliveries of unordered webhook `?1` due and unleased at
 /// `?2`, oldest first, read along its pending index.
@@ -53,7 +55,7 @@ const UNORDERED_NEXT: &str = "SELECT MIN((SELECT MIN(d.next_at) FROM deliveries 
           WHERE d.webhook_id = w.id AND d.state = 'pending'
             AND (d.leased_until IS NULL OR d.leased_until < ?1)))
      FROM webhooks w
-     WHERE w.ordered = 0 AND w.id NOT IN (SELECT value FROM json_each(?2))";
+     WHERE w.ordered = 0 AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?2))";
 
 /// The columns a delivery is read from, in [`delivery_of`]'s order.
 const DELIVERY_COLUMNS: &str = "d.id, d.seq, d.webhook_id, e.owner, e.id, e.type, e.payload, \
@@ -128,15 +130,43 @@ fn attempts_of(conn: &Connection, delivery: i64) -> Result<Vec<AttemptRecord>, S
     Ok(attempts)
 }
 
+/// Up to `limit` of `candidates`, taking each owner's oldest in turn
+/// (owners with older deliveries first), so that one account's backlog
+/// does not hold back another's deliveries.
+fn take_in_turns(candidates: BTreeMap<String, Vec<i64>>, limit: usize) -> Vec<i64> {
+    let mut queues: Vec<std::vec::IntoIter<i64>> = candidates
+        .into_values()
+        .filter(|seqs| !seqs.is_empty())
+        .map(|mut seqs| {
+            seqs.sort_unstable();
+            seqs.into_iter()
+        })
+        .collect();
+    queues.sort_by_key(|q| q.as_slice().first().copied());
+    let mut taken = Vec::new();
+    while taken.len() < limit && !queues.is_empty() {
+        queues.retain_mut(|queue| match queue.next() {
+            Some(seq) if taken.len() < limit => {
+                taken.push(seq);
+                true
+            }
+            _ => false,
+        });
+    }
+    taken
+}
+
 fn json_list(items: &[String]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// Fails `webhook`'s pending deliveries with `reason`.
+/// Fails `webhook`'s pending deliveries with `reason`. An attempt in
+/// flight keeps its lease until its result is stored, so a resend cannot
+/// send the same delivery twice at once.
 fn fail_all(conn: &Connection, webhook: &str, reason: &str) -> Result<u64, StoreError> {
     let failed = conn
         .prepare_cached(
-            "UPDATE deliveries SET state = 'failed', leased_until = NULL, last_error = ?2
+            "UPDATE deliveries SET state = 'failed', last_error = ?2
              WHERE webhook_id = ?1 AND state = 'pending'",
         )?
         .execute(params![webhook, reason])?;
@@ -187,7 +217,11 @@ fn finish_one(conn: &Connection, done: &Finished) -> Result<(), StoreError> {
         Next::Failed | Next::DisableWebhook(_) => (DeliveryState::Failed, None),
     };
     conn.prepare_cached(
-        "UPDATE deliveries SET state = ?2, attempts = MAX(attempts, ?3), leased_until = NULL,
+        // A delivery failed while its attempt ran (its webhook was disabled)
+        // stays failed, unless the attempt delivered it.
+        "UPDATE deliveries SET
+            state = CASE WHEN state = 'pending' OR ?2 = 'succeeded' THEN ?2 ELSE state END,
+            attempts = MAX(attempts, ?3), leased_until = NULL,
             next_at = COALESCE(?4, next_at), last_status = ?5, last_error = ?6
          WHERE seq = ?1",
     )?
@@ -443,31 +477,31 @@ impl Webhooks for Sqlite {
         self.write(move |conn| {
             let tx = immediate(conn)?;
             let skip = json_list(&skip);
-            let mut seqs = Vec::new();
+            // Candidates per owner, oldest first.
+            let mut candidates: BTreeMap<String, Vec<i64>> = BTreeMap::new();
             {
                 let mut heads = tx.prepare_cached(ORDERED_HEADS)?;
                 let mut rows = heads.query(params![now, skip])?;
                 while let Some(row) = rows.next()? {
                     let (seq, next_at): (i64, Micros) = (row.get(0)?, row.get(1)?);
                     if next_at <= now {
-                        seqs.push(seq);
+                        candidates.entry(row.get(2)?).or_default().push(seq);
                     }
                 }
             }
-            let unordered: Vec<String> = tx
+            let unordered: Vec<(String, String)> = tx
                 .prepare_cached(UNORDERED)?
-                .query_map([&skip], |r| r.get(0))?
+                .query_map([&skip], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            for webhook in &unordered {
+            let per_webhook = i64::try_from(limit).unwrap_or(i64::MAX);
+            for (webhook, owner) in &unordered {
                 let mut due = tx.prepare_cached(UNORDERED_DUE)?;
-                for seq in due.query_map(params![webhook, now, limit], |r| r.get(0))? {
-                    seqs.push(seq?);
+                let mine = candidates.entry(owner.clone()).or_default();
+                for seq in due.query_map(params![webhook, now, per_webhook], |r| r.get(0))? {
+                    mine.push(seq?);
                 }
             }
-            // Each webhook's first `limit` hold the queue's first `limit`.
-            seqs.sort_unstable();
-            seqs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            let seqs = take_in_turns(candidates, limit);
             let mut claimed = Vec::with_capacity(seqs.len());
             for seq in seqs {
                 tx.prepare_cached("UPDATE deliveries SET leased_until = ?2 WHERE seq = ?1")?
@@ -615,7 +649,7 @@ impl Webhooks for Sqlite {
                 .prepare_cached(
                     "UPDATE deliveries SET state = 'pending', next_at = ?3, max_attempts = attempts + 1,
                         leased_until = NULL
-                     WHERE id = ?1 AND state != 'pending'
+                     WHERE id = ?1 AND state != 'pending' AND (leased_until IS NULL OR leased_until < ?3)
                        AND (?2 IS NULL OR event IN (SELECT key FROM events WHERE owner = ?2))",
                 )?
                 .execute(params![id, owner, now])?;
@@ -631,10 +665,26 @@ impl Webhooks for Sqlite {
                 .prepare_cached(
                     "UPDATE deliveries SET state = 'pending', next_at = ?3, max_attempts = attempts + 1,
                         leased_until = NULL
-                     WHERE webhook_id = ?1 AND state = 'failed' AND created_at >= ?2",
+                     WHERE webhook_id = ?1 AND state = 'failed' AND created_at >= ?2
+                       AND (leased_until IS NULL OR leased_until < ?3)",
                 )?
                 .execute(params![webhook, since, now])?;
             Ok(u64::try_from(changed).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn pending(&self, owner: &str) -> Result<u64, StoreError> {
+        let owner = owner.to_owned();
+        self.read(move |conn| {
+            let count: i64 = conn
+                .prepare_cached(
+                    "SELECT COALESCE(SUM((SELECT COUNT(*) FROM deliveries d
+                        WHERE d.webhook_id = w.id AND d.state = 'pending')), 0)
+                     FROM webhooks w WHERE w.owner = ?1",
+                )?
+                .query_row([owner], |r| r.get(0))?;
+            Ok(u64::try_from(count).unwrap_or(0))
         })
         .await
     }
