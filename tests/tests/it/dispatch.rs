@@ -1434,3 +1434,188 @@ async fn concurrent_creates_cannot_pass_the_webhook_cap_together() {
     assert_eq!(items(&api.get_json("/api/v1/webhooks").await).len(), cap);
     relay.stop().await;
 }
+
+/// A receiver that reports each request and answers it only when the test
+/// sends it a status through the returned channel.
+async fn held_receiver() -> (Origin, mpsc::Receiver<Arrival>, mpsc::Sender<u16>) {
+    let (answer_tx, answer_rx) = mpsc::channel::<u16>(64);
+    let answers = Arc::new(tokio::sync::Mutex::new(answer_rx));
+    let (origin, arrivals) = receiver(move |_| {
+        let answers = Arc::clone(&answers);
+        async move {
+            let code = answers.lock().await.recv().await.unwrap_or(503);
+            reply(code)
+        }
+    })
+    .await;
+    (origin, arrivals, answer_tx)
+}
+
+#[tokio::test]
+async fn an_attempt_in_flight_when_its_webhook_is_disabled_does_not_revive_its_delivery() {
+    // Two attempts, the second at once: a revived delivery would be sent
+    // again straight away.
+    let relay = TestRelay::start(config("0,0")).await;
+    let api = Api::of(&relay);
+    let (origin, mut arrivals, answers) = held_receiver().await;
+    let webhook = create(
+        &api,
+        json!({"name": "held", "url": url_of(&origin, "/h"), "actions": ["*"]}),
+    )
+    .await;
+    let path = format!("/api/v1/webhooks/{}", id_of(&webhook));
+    event(&api, json!({"type": "document.create", "data": {"n": 1}})).await;
+    let first = next(&mut arrivals, "the first attempt").await;
+    let (status, _) = call(&api, "PUT", &path, Some(&json!({"enabled": false}))).await;
+    assert_eq!(status, StatusCode::OK);
+    // While the attempt is in flight the delivery cannot be sent beside it.
+    let delivery = first.header("webhook-id").to_owned();
+    let (status, answer) = call(
+        &api,
+        "POST",
+        &format!("/api/v1/deliveries/{delivery}/resend"),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    answers.send(500).await.expect("the receiver waits");
+    poll(
+        &api,
+        "the attempt stored",
+        &format!("/api/v1/deliveries/{delivery}"),
+        |d| d["attempt_log"].as_array().is_some_and(|a| a.len() == 1),
+    )
+    .await;
+    let stored = api
+        .get_json(&format!("/api/v1/deliveries/{delivery}"))
+        .await;
+    assert_eq!(stored["state"], "failed", "{stored}");
+    // A disabled webhook sends no test and no resend.
+    let (status, answer) = call(
+        &api,
+        "POST",
+        &format!("/api/v1/deliveries/{delivery}/resend"),
+        Some(&json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["error"]["code"], "webhook_disabled");
+    let (status, _) = call(&api, "POST", &format!("{path}/test"), Some(&json!({}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // Enabled again, the next thing to arrive is a new event, not a retry.
+    call(&api, "PUT", &path, Some(&json!({"enabled": true}))).await;
+    event(&api, json!({"type": "document.create", "data": {"n": 2}})).await;
+    let after = next(&mut arrivals, "the next delivery").await;
+    assert_eq!(after.json()["data"], json!({"n": 2}));
+    answers.send(200).await.expect("the receiver waits");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn one_accounts_stalled_receivers_do_not_hold_back_anothers_deliveries() {
+    let relay = TestRelay::start(ferry_relay::Config {
+        tokens: vec![ferry_relay::Token::new("a"), ferry_relay::Token::new("b")],
+        egress_allow: ferry_relay::egress::Allow::loopback(),
+        dispatch: ferry_relay::dispatch::Settings {
+            // Longer than the test's patience: only a free slot helps b.
+            timeout: Duration::from_secs(600),
+            ..ferry_relay::dispatch::Settings::default()
+        },
+        ..ferry_relay::Config::default()
+    })
+    .await;
+    let (stalled, mut stalled_arrivals, _answers) = held_receiver().await;
+    let a = Api::with_token(&relay, "a");
+    for n in 0..4 {
+        create(
+            &a,
+            json!({"name": format!("stalled {n}"), "url": url_of(&stalled, "/s"), "actions": ["*"]}),
+        )
+        .await;
+    }
+    for n in 0..50 {
+        event(&a, json!({"type": "document.create", "data": {"n": n}})).await;
+    }
+    // a fills its share of the slots, and no more.
+    let per_account = ferry_relay::dispatch::Settings::DEFAULT_PER_ACCOUNT;
+    for _ in 0..per_account {
+        next(&mut stalled_arrivals, "a's attempts to start").await;
+    }
+    let b = Api::with_token(&relay, "b");
+    let (origin, mut arrivals) = accepting_receiver().await;
+    create(
+        &b,
+        json!({"name": "b's", "url": url_of(&origin, "/b"), "actions": ["*"]}),
+    )
+    .await;
+    event(&b, json!({"type": "document.create", "data": {"b": true}})).await;
+    let arrival = next(&mut arrivals, "b's delivery beside a's stalled ones").await;
+    assert_eq!(arrival.json()["data"], json!({"b": true}));
+    assert!(
+        stalled_arrivals.try_recv().is_err(),
+        "a holds no more than its share"
+    );
+    origin.stop().await;
+    stalled.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_account_with_a_full_queue_gets_429_until_it_drains() {
+    let relay = TestRelay::start(ferry_relay::Config {
+        egress_allow: ferry_relay::egress::Allow::loopback(),
+        dispatch: ferry_relay::dispatch::Settings {
+            max_pending: 3,
+            ..ferry_relay::dispatch::Settings::default()
+        },
+        ..ferry_relay::Config::default()
+    })
+    .await;
+    let api = Api::of(&relay);
+    let (origin, mut arrivals, answers) = held_receiver().await;
+    create(
+        &api,
+        json!({"name": "slow", "url": url_of(&origin, "/h"), "actions": ["*"], "ordered": true}),
+    )
+    .await;
+    for n in 0..3 {
+        event(&api, json!({"type": "document.create", "data": {"n": n}})).await;
+    }
+    let (status, answer) = api
+        .post_json(
+            "/api/v1/events",
+            &json!({"type": "document.create", "data": {"n": 3}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pending")),
+        "{answer}"
+    );
+    // Drained, the account may send again.
+    for _ in 0..3 {
+        next(&mut arrivals, "a held delivery").await;
+        answers.send(200).await.expect("the receiver waits");
+    }
+    within("the queue to take events again", async {
+        loop {
+            let (status, _) = api
+                .post_json(
+                    "/api/v1/events",
+                    &json!({"type": "document.create", "data": {"n": 4}}),
+                )
+                .await;
+            if status == StatusCode::ACCEPTED {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    answers.send(200).await.expect("the receiver waits");
+    origin.stop().await;
+    relay.stop().await;
+}
