@@ -88,7 +88,7 @@ fn log_show_export_and_replay_read_the_running_relay_and_then_its_database() {
         "{shown}"
     );
     assert!(
-        shown.contains("{\n  \"amount\": 42,\n  \"type\": \"paid\"\n}\n"),
+        shown.contains("{\n  \"type\": \"paid\",\n  \"amount\": 42\n}\n"),
         "{shown}"
     );
     assert!(shown.contains("\n← 200"), "{shown}");
