@@ -6,17 +6,23 @@
 //! - [`load`]: `wrk` where installed, and the built-in load generator.
 //! - [`origin`]: the fast origin everything is measured against.
 //! - [`metrics`]: a relay's `/metrics`, and the waits that read it.
+//! - [`dispatch`]: the webhook dispatcher's throughput and queue delay,
+//!   driven through the relay's API.
+//! - [`receiver`]: the loopback webhook receiver deliveries go to.
 //! - [`log_writes`]: the activity log's write rate, on the relay's store
 //!   in this process.
 //!
 //! Without a subcommand it runs every scenario and prints a table; the
-//! subcommands are the pieces it starts as separate processes.
+//! subcommands are the pieces it starts as separate processes, and the
+//! dispatcher's scenario alone.
 
+mod dispatch;
 mod load;
 mod log_writes;
 mod metrics;
 mod origin;
 mod procs;
+mod receiver;
 mod scenarios;
 
 use std::net::SocketAddr;
@@ -93,6 +99,8 @@ enum Command {
         #[arg(long)]
         entries: usize,
     },
+    /// Run only the webhook dispatcher's scenario and print its rows.
+    Dispatch,
     /// Open COUNT tunnels, print `connected in SECONDS`, and hold them until
     /// standard input closes.
     IdleTunnels {
@@ -109,7 +117,8 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => bench(cli.quick, cli.json, !cli.no_wrk).await,
+        None => bench(cli.quick, cli.json, !cli.no_wrk, Only::All).await,
+        Some(Command::Dispatch) => bench(cli.quick, cli.json, false, Only::Dispatcher).await,
         Some(Command::Origin { listen }) => match tokio::net::TcpListener::bind(listen).await {
             Ok(listener) => {
                 match listener.local_addr() {
@@ -178,7 +187,16 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), String> {
     Ok(())
 }
 
-async fn bench(quick: bool, json: bool, wrk: bool) -> Result<(), String> {
+/// Which scenarios a run takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    /// Every scenario.
+    All,
+    /// The webhook dispatcher's.
+    Dispatcher,
+}
+
+async fn bench(quick: bool, json: bool, wrk: bool, only: Only) -> Result<(), String> {
     let bin = procs::bin_dir()?;
     let wrk = wrk
         && std::process::Command::new("wrk")
@@ -191,7 +209,10 @@ async fn bench(quick: bool, json: bool, wrk: bool) -> Result<(), String> {
         Settings::full(wrk)
     };
     let started = Instant::now();
-    let rows = scenarios::run(&bin, &settings).await?;
+    let rows = match only {
+        Only::All => scenarios::run(&bin, &settings).await?,
+        Only::Dispatcher => scenarios::dispatcher(&bin, &settings).await?,
+    };
     let machine = machine();
     if json {
         return print_json(&serde_json::json!({

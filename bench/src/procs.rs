@@ -142,6 +142,17 @@ impl Proc {
         status_field(self.pid, "VmHWM:")
     }
 
+    /// CPU time used so far, user and system, all threads, in seconds.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // The command name, in parentheses, may hold spaces: count fields
+        // after it. utime and stime are fields 14 and 15 of the line.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        // Linux reports them in USER_HZ, 100 per second on every platform.
+        Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+    }
+
     /// Resets the peak resident memory to the current one (Linux
     /// `clear_refs` value 5).
     pub fn reset_peak(&self) {

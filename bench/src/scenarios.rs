@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::dispatch::{self, Stored, Throughput};
 use crate::load::{self, Outcome, Spec, Transfer};
 use crate::log_writes::WriteRate;
 use crate::metrics;
 use crate::procs::Proc;
+use crate::receiver::Receiver;
 
 /// How a run is sized.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +29,10 @@ pub struct Settings {
     pub restarts: usize,
     /// Entries appended to the activity log for its write rate.
     pub log_entries: usize,
+    /// Deliveries per dispatcher throughput run, spread over its webhooks.
+    pub dispatch_deliveries: usize,
+    /// Length of the dispatcher's steady-rate run.
+    pub dispatch_steady: Duration,
     /// Whether wrk drives the plain HTTP load.
     pub wrk: bool,
 }
@@ -41,6 +47,8 @@ impl Settings {
             idle_tunnels: 10_000,
             restarts: 10,
             log_entries: 200_000,
+            dispatch_deliveries: 20_000,
+            dispatch_steady: Duration::from_secs(20),
             wrk,
         }
     }
@@ -54,6 +62,8 @@ impl Settings {
             idle_tunnels: 100,
             restarts: 2,
             log_entries: 5_000,
+            dispatch_deliveries: 200,
+            dispatch_steady: Duration::from_secs(1),
             wrk: false,
         }
     }
@@ -180,37 +190,36 @@ async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
 
 /// Starts a relay on `listen` with a fresh data directory of its own, so
 /// that relays running together or one after another never share a log
-/// (nor leave one in the working directory).
+/// (nor leave one in the working directory), with `extra` flags.
 async fn start_relay(
     bin: &Path,
     listen: SocketAddr,
     capture: Capture,
+    extra: &[&str],
 ) -> Result<(Proc, SocketAddr), String> {
     // Every connection of the benchmark comes from this one machine, which
     // the relay's per-address connect rate, connection cap and share of a
     // tunnel's requests would otherwise (rightly) refuse.
-    let mut relay = Proc::spawn_with_dir(
-        &bin.join("ferry-relay"),
-        &[
-            "--listen".into(),
-            listen.to_string(),
-            "--capture".into(),
-            match capture {
-                Capture::On => "on",
-                Capture::Off => "off",
-            }
-            .into(),
-            "--connects-per-minute".into(),
-            "1000000".into(),
-            "--max-tunnels".into(),
-            "100000".into(),
-            "--max-connections-per-ip".into(),
-            "100000".into(),
-            "--max-requests-per-ip".into(),
-            "100000".into(),
-        ],
-        "--data-dir",
-    )?;
+    let mut args: Vec<String> = extra.iter().map(|&arg| arg.to_owned()).collect();
+    args.extend([
+        "--listen".into(),
+        listen.to_string(),
+        "--capture".into(),
+        match capture {
+            Capture::On => "on",
+            Capture::Off => "off",
+        }
+        .into(),
+        "--connects-per-minute".into(),
+        "1000000".into(),
+        "--max-tunnels".into(),
+        "100000".into(),
+        "--max-connections-per-ip".into(),
+        "100000".into(),
+        "--max-requests-per-ip".into(),
+        "100000".into(),
+    ]);
+    let mut relay = Proc::spawn_with_dir(&bin.join("ferry-relay"), &args, "--data-dir")?;
     let port: u16 = relay
         .wait_line("the relay", |line| {
             line.strip_prefix("ferry-relay listening on http://127.0.0.1:")?
@@ -249,7 +258,7 @@ impl Stack {
     async fn start(bin: &Path, capture: Capture) -> Result<Self, String> {
         let (origin, origin_addr) = start_origin(bin).await?;
         let (relay, relay_addr) =
-            start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), capture).await?;
+            start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), capture, &[]).await?;
         let (client, tunnel_host) = start_client(bin, relay_addr, origin_addr).await?;
         Ok(Self {
             bin: bin.to_path_buf(),
@@ -425,7 +434,7 @@ pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     rows.extend(log_writes(bin, settings).await?);
     rows.extend(reconnects(stack, settings).await?);
     rows.extend(idle_tunnels(bin, settings).await?);
-    rows.push(Row::new("dispatcher", "-").note("not measured: the dispatcher is not built yet"));
+    rows.extend(dispatcher(bin, settings).await?);
     Ok(rows)
 }
 
@@ -581,7 +590,7 @@ async fn reconnects(mut stack: Stack, settings: &Settings) -> Result<Vec<Row>, S
     let mut times = Vec::new();
     for _ in 0..settings.restarts {
         stack.relay.terminate().await?;
-        let (relay, addr) = start_relay(&stack.bin, stack.relay_addr, Capture::On).await?;
+        let (relay, addr) = start_relay(&stack.bin, stack.relay_addr, Capture::On, &[]).await?;
         let ready = Instant::now();
         stack.relay = relay;
         let spec = stack.tunnel("/1k", 1, Duration::ZERO, true);
@@ -624,7 +633,7 @@ async fn probe(addr: SocketAddr, host: &str) -> bool {
 async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     let (origin, origin_addr) = start_origin(bin).await?;
     let (relay, relay_addr) =
-        start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), Capture::On).await?;
+        start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), Capture::On, &[]).await?;
     let before = relay.rss_kib().unwrap_or(0);
     let args = [
         "idle-tunnels".to_owned(),
@@ -665,3 +674,126 @@ async fn idle_tunnels(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
 /// How long the relay gets to return memory once the last tunnel is gone:
 /// it looks every 5 s.
 const RELEASE_SETTLE: Duration = Duration::from_secs(6);
+
+/// Events per second of the dispatcher's steady-rate run.
+const STEADY_RATE: u32 = 100;
+/// Producers posting events in a throughput run.
+const PRODUCERS: usize = 4;
+/// What a dispatching relay needs beyond [`start_relay`]'s flags: the
+/// receiver is on loopback, which the egress guard refuses by default, and
+/// while it holds deliveries for a backlog, their attempts must not time
+/// out.
+const DISPATCH_FLAGS: &[&str] = &[
+    "--egress-allow",
+    "127.0.0.0/8",
+    "--dispatch-timeout",
+    "180s",
+];
+
+/// The webhook dispatcher: deliveries per second to a loopback receiver
+/// with one webhook and with four, end to end and draining a backlog, and
+/// the queue delay at a steady rate, each on a fresh relay (capture on, so
+/// every attempt is also logged).
+pub async fn dispatcher(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for (webhooks, backlog) in [(1, false), (4, false), (1, true), (4, true)] {
+        let events = settings.dispatch_deliveries / webhooks;
+        let (mut runs, mut cpu, mut catch_up, mut retries) =
+            (Vec::new(), Vec::new(), Vec::new(), 0);
+        for _ in 0..settings.rounds {
+            let (throughput, cpu_secs, stored) =
+                dispatch_round(bin, webhooks, events, backlog).await?;
+            let deliveries = events * webhooks;
+            cpu.push(cpu_secs * 1e6 / deliveries as f64);
+            catch_up.push(stored.catch_up_secs);
+            // Every extra attempt the relay counted, or, should its count
+            // miss one, every delivery that arrived twice.
+            retries += stored
+                .attempts
+                .saturating_sub(deliveries as u64)
+                .max(throughput.duplicates as u64);
+            runs.push(throughput);
+        }
+        let name = format!(
+            "dispatcher{}, {webhooks} webhook{}, {events} events by {PRODUCERS} producers",
+            if backlog { " draining a backlog" } else { "" },
+            if webhooks == 1 { "" } else { "s" }
+        );
+        let of =
+            |field: fn(&Throughput) -> f64| median(&mut runs.iter().map(field).collect::<Vec<_>>());
+        let (events_per_sec, deliveries_per_sec) =
+            (of(|t| t.events_per_sec), of(|t| t.deliveries_per_sec));
+        rows.extend(if backlog {
+            [
+                Row::new(&name, "events/s accepted, receiver holding").only(events_per_sec),
+                Row::new(&name, "deliveries/s from the receiver's first answer")
+                    .only(deliveries_per_sec),
+            ]
+        } else {
+            [
+                Row::new(&name, "events/s accepted").only(events_per_sec),
+                Row::new(&name, "deliveries/s delivered")
+                    .only(deliveries_per_sec)
+                    .at_least(5000.0, "deliveries/s"),
+            ]
+        });
+        rows.extend([
+            Row::new(&name, "relay CPU µs per delivery, intake included").only(median(&mut cpu)),
+            Row::new(&name, "s after the last arrival until all were stored")
+                .only(median(&mut catch_up)),
+            Row::new(&name, "attempts beyond one per delivery (all rounds)")
+                .only(retries as f64)
+                .at_most(0.0, "attempts"),
+        ]);
+    }
+    let (relay, addr) = start_relay(
+        bin,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        Capture::On,
+        DISPATCH_FLAGS,
+    )
+    .await?;
+    let mut receiver = Receiver::start().await?;
+    dispatch::create_webhooks(addr, &receiver, 1).await?;
+    let delay =
+        dispatch::queue_delay(addr, &mut receiver, STEADY_RATE, settings.dispatch_steady).await?;
+    relay.terminate().await?;
+    let name = format!(
+        "dispatcher queue delay, {STEADY_RATE} events/s for {} s, 1 webhook",
+        settings.dispatch_steady.as_secs_f64()
+    );
+    rows.extend([
+        Row::new(&name, "ms from 202 to arrival, p50").only(delay.accepted_p50_ms),
+        Row::new(&name, "ms from 202 to arrival, p99").only(delay.accepted_p99_ms),
+        Row::new(&name, "ms from POST to arrival, p50").only(delay.sent_p50_ms),
+        Row::new(&name, "ms from POST to arrival, p99").only(delay.sent_p99_ms),
+        Row::new(&name, "slowest 202, ms").only(delay.post_max_ms),
+    ]);
+    Ok(rows)
+}
+
+/// One throughput run on a fresh relay: what it measured, the relay's CPU
+/// seconds from the first POST to the last arrival, and what it stored.
+async fn dispatch_round(
+    bin: &Path,
+    webhooks: usize,
+    events: usize,
+    backlog: bool,
+) -> Result<(Throughput, f64, Stored), String> {
+    let (relay, addr) = start_relay(
+        bin,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        Capture::On,
+        DISPATCH_FLAGS,
+    )
+    .await?;
+    let mut receiver = Receiver::start().await?;
+    let ids = dispatch::create_webhooks(addr, &receiver, webhooks).await?;
+    let before = relay.cpu_secs().unwrap_or(0.0);
+    let throughput =
+        dispatch::throughput(addr, &mut receiver, webhooks, events, PRODUCERS, backlog).await?;
+    let cpu = relay.cpu_secs().unwrap_or(0.0) - before;
+    let stored = dispatch::stored(addr, &ids, events * webhooks).await?;
+    relay.terminate().await?;
+    Ok((throughput, cpu, stored))
+}

@@ -41,12 +41,14 @@ const ORDERED_HEADS: &str = "SELECT d.seq, d.next_at, w.owner FROM webhooks w
 const UNORDERED: &str = "SELECT w.id, w.owner FROM webhooks w
      WHERE w.ordered = 0 AND w.enabled = 1 AND w.id NOT IN (SELECT value FROM json_each(?1))";
 
-/// Up to `?3` deliveries of unordered webhook `?1` due and unleased at
-/// `?2`, oldest first, read along its pending index.
+/// The deliveries of unordered webhook `?1` due and unleased at `?2`,
+/// oldest first, read along its pending index; the caller stops reading
+/// at its limit. (A bound `LIMIT` would make SQLite plan the statement
+/// again at every use.)
 const UNORDERED_DUE: &str = "SELECT seq FROM deliveries
      WHERE webhook_id = ?1 AND state = 'pending'
        AND (leased_until IS NULL OR leased_until < ?2) AND next_at <= ?2
-     ORDER BY seq LIMIT ?3";
+     ORDER BY seq";
 
 /// When the next delivery of an unordered webhook not skipped (`?2`) that
 /// is unleased at `?1` is due; one webhook at a time, so that the planner
@@ -154,6 +156,10 @@ fn take_in_turns(candidates: BTreeMap<String, Vec<i64>>, limit: usize) -> Vec<i6
         });
     }
     taken
+}
+
+fn json_list_of(seqs: &[i64]) -> String {
+    serde_json::to_string(seqs).unwrap_or_else(|_| "[]".to_owned())
 }
 
 fn json_list(items: &[String]) -> String {
@@ -419,21 +425,24 @@ impl Webhooks for Sqlite {
                 return Ok(Enqueued::Duplicate);
             }
             let targets: Vec<String> = {
+                let mut targets = Vec::new();
                 let mut statement = tx.prepare_cached(&format!(
                     "SELECT {WEBHOOK_COLUMNS} FROM webhooks w
-                     WHERE w.owner = ?1 AND (?2 IS NULL OR w.id = ?2) ORDER BY w.created_at, w.id"
+                     WHERE w.owner = ?1 AND (?2 IS NULL OR w.id = ?2)"
                 ))?;
                 let mut rows = statement.query(params![event.owner, event.only])?;
-                let mut targets = Vec::new();
                 while let Some(row) = rows.next()? {
                     let webhook = webhook_of(row, 0)?;
                     let wanted = event.only.is_some()
                         || (webhook.enabled && listens_to(&webhook.actions, &event.kind));
                     if wanted {
-                        targets.push(webhook.id);
+                        targets.push((webhook.created_at, webhook.id));
                     }
                 }
-                targets
+                // In creation order, sorted here: an ORDER BY beside a bound
+                // owner is planned again at every use.
+                targets.sort_unstable();
+                targets.into_iter().map(|(_, id)| id).collect()
             };
             tx.prepare_cached(
                 "INSERT INTO events (owner, id, type, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -493,26 +502,33 @@ impl Webhooks for Sqlite {
                 .prepare_cached(UNORDERED)?
                 .query_map([&skip], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let per_webhook = i64::try_from(limit).unwrap_or(i64::MAX);
             for (webhook, owner) in &unordered {
                 let mut due = tx.prepare_cached(UNORDERED_DUE)?;
                 let mine = candidates.entry(owner.clone()).or_default();
-                for seq in due.query_map(params![webhook, now, per_webhook], |r| r.get(0))? {
+                for seq in due
+                    .query_map(params![webhook, now], |r| r.get(0))?
+                    .take(limit)
+                {
                     mine.push(seq?);
                 }
             }
-            let seqs = take_in_turns(candidates, limit);
-            let mut claimed = Vec::with_capacity(seqs.len());
-            for seq in seqs {
-                tx.prepare_cached("UPDATE deliveries SET leased_until = ?2 WHERE seq = ?1")?
-                    .execute(params![seq, lease_until])?;
+            let seqs = json_list_of(&take_in_turns(candidates, limit));
+            // One statement each for all the claimed: a statement per
+            // delivery (`seq = ?`) was planned again at every use.
+            tx.prepare_cached(
+                "UPDATE deliveries SET leased_until = ?2
+                 WHERE seq IN (SELECT value FROM json_each(?1))",
+            )?
+            .execute(params![seqs, lease_until])?;
+            let mut claimed = Vec::new();
+            {
                 let mut statement = tx.prepare_cached(&format!(
                     "SELECT {DELIVERY_COLUMNS}, {WEBHOOK_COLUMNS} FROM deliveries d
                      JOIN events e ON e.key = d.event JOIN webhooks w ON w.id = d.webhook_id
-                     WHERE d.seq = ?1"
+                     WHERE d.seq IN (SELECT value FROM json_each(?1)) ORDER BY d.seq"
                 ))?;
-                let mut rows = statement.query([seq])?;
-                if let Some(row) = rows.next()? {
+                let mut rows = statement.query([&seqs])?;
+                while let Some(row) = rows.next()? {
                     claimed.push(Claimed {
                         delivery: delivery_of(row)?,
                         webhook: webhook_of(row, 14)?,
@@ -751,7 +767,7 @@ mod tests {
         let plans = [
             plan(&conn, ORDERED_HEADS, rusqlite::params![1, "[]"]),
             plan(&conn, UNORDERED, rusqlite::params!["[]"]),
-            plan(&conn, UNORDERED_DUE, rusqlite::params!["wh_a", 1, 10]),
+            plan(&conn, UNORDERED_DUE, rusqlite::params!["wh_a", 1]),
             plan(&conn, UNORDERED_NEXT, rusqlite::params![1, "[]"]),
         ];
         for steps in &plans {
