@@ -73,25 +73,28 @@ fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
 }
 
-fn webhook_not_found(id: &str) -> ApiError {
+/// A 404 for a `what` (webhook, delivery) that is not the caller's, or not
+/// at all, saying where the caller's are listed.
+fn not_found(what: &str, id: &str, listed: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
         format!(
-            "no webhook `{}` of yours: list them with GET /api/v1/webhooks",
+            "no {what} `{}` of yours: {listed}",
             id.chars().take(64).collect::<String>()
         ),
     )
 }
 
+fn webhook_not_found(id: &str) -> ApiError {
+    not_found("webhook", id, "list them with GET /api/v1/webhooks")
+}
+
 fn delivery_not_found(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!(
-            "no delivery `{}` of yours: a webhook's deliveries are at GET /api/v1/webhooks/ID/deliveries",
-            id.chars().take(64).collect::<String>()
-        ),
+    not_found(
+        "delivery",
+        id,
+        "a webhook's deliveries are at GET /api/v1/webhooks/ID/deliveries",
     )
 }
 

@@ -1619,3 +1619,38 @@ async fn an_account_with_a_full_queue_gets_429_until_it_drains() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_paging_and_recovery_parameters_get_400_with_a_message() {
+    let relay = TestRelay::start(config("0")).await;
+    let api = Api::of(&relay);
+    let webhook = create(
+        &api,
+        json!({"name": "x", "url": "https://example.com/", "actions": ["*"]}),
+    )
+    .await;
+    let base = format!("/api/v1/webhooks/{}", id_of(&webhook));
+    for query in [
+        "state=lost",
+        "limit=0",
+        "limit=100000",
+        "before=abc",
+        "color=blue",
+    ] {
+        let (status, body) = api.get(&format!("{base}/deliveries?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        let answer: Value = serde_json::from_slice(&body).expect("a JSON error");
+        assert!(answer["error"]["message"].is_string(), "{query}: {answer}");
+    }
+    for query in ["", "?since=yesterday-ish"] {
+        let (status, answer) = call(
+            &api,
+            "POST",
+            &format!("{base}/recover{query}"),
+            Some(&json!({})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+    }
+    relay.stop().await;
+}
