@@ -32,6 +32,29 @@ export async function api(method, path, body, signal) {
     if (err.name === 'AbortError') throw err;
     throw new ApiError(0, 'network', `The relay cannot be reached (${err.message}).`);
   }
+  return answer(res);
+}
+
+/**
+ * Checks that a GET would succeed without reading its body (a live feed
+ * never ends); throws its ApiError when not.
+ */
+export async function probe(path) {
+  const abort = new AbortController();
+  let res;
+  try {
+    res = await fetch(`/api/v1${path}`, { credentials: 'same-origin', signal: abort.signal });
+  } catch (err) {
+    throw new ApiError(0, 'network', `The relay cannot be reached (${err.message}).`);
+  }
+  if (res.ok) {
+    abort.abort();
+    return;
+  }
+  await answer(res);
+}
+
+async function answer(res) {
   if (res.status === 204) return null;
   const text = await res.text();
   let data = null;

@@ -26,7 +26,7 @@ function setReady(ready) {
 }
 
 /** Parses `#/path?query` into its path and query. */
-function location() {
+function currentRoute() {
   const hash = window.location.hash.replace(/^#/, '') || '/';
   const i = hash.indexOf('?');
   return {
@@ -52,7 +52,7 @@ function markNav(section) {
 
 async function route() {
   if (session && !session.open && !session.signed_in) return showSignIn();
-  const { path, query } = location();
+  const { path, query } = currentRoute();
   const match = routes.find(([re]) => re.test(path));
   if (!match) {
     window.location.replace('#/log');

@@ -1,6 +1,6 @@
 // #/log: the activity log, newest first, fed live by the server-sent events
 // stream and paged backwards by cursor as the reader scrolls.
-import { get, query } from './api.js';
+import { get, probe, query } from './api.js';
 import { h, replace, timeEl, fmtMs, fmtSize, statusEl, clearError } from './dom.js';
 
 const PAGE = 50;
@@ -180,17 +180,26 @@ export async function render(ctx) {
         live.textContent = 'disconnected, retrying';
         live.className = 'pill bad';
         es.close();
-        setTimeout(() => {
-          if (signal.aborted) return;
-          // A plain request tells why (and a 401 brings up the sign-in form).
-          get(`/requests${query({ ...filters, limit: 1 })}`, signal)
-            .then(() => openStream(signal, true), (err) => { ctx.fail(err); es.dispatchEvent(new Event('error')); });
-        }, RETRY_MS);
+        setTimeout(() => retry(signal), RETRY_MS);
       } else {
         live.textContent = 'reconnecting';
         live.className = 'pill warn';
       }
     });
+  };
+
+  // EventSource hides why it was refused; a fetch of the same URL shows
+  // the status and the API's message (and a 401 brings up the sign-in form).
+  const retry = async (signal) => {
+    if (signal.aborted) return;
+    try {
+      await probe(`/requests/stream${query(filters)}`);
+    } catch (err) {
+      ctx.fail(err);
+      setTimeout(() => retry(signal), RETRY_MS);
+      return;
+    }
+    if (!signal.aborted) openStream(signal, true);
   };
 
   const start = async () => {

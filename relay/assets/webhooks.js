@@ -200,10 +200,10 @@ function manage(ctx, hook, types) {
     }
   });
   const rotate = h('button', { type: 'button', id: 'wh-rotate', class: 'secondary small', text: 'Rotate' });
-  rotate.addEventListener('click', () => {
-    if (!confirm('Make a new secret? Deliveries carry both signatures for 24 hours.')) return;
-    call(rotate, 'POST', `/webhooks/${enc(hook.id)}/rotate-secret`, {}, () => { notify('Secret rotated'); return again(); });
-  });
+  // No confirmation: for 24 hours deliveries carry both signatures, so a
+  // rotation never breaks a receiver that keeps the old secret for a while.
+  rotate.addEventListener('click', () => call(rotate, 'POST', `/webhooks/${enc(hook.id)}/rotate-secret`, {},
+    () => { notify('Secret rotated: the previous one still signs for 24 hours'); return again(); }));
 
   const testTypes = types.map((t) => t.name).filter((t) => hook.actions.some((a) => matches(a, t)));
   const testType = h('select', { id: 'wh-test-type', 'aria-label': 'Event type to send' }, testTypes.map((t) => h('option', { value: t, text: t })));
@@ -214,11 +214,12 @@ function manage(ctx, hook, types) {
   const toggle = h('button', { type: 'button', id: 'wh-toggle', class: 'secondary', text: hook.enabled ? 'Disable' : 'Enable' });
   toggle.addEventListener('click', () => call(toggle, 'PUT', `/webhooks/${enc(hook.id)}`, { enabled: !hook.enabled },
     () => { notify(hook.enabled ? 'Disabled' : 'Enabled'); return again(); }));
-  const del = h('button', { type: 'button', id: 'wh-delete', class: 'danger', text: 'Delete' });
-  del.addEventListener('click', () => {
-    if (!confirm(`Delete the webhook "${hook.name}" and its queue? Its attempts stay in the activity log.`)) return;
-    call(del, 'DELETE', `/webhooks/${enc(hook.id)}`, {}, () => { notify('Webhook deleted'); window.location.hash = '#/webhooks'; });
-  });
+  // Deleting asks again in the page, not with confirm(): a dialog would
+  // block the page and browser automation dismisses it.
+  const really = h('button', { type: 'button', id: 'wh-delete-confirm', class: 'danger', hidden: true, text: `Delete "${hook.name}" and its queue` });
+  const del = h('button', { type: 'button', id: 'wh-delete', class: 'danger', text: 'Delete…', onclick: () => { really.hidden = false; really.focus(); } });
+  really.addEventListener('click', () => call(really, 'DELETE', `/webhooks/${enc(hook.id)}`, {},
+    () => { notify('Webhook deleted'); window.location.hash = '#/webhooks'; }));
 
   return h('section', { class: 'panel manage' },
     h('div', { class: 'row' },
@@ -226,7 +227,7 @@ function manage(ctx, hook, types) {
     hook.previous_secret_until ? h('p', { class: 'muted' }, 'The previous secret still signs until ', timeEl(hook.previous_secret_until), '.') : null,
     !hook.enabled && hook.disabled_reason ? h('p', { class: 'note warn', text: `Disabled: ${hook.disabled_reason}` }) : null,
     hook.failing_since ? h('p', { class: 'note warn' }, 'Deliveries failing since ', timeEl(hook.failing_since), '.') : null,
-    h('div', { class: 'row' }, testType, test, toggle, del),
+    h('div', { class: 'row' }, testType, test, toggle, del, really),
     h('p', { class: 'muted small' }, 'Created ', timeEl(hook.created_at), ', updated ', timeEl(hook.updated_at), '. Id ', h('span', { class: 'mono', text: hook.id })));
 }
 
