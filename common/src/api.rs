@@ -31,6 +31,12 @@ pub struct TunnelInfo {
     pub client_version: Option<String>,
     /// The local target the client forwards to, as it said.
     pub target: Option<String>,
+    /// Public requests sent to it since the client connected.
+    #[serde(default)]
+    pub requests: u64,
+    /// When the last of them arrived, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub last_request_at: Option<u64>,
 }
 
 /// The answer of `GET /api/v1/tunnels`.

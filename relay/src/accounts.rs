@@ -6,11 +6,14 @@
 //! with `--token` flags each token is its own account, whose id is derived
 //! from a hash of the token.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use hyper::header::{self, HeaderMap};
+use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 
 use crate::limits::RateLimit;
@@ -102,6 +105,88 @@ pub enum AuthError {
     /// Too many wrong tokens came from this address.
     #[error("too many wrong tokens from your address: wait {} s and check the token", .0.as_secs().max(1))]
     Throttled(Duration),
+    /// A session cookie the relay does not know (signed out, expired, or
+    /// from before a restart).
+    #[error("your dashboard session has ended: sign in again with your token")]
+    SessionEnded,
+    /// A session cookie sent by a page of another site (a tunnel's page
+    /// included): only the dashboard itself may use it.
+    #[error("the dashboard session may only be used by the dashboard's own pages")]
+    ForeignPage,
+}
+
+/// The dashboard's session cookie.
+pub const SESSION_COOKIE: &str = "ferry_session";
+
+/// How long a dashboard session lasts after sign-in.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Sessions one account may hold at once; signing in again ends its
+/// oldest, so repeated sign-ins cannot grow the table.
+const SESSIONS_PER_ACCOUNT: usize = 16;
+
+/// Dashboard sessions, in memory: a restart signs everyone out. Keyed on
+/// the SHA-256 of the cookie, so the table holds no usable secret.
+#[derive(Debug, Default)]
+struct Sessions(Mutex<HashMap<[u8; 32], Session>>);
+
+#[derive(Debug)]
+struct Session {
+    account: AccountId,
+    started: Instant,
+}
+
+impl Sessions {
+    fn key(cookie: &str) -> [u8; 32] {
+        Sha256::digest(cookie.as_bytes()).into()
+    }
+
+    fn start(&self, account: AccountId) -> Option<String> {
+        let mut secret = [0u8; 32];
+        SystemRandom::new().fill(&mut secret).ok()?;
+        let cookie: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
+        let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        sessions.retain(|_, s| s.started.elapsed() < SESSION_LIFETIME);
+        let mut own: Vec<_> = sessions
+            .iter()
+            .filter(|(_, s)| s.account == account)
+            .map(|(key, s)| (s.started, *key))
+            .collect();
+        if own.len() >= SESSIONS_PER_ACCOUNT {
+            own.sort();
+            for (_, key) in &own[..=own.len() - SESSIONS_PER_ACCOUNT] {
+                sessions.remove(key);
+            }
+        }
+        let started = Instant::now();
+        sessions.insert(Self::key(&cookie), Session { account, started });
+        Some(cookie)
+    }
+
+    fn find(&self, cookie: &str) -> Option<AccountId> {
+        let sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        sessions
+            .get(&Self::key(cookie))
+            .filter(|s| s.started.elapsed() < SESSION_LIFETIME)
+            .map(|s| s.account.clone())
+    }
+
+    fn end(&self, cookie: &str) {
+        let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        sessions.remove(&Self::key(cookie));
+    }
+}
+
+/// The value of the session cookie in `headers`, if any.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.trim())
 }
 
 /// Checks bearer tokens, and throttles addresses that keep guessing.
@@ -111,6 +196,8 @@ pub struct Accounts {
     tokens: Vec<Token>,
     /// Failed checks per address; only failures spend from it.
     failures: RateLimit,
+    /// Dashboard sessions signed in with a token.
+    sessions: Sessions,
 }
 
 impl Accounts {
@@ -120,6 +207,7 @@ impl Accounts {
         Self {
             tokens,
             failures: RateLimit::per_minute(failures_per_minute),
+            sessions: Sessions::default(),
         }
     }
 
@@ -128,8 +216,8 @@ impl Accounts {
         self.tokens.is_empty()
     }
 
-    /// The account of the bearer token in `headers`: `Ok(None)` on an open
-    /// relay.
+    /// The account of the bearer token in `headers`, or else of the
+    /// dashboard session cookie: `Ok(None)` on an open relay.
     pub fn authorize(
         &self,
         headers: &HeaderMap,
@@ -148,10 +236,52 @@ impl Accounts {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
         let Some(presented) = presented else {
+            return self.session(headers).map(Some);
+        };
+        self.check(presented, from).map(Some)
+    }
+
+    /// The account of a dashboard session. Tunnels are the relay's
+    /// subdomains, so a tunnel's page is same-site with the dashboard and
+    /// its browser would send the cookie: only the dashboard's own origin
+    /// (or a navigation typed by the user) may use it.
+    fn session(&self, headers: &HeaderMap) -> Result<AccountId, AuthError> {
+        let Some(cookie) = session_cookie(headers) else {
             return Err(AuthError::Missing);
         };
+        let fetch_site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+        if !matches!(fetch_site, None | Some(b"same-origin" | b"none")) {
+            return Err(AuthError::ForeignPage);
+        }
+        self.sessions.find(cookie).ok_or(AuthError::SessionEnded)
+    }
+
+    /// Checks `token` for a dashboard sign-in and starts a session for its
+    /// account: the cookie's value.
+    pub fn sign_in(&self, token: &str, from: IpAddr) -> Result<(AccountId, String), AuthError> {
+        if let Some(wait) = self.failures.blocked(from) {
+            return Err(AuthError::Throttled(wait));
+        }
+        let account = self.check(token.trim(), from)?;
+        let cookie = self
+            .sessions
+            .start(account.clone())
+            .ok_or(AuthError::SessionEnded)?;
+        Ok((account, cookie))
+    }
+
+    /// Ends the dashboard session in `headers`, if any.
+    pub fn sign_out(&self, headers: &HeaderMap) {
+        if let Some(cookie) = session_cookie(headers) {
+            self.sessions.end(cookie);
+        }
+    }
+
+    /// The account of `presented`; a wrong token spends from its
+    /// address's allowance.
+    fn check(&self, presented: &str, from: IpAddr) -> Result<AccountId, AuthError> {
         match self.tokens.iter().find(|token| token.matches(presented)) {
-            Some(token) => Ok(Some(token.account().clone())),
+            Some(token) => Ok(token.account().clone()),
             None => {
                 // This failure may be the one that blocks the address; the
                 // answer is the same either way.

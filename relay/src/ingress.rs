@@ -307,7 +307,11 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
     match route(&host, &state.config.domain) {
         Ok(Route::Relay) => {
             let h2_caller = req.version() == Version::HTTP_2;
-            let response = api::handle(state, link.peer.ip(), &link.activity, req).await;
+            let caller = api::Caller {
+                peer: link.peer.ip(),
+                https: link.https,
+            };
+            let response = api::handle(state, caller, &link.activity, req).await;
             if h2_caller {
                 // An API answer (a detail view, a HAR, a live feed) waits
                 // on an HTTP/2 caller's credit like a tunnel's does.

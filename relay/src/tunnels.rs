@@ -116,6 +116,11 @@ pub struct Tunnel {
     max_in_flight: usize,
     /// Requests in flight per caller address.
     per_ip: Arc<PerIp>,
+    /// Public requests admitted since the client connected.
+    requests: AtomicU64,
+    /// When the last one was admitted, in seconds since the Unix epoch (0:
+    /// none yet).
+    last_request: AtomicU64,
 }
 
 /// A request's place in its tunnel, held until its response ends (or its
@@ -182,10 +187,25 @@ impl Tunnel {
             .per_ip
             .acquire(caller)
             .ok_or_else(|| SendError::CallerBusy(self.name.clone(), self.per_ip.limit()))?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_request.store(now, Ordering::Relaxed);
         Ok(Admission {
             _slot: slot,
             _caller: caller,
         })
+    }
+
+    /// Public requests admitted since the client connected, and when the
+    /// last one was (seconds since the Unix epoch).
+    pub fn request_counts(&self) -> (u64, Option<u64>) {
+        let last = self.last_request.load(Ordering::Relaxed);
+        (
+            self.requests.load(Ordering::Relaxed),
+            (last > 0).then_some(last),
+        )
     }
 
     /// Sends `request` (already admitted) to the client with `meta`, and
@@ -404,6 +424,8 @@ impl Tunnels {
             sender: watch::Sender::new(None),
             in_flight: Arc::new(Semaphore::new(self.limits.max_in_flight)),
             max_in_flight: self.limits.max_in_flight,
+            requests: AtomicU64::new(0),
+            last_request: AtomicU64::new(0),
             per_ip: PerIp::new(self.limits.max_in_flight_per_ip),
             replaces: Mutex::new(None),
         });

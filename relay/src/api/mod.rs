@@ -2,6 +2,7 @@
 //! `/api/v1/`, routed by one table ([`ROUTES`]) that tests can enumerate.
 //! Errors share one JSON shape, `{"error": {"code", "message"}}`.
 
+pub mod dashboard;
 pub mod requests;
 pub mod webhooks;
 
@@ -73,6 +74,12 @@ pub enum Endpoint {
     EventTypes,
     /// `POST /api/v1/events`: an event, fanned out to its webhooks.
     Events,
+    /// `GET|POST|DELETE /api/v1/session`: the dashboard's sign-in.
+    Session,
+    /// `GET /`: the dashboard's page.
+    Dashboard,
+    /// `GET /assets/{*path}`: the dashboard's scripts and styles.
+    Asset,
 }
 
 /// One route: a path pattern, the methods it answers and where it leads.
@@ -88,6 +95,21 @@ pub struct Route {
 
 /// Every route of the relay's own host.
 pub const ROUTES: &[Route] = &[
+    Route {
+        path: "/",
+        methods: &["GET"],
+        endpoint: Endpoint::Dashboard,
+    },
+    Route {
+        path: "/assets/{*path}",
+        methods: &["GET"],
+        endpoint: Endpoint::Asset,
+    },
+    Route {
+        path: "/api/v1/session",
+        methods: &["GET", "POST", "DELETE"],
+        endpoint: Endpoint::Session,
+    },
     Route {
         path: "/healthz",
         methods: &["GET"],
@@ -307,6 +329,12 @@ impl From<AuthError> for ApiError {
                 Self::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
                     .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
             }
+            AuthError::SessionEnded => {
+                Self::new(StatusCode::UNAUTHORIZED, "session_ended", err.to_string())
+            }
+            AuthError::ForeignPage => {
+                Self::new(StatusCode::FORBIDDEN, "foreign_page", err.to_string())
+            }
         }
     }
 }
@@ -328,22 +356,32 @@ pub fn error_response(err: ApiError) -> Response<Body> {
 /// Serves a request to the relay's own host.
 pub(crate) async fn handle(
     state: &Arc<State>,
-    peer: IpAddr,
+    caller: Caller,
     connection: &Arc<Activity>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match route(state, peer, connection, req).await {
+    match route(state, caller, connection, req).await {
         Ok(response) => response,
         Err(err) => error_response(err),
     }
 }
 
+/// Who called the relay's own host, and how.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caller {
+    /// The caller's address.
+    pub peer: IpAddr,
+    /// Whether the call came over TLS (session cookies are `Secure` then).
+    pub https: bool,
+}
+
 async fn route(
     state: &Arc<State>,
-    peer: IpAddr,
+    caller: Caller,
     connection: &Arc<Activity>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let peer = caller.peer;
     let path = req.uri().path();
     let Ok(found) = state.router.0.at(path) else {
         return Err(ApiError::new(
@@ -382,6 +420,12 @@ async fn route(
         json_body(&req)?;
     }
     let param = |name: &str| found.params.get(name).unwrap_or_default().to_owned();
+    match route.endpoint {
+        Endpoint::Dashboard => return Ok(dashboard::page(&req)),
+        Endpoint::Asset => return Ok(dashboard::asset(&param("path"), &req)),
+        Endpoint::Session => return dashboard::session(state, caller, req).await,
+        _ => {}
+    }
     let (id, side) = (param("id"), param("side"));
     // Views that build or stream megabytes (bodies, decoded views, HAR,
     // replays) run a few at a time per address, each until its answer
@@ -682,15 +726,20 @@ async fn tunnels(state: &State, account: Option<&AccountId>) -> Result<Response<
     let tunnels = live
         .iter()
         .filter(|t| mine(&t.owner))
-        .map(|t| TunnelInfo {
-            name: t.name.to_string(),
-            public_url: t.public_url.clone(),
-            connected_at: t
-                .connected_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            client_version: t.client.version.clone(),
-            target: t.client.target.clone(),
+        .map(|t| {
+            let (requests, last_request_at) = t.request_counts();
+            TunnelInfo {
+                name: t.name.to_string(),
+                public_url: t.public_url.clone(),
+                connected_at: t
+                    .connected_at
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                client_version: t.client.version.clone(),
+                target: t.client.target.clone(),
+                requests,
+                last_request_at,
+            }
         })
         .collect();
     let seconds = |micros: i64| u64::try_from(micros / 1_000_000).unwrap_or(0);

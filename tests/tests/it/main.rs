@@ -5,6 +5,7 @@ mod activity;
 mod activity_attacks;
 mod attacks;
 mod bad_input;
+mod dashboard;
 mod dispatch;
 mod dispatch_queue;
 mod export;
