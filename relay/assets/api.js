@@ -32,7 +32,7 @@ export async function api(method, path, body, signal) {
     if (err.name === 'AbortError') throw err;
     throw new ApiError(0, 'network', `The relay cannot be reached (${err.message}).`);
   }
-  return answer(res);
+  return answer(res, path);
 }
 
 /**
@@ -51,10 +51,10 @@ export async function probe(path) {
     abort.abort();
     return;
   }
-  await answer(res);
+  await answer(res, path);
 }
 
-async function answer(res) {
+async function answer(res, path) {
   if (res.status === 204) return null;
   const text = await res.text();
   let data = null;
@@ -72,7 +72,8 @@ async function answer(res) {
       detail?.code || `http_${res.status}`,
       detail?.message || `${res.status} ${res.statusText}${text ? `: ${text.slice(0, 300)}` : ''}`,
     );
-    if (res.status === 401) unauthorized(err);
+    // A refused sign-in is answered in its own form.
+    if (res.status === 401 && path !== '/session') unauthorized(err);
     throw err;
   }
   return data ?? text;
