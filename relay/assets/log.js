@@ -9,6 +9,7 @@ const PAGE = 50;
 const MAX_ROWS = 1000;
 const RETRY_MS = 5000;
 const FILTERS = ['tunnel', 'kind', 'method', 'status', 'q'];
+const EMPTY = 'No requests match yet. They appear here as they arrive.';
 
 function select(id, options, value) {
   return h('select', { id, name: id.slice(2), value },
@@ -38,8 +39,8 @@ export async function render(ctx) {
     label('f-q', 'Search', fields.q),
     hint);
   const tbody = h('tbody');
-  const empty = h('p', { class: 'muted empty', text: 'No requests yet. They appear here as they arrive.', hidden: true });
-  const more = h('button', { type: 'button', class: 'secondary', text: 'Load older' });
+  const empty = h('p', { class: 'muted empty', text: EMPTY, hidden: true });
+  const more = h('button', { type: 'button', class: 'secondary', text: 'Load older', hidden: true });
   const end = h('span', { class: 'muted', text: 'No older entries.', hidden: true });
   replace(ctx.main,
     h('div', { class: 'page-head' }, h('h1', { text: 'Activity log' }), live),
@@ -208,6 +209,7 @@ export async function render(ctx) {
     const signal = feed.signal;
     ctx.signal.addEventListener('abort', () => feed.abort());
     tbody.replaceChildren();
+    empty.textContent = EMPTY;
     cursor = null;
     queue = [];
     live.textContent = 'connecting';
@@ -219,6 +221,8 @@ export async function render(ctx) {
       await loadPage(signal);
     } catch (err) {
       feed.abort();
+      empty.textContent = err.message; // in place of "no requests yet", which would be a lie
+      empty.hidden = false;
       live.textContent = 'stopped';
       live.className = 'pill bad';
       throw err;
