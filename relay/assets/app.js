@@ -87,7 +87,6 @@ async function route() {
 function fail(err, signal) {
   if (signal.aborted || err.name === 'AbortError') return;
   if (err.status === 401 && session && !session.open) return; // the sign-in form is up
-  console.error(err);
   showError(err.message);
   if (document.body.dataset.ready !== '1') {
     replace(

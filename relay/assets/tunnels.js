@@ -1,6 +1,6 @@
 // #/tunnels: connected tunnels and names held while their client is offline.
 import { get } from './api.js';
-import { h, replace, fmtUnix, fmtAgo, clearError } from './dom.js';
+import { h, replace, fmtUnix, fmtAgo, clearError, every } from './dom.js';
 
 const POLL_MS = 3000;
 
