@@ -35,11 +35,11 @@ export function replace(el, ...children) {
 const pad = (n, w = 2) => String(n).padStart(w, '0');
 
 /** An RFC 3339 time as local time; the day only when it is not today. */
-export function fmtTime(iso) {
+export function fmtTime(iso, ms = true) {
   if (!iso) return '—';
   const d = new Date(iso);
   if (Number.isNaN(d.getTime())) return iso;
-  const time = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  const time = `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}${ms ? `.${pad(d.getMilliseconds(), 3)}` : ''}`;
   const today = new Date();
   if (d.toDateString() === today.toDateString()) return time;
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${time}`;
@@ -52,7 +52,7 @@ export function timeEl(iso) {
 
 export function fmtUnix(secs) {
   if (secs === null || secs === undefined) return '—';
-  return fmtTime(new Date(secs * 1000).toISOString());
+  return fmtTime(new Date(secs * 1000).toISOString(), false);
 }
 
 export function fmtAgo(secs) {
