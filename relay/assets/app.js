@@ -102,6 +102,7 @@ function fail(err, signal) {
 
 function renderAccount() {
   const box = document.getElementById('account');
+  document.body.classList.toggle('signed-out', !!session && !session.open && !session.signed_in);
   if (!session || session.open) {
     replace(box, session?.open ? h('span', { class: 'muted', text: 'open relay' }) : null);
     return;

@@ -66,7 +66,7 @@ export async function render(ctx) {
 
   let feed = null; // aborts this filter's stream and paging
   let cursor = null;
-  let loading = false;
+  let loading = null; // the signal of the feed whose page is loading
   let firstPage = true;
 
   const rowFor = (item) => {
@@ -116,8 +116,8 @@ export async function render(ctx) {
   };
 
   const loadPage = async (signal) => {
-    if (loading) return;
-    loading = true;
+    if (loading === signal) return;
+    loading = signal;
     more.disabled = true;
     try {
       const page = await get(`/requests${query({ ...filters, limit: PAGE, cursor })}`, signal);
@@ -128,7 +128,7 @@ export async function render(ctx) {
       if (firstPage) ctx.ready();
       firstPage = false;
     } finally {
-      loading = false;
+      if (loading === signal) loading = null;
       more.disabled = false;
     }
     // A short page may leave the end in view, where the observer won't fire again.
@@ -220,6 +220,7 @@ export async function render(ctx) {
     try {
       await loadPage(signal);
     } catch (err) {
+      if (signal.aborted) return; // a newer filter took over
       feed.abort();
       empty.textContent = err.message; // in place of "no requests yet", which would be a lie
       empty.hidden = false;
