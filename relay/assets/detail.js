@@ -145,7 +145,6 @@ function fillEditForm(form, d, replay) {
   // Only a whole text body can be edited in place; a cut or binary one is
   // sent as captured unless the user types a replacement.
   const editable = body.text != null && !body.truncated && !body.decoded;
-  const methods = METHODS.includes(d.method) ? METHODS : [d.method, ...METHODS];
   const rows = h('div', { class: 'kv-rows' });
   const addRow = (name = '', value = '') => {
     const row = h('div', { class: 'kv' },
@@ -168,7 +167,9 @@ function fillEditForm(form, d, replay) {
       h('label', { for: 'edit-target', text: 'Send to' }),
       h('input', { id: 'edit-target', type: 'url', placeholder: 'empty: through its tunnel (or to its webhook URL); or https://host:port', class: 'mono' }),
       h('label', { for: 'edit-method', text: 'Method' }),
-      h('select', { id: 'edit-method', value: d.method }, methods.map((m) => h('option', { value: m, text: m }))),
+      // A text field, not a select: a replay may use any method (PURGE, PROPFIND …).
+      h('input', { id: 'edit-method', class: 'mono', list: 'edit-methods', value: d.method, required: true, autocomplete: 'off', spellcheck: 'false' }),
+      h('datalist', { id: 'edit-methods' }, METHODS.map((m) => h('option', { value: m }))),
       h('label', { for: 'edit-path', text: 'Path' }),
       h('input', { id: 'edit-path', class: 'mono', value: d.path, required: true })),
     h('fieldset', {}, h('legend', { text: 'Headers' }), rows,
@@ -189,7 +190,7 @@ function fillEditForm(form, d, replay) {
     event.preventDefault();
     const edits = {};
     const target = form.querySelector('#edit-target').value.trim();
-    const method = form.querySelector('#edit-method').value;
+    const method = form.querySelector('#edit-method').value.trim().toUpperCase();
     const path = form.querySelector('#edit-path').value;
     if (target) edits.target = target;
     if (method !== d.method) edits.method = method;
