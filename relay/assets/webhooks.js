@@ -62,10 +62,10 @@ function actionsField(types, chosen) {
   const field = h('fieldset', { class: 'actions-field' },
     h('legend', { text: 'Actions' }),
     box('*', '*', 'every event type', 'wildcard'),
-    [...groups].map(([group, list]) => h('fieldset', { class: 'group' },
+    h('div', { class: 'groups' }, [...groups].map(([group, list]) => h('fieldset', { class: 'group' },
       h('legend', { text: GROUP_LABELS[group] || group }),
       group !== 'other' ? box(`${group}.*`, `${group}.*`, `every ${group} event, including ones added later`, 'wildcard') : null,
-      list.map((t) => box(t.name, t.name, t.description)))));
+      list.map((t) => box(t.name, t.name, t.description))))));
 
   // A checked wildcard covers its group: its boxes are shown checked and
   // left out of what is saved.
