@@ -164,7 +164,7 @@ impl Forwarder {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
-        let tls = rustls::ClientConfig::builder()
+        let tls = crate::local_tls::client_config()
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(
                 crate::local_tls::AcceptAnyCertificate::new(),

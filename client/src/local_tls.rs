@@ -10,6 +10,17 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSuppo
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+/// A client configuration builder on ring, named rather than left to the
+/// process default: another crate in the same build may enable a second
+/// provider, and rustls then refuses to pick one.
+pub fn client_config() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports TLS 1.2 and 1.3")
+}
+
 /// Accepts the target's certificate whoever issued it.
 #[derive(Debug)]
 pub struct AcceptAnyCertificate {

@@ -175,7 +175,7 @@ fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Option<Connec
             .add(ca.clone())
             .map_err(|err| Error::RelayCa(err.to_string()))?;
     }
-    let config = rustls::ClientConfig::builder()
+    let config = crate::local_tls::client_config()
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Some(Connector::Rustls(Arc::new(config))))

@@ -240,7 +240,9 @@ impl Egress {
     /// A guard trusting `roots` for https targets, as tests trusting their
     /// own certificate authority need.
     pub fn with_roots(allow: Vec<Allow>, resolver: Arc<dyn Resolve>, roots: RootCertStore) -> Self {
-        let mut tls = ClientConfig::builder()
+        let mut tls = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports TLS 1.2 and 1.3")
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -906,7 +908,9 @@ mod tests {
         let cert = rcgen::generate_simple_self_signed(vec!["app.test".to_owned()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-        let config = rustls::ServerConfig::builder()
+        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
             .with_no_client_auth()
             .with_single_cert(vec![der.clone()], key)
             .unwrap();

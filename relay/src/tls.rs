@@ -162,10 +162,19 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
+/// The relay's TLS provider, ring, named rather than left to the process
+/// default: another crate in the same build may enable a second provider,
+/// and rustls then refuses to pick one.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// A rustls server configuration serving `resolver`'s certificate, offering
 /// HTTP/2 and HTTP/1.1 by ALPN.
 pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder()
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -56,6 +56,9 @@ impl Browser {
             panic!("chromedriver ended without saying its port");
         })
         .await;
+        // The WebDriver client's HTTPS stack asks for the process default,
+        // and the build holds two providers.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let profile = tempfile::tempdir().expect("a browser profile directory");
         let mut args = vec![
             "--headless=new".to_owned(),

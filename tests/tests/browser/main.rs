@@ -186,7 +186,7 @@ async fn a_request_arrives_live_shows_its_body_and_replays_as_is_and_edited() {
     browser.ready().await;
     assert!(browser.all("#log tr[data-id]").await.is_empty());
     browser.goto(&format!("{base}/#/requests/{id}")).await;
-    browser.id_with("error", "no entry").await;
+    browser.id_with("error", "no request").await;
     browser.screenshot("other-account").await;
 
     browser.close().await;

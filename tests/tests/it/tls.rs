@@ -92,7 +92,7 @@ async fn tunnels_work_over_wss_and_https_with_a_private_ca() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(certs.ca.clone()).expect("ca is a valid root");
-    let mut config = rustls::ClientConfig::builder()
+    let mut config = ferry::local_tls::client_config()
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
