@@ -247,7 +247,9 @@ async fn start_client(
     let mut client = Proc::spawn_with_dir(&bin.join("ferry"), &args, "--config-dir")?;
     let host = client
         .wait_line("the tunnel", |line| {
-            let (url, _) = line.split_once(" -> ")?;
+            // `Forwarding  http://NAME.localhost:PORT -> TARGET`
+            let (label_and_url, _) = line.split_once(" -> ")?;
+            let url = label_and_url.split_whitespace().last()?;
             Some(url.strip_prefix("http://")?.to_owned())
         })
         .await?;

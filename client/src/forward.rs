@@ -1,8 +1,9 @@
 //! Forwarding: each HTTP/2 stream the relay opens becomes a request to the
 //! local target, and the target's response streams back.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use ferry_common::coalesce::Coalesce;
@@ -51,6 +52,36 @@ pub struct Forwarder {
     /// The WebSockets passed through, each a task copying both ways, so
     /// that shutdown can wait for them to end.
     bridges: TaskTracker,
+    /// The requests waiting for the target's answer, for the terminal.
+    in_flight: InFlight,
+}
+
+/// How many requests are waiting for the local server's answer: a gauge
+/// the terminal reads when it draws its counters. Clones share the count.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// The requests waiting now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request until the returned guard drops, however the
+    /// request ends (the caller may hang up and cancel it).
+    fn enter(&self) -> Entered {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Entered(self.clone())
+    }
+}
+
+/// One request counted in an [`InFlight`].
+struct Entered(InFlight);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a request did not reach the target. Mapped to a status in one place,
@@ -186,7 +217,14 @@ impl Forwarder {
             events,
             shutdown,
             bridges: TaskTracker::new(),
+            in_flight: InFlight::default(),
         }
+    }
+
+    /// Counts the requests waiting for the target in `in_flight`.
+    pub fn with_in_flight(mut self, in_flight: InFlight) -> Self {
+        self.in_flight = in_flight;
+        self
     }
 
     /// Waits up to `within` for the WebSockets passed through to end, which
@@ -201,7 +239,9 @@ impl Forwarder {
 
     /// Forwards one request from the tunnel and reports it.
     pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let received = SystemTime::now();
         let started = Instant::now();
+        let waiting = self.in_flight.enter();
         let meta = RequestMeta::take(req.headers_mut());
         let id = meta.as_ref().map(|meta| meta.exchange);
         let method = req.method().clone();
@@ -218,6 +258,7 @@ impl Forwarder {
             }
         };
         let exchange = Exchange {
+            received,
             id,
             method: method.to_string(),
             path,
@@ -225,6 +266,8 @@ impl Forwarder {
             elapsed: started.elapsed(),
             error,
         };
+        // No longer waiting by the time the terminal hears of it.
+        drop(waiting);
         // Nobody listening is fine: the terminal view is optional.
         let _ = self.events.send(Event::Request(exchange));
         response

@@ -3,6 +3,9 @@
 //! - [`tunnel`]: connects to the relay, serves its HTTP/2 streams over the
 //!   WebSocket, reconnects with backoff.
 //! - [`forward`]: turns each stream into a request to the local target.
+//! - [`terminal`]: what `ferry http` prints: the status block and a line
+//!   per request, or a JSON object per event; [`counters`] keeps its
+//!   request counters (rate, percentiles).
 //! - [`target`]: the local target and the Host header it sees.
 //! - [`activity`]: the activity log from the command line: list, show,
 //!   export and replay, through a relay's API or the data directory.
@@ -17,11 +20,13 @@
 //! reports what happens as [`Event`]s, which `main` prints and tests await.
 
 pub mod activity;
+pub mod counters;
 pub mod embedded;
 pub mod forward;
 pub mod keys;
 pub mod local_tls;
 pub mod target;
+pub mod terminal;
 pub mod tunnel;
 pub mod webhooks;
 
@@ -31,8 +36,9 @@ use std::time::Duration;
 use ferry_common::handshake::{Keepalive, CONNECT_PATH};
 use ferry_common::subdomain::Subdomain;
 
+pub use forward::InFlight;
 pub use target::{HostHeader, Target};
-pub use tunnel::run;
+pub use tunnel::{run, run_counting};
 
 /// How long the local target may take to answer with headers by default.
 pub const DEFAULT_LOCAL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -107,6 +113,18 @@ pub fn relay_url(input: &str) -> Result<String, Error> {
     Ok(url)
 }
 
+/// The dashboard of the relay whose tunnel endpoint is `relay` (as
+/// [`relay_url`] makes it): `/` on the relay's own host, where its API is.
+pub fn dashboard_url(relay: &str) -> Option<String> {
+    let uri: hyper::Uri = relay.parse().ok()?;
+    let scheme = match uri.scheme_str()? {
+        "ws" | "http" => "http",
+        "wss" | "https" => "https",
+        _ => return None,
+    };
+    Some(format!("{scheme}://{}/", uri.authority()?))
+}
+
 /// What happens to a tunnel, for the terminal and for tests.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -140,6 +158,8 @@ pub enum Event {
 /// One forwarded request, as the terminal shows it.
 #[derive(Debug, Clone)]
 pub struct Exchange {
+    /// When the request reached the client.
+    pub received: std::time::SystemTime,
     /// The relay's id for the exchange, when the relay sent one.
     pub id: Option<ferry_common::ids::ExchangeId>,
     /// The HTTP method.
@@ -196,7 +216,24 @@ impl Error {
 
 #[cfg(test)]
 mod tests {
-    use super::relay_url;
+    use super::{dashboard_url, relay_url};
+
+    #[test]
+    fn the_dashboard_is_at_the_root_of_the_relays_host() {
+        let url = |s| dashboard_url(&relay_url(s).unwrap());
+        assert_eq!(
+            url("ws://127.0.0.1:8080").as_deref(),
+            Some("http://127.0.0.1:8080/")
+        );
+        assert_eq!(
+            url("relay.example.com").as_deref(),
+            Some("https://relay.example.com/")
+        );
+        assert_eq!(
+            url("http://r:1/custom/path").as_deref(),
+            Some("http://r:1/")
+        );
+    }
 
     #[test]
     fn relay_addresses_become_tunnel_urls() {

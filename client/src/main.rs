@@ -1,14 +1,15 @@
 //! `ferry`: parses the command line, starts the embedded relay when no relay
 //! is configured, and prints the tunnel's events.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry::embedded::Embedded;
-use ferry::{Config, Event, HostHeader, Target};
+use ferry::terminal::{Format, Options, View};
+use ferry::{Config, Event, HostHeader, InFlight, Target};
 use ferry_common::subdomain::Subdomain;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -260,6 +261,20 @@ struct HttpArgs {
     /// 504 (60s, 2m; a bare number is seconds).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = local_timeout)]
     timeout: Duration,
+    /// How to print: `text`, a status block and a line per request (with
+    /// colours on a terminal unless NO_COLOR is set), or `json`, a JSON
+    /// object per line and event, for machines.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    /// A status block, then a line per request.
+    Text,
+    /// A JSON object per line and event.
+    Json,
 }
 
 /// `--timeout`: a duration with units, from a millisecond up to a day.
@@ -342,6 +357,7 @@ async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
         .as_deref()
         .filter(|_| args.relay.is_none())
         .and_then(ferry_relay::data_dir::running_relay);
+    let joined = running.is_some();
     let (relay, key_name, embedded) = match (&args.relay, running, data_dir) {
         (Some(relay), _, _) => {
             let relay = ferry::relay_url(relay)?;
@@ -395,16 +411,27 @@ async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
             None => Vec::new(),
         },
     };
+    let relay_note = match (&args.relay, joined) {
+        (Some(_), _) => None,
+        (None, false) => Some("embedded: reachable from this machine only; use --relay for a public one"),
+        (None, true) => Some("embedded, run by another ferry http on this data directory; reachable from this machine only"),
+    };
+    let options = view_options(
+        args.log_format,
+        &config.relay,
+        relay_note.map(str::to_owned),
+    );
+    let in_flight = InFlight::default();
+    let view = View::new(options, in_flight.clone(), Instant::now());
     let (events, receiver) = broadcast::channel(1024);
-    let embedded_addr = embedded.as_ref().map(|e| e.addr);
-    let mut printing = tokio::spawn(print(receiver, lines, embedded_addr));
+    let mut printing = tokio::spawn(print(receiver, lines, view));
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         ferry_relay::shutdown::signal().await;
         on_signal.cancel();
     });
-    let result = ferry::run(config, events, shutdown).await;
+    let result = ferry::run_counting(config, events, in_flight, shutdown).await;
     if let Some(embedded) = embedded {
         embedded.stop().await;
     }
@@ -418,6 +445,38 @@ async fn http(args: HttpArgs, lines: Lines) -> Result<(), ferry::Error> {
         let _ = printing.await;
     }
     result
+}
+
+/// How `ferry http` prints: colours and the redrawn bottom line only when
+/// stdout is a terminal (not a `dumb` one), and colours only without
+/// NO_COLOR (https://no-color.org: set to anything but empty).
+fn view_options(format: LogFormat, relay: &str, relay_note: Option<String>) -> Options {
+    let terminal = std::io::stdout().is_terminal()
+        && std::env::var_os("TERM").is_none_or(|term| term != "dumb");
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    let dashboard = ferry::dashboard_url(relay);
+    Options {
+        format: match format {
+            LogFormat::Text => Format::Text,
+            LogFormat::Json => Format::Json,
+        },
+        color: terminal && !no_color,
+        live: terminal,
+        // The relay's address as a user would type it: its dashboard's
+        // host, with the tunnel's scheme.
+        relay: dashboard
+            .as_deref()
+            .and_then(|d| d.split_once("://"))
+            .map_or_else(
+                || relay.to_owned(),
+                |(scheme, rest)| {
+                    let scheme = if scheme == "https" { "wss" } else { "ws" };
+                    format!("{scheme}://{}", rest.trim_end_matches('/'))
+                },
+            ),
+        relay_note,
+        dashboard,
+    }
 }
 
 /// What the reconnect key of an embedded relay is filed under.
@@ -507,11 +566,15 @@ fn write_lines(queued: &mpsc::Receiver<String>) {
 
 impl Lines {
     /// Queues `text` (whole lines), or counts its lines as dropped when the
-    /// writer is behind.
-    fn send(&mut self, text: String) {
+    /// writer is behind; the next text queued starts with `view`'s note of
+    /// how many.
+    fn send(&mut self, view: &View, text: String) {
+        if text.is_empty() && self.dropped == 0 {
+            return;
+        }
         let lines = text.matches('\n').count() as u64;
         let text = if self.dropped > 0 {
-            format!("… {} lines not shown\n{text}", self.dropped)
+            format!("{}{text}", view.dropped_note(self.dropped))
         } else {
             text
         };
@@ -524,69 +587,34 @@ impl Lines {
     }
 }
 
-/// Prints the banner and a line per request until the tunnel has stopped.
-async fn print(
-    mut events: broadcast::Receiver<Event>,
-    mut lines: Lines,
-    embedded: Option<std::net::SocketAddr>,
-) {
-    loop {
-        let event = match events.recv().await {
-            Ok(event) => Ok(event),
-            Err(broadcast::error::RecvError::Lagged(missed)) => Err(missed),
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        let mut text = String::new();
-        write_event(&mut text, event, embedded);
-        lines.send(text);
-    }
-    if lines.dropped > 0 {
-        lines.send(String::new());
-    }
-}
+/// How often the terminal's bottom line (session status and counters) is
+/// redrawn while nothing happens, for the rate to decay.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
-/// Writes one event, or a note of `Err(missed)` events dropped under load.
-fn write_event(
-    out: &mut impl std::fmt::Write,
-    event: Result<Event, u64>,
-    embedded: Option<std::net::SocketAddr>,
-) {
-    let _ = match event {
-        Err(missed) => writeln!(out, "… {missed} requests not shown"),
-        Ok(Event::Connected {
-            public_url,
-            target,
-            reconnected: false,
-        }) => {
-            let _ = writeln!(out, "{public_url} -> {target}");
-            if let Some(addr) = embedded {
-                let _ = writeln!(
-                    out,
-                    "embedded relay on http://localhost:{} (reachable from this machine only; use --relay for a public one)",
-                    addr.port()
-                );
+/// Prints the status block and a line per event until the tunnel has
+/// stopped.
+async fn print(mut events: broadcast::Receiver<Event>, mut lines: Lines, mut view: View) {
+    let mut refresh = tokio::time::interval(REFRESH_EVERY);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Both arms are cancel-safe: a broadcast receive and a tick.
+        let event = tokio::select! {
+            received = events.recv() => match received {
+                Ok(event) => Ok(event),
+                Err(broadcast::error::RecvError::Lagged(missed)) => Err(missed),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = refresh.tick(), if view.is_live() => {
+                if let Some(text) = view.refresh(Instant::now()) {
+                    lines.send(&view, text);
+                }
+                continue;
             }
-            writeln!(out, "Ctrl-C to stop\n")
-        }
-        Ok(Event::Connected {
-            public_url,
-            reconnected: true,
-            ..
-        }) => writeln!(out, "reconnected: {public_url}"),
-        Ok(Event::Disconnected { reason }) => writeln!(out, "disconnected: {reason}"),
-        Ok(Event::Warning(warning)) => writeln!(out, "warning: {warning}"),
-        Ok(Event::Stopping) => writeln!(out, "stopping: letting requests in flight finish"),
-        Ok(Event::Reconnecting { delay }) => {
-            writeln!(out, "reconnecting in {:.1} s", delay.as_secs_f64())
-        }
-        Ok(Event::Request(exchange)) => {
-            let millis = exchange.elapsed.as_secs_f64() * 1000.0;
-            let note = exchange.error.map(|e| format!("  {e}")).unwrap_or_default();
-            writeln!(
-                out,
-                "{:<7} {:<40} {} {:>8.1} ms{note}",
-                exchange.method, exchange.path, exchange.status, millis
-            )
-        }
-    };
+        };
+        let text = view.event(event, Instant::now(), SystemTime::now());
+        lines.send(&view, text);
+    }
+    let last = view.finish(Instant::now());
+    // Also writes the note of lines dropped, if any.
+    lines.send(&view, last);
 }

@@ -21,7 +21,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::forward::Forwarder;
+use crate::forward::{Forwarder, InFlight};
 use crate::{Config, Error, Event};
 
 /// How long requests in flight may run on once the client shuts down.
@@ -64,16 +64,30 @@ pub async fn run(
     events: tokio::sync::broadcast::Sender<Event>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    run_counting(config, events, InFlight::default(), shutdown).await
+}
+
+/// [`run`], counting the requests that wait for the local server's answer
+/// in `in_flight`, which the terminal shows.
+pub async fn run_counting(
+    config: Config,
+    events: tokio::sync::broadcast::Sender<Event>,
+    in_flight: InFlight,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     // Ends the WebSockets passed through to the target however the tunnel
     // stops: by shutdown, a refusal or a takeover.
     let bridges = shutdown.child_token();
-    let forwarder = Arc::new(Forwarder::new(
-        config.target.clone(),
-        config.host_header.clone(),
-        config.local_timeout,
-        events.clone(),
-        bridges.clone(),
-    ));
+    let forwarder = Arc::new(
+        Forwarder::new(
+            config.target.clone(),
+            config.host_header.clone(),
+            config.local_timeout,
+            events.clone(),
+            bridges.clone(),
+        )
+        .with_in_flight(in_flight),
+    );
     let result = sessions(&config, &events, &shutdown, &forwarder).await;
     bridges.cancel();
     if !forwarder.close_and_wait(CLOSE_WAIT).await {

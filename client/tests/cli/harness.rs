@@ -404,22 +404,26 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Starts `ferry http ORIGIN --embedded-port 0 EXTRA…` in `home` and
-    /// reads its banner line, `http://NAME.localhost:PORT -> TARGET`.
+    /// reads its status block up to the forwarding line,
+    /// `Forwarding  http://NAME.localhost:PORT -> TARGET`.
     pub fn start(home: &Home, origin: SocketAddr, extra: &[&str]) -> Self {
         let target = origin.to_string();
         let mut args = vec!["http", &target, "--embedded-port", "0"];
         args.extend_from_slice(extra);
         let mut ferry = Running::start(home.ferry(&args), Stdio::piped(), Stdio::inherit());
         let mut stdout = BufReader::new(ferry.stdout());
-        let (banner, stdout) = within("the banner", move || {
-            let mut banner = String::new();
-            stdout.read_line(&mut banner).map(|_| (banner, stdout))
+        let (banner, stdout) = within("the status block", move || {
+            let mut line = String::new();
+            while !line.contains(" -> ") {
+                line.clear();
+                if stdout.read_line(&mut line)? == 0 {
+                    break;
+                }
+            }
+            Ok::<_, std::io::Error>((line, stdout))
         })
-        .expect("read the banner");
-        let (public_url, target) = banner
-            .trim()
-            .split_once(" -> ")
-            .unwrap_or_else(|| panic!("a URL -> TARGET line: {banner:?}"));
+        .expect("read the status block");
+        let (public_url, target) = forwarding(&banner);
         assert_eq!(target, format!("http://{origin}"));
         let host = public_url.strip_prefix("http://").expect("an http URL");
         let (name, port) = host.rsplit_once(':').expect("a port in the URL");
@@ -462,6 +466,17 @@ impl Tunnel {
         assert!(status.success(), "{status}");
         rest
     }
+}
+
+/// The public URL and target of the status block's line
+/// `Forwarding  URL -> TARGET`.
+pub fn forwarding(line: &str) -> (&str, &str) {
+    let (label_and_url, target) = line
+        .trim()
+        .split_once(" -> ")
+        .unwrap_or_else(|| panic!("a URL -> TARGET line: {line:?}"));
+    let url = label_and_url.split_whitespace().last().unwrap_or_default();
+    (url, target)
 }
 
 /// The lines `reader` yields, without their ends, read on a thread until

@@ -64,7 +64,7 @@ fn ferry_http_with_no_relay_serves_through_an_embedded_one_and_stops_on_sigterm(
 
     let rest = tunnel.stop();
     // The last lines are written before ferry exits.
-    assert!(rest.contains("\nGET     /hook?x=1 "), "{rest}");
+    assert!(rest.contains("  GET     /hook?x=1 "), "{rest}");
     assert!(
         rest.ends_with("stopping: letting requests in flight finish\n"),
         "{rest}"
