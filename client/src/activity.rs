@@ -80,7 +80,10 @@ fn http_client() -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_provider_and_webpki_roots(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .expect("ring supports TLS 1.2 and 1.3")
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

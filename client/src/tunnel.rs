@@ -116,7 +116,7 @@ async fn sessions(
     let mut attempt = 0;
     loop {
         let connected = tokio::select! {
-            connected = connect(config, connector.as_ref(), subdomain.as_ref(), &client_key) => connected,
+            connected = connect(config, &connector, subdomain.as_ref(), &client_key) => connected,
             () = shutdown.cancelled() => return Ok(()),
         };
         match connected {
@@ -176,11 +176,9 @@ async fn sessions(
 }
 
 /// The TLS settings for a `wss://` relay: the public roots plus any CA the
-/// user trusts; `None` (tungstenite's default, the public roots) without one.
-fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Option<Connector>, Error> {
-    if relay_ca.is_empty() {
-        return Ok(None);
-    }
+/// user trusts, on ring (tungstenite's own default would ask the process for
+/// a provider).
+fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Connector, Error> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -192,13 +190,13 @@ fn relay_connector(relay_ca: &[CertificateDer<'static>]) -> Result<Option<Connec
     let config = crate::local_tls::client_config()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Some(Connector::Rustls(Arc::new(config))))
+    Ok(Connector::Rustls(Arc::new(config)))
 }
 
 /// Opens the tunnel WebSocket and reads the relay's answer.
 async fn connect(
     config: &Config,
-    connector: Option<&Connector>,
+    connector: &Connector,
     subdomain: Option<&Subdomain>,
     client_key: &str,
 ) -> Result<(Tunnel, ConnectAnswer), Error> {
@@ -223,7 +221,7 @@ async fn connect(
         request,
         Some(websocket_config()),
         true,
-        connector.cloned(),
+        Some(connector.clone()),
     );
     let (ws, response) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await

@@ -61,7 +61,11 @@ async fn garbage_and_malformed_requests_get_clear_errors_and_tunnels_carry_on() 
     );
     assert!(answer.contains("Host header"), "{answer}");
 
-    let (status, body) = status_and_body(&relay, &relay_host, Request::new(full(""))).await;
+    let nowhere = Request::builder()
+        .uri("/nothing-here")
+        .body(full(""))
+        .expect("request");
+    let (status, body) = status_and_body(&relay, &relay_host, nowhere).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // Not a WebSocket, on the connect path: a GET is told what the path
     // is for, and other methods that only GET is allowed.
