@@ -124,6 +124,7 @@ function renderAccount() {
 
 function showSignIn() {
   startView();
+  document.getElementById('notice').hidden = true; // news of the account that left
   markNav(null);
   renderAccount();
   document.title = 'Sign in · Ferry';
