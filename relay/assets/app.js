@@ -19,6 +19,7 @@ const routes = [
 ];
 
 let session = null;
+let routed = null; // the hash on screen, so popstate and hashchange route once
 let current = null; // the AbortController of the view on screen
 
 function setReady(ready) {
@@ -51,6 +52,7 @@ function markNav(section) {
 }
 
 async function route() {
+  routed = window.location.hash;
   if (session && !session.open && !session.signed_in) return showSignIn();
   const { path, query } = currentRoute();
   const match = routes.find(([re]) => re.test(path));
@@ -72,6 +74,11 @@ async function route() {
     fail: (err) => fail(err, signal),
     title: (t) => (document.title = `${t} · Ferry`),
     rerender: route,
+    // Records a view's own state (the log's filters) in the hash without routing.
+    replaceHash: (hash) => {
+      history.replaceState(null, '', hash);
+      routed = window.location.hash;
+    },
   };
   try {
     await view(ctx);
@@ -117,6 +124,7 @@ function renderAccount() {
 
 function showSignIn() {
   startView();
+  document.getElementById('notice').hidden = true; // news of the account that left
   markNav(null);
   renderAccount();
   document.title = 'Sign in · Ferry';
@@ -170,7 +178,12 @@ async function boot() {
     session = { ...(session || {}), signed_in: false, open: false };
     showSignIn();
   });
-  window.addEventListener('hashchange', route);
+  // popstate comes synchronously with a fragment navigation, hashchange a
+  // task later: routing on the first means that right after navigating,
+  // data-ready already speaks of the new view.
+  const navigated = () => window.location.hash !== routed && route();
+  window.addEventListener('popstate', navigated);
+  window.addEventListener('hashchange', navigated);
   try {
     session = await get('/session');
   } catch (err) {

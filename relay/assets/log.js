@@ -252,7 +252,7 @@ export async function render(ctx) {
     hint.textContent = '';
     if (FILTERS.every((k) => next[k] === filters[k])) return;
     Object.assign(filters, next);
-    history.replaceState(null, '', `#/log${query(filters)}`);
+    ctx.replaceHash(`#/log${query(filters)}`);
     clearError();
     start().catch(ctx.fail);
   };

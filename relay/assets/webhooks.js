@@ -160,8 +160,10 @@ export async function renderForm(ctx) {
       hook ? (hook.enabled ? h('span', { class: 'pill ok', text: 'enabled' }) : h('span', { class: 'pill bad', text: 'disabled' })) : null,
       h('a', { href: '#/webhooks', text: '← Webhooks' })),
     hook ? manage(ctx, hook, types.items) : null,
-    form,
-    hook ? await deliveries(ctx, hook) : null);
+    // Deliveries first on a saved webhook: they change, its settings rarely do.
+    hook ? await deliveries(ctx, hook) : null,
+    hook ? h('h2', { class: 'section', text: 'Settings' }) : null,
+    form);
   ctx.ready();
 }
 
