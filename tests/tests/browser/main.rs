@@ -285,6 +285,50 @@ async fn a_webhook_made_in_the_form_gets_a_test_event_and_shows_its_delivery() {
     relay.stop().await;
 }
 
+#[tokio::test]
+async fn a_body_too_large_for_the_page_shows_its_size_and_a_download_link() {
+    let relay = TestRelay::start(ferry_relay::Config::default()).await;
+    let (origin, mut received) = recording_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    // Past the 1 MiB the relay keeps of a body by default.
+    let big = "x".repeat(2 * 1024 * 1024 + 5);
+    through(&relay, &client.public_url, "POST", "/upload", &big).await;
+    next(&mut received).await;
+    // The entry is committed just after the answer.
+    let id = within("the upload is logged", async {
+        loop {
+            let items = Api::of(&relay).get_json("/api/v1/requests").await;
+            if let Some(id) = items["items"][0]["id"].as_str() {
+                return id.to_owned();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    let browser = Browser::start("large-body", "light").await;
+    let base = format!("http://{}", relay.addr);
+    browser.goto(&format!("{base}/#/requests/{id}")).await;
+    browser
+        .wait(
+            "the cut body says its size",
+            "//*[contains(@class, 'note')][contains(., '2097157 bytes')]",
+        )
+        .await;
+    let link = browser
+        .wait(
+            "the kept bytes can be downloaded",
+            &format!("//a[@href='/api/v1/requests/{id}/body/request']"),
+        )
+        .await;
+    assert!(link.text().await.expect("text").contains("Download"));
+    browser.screenshot("cut").await;
+    browser.close().await;
+    client.stop().await.expect("the client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
 /// Refreshes `docs/screenshots/`, shown in the README: a relay with a
 /// tunnel, a few requests, a webhook and its deliveries, each page shot in
 /// the light scheme and the log also in the dark one. Run on demand:
@@ -346,10 +390,17 @@ async fn refresh_docs_screenshots() {
 
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
     let base = format!("http://{}", relay.addr);
-    let id = entries(&relay, "alice-token").await[1]["id"]
-        .as_str()
-        .expect("an entry")
-        .to_owned();
+    // Four requests and the test event's attempt, once all are committed.
+    let id = within("every entry is logged", async {
+        loop {
+            let items = entries(&relay, "alice-token").await;
+            if items.len() == 5 {
+                return items[1]["id"].as_str().unwrap_or_default().to_owned();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     for scheme in ["light", "dark"] {
         let browser = Browser::start("docs", scheme).await;
         browser.goto(&format!("{base}/")).await;
