@@ -389,17 +389,36 @@ impl View {
     }
 }
 
+/// Whether `c` reorders or hides what a terminal shows: bidirectional
+/// marks, embeddings, overrides and isolates, zero-width characters, and
+/// the Unicode line and paragraph separators.
+pub fn reorders_or_hides(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
 /// `text` with its control characters (C0, DEL and C1, which include ESC
 /// and CSI) written as `\xNN`, so that printing it cannot move the cursor,
-/// change colours or set the window title.
+/// change colours or set the window title, and characters that reorder or
+/// hide text written as `\u{NNNN}`, so that a path cannot show the rest of
+/// its line reversed.
 pub fn escape(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    let unsafe_char = |c: char| c.is_control() || reorders_or_hides(c);
+    if !text.chars().any(unsafe_char) {
         return Cow::Borrowed(text);
     }
     let mut escaped = String::with_capacity(text.len() + 8);
     for c in text.chars() {
         if c.is_control() {
             let _ = write!(escaped, "\\x{:02x}", u32::from(c));
+        } else if reorders_or_hides(c) {
+            let _ = write!(escaped, "\\u{{{:04x}}}", u32::from(c));
         } else {
             escaped.push(c);
         }
@@ -651,6 +670,10 @@ mod tests {
     #[test]
     fn control_characters_in_paths_are_escaped() {
         assert_eq!(escape("/plain/ü?q=1"), "/plain/ü?q=1");
+        assert_eq!(
+            escape("/bidi-\u{202e}exe.fdp/\u{2066}x\u{2069}\u{200b}\u{2028}\u{feff}"),
+            "/bidi-\\u{202e}exe.fdp/\\u{2066}x\\u{2069}\\u{200b}\\u{2028}\\u{feff}"
+        );
         assert_eq!(
             escape("/a\x1b[2J\x1b]0;owned\x07\r\n\u{9b}31m\x7f"),
             "/a\\x1b[2J\\x1b]0;owned\\x07\\x0d\\x0a\\x9b31m\\x7f"

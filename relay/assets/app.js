@@ -122,14 +122,16 @@ function renderAccount() {
   );
 }
 
-function showSignIn() {
+// `why`: the reason a session ended (expired, or two cookies sent), shown
+// above the form.
+function showSignIn(why) {
   startView();
   document.getElementById('notice').hidden = true; // news of the account that left
   markNav(null);
   renderAccount();
   document.title = 'Sign in · Ferry';
   const input = h('input', { id: 'token', type: 'password', name: 'token', autocomplete: 'current-password', required: true });
-  const error = h('p', { id: 'sign-in-error', class: 'form-error', role: 'alert', hidden: true });
+  const error = h('p', { id: 'sign-in-error', class: 'form-error', role: 'alert', hidden: !why, text: why || '' });
   const button = h('button', { id: 'sign-in', type: 'submit', text: 'Sign in' });
   const form = h('form', { class: 'panel sign-in' },
     h('h1', { text: 'Sign in' }),
@@ -173,10 +175,10 @@ async function signOut() {
 
 async function boot() {
   document.getElementById('error-close').addEventListener('click', clearError);
-  onUnauthorized(() => {
+  onUnauthorized((err) => {
     if (session?.open) return;
     session = { ...(session || {}), signed_in: false, open: false };
-    showSignIn();
+    showSignIn(err.code === 'unauthorized' ? '' : err.message);
   });
   // popstate comes synchronously with a fragment navigation, hashchange a
   // task later: routing on the first means that right after navigating,
@@ -187,7 +189,11 @@ async function boot() {
   try {
     session = await get('/session');
   } catch (err) {
-    if (err.status === 401) return; // onUnauthorized showed the form
+    if (err.status === 401) {
+      session = { signed_in: false, open: false };
+      showSignIn(err.message);
+      return;
+    }
     fail(err, startView());
     return;
   }

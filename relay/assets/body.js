@@ -5,6 +5,10 @@ import { h, replace, fmtSize, base64Bytes } from './dom.js';
 const HIGHLIGHT_LIMIT = 256 * 1024;
 const HEX_LIMIT = 64 * 1024;
 
+// Deeper JSON is shown as text: indentation grows with depth, so pretty
+// output of a body nested 10,000 deep (20 KB) would take gigabytes.
+const MAX_DEPTH = 64;
+
 const TOKEN = /\s+|"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null|[{}[\],:]/y;
 
 /**
@@ -36,6 +40,7 @@ export function prettyJson(text) {
         out.push(['p', tokens[++i]]);
       } else {
         depth++;
+        if (depth > MAX_DEPTH) return null;
         newline();
       }
     } else if (t === '}' || t === ']') {

@@ -113,10 +113,29 @@ pub enum AuthError {
     /// included): only the dashboard itself may use it.
     #[error("the dashboard session may only be used by the dashboard's own pages")]
     ForeignPage,
+    /// More than one session cookie: a page of a tunnel (a subdomain) may
+    /// have planted one beside the dashboard's.
+    #[error("your browser sent two dashboard session cookies, one perhaps planted by a tunnel's page: clear this site's cookies and sign in again (serving the relay over HTTPS prevents this)")]
+    AmbiguousSession,
 }
 
-/// The dashboard's session cookie.
-pub const SESSION_COOKIE: &str = "ferry_session";
+/// The dashboard's session cookie over HTTPS. The `__Host-` prefix makes
+/// browsers refuse it from anyone but the relay's own host, so a tunnel's
+/// page (a subdomain) cannot plant its own session on the dashboard.
+pub const SECURE_SESSION_COOKIE: &str = "__Host-ferry_session";
+
+/// The dashboard's session cookie over plain HTTP, where that prefix is
+/// not available.
+pub const PLAIN_SESSION_COOKIE: &str = "ferry_session";
+
+/// The session cookie's name for a call over HTTPS or not.
+pub fn session_cookie_name(https: bool) -> &'static str {
+    if https {
+        SECURE_SESSION_COOKIE
+    } else {
+        PLAIN_SESSION_COOKIE
+    }
+}
 
 /// How long a dashboard session lasts after sign-in.
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -177,16 +196,25 @@ impl Sessions {
     }
 }
 
-/// The value of the session cookie in `headers`, if any.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
+/// The value of the session cookie `name` in `headers`, if any; more than
+/// one is an error, since only one can be the dashboard's.
+pub fn session_cookie<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h str>, AuthError> {
+    let mut values = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.trim())
+        .filter(|(found, _)| *found == name)
+        .map(|(_, value)| value.trim());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(AuthError::AmbiguousSession);
+    }
+    Ok(first)
 }
 
 /// Checks bearer tokens, and throttles addresses that keep guessing.
@@ -216,12 +244,34 @@ impl Accounts {
         self.tokens.is_empty()
     }
 
-    /// The account of the bearer token in `headers`, or else of the
-    /// dashboard session cookie: `Ok(None)` on an open relay.
+    /// The account of the bearer token in `headers`: `Ok(None)` on an open
+    /// relay. Tunnel clients prove themselves this way only, never with a
+    /// dashboard session: a browser sends its cookies on a WebSocket
+    /// handshake, whichever page opens it.
     pub fn authorize(
         &self,
         headers: &HeaderMap,
         from: IpAddr,
+    ) -> Result<Option<AccountId>, AuthError> {
+        self.authorize_as(headers, from, None)
+    }
+
+    /// The account of an API call: its bearer token, or else the dashboard
+    /// session cookie (named for `https`). `Ok(None)` on an open relay.
+    pub fn authorize_api(
+        &self,
+        headers: &HeaderMap,
+        from: IpAddr,
+        https: bool,
+    ) -> Result<Option<AccountId>, AuthError> {
+        self.authorize_as(headers, from, Some(session_cookie_name(https)))
+    }
+
+    fn authorize_as(
+        &self,
+        headers: &HeaderMap,
+        from: IpAddr,
+        cookie: Option<&str>,
     ) -> Result<Option<AccountId>, AuthError> {
         if self.is_open() {
             return Ok(None);
@@ -236,7 +286,10 @@ impl Accounts {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
         let Some(presented) = presented else {
-            return self.session(headers).map(Some);
+            return match cookie {
+                Some(name) => self.session(headers, name).map(Some),
+                None => Err(AuthError::Missing),
+            };
         };
         self.check(presented, from).map(Some)
     }
@@ -245,8 +298,8 @@ impl Accounts {
     /// subdomains, so a tunnel's page is same-site with the dashboard and
     /// its browser would send the cookie: only the dashboard's own origin
     /// (or a navigation typed by the user) may use it.
-    fn session(&self, headers: &HeaderMap) -> Result<AccountId, AuthError> {
-        let Some(cookie) = session_cookie(headers) else {
+    fn session(&self, headers: &HeaderMap, name: &str) -> Result<AccountId, AuthError> {
+        let Some(cookie) = session_cookie(headers, name)? else {
             return Err(AuthError::Missing);
         };
         let fetch_site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
@@ -270,9 +323,9 @@ impl Accounts {
         Ok((account, cookie))
     }
 
-    /// Ends the dashboard session in `headers`, if any.
-    pub fn sign_out(&self, headers: &HeaderMap) {
-        if let Some(cookie) = session_cookie(headers) {
+    /// Ends the dashboard session in `headers`, if there is exactly one.
+    pub fn sign_out(&self, headers: &HeaderMap, https: bool) {
+        if let Ok(Some(cookie)) = session_cookie(headers, session_cookie_name(https)) {
             self.sessions.end(cookie);
         }
     }
@@ -344,5 +397,36 @@ mod tests {
             accounts.authorize(&bearer("right"), other),
             Ok(Some(AccountId::of_token("right")))
         );
+    }
+
+    #[test]
+    fn over_https_only_the_host_prefixed_cookie_is_a_session() {
+        let accounts = Accounts::new(vec![Token::new("right")], 10);
+        let from = "192.0.2.1".parse().unwrap();
+        let (account, cookie) = accounts.sign_in("right", from).unwrap();
+        let with = |cookie: String| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                hyper::header::COOKIE,
+                HeaderValue::from_str(&cookie).unwrap(),
+            );
+            headers
+        };
+        // A subdomain can set `ferry_session` for the whole domain, but not
+        // a `__Host-` cookie: over HTTPS only that one counts.
+        let plain = with(format!("ferry_session={cookie}"));
+        assert_eq!(
+            accounts.authorize_api(&plain, from, true),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            accounts.authorize_api(&plain, from, false),
+            Ok(Some(account.clone()))
+        );
+        let host = with(format!("__Host-ferry_session={cookie}"));
+        assert_eq!(accounts.authorize_api(&host, from, true), Ok(Some(account)));
+        // Tunnel clients never sign in with a dashboard session.
+        assert_eq!(accounts.authorize(&host, from), Err(AuthError::Missing));
+        assert_eq!(accounts.authorize(&plain, from), Err(AuthError::Missing));
     }
 }

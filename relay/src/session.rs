@@ -72,6 +72,16 @@ pub(crate) async fn connect(
             HeaderValue::from_static("13"),
         ));
     }
+    // Browsers send `Origin` on every WebSocket handshake and ferry never
+    // does: a web page (a tunnel's own, say) must not open tunnels with
+    // whatever the browser holds, nor on a relay without tokens.
+    if req.headers().contains_key(header::ORIGIN) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "browser_refused",
+            "tunnels are opened by the ferry client, not by web pages",
+        ));
+    }
     if state.shutdown.is_cancelled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

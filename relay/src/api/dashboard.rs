@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
 use super::{json, read_json_within, ApiError, Caller};
-use crate::accounts::{AuthError, SESSION_COOKIE, SESSION_LIFETIME};
+use crate::accounts::{session_cookie_name, AuthError, SESSION_LIFETIME};
 use crate::{full, Body, State};
 
 /// The files under `relay/assets/`.
@@ -122,11 +122,13 @@ pub(crate) async fn session(
         }))
     };
     match *req.method() {
-        hyper::Method::GET => match accounts.authorize(req.headers(), caller.peer) {
-            Ok(account) => Ok(answer(account.map(|a| a.to_string()))),
-            Err(AuthError::Missing | AuthError::SessionEnded) => Ok(answer(None)),
-            Err(err) => Err(err.into()),
-        },
+        hyper::Method::GET => {
+            match accounts.authorize_api(req.headers(), caller.peer, caller.https) {
+                Ok(account) => Ok(answer(account.map(|a| a.to_string()))),
+                Err(AuthError::Missing | AuthError::SessionEnded) => Ok(answer(None)),
+                Err(err) => Err(err.into()),
+            }
+        }
         hyper::Method::POST => {
             if open {
                 return Err(ApiError::new(
@@ -150,7 +152,7 @@ pub(crate) async fn session(
             Ok(response)
         }
         _ => {
-            accounts.sign_out(req.headers());
+            accounts.sign_out(req.headers(), caller.https);
             let mut response = Response::new(full(""));
             *response.status_mut() = StatusCode::NO_CONTENT;
             set_cookie(&mut response, "", 0, caller.https);
@@ -160,12 +162,13 @@ pub(crate) async fn session(
 }
 
 /// A host-only cookie (no `Domain`), so the browser never sends it to a
-/// tunnel's subdomain; `Strict`, so no other site's page carries it.
+/// tunnel's subdomain; `Strict`, so no other site's page carries it;
+/// `__Host-` and `Secure` over HTTPS.
 fn set_cookie(response: &mut Response<Body>, value: &str, max_age: u64, https: bool) {
+    let name = session_cookie_name(https);
     let secure = if https { "; Secure" } else { "" };
-    let cookie = format!(
-        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-    );
+    let cookie =
+        format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
     if let Ok(cookie) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }

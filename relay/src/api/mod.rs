@@ -332,6 +332,11 @@ impl From<AuthError> for ApiError {
             AuthError::SessionEnded => {
                 Self::new(StatusCode::UNAUTHORIZED, "session_ended", err.to_string())
             }
+            AuthError::AmbiguousSession => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "ambiguous_session",
+                err.to_string(),
+            ),
             AuthError::ForeignPage => {
                 Self::new(StatusCode::FORBIDDEN, "foreign_page", err.to_string())
             }
@@ -446,7 +451,7 @@ async fn route(
         })?),
         _ => None,
     };
-    let response = endpoint(state, peer, connection, route, &id, &side, req).await?;
+    let response = endpoint(state, caller, connection, route, &id, &side, req).await?;
     Ok(match heavy {
         Some(guard) => {
             let (parts, body) = response.into_parts();
@@ -459,7 +464,7 @@ async fn route(
 /// Answers `route` (already checked for its method and its site).
 async fn endpoint(
     state: &Arc<State>,
-    peer: IpAddr,
+    Caller { peer, https }: Caller,
     connection: &Arc<Activity>,
     route: &Route,
     id: &str,
@@ -470,14 +475,14 @@ async fn endpoint(
     if is_dispatch(route.endpoint) {
         let owner = state
             .accounts
-            .authorize(req.headers(), peer)?
+            .authorize_api(req.headers(), peer, https)?
             .map(|account| account.to_string());
         return dispatch_endpoint(state, route.endpoint, &id, owner.as_deref(), req).await;
     }
     let owner = || -> Result<Option<String>, ApiError> {
         Ok(state
             .accounts
-            .authorize(req.headers(), peer)?
+            .authorize_api(req.headers(), peer, https)?
             .map(|account| account.to_string()))
     };
     match route.endpoint {
@@ -485,7 +490,7 @@ async fn endpoint(
         Endpoint::Metrics => Ok(metrics(state)),
         Endpoint::Connect => session::connect(state, peer, connection.carry_tunnel(), req).await,
         Endpoint::Tunnels => {
-            let account = state.accounts.authorize(req.headers(), peer)?;
+            let account = state.accounts.authorize_api(req.headers(), peer, https)?;
             tunnels(state, account.as_ref()).await
         }
         Endpoint::Requests => {
@@ -812,9 +817,17 @@ fn metrics(state: &State) -> Response<Body> {
 pub(crate) fn json(value: &impl serde::Serialize) -> Response<Body> {
     let text = serde_json::to_string(value).unwrap_or_else(|_| String::from("{}"));
     let mut response = Response::new(full(text));
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    // Answers are per account, proved by a header or a cookie: no cache
+    // may keep one for someone else.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("authorization, cookie"),
     );
     response
 }

@@ -345,11 +345,20 @@ pub fn body(entry: &Exchange, side: &str) -> Result<Response<Body>, ApiError> {
     let content_type = headers
         .iter()
         .find(|h| h.name == "content-type")
-        .and_then(|h| HeaderValue::from_bytes(&h.value).ok())
-        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+        .and_then(|h| HeaderValue::from_bytes(&h.value).ok());
     let mut response = Response::new(full(body.bytes.clone()));
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, content_type);
+    // Whatever type the caller claimed, the bytes are served as bytes: a
+    // body claiming to be JavaScript, loaded by a `<script>` on the
+    // dashboard's origin, would pass its `script-src 'self'`. The claimed
+    // type is said beside.
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(claimed) = content_type {
+        headers.insert("ferry-content-type", claimed);
+    }
     headers.insert(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_str(&format!("attachment; filename=\"{}-{side}.bin\"", entry.id))

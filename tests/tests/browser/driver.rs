@@ -154,6 +154,11 @@ impl Browser {
         input.send_keys(value).await.expect("the input takes keys");
     }
 
+    /// Reloads the page.
+    pub async fn reload(&self) {
+        self.client.refresh().await.expect("the page reloads");
+    }
+
     /// Clicks the element with `id`.
     pub async fn click(&self, id: &str) {
         self.id(id).await.click().await.expect("the element clicks");

@@ -286,6 +286,28 @@ async fn a_webhook_made_in_the_form_gets_a_test_event_and_shows_its_delivery() {
 }
 
 #[tokio::test]
+async fn a_planted_second_session_cookie_signs_out_and_says_why() {
+    let relay = TestRelay::start(config()).await;
+    let base = format!("http://{}", relay.addr);
+    let browser = Browser::start("planted-cookie", "light").await;
+    browser.goto(&format!("{base}/")).await;
+    sign_in(&browser, "alice-token").await;
+    // What a page of a tunnel on the same domain could do over plain HTTP:
+    // a second cookie of the same name, with a longer path.
+    browser
+        .run("document.cookie = 'ferry_session=planted; path=/api'; return null")
+        .await;
+    browser.goto(&format!("{base}/#/webhooks")).await;
+    browser.reload().await;
+    browser
+        .id_with("sign-in-error", "two dashboard session cookies")
+        .await;
+    browser.screenshot("planted").await;
+    browser.close().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_body_too_large_for_the_page_shows_its_size_and_a_download_link() {
     let relay = TestRelay::start(ferry_relay::Config::default()).await;
     let (origin, mut received) = recording_origin().await;
@@ -323,6 +345,33 @@ async fn a_body_too_large_for_the_page_shows_its_size_and_a_download_link() {
         .await;
     assert!(link.text().await.expect("text").contains("Download"));
     browser.screenshot("cut").await;
+
+    // JSON nested 10,000 deep is 20 KB; indented, it would be gigabytes:
+    // it is shown as text, and the page stays usable.
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    through(&relay, &client.public_url, "POST", "/deep", &deep).await;
+    next(&mut received).await;
+    let deep_id = within("the deep body is logged", async {
+        loop {
+            let items = Api::of(&relay).get_json("/api/v1/requests").await;
+            if items["items"][0]["path"] == "/deep" {
+                return items["items"][0]["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    browser.goto(&format!("{base}/#/requests/{deep_id}")).await;
+    browser
+        .wait(
+            "the deep body is shown as text",
+            "//pre[@id='request-body'][@data-mode='text']",
+        )
+        .await;
+    browser.id("replay").await;
     browser.close().await;
     client.stop().await.expect("the client stops");
     origin.stop().await;

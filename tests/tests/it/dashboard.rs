@@ -391,3 +391,153 @@ async fn the_page_and_its_assets_are_embedded_with_a_strict_policy() {
     }
     relay.stop().await;
 }
+
+/// A browser's WebSocket handshake to the connect path: `Origin`, the
+/// cookies it holds, and no `Authorization`.
+fn browser_handshake(subdomain: &str, cookie: Option<&str>) -> Request<ferry_tests::Body> {
+    let path = format!("/api/v1/tunnels/connect?version=1&subdomain={subdomain}");
+    call(
+        "GET",
+        &path,
+        cookie,
+        &[
+            ("origin", "http://bob-site.localhost"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_web_page_cannot_open_a_tunnel_with_the_dashboard_session() {
+    let relay = TestRelay::start(two_accounts()).await;
+    let origin = Origin::start(|_req| async { Response::new(full("hi")) }).await;
+    let client = TestClient::start(
+        &relay,
+        &origin.target(),
+        ClientOptions {
+            token: Some("alice-token".into()),
+            subdomain: Some("alice-app"),
+            ..Default::default()
+        },
+    )
+    .await;
+    client.stop().await.expect("client stops");
+    // alice-app is held for alice while her client is away. Her browser is
+    // signed in to the dashboard; a page of a tunnel opens a WebSocket to
+    // the connect path, and the browser adds her cookie.
+    let (_, cookie) = sign_in(&relay, "alice-token").await;
+    let api = Api::of(&relay);
+    let response = api
+        .send(browser_handshake("alice-app", Some(&cookie)))
+        .await;
+    assert_ne!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["code"], "browser_refused");
+    // Without the Origin the cookie alone does not open one either: only a
+    // bearer token does.
+    let mut handshake = browser_handshake("stolen-by-bob", Some(&cookie));
+    handshake.headers_mut().remove("origin");
+    let (status, _) = json_of(api.send(handshake).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let tunnels = Api::with_token(&relay, "alice-token")
+        .get_json("/api/v1/tunnels")
+        .await;
+    assert_eq!(tunnels["tunnels"], json!([]), "{tunnels}");
+    assert_eq!(tunnels["offline"][0]["name"], "alice-app", "{tunnels}");
+    assert_eq!(
+        tunnels["offline"].as_array().map(Vec::len),
+        Some(1),
+        "{tunnels}"
+    );
+
+    // Nor on a relay without tokens: a page anywhere could open tunnels on
+    // a developer's embedded relay.
+    let open = TestRelay::open().await;
+    let (status, body) = json_of(
+        Api::of(&open)
+            .send(browser_handshake("drive-by", None))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    open.stop().await;
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_session_cookie_planted_beside_the_dashboards_signs_nobody_in() {
+    let relay = TestRelay::start(two_accounts()).await;
+    let (_, alice) = sign_in(&relay, "alice-token").await;
+    let (_, bob) = sign_in(&relay, "bob-token").await;
+    // A tunnel's page (a subdomain) can set a cookie for the whole domain
+    // with a longer path, which the browser then sends first.
+    let planted = format!("ferry_session={bob}; ferry_session={alice}");
+    let api = Api::of(&relay);
+    let (status, body) = json_of(
+        api.send(call(
+            "GET",
+            "/api/v1/webhooks",
+            None,
+            &[("cookie", planted.as_str())],
+        ))
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["error"]["code"], "ambiguous_session");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("clear"),
+        "{body}"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn api_answers_are_never_cached_and_bodies_never_run_as_scripts() {
+    let relay = TestRelay::open().await;
+    let origin = Origin::start(|_req| async { Response::new(full("ok")) }).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let request = Request::builder()
+        .method("POST")
+        .uri("/x.js")
+        .header("content-type", "text/javascript")
+        .body(full("document.title = 'PWNED'"))
+        .expect("request");
+    let response = send(relay.addr, &host_of(&client.public_url), request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let api = Api::of(&relay);
+    let id = ferry_tests::within("the request is logged", async {
+        loop {
+            let list = api.get_json("/api/v1/requests").await;
+            if let Some(id) = list["items"][0]["id"].as_str() {
+                return id.to_owned();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let response = api.send(call("GET", "/api/v1/requests", None, &[])).await;
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let vary = response.headers()["vary"].to_str().unwrap_or("").to_owned();
+    assert!(
+        vary.contains("cookie") && vary.contains("authorization"),
+        "{vary}"
+    );
+    // Served as a script from the dashboard's own origin, a captured body
+    // would pass `script-src 'self'`: it is only ever bytes.
+    let path = format!("/api/v1/requests/{id}/body/request");
+    let response = api.send(call("GET", &path, None, &[])).await;
+    assert_eq!(response.headers()[CONTENT_TYPE], "application/octet-stream");
+    assert_eq!(response.headers()["ferry-content-type"], "text/javascript");
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
