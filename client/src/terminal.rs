@@ -4,7 +4,8 @@
 //!
 //! On a terminal the session status and counters are the bottom line,
 //! redrawn in place (a carriage return and "erase line", no cursor moves
-//! up), with the request lines scrolling above it: this survives resizes,
+//! up) and clipped at the right margin, with the request lines scrolling
+//! above it: this survives resizes,
 //! scrollback and lines of other programs far better than redrawing a block
 //! at the top. Elsewhere the output has no escape sequences at all.
 //!
@@ -23,6 +24,10 @@ use crate::{Event, Exchange};
 
 /// Carriage return and "erase the whole line": takes the bottom line away.
 const ERASE_LINE: &str = "\r\x1b[2K";
+/// Auto-wrap off, then on again: the bottom line is clipped at the right
+/// margin rather than wrapped, since erasing it again takes one row only.
+const NO_WRAP: &str = "\x1b[?7l";
+const WRAP: &str = "\x1b[?7h";
 /// Select Graphic Rendition sequences, for colours.
 const RESET: &str = "\x1b[0m";
 const RED: &str = "\x1b[31m";
@@ -167,7 +172,7 @@ impl View {
             return None;
         }
         self.bottom = Some(bottom.clone());
-        Some(format!("{ERASE_LINE}{bottom}"))
+        Some(format!("{ERASE_LINE}{NO_WRAP}{bottom}{WRAP}"))
     }
 
     /// What to print last: the bottom line ended with a newline, so that
@@ -200,7 +205,7 @@ impl View {
             return lines;
         }
         let bottom = self.bottom_line(now);
-        let framed = format!("{ERASE_LINE}{lines}{bottom}");
+        let framed = format!("{ERASE_LINE}{lines}{NO_WRAP}{bottom}{WRAP}");
         self.bottom = Some(bottom);
         framed
     }
@@ -568,6 +573,11 @@ mod tests {
             ],
         );
         assert!(!out.contains("Session Status"), "{out}");
+        // The bottom line is drawn with auto-wrap off, so it never takes a
+        // second row that erasing it would leave behind.
+        assert!(out.contains("\x1b[?7lonline  total 0"), "{out:?}");
+        assert!(out.contains("p90 -\x1b[?7h"), "{out:?}");
+        let out = out.replace("\x1b[?7l", "").replace("\x1b[?7h", "");
         assert!(
             out.contains("\n\nonline  total 0  open 0  rate 0.00/s  p50 -  p90 -\r\x1b[2K")
                 && out.contains("200    3.8 ms\nonline  total 1  open 0  rate 1.00/s  p50 3.8 ms  p90 3.8 ms\r\x1b[2K"),
@@ -694,6 +704,7 @@ mod tests {
         for sequence in out.split('\x1b').skip(1) {
             assert!(
                 sequence.starts_with("[2K")
+                    || sequence.starts_with("[?7")
                     || sequence.starts_with("[0m")
                     || sequence.starts_with("[1m")
                     || sequence.starts_with("[3"),

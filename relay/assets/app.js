@@ -61,8 +61,14 @@ async function route() {
     return;
   }
   const [re, view, section] = match;
-  const params = path.match(re).slice(1).map(decodeURIComponent);
   const signal = startView();
+  let params;
+  try {
+    params = path.match(re).slice(1).map(decodeURIComponent);
+  } catch {
+    fail(new Error(`${path} is not a page of the dashboard: its escapes are malformed`), signal);
+    return;
+  }
   markNav(section);
   replace(main, h('p', { class: 'muted', text: 'Loading…' }));
   const ctx = {

@@ -158,7 +158,10 @@ function fillEditForm(form, d, replay) {
   const textarea = h('textarea', {
     id: 'edit-body', class: 'mono', rows: 12, spellcheck: 'false',
     value: editable ? body.text : '',
-    placeholder: body.size === 0 ? '' : `The captured body (${fmtSize(body.size)}${body.truncated ? ', cut' : ''}) is sent unless you type one here.`,
+    placeholder: body.size === 0 ? ''
+      : body.truncated ? `The captured body was cut (${fmtSize(body.size)} sent, ${fmtSize(body.captured)} kept): type the body to send.`
+        : `The captured body (${fmtSize(body.size)}) is sent unless you type one here.`,
+    required: body.truncated,
   });
   const send = h('button', { type: 'submit', id: 'edit-send', text: 'Send' });
   replace(form,
@@ -206,7 +209,12 @@ function fillEditForm(form, d, replay) {
     for (const [n, vals] of after) if (before.get(n)?.join('\n') !== vals.join('\n')) headers[n] = vals.join(', ');
     for (const n of before.keys()) if (!after.has(n)) headers[n] = null;
     if (Object.keys(headers).length) edits.headers = headers;
-    if (editable ? textarea.value !== body.text : textarea.value !== '') edits.body = textarea.value;
+    // A textarea reads CRLF back as LF: compare in that form, and give an
+    // edited body the captured line endings back (multipart boundaries and
+    // signatures depend on them).
+    const crlf = editable && body.text.includes('\r\n');
+    const shown = editable ? body.text.replace(/\r\n?/g, '\n') : '';
+    if (textarea.value !== shown) edits.body = crlf ? textarea.value.replace(/\n/g, '\r\n') : textarea.value;
     replay(edits, send);
   };
 }

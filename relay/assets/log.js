@@ -125,7 +125,12 @@ export async function render(ctx) {
       for (const item of page.items) insert(item, false);
       cursor = page.next_cursor;
       showState();
-      if (firstPage) ctx.ready();
+      if (firstPage) {
+        // Ready once the feed is live too: a request sent from then on
+        // shows without a reload.
+        await streamOpen;
+        ctx.ready();
+      }
       firstPage = false;
     } finally {
       if (loading === signal) loading = null;
@@ -152,9 +157,17 @@ export async function render(ctx) {
     showState();
   };
 
-  const openStream = (signal, backfill) => {
+  // Settles when the feed is open (or has failed, which is shown apart).
+  let streamOpen = Promise.resolve();
+
+  const openStream = (signal) => {
     const es = new EventSource(`/api/v1/requests/stream${query(filters)}`);
+    streamOpen = new Promise((resolve) => {
+      es.addEventListener('open', resolve, { once: true });
+      es.addEventListener('error', resolve, { once: true });
+    });
     signal.addEventListener('abort', () => es.close());
+    let backfill = true;
     es.addEventListener('request', (event) => {
       queue.push(JSON.parse(event.data));
       if (!flushTimer) flushTimer = setTimeout(flush, 100);
@@ -162,8 +175,9 @@ export async function render(ctx) {
     es.addEventListener('open', () => {
       live.textContent = 'live';
       live.className = 'pill ok';
-      // The browser resumes with Last-Event-ID by itself; only a stream we
-      // opened anew may have missed entries, so fetch the newest again.
+      // The browser resumes with Last-Event-ID by itself; a stream opened
+      // anew starts at whatever was committed when the relay took it, which
+      // may be after the page was read: fetch the newest again.
       if (backfill) {
         get(`/requests${query({ ...filters, limit: PAGE })}`, signal).then((page) => {
           page.items.forEach((item) => insert(item, true));
@@ -200,23 +214,22 @@ export async function render(ctx) {
       setTimeout(() => retry(signal), RETRY_MS);
       return;
     }
-    if (!signal.aborted) openStream(signal, true);
+    if (!signal.aborted) openStream(signal);
   };
 
   const start = async () => {
     if (feed) feed.abort();
     feed = new AbortController();
     const signal = feed.signal;
-    ctx.signal.addEventListener('abort', () => feed.abort());
     tbody.replaceChildren();
     empty.textContent = EMPTY;
     cursor = null;
     queue = [];
     live.textContent = 'connecting';
     live.className = 'pill';
-    // Stream first, then the page: an entry committed in between comes
-    // from one or the other, and insert() drops the duplicate.
-    openStream(signal, false);
+    // Stream first, then the page; the stream's backfill when it opens
+    // covers what was committed in between, and insert() drops duplicates.
+    openStream(signal);
     try {
       await loadPage(signal);
     } catch (err) {
@@ -237,6 +250,7 @@ export async function render(ctx) {
   ctx.signal.addEventListener('abort', () => {
     observer.disconnect();
     clearTimeout(flushTimer);
+    if (feed) feed.abort();
   });
   more.addEventListener('click', () => loadPage(feed.signal).catch(ctx.fail));
 

@@ -117,6 +117,10 @@ pub enum AuthError {
     /// have planted one beside the dashboard's.
     #[error("your browser sent two dashboard session cookies, one perhaps planted by a tunnel's page: clear this site's cookies and sign in again (serving the relay over HTTPS prevents this)")]
     AmbiguousSession,
+    /// The operating system's random source failed, so no session id
+    /// could be made.
+    #[error("the relay could not make a session id (its random source failed): try again, and see the relay's log")]
+    NoRandomness,
 }
 
 /// The dashboard's session cookie over HTTPS. The `__Host-` prefix makes
@@ -319,7 +323,7 @@ impl Accounts {
         let cookie = self
             .sessions
             .start(account.clone())
-            .ok_or(AuthError::SessionEnded)?;
+            .ok_or(AuthError::NoRandomness)?;
         Ok((account, cookie))
     }
 

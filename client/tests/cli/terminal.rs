@@ -60,8 +60,16 @@ impl Screen {
         (running, screen)
     }
 
-    /// Everything read so far, as text.
+    /// Everything read so far, as text, without the auto-wrap switches
+    /// around the bottom line (checked apart, on the raw bytes).
     fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen)
+            .replace("\x1b[?7l", "")
+            .replace("\x1b[?7h", "")
+    }
+
+    /// Everything read so far, exactly.
+    fn raw(&self) -> String {
         String::from_utf8_lossy(&self.seen).into_owned()
     }
 
@@ -189,6 +197,11 @@ fn on_a_terminal_the_status_block_is_followed_by_coloured_request_lines_and_live
         "{line:?}"
     );
     assert!(rest.contains(" \x1b[32m200\x1b[0m "), "{line:?}");
+    let raw = screen.raw();
+    assert!(
+        raw.contains("\x1b[?7l\x1b[32monline") && raw.contains("p90 -\x1b[?7h"),
+        "the bottom line is clipped, not wrapped: {raw:?}"
+    );
     assert!(rest.ends_with(" ms"), "{line:?}");
     // The bottom line now counts it: a duration for both percentiles.
     let bottom = bottom_line(&printed);

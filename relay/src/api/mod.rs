@@ -340,6 +340,11 @@ impl From<AuthError> for ApiError {
             AuthError::ForeignPage => {
                 Self::new(StatusCode::FORBIDDEN, "foreign_page", err.to_string())
             }
+            AuthError::NoRandomness => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no_randomness",
+                err.to_string(),
+            ),
         }
     }
 }
@@ -365,10 +370,22 @@ pub(crate) async fn handle(
     connection: &Arc<Activity>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match route(state, caller, connection, req).await {
+    let mut response = match route(state, caller, connection, req).await {
         Ok(response) => response,
         Err(err) => error_response(err),
+    };
+    // Answers are per account, proved by a header or a cookie (bodies and
+    // exports hold callers' secrets): no cache may keep one for someone
+    // else. The dashboard's own files say how they may be cached.
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("authorization, cookie"),
+    );
+    response
 }
 
 /// Who called the relay's own host, and how.
@@ -817,17 +834,9 @@ fn metrics(state: &State) -> Response<Body> {
 pub(crate) fn json(value: &impl serde::Serialize) -> Response<Body> {
     let text = serde_json::to_string(value).unwrap_or_else(|_| String::from("{}"));
     let mut response = Response::new(full(text));
-    let headers = response.headers_mut();
-    headers.insert(
+    response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
-    );
-    // Answers are per account, proved by a header or a cookie: no cache
-    // may keep one for someone else.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::VARY,
-        HeaderValue::from_static("authorization, cookie"),
     );
     response
 }

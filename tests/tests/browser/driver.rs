@@ -31,7 +31,7 @@ impl Browser {
         for program in [CHROMEDRIVER, CHROMIUM] {
             assert!(
                 std::path::Path::new(program).exists(),
-                "{program} is missing: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver), as .ci/run does"
+                "{program} is missing: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver), as ./scripts/test does on Debian"
             );
         }
         let mut driver = Command::new(CHROMEDRIVER)

@@ -145,22 +145,19 @@ async fn a_request_arrives_live_shows_its_body_and_replays_as_is_and_edited() {
     browser.id_with("response-body", "received").await;
     browser.screenshot("detail").await;
 
+    let mut tail = Api::with_token(&relay, "alice-token").tail("").await;
     browser.click("replay").await;
     let again = next(&mut received).await;
     assert_eq!(
         (again.method.as_str(), again.body.as_str()),
         ("POST", payload)
     );
-    let replay = within("the replay is logged", async {
-        loop {
-            let items = entries(&relay, "alice-token").await;
-            if let Some(item) = items.iter().find(|i| i["replay_of"] == id.as_str()) {
-                return item["id"].as_str().unwrap_or_default().to_owned();
-            }
-            tokio::task::yield_now().await;
+    let replay = loop {
+        let (_, item) = tail.next_item().await;
+        if item["replay_of"] == id.as_str() {
+            break item["id"].as_str().unwrap_or_default().to_owned();
         }
-    })
-    .await;
+    };
     browser.goto(&format!("{base}/#/requests/{replay}")).await;
     let link = browser.id("replay-of").await;
     let href = link.attr("href").await.expect("attr").unwrap_or_default();
@@ -239,18 +236,12 @@ async fn a_webhook_made_in_the_form_gets_a_test_event_and_shows_its_delivery() {
     browser.screenshot("form").await;
     browser.click("wh-save").await;
 
-    let created = within("the webhook is created", async {
-        loop {
-            let list = Api::with_token(&relay, "alice-token")
-                .get_json("/api/v1/webhooks")
-                .await;
-            if let Some(hook) = list["items"].as_array().and_then(|items| items.first()) {
-                return hook.clone();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    // Saved, the form becomes the webhook's page, with its test button.
+    browser.id("wh-test").await;
+    let list = Api::with_token(&relay, "alice-token")
+        .get_json("/api/v1/webhooks")
+        .await;
+    let created = list["items"][0].clone();
     assert_eq!(created["name"], "Billing sync");
     assert_eq!(created["method"], "PUT");
     assert_eq!(
@@ -308,25 +299,55 @@ async fn a_planted_second_session_cookie_signs_out_and_says_why() {
 }
 
 #[tokio::test]
+async fn edit_and_replay_keeps_crlf_line_endings() {
+    let relay = TestRelay::start(ferry_relay::Config::default()).await;
+    let (origin, mut received) = recording_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let mut tail = Api::of(&relay).tail("").await;
+    // A form post: its multipart boundaries need CRLF, which a textarea
+    // reads back as LF.
+    let form = "--b\r\ncontent-disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n";
+    through(&relay, &client.public_url, "POST", "/form", form).await;
+    next(&mut received).await;
+    let (id, _) = tail.next_item().await;
+
+    let browser = Browser::start("crlf", "light").await;
+    browser
+        .goto(&format!("http://{}/#/requests/{id}", relay.addr))
+        .await;
+    browser.click("edit-replay").await;
+    browser.fill("edit-path", "/form-again").await;
+    browser.click("edit-send").await;
+    let same = next(&mut received).await;
+    assert_eq!(same.path, "/form-again");
+    assert_eq!(same.body, form, "the body is sent untouched");
+
+    browser.click("edit-replay").await;
+    browser.fill("edit-body", "--b\n\n2\n--b--\n").await;
+    browser.click("edit-send").await;
+    let edited = next(&mut received).await;
+    assert_eq!(
+        edited.body, "--b\r\n\r\n2\r\n--b--\r\n",
+        "an edit keeps CRLF"
+    );
+    browser.close().await;
+    client.stop().await.expect("the client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_body_too_large_for_the_page_shows_its_size_and_a_download_link() {
     let relay = TestRelay::start(ferry_relay::Config::default()).await;
     let (origin, mut received) = recording_origin().await;
     let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
     // Past the 1 MiB the relay keeps of a body by default.
     let big = "x".repeat(2 * 1024 * 1024 + 5);
+    let mut tail = Api::of(&relay).tail("").await;
     through(&relay, &client.public_url, "POST", "/upload", &big).await;
     next(&mut received).await;
     // The entry is committed just after the answer.
-    let id = within("the upload is logged", async {
-        loop {
-            let items = Api::of(&relay).get_json("/api/v1/requests").await;
-            if let Some(id) = items["items"][0]["id"].as_str() {
-                return id.to_owned();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let (id, _) = tail.next_item().await;
 
     let browser = Browser::start("large-body", "light").await;
     let base = format!("http://{}", relay.addr);
@@ -351,19 +372,7 @@ async fn a_body_too_large_for_the_page_shows_its_size_and_a_download_link() {
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     through(&relay, &client.public_url, "POST", "/deep", &deep).await;
     next(&mut received).await;
-    let deep_id = within("the deep body is logged", async {
-        loop {
-            let items = Api::of(&relay).get_json("/api/v1/requests").await;
-            if items["items"][0]["path"] == "/deep" {
-                return items["items"][0]["id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let (deep_id, _) = tail.next_item().await;
     browser.goto(&format!("{base}/#/requests/{deep_id}")).await;
     browser
         .wait(
@@ -397,6 +406,7 @@ async fn refresh_docs_screenshots() {
         },
     )
     .await;
+    let mut tail = Api::with_token(&relay, "alice-token").tail("").await;
     let requests = [
         (
             "POST",
@@ -440,16 +450,13 @@ async fn refresh_docs_screenshots() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
     let base = format!("http://{}", relay.addr);
     // Four requests and the test event's attempt, once all are committed.
-    let id = within("every entry is logged", async {
-        loop {
-            let items = entries(&relay, "alice-token").await;
-            if items.len() == 5 {
-                return items[1]["id"].as_str().unwrap_or_default().to_owned();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    for _ in 0..5 {
+        tail.next_item().await;
+    }
+    let id = entries(&relay, "alice-token").await[1]["id"]
+        .as_str()
+        .expect("an entry")
+        .to_owned();
     for scheme in ["light", "dark"] {
         let browser = Browser::start("docs", scheme).await;
         browser.goto(&format!("{base}/")).await;

@@ -505,6 +505,8 @@ async fn api_answers_are_never_cached_and_bodies_never_run_as_scripts() {
     let relay = TestRelay::open().await;
     let origin = Origin::start(|_req| async { Response::new(full("ok")) }).await;
     let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let api = Api::of(&relay);
+    let mut tail = api.tail("").await;
     let request = Request::builder()
         .method("POST")
         .uri("/x.js")
@@ -513,17 +515,7 @@ async fn api_answers_are_never_cached_and_bodies_never_run_as_scripts() {
         .expect("request");
     let response = send(relay.addr, &host_of(&client.public_url), request).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let api = Api::of(&relay);
-    let id = ferry_tests::within("the request is logged", async {
-        loop {
-            let list = api.get_json("/api/v1/requests").await;
-            if let Some(id) = list["items"][0]["id"].as_str() {
-                return id.to_owned();
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let (id, _) = tail.next_item().await;
     let response = api.send(call("GET", "/api/v1/requests", None, &[])).await;
     assert_eq!(response.headers()["cache-control"], "no-store");
     let vary = response.headers()["vary"].to_str().unwrap_or("").to_owned();
@@ -535,6 +527,7 @@ async fn api_answers_are_never_cached_and_bodies_never_run_as_scripts() {
     // would pass `script-src 'self'`: it is only ever bytes.
     let path = format!("/api/v1/requests/{id}/body/request");
     let response = api.send(call("GET", &path, None, &[])).await;
+    assert_eq!(response.headers()["cache-control"], "no-store");
     assert_eq!(response.headers()[CONTENT_TYPE], "application/octet-stream");
     assert_eq!(response.headers()["ferry-content-type"], "text/javascript");
     client.stop().await.expect("client stops");
