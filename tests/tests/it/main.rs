@@ -11,6 +11,7 @@ mod dispatch_queue;
 mod export;
 mod forwarding;
 mod handshake;
+mod hosts;
 mod reconnect;
 mod store_contract;
 mod streaming;
