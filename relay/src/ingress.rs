@@ -69,6 +69,8 @@ enum IngressError {
     BadHost(String),
     #[error("the request has more than one Host header: send exactly one")]
     DuplicateHost,
+    #[error("the request's :authority and Host header disagree: send one host name")]
+    ConflictingHost,
     #[error("this relay serves {domain} and its subdomains, not `{host}`")]
     UnknownHost { host: String, domain: String },
     #[error("`{name}` is not a valid tunnel name on this relay")]
@@ -89,6 +91,7 @@ fn error_status(err: &IngressError) -> StatusCode {
     match err {
         IngressError::BadHost(_)
         | IngressError::DuplicateHost
+        | IngressError::ConflictingHost
         | IngressError::UnsupportedUpgrade(_)
         | IngressError::BadBody => StatusCode::BAD_REQUEST,
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
@@ -505,6 +508,20 @@ fn request_host(req: &Request<Incoming>, domain: &str) -> Result<String, Ingress
         return Err(IngressError::DuplicateHost);
     }
     if let Some(authority) = req.uri().authority() {
+        // RFC 9113 §8.3.1: an HTTP/2 request whose Host names another host
+        // than its `:authority` is malformed; routing by either would let a
+        // proxy in front check one name while the relay serves another.
+        // (HTTP/1.1's absolute form is different: RFC 9112 §3.2.2 says the
+        // target wins and Host is ignored.)
+        if req.version() == Version::HTTP_2 {
+            if let Some(host) = host {
+                let same = host.to_str().ok().and_then(normalize_host)
+                    == normalize_host(authority.as_str());
+                if !same {
+                    return Err(IngressError::ConflictingHost);
+                }
+            }
+        }
         return Ok(authority.as_str().to_owned());
     }
     host.and_then(|h| h.to_str().ok())
@@ -605,6 +622,7 @@ async fn forward(
     let websocket_key = parts.headers.remove(header::SEC_WEBSOCKET_KEY);
     remove_hop_by_hop(&mut parts.headers);
     remove_ferry_headers(&mut parts.headers);
+    remove_forwarding_headers(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if websocket.is_some() {
         // RFC 8441: a WebSocket travels over HTTP/2 as an extended CONNECT.
@@ -688,6 +706,21 @@ async fn forward(
             let body = Holding::new(body, admission);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
+    }
+}
+
+/// Drops what a public caller claims about where it came from: the relay
+/// is the edge, so the client sets `X-Forwarded-*` from the relay's own view
+/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`
+/// or `Forwarded` would otherwise reach the origin as if a proxy had said it.
+fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        header::FORWARDED.as_str(),
+    ] {
+        headers.remove(name);
     }
 }
 
