@@ -12,6 +12,7 @@ mod export;
 mod forwarding;
 mod handshake;
 mod hosts;
+mod isolation;
 mod reconnect;
 mod store_contract;
 mod streaming;
