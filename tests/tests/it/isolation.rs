@@ -12,7 +12,7 @@ use ferry_tests::{
     empty, full, host_of, read_body, send, within, Api, ClientOptions, Origin, TestClient,
     TestRelay,
 };
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, COOKIE, SET_COOKIE};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -87,7 +87,18 @@ fn case(endpoint: Endpoint, method: &str) -> Option<(Option<Value>, Expect)> {
 /// Calls `path` as `api` with `method` and, for a body, JSON: the status
 /// and the body as text.
 async fn call(api: &Api, method: &str, path: &str, body: Option<&Value>) -> (StatusCode, String) {
-    let request = match body {
+    call_with(api, None, method, path, body).await
+}
+
+/// Like [`call`], with the dashboard's session `cookie` when given.
+async fn call_with(
+    api: &Api,
+    cookie: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (StatusCode, String) {
+    let mut request = match body {
         Some(body) => {
             let mut request = api.request(method, path, full(body.to_string()));
             request
@@ -97,6 +108,11 @@ async fn call(api: &Api, method: &str, path: &str, body: Option<&Value>) -> (Sta
         }
         None => api.request(method, path, empty()),
     };
+    if let Some(cookie) = cookie {
+        request
+            .headers_mut()
+            .insert(COOKIE, cookie.parse().expect("a valid cookie"));
+    }
     let response = api.send(request).await;
     let status = response.status();
     let body = read_body(response.into_body()).await;
@@ -219,6 +235,9 @@ async fn every_route_keeps_alices_objects_from_bob() {
         ("path", "app.js"),
     ]
     .into();
+    // The calls to repeat through the dashboard's session: (method, path,
+    // body, the bearer's 404 answer or `None` for bob's own lists).
+    let mut replayable = Vec::new();
     for route in ROUTES {
         for &method in route.methods {
             let (body, expect) = case(route.endpoint, method).unwrap_or_else(|| {
@@ -259,11 +278,15 @@ async fn every_route_keeps_alices_objects_from_bob() {
                     assert_eq!(status, StatusCode::NOT_FOUND, "{what}, unknown id: {other}");
                     assert_eq!(answer.replace(id, &unknown), other, "{what}");
                     leaks(&what, &answer.replace(id, ""));
+                    replayable.push((method, path, body, Some(answer)));
                 }
                 Expect::Own => {
                     let (status, answer) = call(&b, method, &path, body.as_ref()).await;
                     assert!(status.is_success(), "{what}: {status} {answer}");
                     leaks(&what, &answer);
+                    if method == "GET" {
+                        replayable.push((method, path, body, None));
+                    }
                 }
                 Expect::NotPerUser(reason) => {
                     let (status, answer) = call(&b, method, &path, body.as_ref()).await;
@@ -290,6 +313,42 @@ async fn every_route_keeps_alices_objects_from_bob() {
                     assert_eq!(item["tunnel"], "bob-app", "{what}: {item}");
                     leaks(&what, &item.to_string());
                 }
+            }
+        }
+    }
+
+    // The dashboard's session cookie gets the same answers as the token.
+    let mut request = Api::of(&relay).request(
+        "POST",
+        "/api/v1/session",
+        full(json!({"token": "bob"}).to_string()),
+    );
+    request
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let response = Api::of(&relay).send(request).await;
+    assert!(response.status().is_success(), "bob signs in");
+    let cookie = response
+        .headers()
+        .get(SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    assert!(cookie.starts_with("ferry_session="), "{cookie}");
+    let browser = Api::of(&relay);
+    for (method, path, body, bearer) in &replayable {
+        let what = format!("{method} {path} with the session cookie");
+        let (status, answer) =
+            call_with(&browser, Some(&cookie), method, path, body.as_ref()).await;
+        match bearer {
+            Some(bearer) => {
+                assert_eq!(status, StatusCode::NOT_FOUND, "{what}: {answer}");
+                assert_eq!(&answer, bearer, "{what}");
+            }
+            None => {
+                assert_eq!(status, StatusCode::OK, "{what}: {answer}");
+                leaks(&what, &answer);
             }
         }
     }
