@@ -1,7 +1,7 @@
 //! `ferry-relay`: parses flags, binds the listeners and runs the relay.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ macro_rules! say {
 /// forwards the requests that arrive there through the client's tunnel.
 #[derive(Parser, Debug)]
 #[command(version, about)]
+#[command(group = clap::ArgGroup::new("certificate").args(["tls_cert", "dev_tls"]))]
 struct Args {
     /// Address to serve plain HTTP on.
     #[arg(long, env = "FERRY_RELAY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -165,17 +166,23 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_THREADS", default_value_t = 1,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     threads: usize,
-    /// Address to serve HTTPS on; needs --tls-cert and --tls-key. Public URLs
-    /// then use https.
-    #[arg(long, env = "FERRY_RELAY_TLS_LISTEN", requires_all = ["tls_cert", "tls_key"])]
+    /// Address to serve HTTPS on; needs --tls-cert and --tls-key, or
+    /// --dev-tls. Public URLs then use https.
+    #[arg(long, env = "FERRY_RELAY_TLS_LISTEN", requires = "certificate")]
     tls_listen: Option<SocketAddr>,
     /// PEM certificate chain for DOMAIN and *.DOMAIN, reloaded when the file
     /// changes.
-    #[arg(long, env = "FERRY_RELAY_TLS_CERT", requires = "tls_listen")]
+    #[arg(long, env = "FERRY_RELAY_TLS_CERT", requires_all = ["tls_listen", "tls_key"])]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert, reloaded with it.
-    #[arg(long, env = "FERRY_RELAY_TLS_KEY", requires = "tls_listen")]
+    #[arg(long, env = "FERRY_RELAY_TLS_KEY", requires_all = ["tls_listen", "tls_cert"])]
     tls_key: Option<PathBuf>,
+    /// Serve HTTPS for trying it locally: a local CA and a certificate for
+    /// DOMAIN and its subdomains, made in DATA_DIR/dev-tls on first use and
+    /// kept. Prints how to trust the CA. HTTPS is on --tls-listen, by default
+    /// 127.0.0.1:8443.
+    #[arg(long, env = "FERRY_RELAY_DEV_TLS", conflicts_with_all = ["tls_cert", "tls_key"])]
+    dev_tls: bool,
     /// A network (10.0.0.0/8, fd00::/8), address or host name that replays
     /// and webhook deliveries may reach although it is private, loopback or
     /// otherwise not public (repeatable). A host name is trusted whatever
@@ -274,8 +281,13 @@ async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, String> {
         .map_err(|err| format!("cannot listen on {addr} (--{flag}): {err}"))
 }
 
+/// Where `--dev-tls` serves HTTPS without `--tls-listen`.
+const DEV_TLS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
+
 /// Loads the certificate and binds the listeners, then prints what is served.
-async fn listeners(args: &Args, domain: &str) -> Result<Listeners, String> {
+async fn listeners(args: &Args, domain: &str, data_dir: &Path) -> Result<Listeners, String> {
+    let mut dev = None;
     let resolver = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let files = TlsFiles {
@@ -286,10 +298,22 @@ async fn listeners(args: &Args, domain: &str) -> Result<Listeners, String> {
                 CertResolver::load(files).map_err(|err| err.to_string())?,
             ))
         }
+        _ if args.dev_tls => {
+            let made =
+                ferry_relay::tls::dev::ensure(data_dir, domain).map_err(|err| err.to_string())?;
+            let on_demand = ferry_relay::tls::dev::OnDemand::for_domain(&made, domain)
+                .map_err(|err| err.to_string())?;
+            let resolver = CertResolver::load(made.files())
+                .map_err(|err| err.to_string())?
+                .with_on_demand(on_demand);
+            dev = Some(made);
+            Some(Arc::new(resolver))
+        }
         _ => None,
     };
+    let tls_listen = args.tls_listen.or(args.dev_tls.then_some(DEV_TLS_LISTEN));
     let plain = bind(args.listen, "listen").await?;
-    let tls = match (args.tls_listen, resolver) {
+    let tls = match (tls_listen, resolver) {
         (Some(addr), Some(resolver)) => Some((bind(addr, "tls-listen").await?, resolver)),
         _ => None,
     };
@@ -313,10 +337,29 @@ async fn listeners(args: &Args, domain: &str) -> Result<Listeners, String> {
         }
         None => say!("tunnels at http://NAME.{domain}:{}", port(&plain)),
     }
+    if let (Some(dev), Some((listener, _))) = (&dev, &tls) {
+        trust_instructions(dev, domain, port(listener));
+    }
     Ok(Listeners {
         plain: Some(plain),
         tls,
     })
+}
+
+/// Prints where the development CA is and how to trust it.
+fn trust_instructions(dev: &ferry_relay::tls::dev::DevTls, domain: &str, port: u16) {
+    use ferry_relay::tls::dev::Made;
+    let ca = dev.ca_path.display();
+    let made = match dev.made {
+        Made::NewCa => "made now",
+        Made::NewCert => "kept; its certificate for this domain made now",
+        Made::Reused => "kept from an earlier start",
+    };
+    say!("development CA in {ca} ({made}); trust it to use https:");
+    say!("  curl --cacert {ca} https://NAME.{domain}:{port}/");
+    say!("  ferry http 3000 --relay wss://{domain}:{port} --relay-ca {ca}");
+    say!("  Debian/Ubuntu: sudo cp {ca} /usr/local/share/ca-certificates/ferry-dev.crt && sudo update-ca-certificates");
+    say!("  browsers: import {ca} as a certificate authority (trusted to identify websites)");
 }
 
 fn config(args: &Args) -> Result<Config, String> {
@@ -486,7 +529,7 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners = match listeners(&args, &domain).await {
+    let listeners = match listeners(&args, &domain, &data_dir).await {
         Ok(listeners) => listeners,
         Err(message) => {
             eprintln!("error: {message}");

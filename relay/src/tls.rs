@@ -14,6 +14,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+pub mod dev;
+
 /// How often the PEM files are checked for a new certificate.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 
@@ -99,6 +101,9 @@ pub struct CertResolver {
     files: TlsFiles,
     /// The certificate in use and the file contents it came from.
     current: RwLock<(Arc<CertifiedKey>, Contents)>,
+    /// With `--dev-tls`, signs certificates for names a wildcard cannot
+    /// cover.
+    on_demand: Option<dev::OnDemand>,
 }
 
 impl fmt::Debug for CertResolver {
@@ -120,7 +125,15 @@ impl CertResolver {
         Ok(Self {
             files,
             current: RwLock::new((key, contents)),
+            on_demand: None,
         })
+    }
+
+    /// Also serves names under the domain that the files' wildcard cannot
+    /// cover, with certificates `on_demand` signs.
+    pub fn with_on_demand(mut self, on_demand: Option<dev::OnDemand>) -> Self {
+        self.on_demand = on_demand;
+        self
     }
 
     /// Reloads the certificate if the files changed. Returns `Ok(true)` when
@@ -157,7 +170,12 @@ impl CertResolver {
 }
 
 impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let (Some(on_demand), Some(name)) = (&self.on_demand, client_hello.server_name()) {
+            if let Some(certified) = on_demand.certificate(name) {
+                return Some(certified);
+            }
+        }
         Some(self.current())
     }
 }

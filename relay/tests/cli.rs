@@ -178,3 +178,52 @@ fn a_relay_whose_stdout_reader_left_keeps_running() {
         "the relay still runs"
     );
 }
+
+#[test]
+fn dev_tls_prints_where_its_ca_is_and_needs_no_certificate_flags() {
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().expect("UTF-8 temp path");
+    let child = relay(&[
+        "--dev-tls",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("ferry-relay starts");
+    let mut running = Running(child);
+    let stdout = running.0.stdout.take().expect("piped stdout");
+    let said = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with("development CA in"))
+        .expect("the CA's path is said at start");
+    let ca = data.path().join("dev-tls").join("ca.pem");
+    assert!(said.contains(&ca.display().to_string()), "{said}");
+    assert!(ca.exists(), "{said}");
+
+    let output = relay(&[
+        "--dev-tls",
+        "--tls-cert",
+        "cert.pem",
+        "--tls-key",
+        "key.pem",
+    ])
+    .output()
+    .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--dev-tls"), "{stderr}");
+
+    let output = relay(&["--tls-listen", "127.0.0.1:0"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--dev-tls"), "{stderr}");
+}

@@ -6,6 +6,7 @@ mod activity_attacks;
 mod attacks;
 mod bad_input;
 mod dashboard;
+mod dev_tls;
 mod dispatch;
 mod dispatch_queue;
 mod export;
