@@ -159,9 +159,19 @@ impl Browser {
         self.client.refresh().await.expect("the page reloads");
     }
 
-    /// Clicks the element with `id`.
+    /// Clicks the element with `id`. A view that renders again between
+    /// finding and clicking leaves a stale element: it is found again.
     pub async fn click(&self, id: &str) {
-        self.id(id).await.click().await.expect("the element clicks");
+        within(&format!("#{id} is clicked"), async {
+            loop {
+                match self.id(id).await.click().await {
+                    Ok(()) => return,
+                    Err(err) if err.is_stale_element_reference() => tokio::task::yield_now().await,
+                    Err(err) => panic!("#{id} cannot be clicked: {err}"),
+                }
+            }
+        })
+        .await;
     }
 
     /// Every element at `css`.

@@ -163,7 +163,14 @@ async fn a_request_arrives_live_shows_its_body_and_replays_as_is_and_edited() {
     let href = link.attr("href").await.expect("attr").unwrap_or_default();
     assert!(href.ends_with(&id), "the replay links its original: {href}");
     link.click().await.expect("the link opens");
+    // The hash changes at the click, which clears data-ready until the
+    // original's page has rendered.
+    browser.ready().await;
     browser.id_with("request-body", "invoice.paid").await;
+    assert!(
+        browser.all("#replay-of").await.is_empty(),
+        "the original's page"
+    );
 
     browser.click("edit-replay").await;
     browser.fill("edit-path", "/hooks/edited").await;
@@ -321,6 +328,8 @@ async fn edit_and_replay_keeps_crlf_line_endings() {
     let same = next(&mut received).await;
     assert_eq!(same.path, "/form-again");
     assert_eq!(same.body, form, "the body is sent untouched");
+    // The page moves on to the replay's entry, which links its original.
+    browser.id("replay-of").await;
 
     browser.click("edit-replay").await;
     browser.fill("edit-body", "--b\n\n2\n--b--\n").await;
