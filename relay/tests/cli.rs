@@ -15,6 +15,24 @@ fn relay(args: &[&str]) -> Command {
 /// Kills the relay when the test ends, however it ends.
 struct Running(Child);
 
+/// Starts the relay with `args` and reads its stdout up to the first line
+/// starting with `prefix`: the running relay and that line.
+fn start_until(args: &[&str], prefix: &str) -> (Running, String) {
+    let child = relay(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ferry-relay starts");
+    let mut running = Running(child);
+    let stdout = running.0.stdout.take().expect("piped stdout");
+    let said = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.starts_with(prefix))
+        .unwrap_or_else(|| panic!("ferry-relay never said `{prefix}…`"));
+    (running, said)
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -110,18 +128,10 @@ fn a_data_directory_that_cannot_be_written_or_is_taken_is_a_clear_error_at_start
 
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().expect("UTF-8 temp path");
-    let child = relay(&["--listen", "127.0.0.1:0", "--data-dir", data_dir])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ferry-relay starts");
-    let mut first = Running(child);
-    let stdout = first.0.stdout.take().expect("piped stdout");
-    let said = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.starts_with("activity log in"))
-        .expect("the data directory is said at start");
+    let (_first, said) = start_until(
+        &["--listen", "127.0.0.1:0", "--data-dir", data_dir],
+        "activity log in",
+    );
     assert!(said.contains(data_dir), "{said}");
     let output = relay(&["--listen", "127.0.0.1:0", "--data-dir", data_dir])
         .output()
@@ -183,26 +193,18 @@ fn a_relay_whose_stdout_reader_left_keeps_running() {
 fn dev_tls_prints_where_its_ca_is_and_needs_no_certificate_flags() {
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().expect("UTF-8 temp path");
-    let child = relay(&[
-        "--dev-tls",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_dir,
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("ferry-relay starts");
-    let mut running = Running(child);
-    let stdout = running.0.stdout.take().expect("piped stdout");
-    let said = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.starts_with("development CA in"))
-        .expect("the CA's path is said at start");
+    let (_running, said) = start_until(
+        &[
+            "--dev-tls",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+        ],
+        "development CA in",
+    );
     let ca = data.path().join("dev-tls").join("ca.pem");
     assert!(said.contains(&ca.display().to_string()), "{said}");
     assert!(ca.exists(), "{said}");
