@@ -2,21 +2,27 @@
 //!
 //! Everything a user owns (tunnels, held names, and next log entries,
 //! webhooks and deliveries) is keyed on an [`AccountId`], never on a token:
-//! the secret is held once, in [`Token`], where it is checked. On a relay
-//! with `--token` flags each token is its own account, whose id is derived
-//! from a hash of the token.
+//! the relay keeps only tokens' hashes, in [`Token`], where they are
+//! checked. On a relay with `--token` flags each token is its own account,
+//! whose id is derived from a hash of the token; a TOML tokens file
+//! ([`file`]) names accounts, each with several tokens, reserved names, its
+//! own tunnel limit and an admin flag, and may be reloaded while the relay
+//! runs ([`Accounts::set_file`]).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use ferry_common::subdomain::Subdomain;
 use hyper::header::{self, HeaderMap};
 use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 
 use crate::limits::RateLimit;
+
+pub mod file;
 
 /// Who owns something on the relay. Survives token rotation once a tokens
 /// file maps several tokens to one account.
@@ -28,6 +34,18 @@ impl AccountId {
     /// bits of the token's SHA-256, so the id reveals nothing of the token.
     pub fn of_token(secret: &str) -> Self {
         Self(format!("acct_{}", short_hash(secret)))
+    }
+
+    /// The account of a token known only by its hash (a `sha256:` line of
+    /// a tokens file): the same id as [`AccountId::of_token`] gives.
+    pub fn of_hash(hash: &TokenHash) -> Self {
+        Self(format!("acct_{}", hex(&hash.0[..8])))
+    }
+
+    /// The account named `name` in a tokens file: `user_NAME`, which no
+    /// token's `acct_` id can be, and which outlives any of its tokens.
+    pub fn named(name: &str) -> Self {
+        Self(format!("user_{name}"))
     }
 
     /// An id read back from the store.
@@ -49,29 +67,86 @@ impl fmt::Display for AccountId {
 
 /// The first 64 bits of the SHA-256 of `secret`, in hex.
 pub(crate) fn short_hash(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .take(8)
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex(&Sha256::digest(secret.as_bytes())[..8])
 }
 
-/// A secret bearer token and the account it proves. `Debug` never shows
-/// the secret.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The SHA-256 of a token: all the relay keeps of it. Tokens are long and
+/// random, so a plain unsalted hash cannot be reversed by guessing (as
+/// GitHub and Stripe keep theirs); a salt or a slow hash would only slow
+/// every request.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    /// What a tokens file writes before the hash's hex.
+    pub const PREFIX: &'static str = "sha256:";
+
+    /// The hash of `secret`.
+    pub fn of(secret: &str) -> Self {
+        Self(Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Reads `sha256:` and 64 hex digits, as `ferry-relay hash-token`
+    /// prints; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let digits = text.strip_prefix(Self::PREFIX)?.as_bytes();
+        if digits.len() != 64 {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        for (byte, pair) in hash.iter_mut().zip(digits.chunks(2)) {
+            let pair = std::str::from_utf8(pair).ok()?;
+            *byte = u8::from_str_radix(pair, 16).ok()?;
+        }
+        Some(Self(hash))
+    }
+
+    /// Compares in time independent of where the first difference is, so
+    /// that response timing does not leak a hash's prefix.
+    fn same(&self, other: &Self) -> bool {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+impl fmt::Display for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", Self::PREFIX, hex(&self.0))
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenHash({})", hex(&self.0[..4]))
+    }
+}
+
+/// A bearer token, kept as its hash, and the account it proves.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
-    /// The secret.
-    secret: String,
+    /// The hash of the secret.
+    hash: TokenHash,
     /// The account it belongs to.
     account: AccountId,
 }
 
 impl Token {
     /// A token that is its own account, as `--token` gives.
-    pub fn new(secret: impl Into<String>) -> Self {
-        let secret = secret.into();
-        let account = AccountId::of_token(&secret);
-        Self { secret, account }
+    pub fn new(secret: impl AsRef<str>) -> Self {
+        let hash = TokenHash::of(secret.as_ref());
+        Self::hashed(hash, AccountId::of_hash(&hash))
+    }
+
+    /// A token known by its hash, proving `account`.
+    pub fn hashed(hash: TokenHash, account: AccountId) -> Self {
+        Self { hash, account }
     }
 
     /// The account this token proves.
@@ -79,11 +154,14 @@ impl Token {
         &self.account
     }
 
-    /// Compares in time independent of where the first difference is, so
-    /// that response timing does not leak a token's prefix.
+    /// The token's hash.
+    pub fn hash(&self) -> &TokenHash {
+        &self.hash
+    }
+
+    /// Whether `presented` is this token, compared by hash in constant time.
     pub fn matches(&self, presented: &str) -> bool {
-        let (a, b) = (self.secret.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.hash.same(&TokenHash::of(presented))
     }
 }
 
@@ -91,6 +169,47 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Token({}, MASKED)", self.account)
     }
+}
+
+/// An account and what it may do: one per `--token`, one per line of a
+/// line-form tokens file, one per `[[account]]` of a TOML one.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// Who it is.
+    pub id: AccountId,
+    /// The tokens that prove it; several while one is being rotated.
+    pub tokens: Vec<Token>,
+    /// Names only this account may ever claim.
+    pub subdomains: Vec<Subdomain>,
+    /// Tunnels it may hold at once, instead of the relay's
+    /// `max_tunnels_per_token`.
+    pub max_tunnels: Option<usize>,
+    /// Whether its API calls read every account's objects.
+    pub admin: bool,
+}
+
+impl Account {
+    /// The account of one `--token`.
+    pub fn of_token(token: Token) -> Self {
+        Self {
+            id: token.account().clone(),
+            tokens: vec![token],
+            subdomains: Vec::new(),
+            max_tunnels: None,
+            admin: false,
+        }
+    }
+}
+
+/// Who made a call: the account its token proves, and that token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The account.
+    pub account: AccountId,
+    /// Whether the account is an admin.
+    pub admin: bool,
+    /// The token it used, so that removing the token ends what it opened.
+    pub token: TokenHash,
 }
 
 /// Why a caller was not let in.
@@ -156,6 +275,8 @@ struct Sessions(Mutex<HashMap<[u8; 32], Session>>);
 #[derive(Debug)]
 struct Session {
     account: AccountId,
+    /// The token signed in with: the session ends when it is removed.
+    token: TokenHash,
     started: Instant,
 }
 
@@ -164,10 +285,11 @@ impl Sessions {
         Sha256::digest(cookie.as_bytes()).into()
     }
 
-    fn start(&self, account: AccountId) -> Option<String> {
+    fn start(&self, principal: &Principal) -> Option<String> {
         let mut secret = [0u8; 32];
         SystemRandom::new().fill(&mut secret).ok()?;
-        let cookie: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
+        let cookie = hex(&secret);
+        let account = principal.account.clone();
         let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         sessions.retain(|_, s| s.started.elapsed() < SESSION_LIFETIME);
         let mut own: Vec<_> = sessions
@@ -182,21 +304,35 @@ impl Sessions {
             }
         }
         let started = Instant::now();
-        sessions.insert(Self::key(&cookie), Session { account, started });
+        let token = principal.token;
+        sessions.insert(
+            Self::key(&cookie),
+            Session {
+                account,
+                token,
+                started,
+            },
+        );
         Some(cookie)
     }
 
-    fn find(&self, cookie: &str) -> Option<AccountId> {
+    fn find(&self, cookie: &str) -> Option<TokenHash> {
         let sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         sessions
             .get(&Self::key(cookie))
             .filter(|s| s.started.elapsed() < SESSION_LIFETIME)
-            .map(|s| s.account.clone())
+            .map(|s| s.token)
     }
 
     fn end(&self, cookie: &str) {
         let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         sessions.remove(&Self::key(cookie));
+    }
+
+    /// Ends the sessions whose token `keep` refuses.
+    fn retain(&self, keep: impl Fn(&TokenHash) -> bool) {
+        let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        sessions.retain(|_, s| keep(&s.token));
     }
 }
 
@@ -224,8 +360,11 @@ pub fn session_cookie<'h>(
 /// Checks bearer tokens, and throttles addresses that keep guessing.
 #[derive(Debug)]
 pub struct Accounts {
-    /// The relay's tokens; empty for an open relay.
-    tokens: Vec<Token>,
+    /// The accounts of `--token` flags, kept across reloads of the file.
+    flags: Vec<Account>,
+    /// Every account: the flags' and the tokens file's. Empty for an open
+    /// relay.
+    book: RwLock<Arc<Vec<Account>>>,
     /// Failed checks per address; only failures spend from it.
     failures: RateLimit,
     /// Dashboard sessions signed in with a token.
@@ -236,19 +375,60 @@ impl Accounts {
     /// The accounts of `tokens`, allowing `failures_per_minute` wrong tokens
     /// a minute from one address.
     pub fn new(tokens: Vec<Token>, failures_per_minute: u32) -> Self {
+        let flags: Vec<Account> = tokens.into_iter().map(Account::of_token).collect();
         Self {
-            tokens,
+            book: RwLock::new(Arc::new(flags.clone())),
+            flags,
             failures: RateLimit::per_minute(failures_per_minute),
             sessions: Sessions::default(),
         }
     }
 
-    /// Whether the relay is open (has no tokens).
-    pub fn is_open(&self) -> bool {
-        self.tokens.is_empty()
+    /// Replaces the tokens file's accounts with `file`, keeping the
+    /// flags'. Refused, leaving the accounts as they were, when a token of
+    /// the file is also a `--token`. Dashboard sessions of tokens no longer
+    /// listed end; ending their tunnels is the caller's.
+    pub fn set_file(&self, file: Vec<Account>) -> Result<(), String> {
+        let flag = |hash: &TokenHash| {
+            self.flags
+                .iter()
+                .flat_map(|a| &a.tokens)
+                .any(|t| t.hash() == hash)
+        };
+        if let Some(account) = file
+            .iter()
+            .find(|account| account.tokens.iter().any(|t| flag(t.hash())))
+        {
+            return Err(format!(
+                "account {} has a token also given with --token: give each token once",
+                account.id
+            ));
+        }
+        let mut book = self.flags.clone();
+        book.extend(file);
+        let book = Arc::new(book);
+        *self.book.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&book);
+        self.sessions
+            .retain(|hash| principal_in(&book, hash).is_some());
+        Ok(())
     }
 
-    /// The account of the bearer token in `headers`: `Ok(None)` on an open
+    /// Every account, as now configured.
+    pub fn all(&self) -> Arc<Vec<Account>> {
+        Arc::clone(&self.book.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether the relay is open (has no tokens).
+    pub fn is_open(&self) -> bool {
+        self.all().is_empty()
+    }
+
+    /// Who `token` proves now, if it is still one of the relay's.
+    pub fn principal(&self, token: &TokenHash) -> Option<Principal> {
+        principal_in(&self.all(), token)
+    }
+
+    /// The caller of the bearer token in `headers`: `Ok(None)` on an open
     /// relay. Tunnel clients prove themselves this way only, never with a
     /// dashboard session: a browser sends its cookies on a WebSocket
     /// handshake, whichever page opens it.
@@ -256,18 +436,18 @@ impl Accounts {
         &self,
         headers: &HeaderMap,
         from: IpAddr,
-    ) -> Result<Option<AccountId>, AuthError> {
+    ) -> Result<Option<Principal>, AuthError> {
         self.authorize_as(headers, from, None)
     }
 
-    /// The account of an API call: its bearer token, or else the dashboard
+    /// The caller of an API call: its bearer token, or else the dashboard
     /// session cookie (named for `https`). `Ok(None)` on an open relay.
     pub fn authorize_api(
         &self,
         headers: &HeaderMap,
         from: IpAddr,
         https: bool,
-    ) -> Result<Option<AccountId>, AuthError> {
+    ) -> Result<Option<Principal>, AuthError> {
         self.authorize_as(headers, from, Some(session_cookie_name(https)))
     }
 
@@ -276,7 +456,7 @@ impl Accounts {
         headers: &HeaderMap,
         from: IpAddr,
         cookie: Option<&str>,
-    ) -> Result<Option<AccountId>, AuthError> {
+    ) -> Result<Option<Principal>, AuthError> {
         if self.is_open() {
             return Ok(None);
         }
@@ -298,11 +478,11 @@ impl Accounts {
         self.check(presented, from).map(Some)
     }
 
-    /// The account of a dashboard session. Tunnels are the relay's
+    /// The caller of a dashboard session. Tunnels are the relay's
     /// subdomains, so a tunnel's page is same-site with the dashboard and
     /// its browser would send the cookie: only the dashboard's own origin
     /// (or a navigation typed by the user) may use it.
-    fn session(&self, headers: &HeaderMap, name: &str) -> Result<AccountId, AuthError> {
+    fn session(&self, headers: &HeaderMap, name: &str) -> Result<Principal, AuthError> {
         let Some(cookie) = session_cookie(headers, name)? else {
             return Err(AuthError::Missing);
         };
@@ -310,21 +490,24 @@ impl Accounts {
         if !matches!(fetch_site, None | Some(b"same-origin" | b"none")) {
             return Err(AuthError::ForeignPage);
         }
-        self.sessions.find(cookie).ok_or(AuthError::SessionEnded)
+        self.sessions
+            .find(cookie)
+            .and_then(|token| self.principal(&token))
+            .ok_or(AuthError::SessionEnded)
     }
 
     /// Checks `token` for a dashboard sign-in and starts a session for its
-    /// account: the cookie's value.
-    pub fn sign_in(&self, token: &str, from: IpAddr) -> Result<(AccountId, String), AuthError> {
+    /// account: the caller and the cookie's value.
+    pub fn sign_in(&self, token: &str, from: IpAddr) -> Result<(Principal, String), AuthError> {
         if let Some(wait) = self.failures.blocked(from) {
             return Err(AuthError::Throttled(wait));
         }
-        let account = self.check(token.trim(), from)?;
+        let principal = self.check(token.trim(), from)?;
         let cookie = self
             .sessions
-            .start(account.clone())
+            .start(&principal)
             .ok_or(AuthError::NoRandomness)?;
-        Ok((account, cookie))
+        Ok((principal, cookie))
     }
 
     /// Ends the dashboard session in `headers`, if there is exactly one.
@@ -334,11 +517,11 @@ impl Accounts {
         }
     }
 
-    /// The account of `presented`; a wrong token spends from its
-    /// address's allowance.
-    fn check(&self, presented: &str, from: IpAddr) -> Result<AccountId, AuthError> {
-        match self.tokens.iter().find(|token| token.matches(presented)) {
-            Some(token) => Ok(token.account().clone()),
+    /// The caller of `presented`; a wrong token spends from its address's
+    /// allowance.
+    fn check(&self, presented: &str, from: IpAddr) -> Result<Principal, AuthError> {
+        match self.principal(&TokenHash::of(presented)) {
+            Some(principal) => Ok(principal),
             None => {
                 // This failure may be the one that blocks the address; the
                 // answer is the same either way.
@@ -347,6 +530,24 @@ impl Accounts {
             }
         }
     }
+}
+
+/// Who `token` proves among `book`. Every token is compared, in constant
+/// time each.
+fn principal_in(book: &[Account], token: &TokenHash) -> Option<Principal> {
+    let mut found = None;
+    for account in book {
+        for known in &account.tokens {
+            if known.hash().same(token) && found.is_none() {
+                found = Some(Principal {
+                    account: account.id.clone(),
+                    admin: account.admin,
+                    token: *token,
+                });
+            }
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -398,7 +599,9 @@ mod tests {
             "even the right token waits once an address is blocked"
         );
         assert_eq!(
-            accounts.authorize(&bearer("right"), other),
+            accounts
+                .authorize(&bearer("right"), other)
+                .map(|p| p.map(|p| p.account)),
             Ok(Some(AccountId::of_token("right")))
         );
     }

@@ -20,6 +20,11 @@ pub struct Config {
     /// Tokens that clients and API callers must present; empty means the
     /// relay is open, as suits a relay on loopback.
     pub tokens: Vec<Token>,
+    /// A file of more accounts (see [`crate::accounts::file`]), read at
+    /// start and again whenever it changes.
+    pub tokens_file: Option<std::path::PathBuf>,
+    /// How often the tokens file is checked for changes.
+    pub tokens_file_check: Duration,
     /// How long a tunnel may take to answer a public request with headers
     /// before the caller gets 504.
     pub request_timeout: Duration,
@@ -79,6 +84,9 @@ pub struct Config {
 }
 
 impl Config {
+    /// The default for [`Config::tokens_file_check`]: a removed token
+    /// stops working within it.
+    pub const DEFAULT_TOKENS_FILE_CHECK: Duration = Duration::from_secs(2);
     /// The default for [`Config::request_timeout`]: above the client's own
     /// default local timeout, so that the client's clearer 504 comes first.
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -144,6 +152,8 @@ impl Default for Config {
         Self {
             domain: "localhost".to_owned(),
             tokens: Vec::new(),
+            tokens_file: None,
+            tokens_file_check: Self::DEFAULT_TOKENS_FILE_CHECK,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
             max_requests_per_ip: Self::DEFAULT_MAX_REQUESTS_PER_IP,

@@ -170,13 +170,21 @@ pub struct Relay {
     data_dir: data_dir::DataDir,
     /// The store in it.
     store: Arc<store::sqlite::Sqlite>,
+    /// The accounts of the tokens file, as read at start.
+    file_accounts: Vec<accounts::Account>,
 }
 
 impl Relay {
-    /// Takes the data directory (creating it if missing) and opens its
-    /// database: fails at once when the directory is not writable or
-    /// another relay holds it.
+    /// Reads the tokens file, takes the data directory (creating it if
+    /// missing) and opens its database: fails at once when the tokens
+    /// file is not valid, the directory is not writable or another relay
+    /// holds it.
     pub fn open(config: Config) -> std::io::Result<Self> {
+        let file_accounts = match &config.tokens_file {
+            Some(path) => accounts::file::load(path)
+                .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?,
+            None => Vec::new(),
+        };
         let data_dir = data_dir::DataDir::open(&config.data_dir)?;
         let store = store::sqlite::Sqlite::open(&data_dir.database()).map_err(|err| {
             std::io::Error::other(format!(
@@ -188,6 +196,7 @@ impl Relay {
             config,
             data_dir,
             store: Arc::new(store),
+            file_accounts,
         })
     }
 
@@ -205,13 +214,20 @@ impl Relay {
             config,
             mut data_dir,
             store,
+            file_accounts,
         } = self;
-        serve(config, &mut data_dir, store, listeners, shutdown).await
+        let accounts =
+            accounts::Accounts::new(config.tokens.clone(), config.failed_auths_per_minute);
+        accounts
+            .set_file(file_accounts)
+            .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
+        serve(config, accounts, &mut data_dir, store, listeners, shutdown).await
     }
 }
 
 async fn serve(
     config: Config,
+    accounts: accounts::Accounts,
     data_dir: &mut data_dir::DataDir,
     store: Arc<store::sqlite::Sqlite>,
     listeners: Listeners,
@@ -269,7 +285,7 @@ async fn serve(
     let state = Arc::new(State {
         shutdown: shutdown.clone(),
         tunnels,
-        accounts: accounts::Accounts::new(config.tokens.clone(), config.failed_auths_per_minute),
+        accounts,
         connects: limits::RateLimit::per_minute(config.connects_per_minute),
         connections_per_ip: limits::PerIp::new(config.max_connections_per_ip),
         router: api::Router::new(),
@@ -296,6 +312,7 @@ async fn serve(
         config,
     });
     restore_holds(&state).await.map_err(std::io::Error::other)?;
+    apply_accounts(&state);
     data_dir.announce(&api_url)?;
     state.spawn(activity::retention::prune_until(
         Arc::clone(&state.log),
@@ -307,6 +324,9 @@ async fn serve(
     ));
     let dispatch_stop = CancellationToken::new();
     let dispatching = tokio::spawn(dispatcher.run(dispatch_stop.clone()));
+    if let Some(path) = state.config.tokens_file.clone() {
+        state.spawn(reload_accounts(Arc::clone(&state), path, shutdown.clone()));
+    }
     if let Some((_, resolver)) = &listeners.tls {
         state.spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
     }
@@ -352,6 +372,56 @@ async fn restore_holds(state: &State) -> Result<(), store::StoreError> {
             .restore_hold(name, tunnels::Owner::from_key(&record.owner), left);
     }
     Ok(())
+}
+
+/// Gives the registry the accounts' reserved names and limits, and ends
+/// the tunnels they no longer allow.
+fn apply_accounts(state: &State) {
+    let accounts = &state.accounts;
+    state
+        .tunnels
+        .set_accounts(&accounts.all(), |token| accounts.principal(token).is_some());
+}
+
+/// Reads the tokens file at `path` every `tokens_file_check` until
+/// shutdown, and applies it when its content changed. A file that is not
+/// valid is logged and the accounts stay as they were.
+async fn reload_accounts(state: Arc<State>, path: std::path::PathBuf, shutdown: CancellationToken) {
+    // The first check applies the file again, in case it changed since
+    // the relay read it at start.
+    let mut last = None;
+    let mut checks = tokio::time::interval(state.config.tokens_file_check);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    checks.tick().await;
+    loop {
+        tokio::select! {
+            _ = checks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Ok(content) = tokio::fs::read(&path).await else {
+            tracing::warn!(path = %path.display(), "tokens file not readable; the accounts stay as they were");
+            continue;
+        };
+        if last.as_ref() == Some(&content) {
+            continue;
+        }
+        last = Some(content.clone());
+        let read = String::from_utf8(content)
+            .map_err(|_| "not UTF-8 text".to_owned())
+            .and_then(|text| accounts::file::parse(&text))
+            .and_then(|file| state.accounts.set_file(file));
+        match read {
+            Ok(()) => {
+                apply_accounts(&state);
+                tracing::info!(path = %path.display(), "tokens file reloaded");
+            }
+            Err(err) => tracing::warn!(
+                path = %path.display(),
+                %err,
+                "tokens file not reloaded; the accounts stay as they were"
+            ),
+        }
+    }
 }
 
 /// Checks the certificate files every [`tls::RELOAD_CHECK`] until shutdown.

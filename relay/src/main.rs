@@ -28,9 +28,12 @@ macro_rules! say {
 /// Ferry's public relay: gives each `ferry http` client a subdomain and
 /// forwards the requests that arrive there through the client's tunnel.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 #[command(group = clap::ArgGroup::new("certificate").args(["tls_cert", "dev_tls"]))]
 struct Args {
+    /// A helper instead of the relay.
+    #[command(subcommand)]
+    command: Option<Helper>,
     /// Address to serve plain HTTP on.
     #[arg(long, env = "FERRY_RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -46,9 +49,20 @@ struct Args {
         value_delimiter = ','
     )]
     tokens: Vec<String>,
-    /// A file of tokens, one per line; blank lines and `#` comments are skipped.
+    /// A file of tokens: one per line (blank lines and `#` comments are
+    /// skipped), or TOML naming accounts with their token hashes, reserved
+    /// subdomains, tunnel limit and admin flag. Reloaded when it changes.
     #[arg(long, env = "FERRY_RELAY_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
+    /// How often --tokens-file is checked for changes; a removed token
+    /// stops working, and its tunnels end, within it.
+    #[arg(long, env = "FERRY_RELAY_TOKENS_FILE_CHECK", value_name = "DURATION",
+          default_value = "2s", value_parser = duration)]
+    tokens_file_check: Duration,
+    /// Serve without tokens on an address other than loopback: anyone who
+    /// can reach the relay may open tunnels and read every log.
+    #[arg(long, env = "FERRY_RELAY_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
     /// How long a tunnel may take to answer a public request before the
     /// caller gets 504 (30s, 2m, …).
     #[arg(long, env = "FERRY_RELAY_REQUEST_TIMEOUT", value_name = "DURATION",
@@ -239,6 +253,53 @@ struct Args {
     event_types: Vec<(String, String)>,
 }
 
+/// What `ferry-relay` can do besides relaying.
+#[derive(clap::Subcommand, Debug)]
+enum Helper {
+    /// Reads a token from standard input (or asks for it) and prints its
+    /// hash, `sha256:…`, for a TOML --tokens-file.
+    HashToken,
+    /// Prints a new random token and, on the next line, its hash.
+    NewToken,
+}
+
+/// Runs `helper`.
+fn help_with(helper: &Helper) -> ExitCode {
+    use std::io::{BufRead as _, IsTerminal as _};
+    match helper {
+        Helper::HashToken => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprint!("token (it will be shown as you type; Enter ends it): ");
+            }
+            let mut line = String::new();
+            if let Err(err) = stdin.lock().read_line(&mut line) {
+                eprintln!("error: cannot read the token from standard input: {err}");
+                return ExitCode::FAILURE;
+            }
+            let token = line.trim();
+            if token.is_empty() {
+                eprintln!("error: no token given: pipe it in, as in `printf %s \"$TOKEN\" | ferry-relay hash-token`");
+                return ExitCode::FAILURE;
+            }
+            say!("{}", ferry_relay::accounts::TokenHash::of(token));
+        }
+        Helper::NewToken => {
+            use ring::rand::SecureRandom as _;
+            let mut secret = [0u8; 32];
+            if ring::rand::SystemRandom::new().fill(&mut secret).is_err() {
+                eprintln!("error: the system's random source failed");
+                return ExitCode::FAILURE;
+            }
+            let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let token = format!("ferry_{token}");
+            say!("{token}");
+            say!("{}", ferry_relay::accounts::TokenHash::of(&token));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// An `--event-type` flag: `NAME=DESCRIPTION`.
 fn event_type(text: &str) -> Result<(String, String), String> {
     let (name, description) = text
@@ -378,28 +439,30 @@ fn config(args: &Args) -> Result<Config, String> {
             args.domain
         ));
     }
-    let mut tokens: Vec<Token> = args
+    let tokens: Vec<Token> = args
         .tokens
         .iter()
         .filter(|t| !t.is_empty())
         .map(Token::new)
         .collect();
     if let Some(path) = &args.tokens_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| format!("cannot read --tokens-file {}: {err}", path.display()))?;
-        tokens.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|line| !line.is_empty() && !line.starts_with('#'))
-                .map(Token::new),
-        );
-        if tokens.is_empty() {
-            return Err(format!("--tokens-file {} holds no token", path.display()));
-        }
+        // Checked here too, so that a bad file is a usage error at start.
+        ferry_relay::accounts::file::load(path)?;
+    }
+    let anonymous = tokens.is_empty() && args.tokens_file.is_none();
+    let public = std::iter::once(args.listen)
+        .chain(args.tls_listen)
+        .find(|addr| !addr.ip().is_loopback());
+    if let (true, Some(addr), false) = (anonymous, public, args.allow_anonymous) {
+        return Err(format!(
+            "this relay has no tokens and would listen on {addr}, beyond this machine: give clients tokens with --token or --tokens-file, or pass --allow-anonymous to let anyone who can reach it open tunnels"
+        ));
     }
     Ok(Config {
         domain,
         tokens,
+        tokens_file: args.tokens_file.clone(),
+        tokens_file_check: args.tokens_file_check,
         request_timeout: args.request_timeout,
         max_requests_per_tunnel: args.max_requests_per_tunnel,
         max_requests_per_ip: args.max_requests_per_ip,
@@ -486,6 +549,9 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    if let Some(helper) = &args.command {
+        return help_with(helper);
+    }
     // One thread by default: on small machines the wake-ups between worker
     // threads cost more than a second thread brings (see BENCHMARKS.md).
     let runtime = match args.threads {
@@ -517,7 +583,7 @@ async fn serve(args: Args) -> ExitCode {
     };
     let data_dir =
         std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
-    let open = config.tokens.is_empty();
+    let open = config.tokens.is_empty() && config.tokens_file.is_none();
     let capture = config.capture;
     let domain = config.domain.clone();
     // The data directory first: a relay that cannot keep its log says so
@@ -544,7 +610,9 @@ async fn serve(args: Args) -> ExitCode {
             data_dir.display()
         );
     }
-    if open {
+    if open && args.allow_anonymous {
+        say!("warning: anonymous relay (--allow-anonymous): anyone who can reach it may open tunnels and read every log");
+    } else if open {
         say!("no tokens configured: any client that can reach this relay may open a tunnel");
     }
     let shutdown = CancellationToken::new();

@@ -98,7 +98,7 @@ pub(crate) async fn connect(
             wait,
         ));
     }
-    let account = state.accounts.authorize(req.headers(), peer)?;
+    let principal = state.accounts.authorize(req.headers(), peer)?;
     let request = ConnectRequest::from_parts(req.headers(), req.uri().query()).map_err(|err| {
         let status = match err {
             HandshakeError::ClientTooOld { .. } | HandshakeError::RelayTooOld { .. } => {
@@ -108,13 +108,15 @@ pub(crate) async fn connect(
         };
         ApiError::new(status, "bad_handshake", err.to_string())
     })?;
-    let owner = match account {
-        Some(account) => Owner::Account(account),
+    let token = principal.as_ref().map(|p| p.token);
+    let owner = match principal {
+        Some(principal) => Owner::Account(principal.account),
         None => Owner::of_key(request.client_key.as_deref()),
     };
     let client = ClientInfo {
         version: request.client_version,
         target: request.target,
+        token,
     };
     let tunnel = state
         .tunnels
@@ -124,6 +126,7 @@ pub(crate) async fn connect(
         .map_err(|err| {
             let (status, code) = match err {
                 ClaimError::InUse(_) | ClaimError::Held(..) => (StatusCode::CONFLICT, "name_taken"),
+                ClaimError::Reserved(_) => (StatusCode::FORBIDDEN, "name_reserved"),
                 ClaimError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_tunnels"),
                 ClaimError::Full(_) | ClaimError::Exhausted => {
                     (StatusCode::SERVICE_UNAVAILABLE, "relay_full")

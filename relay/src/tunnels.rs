@@ -18,7 +18,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::accounts::{short_hash, AccountId};
+use crate::accounts::{short_hash, Account, AccountId, TokenHash};
 use crate::limits::{PerIp, PerIpGuard};
 use crate::store::OwnerKey;
 use crate::Body;
@@ -86,6 +86,8 @@ pub struct ClientInfo {
     pub version: Option<String>,
     /// The local target it forwards to.
     pub target: Option<String>,
+    /// The token it connected with, so that removing the token ends it.
+    pub token: Option<TokenHash>,
 }
 
 /// One connected (or connecting) tunnel.
@@ -262,6 +264,9 @@ pub(crate) fn request_header_list_size<B>(request: &Request<B>) -> usize {
 /// Why a name could not be claimed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ClaimError {
+    /// The name is reserved for another account.
+    #[error("the subdomain `{0}` is reserved for another account on this relay: choose another name with --subdomain")]
+    Reserved(Subdomain),
     /// Another client holds the name.
     #[error("the subdomain `{0}` is in use by another client: choose another name with --subdomain, or stop the other client")]
     InUse(Subdomain),
@@ -269,7 +274,7 @@ pub enum ClaimError {
     #[error("the subdomain `{0}` is held for the client that used it last (for {1} after it left): choose another name with --subdomain")]
     Held(Subdomain, String),
     /// The account holds as many tunnels as it may.
-    #[error("this token already holds {0} tunnels, the relay's limit: stop one of them first")]
+    #[error("this account already holds {0} tunnels, its limit: stop one of them first")]
     TooMany(usize),
     /// The relay holds as many tunnels as it may.
     #[error("this relay has {0} tunnels open, its limit: try again later")]
@@ -313,6 +318,10 @@ struct Registry {
     /// all), so expired ones are swept from the front without a scan.
     /// Entries whose hold was taken back or renewed are skipped.
     expiries: VecDeque<(Instant, Subdomain)>,
+    /// Names only one account may claim, online or not.
+    reserved: HashMap<Subdomain, AccountId>,
+    /// Tunnel limits of accounts that have their own.
+    max_per_account: HashMap<AccountId, usize>,
 }
 
 impl Registry {
@@ -328,6 +337,13 @@ impl Registry {
             }
             self.expiries.pop_front();
         }
+    }
+
+    /// Whether `name` is reserved for an account other than `owner`.
+    fn reserved_against(&self, name: &Subdomain, owner: &Owner) -> bool {
+        self.reserved
+            .get(name)
+            .is_some_and(|account| !matches!(owner, Owner::Account(o) if o == account))
     }
 
     fn holder(&self, name: &Subdomain, now: Instant) -> Option<&Owner> {
@@ -377,6 +393,9 @@ impl Tunnels {
         let now = Instant::now();
         let mut registry = self.registry();
         let (name, replaces) = match wanted {
+            Some(name) if registry.reserved_against(&name, &owner) => {
+                return Err(ClaimError::Reserved(name))
+            }
             Some(name) => match registry.live.get(&name) {
                 Some(holder) if owner.may_take_over(&holder.owner) => {
                     let holder = Arc::clone(holder);
@@ -395,7 +414,9 @@ impl Tunnels {
                 let name = (0..RANDOM_NAME_ATTEMPTS)
                     .map(|attempt| Subdomain::random(attempt / 8))
                     .find(|name| {
-                        !registry.live.contains_key(name) && registry.holder(name, now).is_none()
+                        !registry.live.contains_key(name)
+                            && registry.holder(name, now).is_none()
+                            && !registry.reserved.contains_key(name)
                     })
                     .ok_or(ClaimError::Exhausted)?;
                 (name, None)
@@ -406,10 +427,15 @@ impl Tunnels {
             if registry.live.len() >= self.limits.max_tunnels {
                 return Err(ClaimError::Full(self.limits.max_tunnels));
             }
-            if let Owner::Account(_) = owner {
+            if let Owner::Account(account) = &owner {
+                let max = registry
+                    .max_per_account
+                    .get(account)
+                    .copied()
+                    .unwrap_or(self.limits.max_per_account);
                 let held = registry.live.values().filter(|t| t.owner == owner).count();
-                if held >= self.limits.max_per_account {
-                    return Err(ClaimError::TooMany(self.limits.max_per_account));
+                if held >= max {
+                    return Err(ClaimError::TooMany(max));
                 }
             }
         }
@@ -475,6 +501,44 @@ impl Tunnels {
             .insert(tunnel.name.clone(), Arc::clone(tunnel)))
     }
 
+    /// Takes the reserved names and tunnel limits of `accounts`, and ends
+    /// the live tunnels that may no longer be: those connected with a token
+    /// that `valid` refuses, and those on a name now reserved for another
+    /// account. Holds of a reserved name for anybody else are dropped.
+    pub fn set_accounts(&self, accounts: &[Account], valid: impl Fn(&TokenHash) -> bool) {
+        let mut registry = self.registry();
+        registry.reserved = accounts
+            .iter()
+            .flat_map(|a| a.subdomains.iter().map(|name| (name.clone(), a.id.clone())))
+            .collect();
+        registry.max_per_account = accounts
+            .iter()
+            .filter_map(|a| Some((a.id.clone(), a.max_tunnels?)))
+            .collect();
+        let Registry {
+            live,
+            held,
+            reserved,
+            ..
+        } = &mut *registry;
+        let against = |name: &Subdomain, owner: &Owner| {
+            reserved
+                .get(name)
+                .is_some_and(|account| !matches!(owner, Owner::Account(o) if o == account))
+        };
+        held.retain(|name, hold| !against(name, &hold.owner));
+        for tunnel in live.values() {
+            let reason = if tunnel.client.token.is_some_and(|token| !valid(&token)) {
+                "the token this tunnel connected with was removed from the relay"
+            } else if against(&tunnel.name, &tunnel.owner) {
+                "this subdomain is now reserved for another account"
+            } else {
+                continue;
+            };
+            tunnel.close.close(CloseReason::policy(reason));
+        }
+    }
+
     /// Who owns `name` now: its live tunnel's owner, or the holder of an
     /// unexpired hold.
     pub fn owner_of(&self, name: &Subdomain) -> Option<Owner> {
@@ -529,7 +593,9 @@ impl Tunnels {
             return;
         }
         registry.live.remove(&tunnel.name);
-        if tunnel.owner == Owner::Anonymous {
+        if tunnel.owner == Owner::Anonymous
+            || registry.reserved_against(&tunnel.name, &tunnel.owner)
+        {
             return;
         }
         let now = Instant::now();
@@ -789,5 +855,95 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(tunnels.len(), 100);
+    }
+
+    fn reserving(tunnels: &Tunnels, owner: &str, names: &[Subdomain], max: Option<usize>) {
+        let account = crate::accounts::Account {
+            id: AccountId::of_token(owner),
+            tokens: vec![crate::accounts::Token::new(owner)],
+            subdomains: names.to_vec(),
+            max_tunnels: max,
+            admin: false,
+        };
+        tunnels.set_accounts(&[account], |_| true);
+    }
+
+    #[test]
+    fn a_reserved_name_is_its_accounts_alone_online_and_offline() {
+        let tunnels = registry(3, 100);
+        let shop = Subdomain::parse("shop").unwrap();
+        // A name held for someone else stops being theirs once reserved.
+        let squatter = claim(&tunnels, "shop", account("mallory")).unwrap();
+        tunnels.release(&squatter);
+        let squatter = claim(&tunnels, "shop", account("mallory")).unwrap();
+        reserving(&tunnels, "alice", std::slice::from_ref(&shop), None);
+        assert_eq!(
+            claim(&tunnels, "shop", account("mallory")).err(),
+            Some(ClaimError::Reserved(shop.clone()))
+        );
+        tunnels.release(&squatter);
+        // Offline, before the owner ever came: nobody else.
+        for stranger in [
+            account("mallory"),
+            Owner::Anonymous,
+            Owner::of_key(Some("k")),
+        ] {
+            assert_eq!(
+                claim(&tunnels, "shop", stranger).err(),
+                Some(ClaimError::Reserved(shop.clone()))
+            );
+        }
+        let first = claim(&tunnels, "shop", account("alice")).unwrap();
+        tunnels.activate(&first).unwrap();
+        // Online: nobody else.
+        assert_eq!(
+            claim(&tunnels, "shop", account("mallory")).err(),
+            Some(ClaimError::Reserved(shop.clone()))
+        );
+        // Offline after the owner left, whatever the hold: nobody else.
+        tunnels.release(&first);
+        let short = Tunnels::new(RegistryLimits {
+            name_hold: Duration::ZERO,
+            ..tunnels.limits
+        });
+        reserving(&short, "alice", std::slice::from_ref(&shop), None);
+        let gone = claim(&short, "shop", account("alice")).unwrap();
+        short.release(&gone);
+        assert_eq!(
+            claim(&short, "shop", account("mallory")).err(),
+            Some(ClaimError::Reserved(shop.clone()))
+        );
+        assert!(claim(&tunnels, "shop", account("alice")).is_ok());
+    }
+
+    #[test]
+    fn random_names_are_never_reserved_ones() {
+        let tunnels = registry(1000, 1000);
+        let names: Vec<Subdomain> = (0..5000).map(|_| Subdomain::random(0)).collect();
+        reserving(&tunnels, "alice", &names, None);
+        for _ in 0..200 {
+            let tunnel = tunnels
+                .claim(None, Owner::Anonymous, ClientInfo::default(), url)
+                .unwrap();
+            assert!(!names.contains(&tunnel.name), "{} is reserved", tunnel.name);
+        }
+    }
+
+    #[test]
+    fn an_account_may_have_its_own_tunnel_limit() {
+        let tunnels = registry(3, 100);
+        reserving(&tunnels, "alice", &[], Some(1));
+        claim(&tunnels, "one", account("alice")).unwrap();
+        assert_eq!(
+            claim(&tunnels, "two", account("alice")).err(),
+            Some(ClaimError::TooMany(1))
+        );
+        for name in ["b1", "b2", "b3"] {
+            claim(&tunnels, name, account("bob")).unwrap();
+        }
+        assert_eq!(
+            claim(&tunnels, "b4", account("bob")).err(),
+            Some(ClaimError::TooMany(3))
+        );
     }
 }

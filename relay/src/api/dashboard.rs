@@ -11,7 +11,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 
 use super::{json, read_json_within, ApiError, Caller};
-use crate::accounts::{session_cookie_name, AuthError, SESSION_LIFETIME};
+use crate::accounts::{session_cookie_name, AuthError, Principal, SESSION_LIFETIME};
 use crate::{full, Body, State};
 
 /// The files under `relay/assets/`.
@@ -114,17 +114,18 @@ pub(crate) async fn session(
 ) -> Result<Response<Body>, ApiError> {
     let accounts = &state.accounts;
     let open = accounts.is_open();
-    let answer = |account: Option<String>| {
+    let answer = |principal: Option<Principal>| {
         json(&serde_json::json!({
-            "signed_in": open || account.is_some(),
+            "signed_in": open || principal.is_some(),
             "open": open,
-            "account": account,
+            "account": principal.as_ref().map(|p| p.account.to_string()),
+            "admin": principal.is_some_and(|p| p.admin),
         }))
     };
     match *req.method() {
         hyper::Method::GET => {
             match accounts.authorize_api(req.headers(), caller.peer, caller.https) {
-                Ok(account) => Ok(answer(account.map(|a| a.to_string()))),
+                Ok(principal) => Ok(answer(principal)),
                 Err(AuthError::Missing | AuthError::SessionEnded) => Ok(answer(None)),
                 Err(err) => Err(err.into()),
             }
@@ -145,9 +146,9 @@ pub(crate) async fn session(
                     "send {\"token\": \"YOUR TOKEN\"}: the token ferry connects with",
                 ));
             }
-            let (account, cookie) = accounts.sign_in(&body.token, caller.peer)?;
+            let (principal, cookie) = accounts.sign_in(&body.token, caller.peer)?;
             let max_age = SESSION_LIFETIME.as_secs();
-            let mut response = answer(Some(account.to_string()));
+            let mut response = answer(Some(principal));
             set_cookie(&mut response, &cookie, max_age, caller.https);
             Ok(response)
         }

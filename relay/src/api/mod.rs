@@ -489,27 +489,28 @@ async fn endpoint(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let (id, side) = (id.to_owned(), side.to_owned());
-    if is_dispatch(route.endpoint) {
-        let owner = state
-            .accounts
-            .authorize_api(req.headers(), peer, https)?
-            .map(|account| account.to_string());
-        return dispatch_endpoint(state, route.endpoint, &id, owner.as_deref(), req).await;
-    }
-    let owner = || -> Result<Option<String>, ApiError> {
+    // An admin's reads see every account's objects; what it creates or
+    // changes is its own account's, like anybody's.
+    let reads = req.method() == hyper::Method::GET;
+    let account = || -> Result<Option<AccountId>, ApiError> {
         Ok(state
             .accounts
             .authorize_api(req.headers(), peer, https)?
-            .map(|account| account.to_string()))
+            .filter(|principal| !(principal.admin && reads))
+            .map(|principal| principal.account))
+    };
+    if is_dispatch(route.endpoint) {
+        let owner = account()?.map(|account| account.to_string());
+        return dispatch_endpoint(state, route.endpoint, &id, owner.as_deref(), req).await;
+    }
+    let owner = || -> Result<Option<String>, ApiError> {
+        Ok(account()?.map(|account| account.to_string()))
     };
     match route.endpoint {
         Endpoint::Health => Ok(health(state)),
         Endpoint::Metrics => Ok(metrics(state)),
         Endpoint::Connect => session::connect(state, peer, connection.carry_tunnel(), req).await,
-        Endpoint::Tunnels => {
-            let account = state.accounts.authorize_api(req.headers(), peer, https)?;
-            tunnels(state, account.as_ref()).await
-        }
+        Endpoint::Tunnels => tunnels(state, account()?.as_ref()).await,
         Endpoint::Requests => {
             let query = requests::parse_query(req.uri().query(), owner()?)?;
             requests::list(state, query).await
