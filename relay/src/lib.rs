@@ -47,6 +47,7 @@ pub mod tunnels;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -389,7 +390,7 @@ fn apply_accounts(state: &State) {
 async fn reload_accounts(state: Arc<State>, path: std::path::PathBuf, shutdown: CancellationToken) {
     // The first check applies the file again, in case it changed since
     // the relay read it at start.
-    let mut last = None;
+    let mut last: Option<Vec<u8>> = None;
     let mut checks = tokio::time::interval(state.config.tokens_file_check);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     checks.tick().await;
@@ -398,9 +399,20 @@ async fn reload_accounts(state: Arc<State>, path: std::path::PathBuf, shutdown: 
             _ = checks.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let Ok(content) = tokio::fs::read(&path).await else {
-            tracing::warn!(path = %path.display(), "tokens file not readable; the accounts stay as they were");
-            continue;
+        let content = match tokio::fs::read(&path).await {
+            Ok(content) => content,
+            Err(err) => {
+                // Reported once, until it reads again.
+                if last.as_ref().is_none_or(|last| !last.is_empty()) {
+                    state
+                        .metrics
+                        .tokens_file_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %path.display(), %err, "tokens file not readable; the accounts stay as they were");
+                }
+                last = Some(Vec::new());
+                continue;
+            }
         };
         if last.as_ref() == Some(&content) {
             continue;
@@ -415,11 +427,17 @@ async fn reload_accounts(state: Arc<State>, path: std::path::PathBuf, shutdown: 
                 apply_accounts(&state);
                 tracing::info!(path = %path.display(), "tokens file reloaded");
             }
-            Err(err) => tracing::warn!(
-                path = %path.display(),
-                %err,
-                "tokens file not reloaded; the accounts stay as they were"
-            ),
+            Err(err) => {
+                state
+                    .metrics
+                    .tokens_file_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    path = %path.display(),
+                    %err,
+                    "tokens file not reloaded; the accounts stay as they were"
+                );
+            }
         }
     }
 }

@@ -267,6 +267,9 @@ pub struct Metrics {
     pub sessions: AtomicU64,
     /// Connections closed at accept because their address held its limit.
     pub connections_refused: AtomicU64,
+    /// Changes to the tokens file that were not applied: it did not read
+    /// or was not valid.
+    pub tokens_file_errors: AtomicU64,
 }
 
 /// An API error: a status, a stable code and a sentence.
@@ -808,7 +811,8 @@ fn metrics(state: &State) -> Response<Body> {
          # HELP ferry_dispatch_attempts_total Webhook delivery attempts made.\n# TYPE ferry_dispatch_attempts_total counter\nferry_dispatch_attempts_total {}\n\
          # HELP ferry_dispatch_succeeded_total Webhook deliveries that succeeded.\n# TYPE ferry_dispatch_succeeded_total counter\nferry_dispatch_succeeded_total {}\n\
          # HELP ferry_dispatch_failed_total Webhook deliveries that failed for good.\n# TYPE ferry_dispatch_failed_total counter\nferry_dispatch_failed_total {}\n\
-         # HELP ferry_dispatch_store_errors_total Delivery queue reads or writes that failed.\n# TYPE ferry_dispatch_store_errors_total counter\nferry_dispatch_store_errors_total {}\n",
+         # HELP ferry_dispatch_store_errors_total Delivery queue reads or writes that failed.\n# TYPE ferry_dispatch_store_errors_total counter\nferry_dispatch_store_errors_total {}\n\
+         # HELP ferry_tokens_file_errors_total Changes to the tokens file not applied because it was not valid.\n# TYPE ferry_tokens_file_errors_total counter\nferry_tokens_file_errors_total {}\n",
         state.tunnels.len(),
         m.sessions.load(Ordering::Relaxed),
         m.requests.load(Ordering::Relaxed),
@@ -822,6 +826,7 @@ fn metrics(state: &State) -> Response<Body> {
         state.dispatcher.stats().succeeded.load(Ordering::Relaxed),
         state.dispatcher.stats().failed.load(Ordering::Relaxed),
         state.dispatcher.stats().store_errors.load(Ordering::Relaxed),
+        m.tokens_file_errors.load(Ordering::Relaxed),
     );
     let mut response = Response::new(full(body));
     response.headers_mut().insert(

@@ -1,6 +1,7 @@
 //! End-to-end scenarios, one binary: real relays, clients and origins on
 //! loopback port 0.
 
+mod accounts;
 mod activity;
 mod activity_attacks;
 mod attacks;
