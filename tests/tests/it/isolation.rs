@@ -1,7 +1,9 @@
 //! Users kept apart: every route of the relay's API, called by bob on
 //! alice's objects. Alice's objects answer 404 (as ids that do not exist,
 //! so names and ids do not leak), lists hold none of them, and the public
-//! routes say why they are not per-user. The table is checked against
+//! routes say why they are not per-user. An admin account reads alice's
+//! objects (200 where bob gets 404, her items in its lists) but changes
+//! them no more than bob can. The table is checked against
 //! [`ferry_relay::api::ROUTES`], so a new endpoint without a case here
 //! fails the test.
 
@@ -154,11 +156,24 @@ fn with_token(token: &str, subdomain: &'static str) -> ClientOptions {
 
 #[tokio::test]
 async fn every_route_keeps_alices_objects_from_bob() {
+    // Root is an admin account of a tokens file: it reads everyone's
+    // objects, and changes only its own.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let tokens_file = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens_file,
+        format!(
+            "[[account]]\nname = \"root\"\ntokens = [\"{}\"]\nadmin = true\n",
+            ferry_relay::accounts::TokenHash::of("root")
+        ),
+    )
+    .expect("the tokens file is written");
     let relay = TestRelay::start(ferry_relay::Config {
         tokens: vec![
             ferry_relay::Token::new("alice"),
             ferry_relay::Token::new("bob"),
         ],
+        tokens_file: Some(tokens_file),
         egress_allow: ferry_relay::egress::Allow::loopback(),
         ..ferry_relay::Config::default()
     })
@@ -166,9 +181,10 @@ async fn every_route_keeps_alices_objects_from_bob() {
     let origin = Origin::start(|_req| async { Response::new(full("hello")) }).await;
     let alice = TestClient::start(&relay, &origin.target(), with_token("alice", "alice-app")).await;
     let bob = TestClient::start(&relay, &origin.target(), with_token("bob", "bob-app")).await;
-    let (a, b) = (
+    let (a, b, root) = (
         Api::with_token(&relay, "alice"),
         Api::with_token(&relay, "bob"),
+        Api::with_token(&relay, "root"),
     );
 
     // Alice's request, in her log.
@@ -278,12 +294,35 @@ async fn every_route_keeps_alices_objects_from_bob() {
                     assert_eq!(status, StatusCode::NOT_FOUND, "{what}, unknown id: {other}");
                     assert_eq!(answer.replace(id, &unknown), other, "{what}");
                     leaks(&what, &answer.replace(id, ""));
+                    // The admin reads alice's object, and changes it no
+                    // more than bob does.
+                    let (status, admins) = call(&root, method, &path, body.as_ref()).await;
+                    if method == "GET" {
+                        assert_eq!(status, StatusCode::OK, "{what} as the admin: {admins}");
+                    } else {
+                        assert_eq!(admins, answer, "{what} as the admin");
+                    }
                     replayable.push((method, path, body, Some(answer)));
                 }
                 Expect::Own => {
                     let (status, answer) = call(&b, method, &path, body.as_ref()).await;
                     assert!(status.is_success(), "{what}: {status} {answer}");
                     leaks(&what, &answer);
+                    // The admin's lists hold alice's objects too.
+                    let (status, admins) = call(&root, method, &path, body.as_ref()).await;
+                    assert!(
+                        status.is_success(),
+                        "{what} as the admin: {status} {admins}"
+                    );
+                    let alices = match route.endpoint {
+                        Endpoint::Tunnels | Endpoint::RequestsHar => Some("alice-app"),
+                        Endpoint::Requests => Some(exchange.as_str()),
+                        Endpoint::Webhooks if method == "GET" => Some(hook.as_str()),
+                        _ => None,
+                    };
+                    if let Some(alices) = alices {
+                        assert!(admins.contains(alices), "{what} as the admin: {admins}");
+                    }
                     if method == "GET" {
                         replayable.push((method, path, body, None));
                     }
@@ -298,6 +337,7 @@ async fn every_route_keeps_alices_objects_from_bob() {
                 }
                 Expect::Stream => {
                     let mut bobs = b.tail("").await;
+                    let mut admins = root.tail("").await;
                     for client in [&alice, &bob] {
                         let response = send(
                             relay.addr,
@@ -312,6 +352,8 @@ async fn every_route_keeps_alices_objects_from_bob() {
                     let (_, item) = bobs.next_item().await;
                     assert_eq!(item["tunnel"], "bob-app", "{what}: {item}");
                     leaks(&what, &item.to_string());
+                    let (_, item) = admins.next_item().await;
+                    assert_eq!(item["tunnel"], "alice-app", "{what} as the admin: {item}");
                 }
             }
         }
