@@ -92,7 +92,7 @@ async fn a_token_signs_in_to_a_session_cookie_the_api_takes_until_sign_out() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body,
-        json!({"signed_in": false, "open": false, "account": null})
+        json!({"signed_in": false, "open": false, "account": null, "admin": false})
     );
 
     let mut wrong = call("POST", "/api/v1/session", None, &[]);
@@ -323,7 +323,7 @@ async fn an_open_relay_has_no_sign_in() {
     let (_, body) = json_of(api.send(call("GET", "/api/v1/session", None, &[])).await).await;
     assert_eq!(
         body,
-        json!({"signed_in": true, "open": true, "account": null})
+        json!({"signed_in": true, "open": true, "account": null, "admin": false})
     );
     let mut post = call("POST", "/api/v1/session", None, &[]);
     *post.body_mut() = full(json!({"token": "anything"}).to_string());
