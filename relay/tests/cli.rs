@@ -229,3 +229,77 @@ fn dev_tls_prints_where_its_ca_is_and_needs_no_certificate_flags() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--dev-tls"), "{stderr}");
 }
+
+#[test]
+fn a_relay_without_tokens_listens_beyond_loopback_only_when_told_to() {
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().expect("UTF-8 temp path");
+    let output = relay(&["--listen", "0.0.0.0:0", "--data-dir", data_dir])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("0.0.0.0:0"), "{stderr}");
+    assert!(stderr.contains("--token"), "{stderr}");
+    assert!(stderr.contains("--allow-anonymous"), "{stderr}");
+
+    let (_running, said) = start_until(
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            data_dir,
+            "--allow-anonymous",
+        ],
+        "warning:",
+    );
+    assert!(said.contains("anonymous"), "{said}");
+}
+
+#[test]
+fn hash_token_reads_stdin_and_a_bad_tokens_file_is_named_at_start() {
+    use std::io::Write as _;
+    let mut child = relay(&["hash-token"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ferry-relay runs");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(b"s3cret\n")
+        .expect("the token is written");
+    let output = child.wait_with_output().expect("ferry-relay ends");
+    assert!(output.status.success());
+    // As `printf s3cret | sha256sum` prints it.
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "sha256:1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0"
+    );
+
+    let output = relay(&["new-token"]).output().expect("ferry-relay runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 2, "{said}");
+    assert!(lines[0].len() >= 64, "{said}");
+    assert_eq!(
+        lines[1],
+        ferry_relay::accounts::TokenHash::of(lines[0]).to_string()
+    );
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(
+        &path,
+        "[[account]]\nname = \"alice\"\ntokens = [\"plain\"]\n",
+    )
+    .expect("written");
+    let output = relay(&["--tokens-file", path.to_str().expect("UTF-8 path")])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("account `alice`"), "{stderr}");
+    assert!(stderr.contains("ferry-relay hash-token"), "{stderr}");
+}
