@@ -1,6 +1,6 @@
 //! The `--tokens-file`: either one token per line (each its own account),
 //! or TOML naming accounts, each with its tokens (as hashes), reserved
-//! subdomains, tunnel limit and admin flag. See docs/operations.md.
+//! subdomains, tunnel limit and admin flag. See docs/accounts.md.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -201,6 +201,20 @@ mod tests {
         assert!(alice.admin);
         assert!(!accounts[1].admin && accounts[1].subdomains.is_empty());
         assert_eq!(accounts[1].max_tunnels, None);
+    }
+
+    #[test]
+    fn the_documented_examples_parse() {
+        let doc = include_str!("../../../docs/accounts.md");
+        let block = |fence: &str| {
+            let start = doc.find(fence).expect("the example is there") + fence.len();
+            let end = start + doc[start..].find("```").expect("the example ends");
+            &doc[start..end]
+        };
+        let accounts = parse(block("```toml\n")).unwrap();
+        assert_eq!(accounts.len(), 2);
+        assert!(accounts[1].admin && accounts[0].max_tunnels == Some(5));
+        assert_eq!(parse(block("```text\n")).unwrap().len(), 2);
     }
 
     #[test]
