@@ -504,7 +504,8 @@ impl Tunnels {
     /// Takes the reserved names and tunnel limits of `accounts`, and ends
     /// the live tunnels that may no longer be: those connected with a token
     /// that `valid` refuses, and those on a name now reserved for another
-    /// account. Holds of a reserved name for anybody else are dropped.
+    /// account. Holds of a reserved name for anybody else, and holds of
+    /// accounts no longer listed, are dropped.
     pub fn set_accounts(&self, accounts: &[Account], valid: impl Fn(&TokenHash) -> bool) {
         let mut registry = self.registry();
         registry.reserved = accounts
@@ -526,7 +527,13 @@ impl Tunnels {
                 .get(name)
                 .is_some_and(|account| !matches!(owner, Owner::Account(o) if o == account))
         };
-        held.retain(|name, hold| !against(name, &hold.owner));
+        // A name held for an account that is gone would be nobody's until
+        // the hold expires: it is free again.
+        let gone = |owner: &Owner| match owner {
+            Owner::Account(id) => !accounts.is_empty() && !accounts.iter().any(|a| &a.id == id),
+            Owner::Key(_) | Owner::Anonymous => false,
+        };
+        held.retain(|name, hold| !against(name, &hold.owner) && !gone(&hold.owner));
         for tunnel in live.values() {
             let reason = if tunnel.client.token.is_some_and(|token| !valid(&token)) {
                 "the token this tunnel connected with was removed from the relay"
@@ -914,6 +921,20 @@ mod tests {
             Some(ClaimError::Reserved(shop.clone()))
         );
         assert!(claim(&tunnels, "shop", account("alice")).is_ok());
+    }
+
+    #[test]
+    fn names_held_for_a_removed_account_are_free_again() {
+        let tunnels = registry(3, 100);
+        reserving(&tunnels, "alice", &[], None);
+        let gone = claim(&tunnels, "demo", account("mallory")).unwrap();
+        tunnels.release(&gone);
+        assert!(matches!(
+            claim(&tunnels, "demo", account("alice")),
+            Err(ClaimError::Held(..))
+        ));
+        reserving(&tunnels, "alice", &[], None);
+        assert!(claim(&tunnels, "demo", account("alice")).is_ok());
     }
 
     #[test]
