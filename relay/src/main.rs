@@ -263,17 +263,54 @@ enum Helper {
     NewToken,
 }
 
+/// Turns off the terminal's echo on standard input until dropped, so that
+/// a token typed in is not shown.
+struct Unechoed(Option<libc::termios>);
+
+impl Unechoed {
+    fn start() -> Self {
+        // SAFETY: termios is plain data that tcgetattr fills; both calls only
+        // read and set the terminal's attributes of descriptor 0.
+        unsafe {
+            let mut attributes: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut attributes) != 0 {
+                return Self(None);
+            }
+            let saved = attributes;
+            attributes.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &attributes) != 0 {
+                return Self(None);
+            }
+            Self(Some(saved))
+        }
+    }
+}
+
+impl Drop for Unechoed {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restores the attributes read in `start`.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved) };
+        }
+    }
+}
+
 /// Runs `helper`.
 fn help_with(helper: &Helper) -> ExitCode {
     use std::io::{BufRead as _, IsTerminal as _};
     match helper {
         Helper::HashToken => {
             let stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                eprint!("token (it will be shown as you type; Enter ends it): ");
-            }
+            let quiet = stdin.is_terminal().then(|| {
+                eprint!("token (not shown; Enter ends it): ");
+                Unechoed::start()
+            });
             let mut line = String::new();
-            if let Err(err) = stdin.lock().read_line(&mut line) {
+            let read = stdin.lock().read_line(&mut line);
+            if quiet.is_some() {
+                eprintln!();
+            }
+            if let Err(err) = read {
                 eprintln!("error: cannot read the token from standard input: {err}");
                 return ExitCode::FAILURE;
             }

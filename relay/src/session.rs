@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::accounts::AuthError;
 use crate::api::ApiError;
 use crate::connection::ActiveGuard;
 use crate::store::{now_micros, Micros, NameRecord};
@@ -134,6 +135,12 @@ pub(crate) async fn connect(
             };
             ApiError::new(status, code, err.to_string())
         })?;
+    // A reload of the tokens file may have removed the token since it was
+    // checked, after the reload ended the tunnels that token had opened.
+    if token.is_some_and(|token| state.accounts.principal(&token).is_none()) {
+        state.tunnels.release(&tunnel);
+        return Err(AuthError::Wrong.into());
+    }
     let accept = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
