@@ -17,8 +17,9 @@ pub struct Config {
     /// The domain tunnels are subdomains of, lowercase, without a trailing
     /// dot: `localhost` or `relay.example.com`.
     pub domain: String,
-    /// Tokens that clients and API callers must present; empty means the
-    /// relay is open, as suits a relay on loopback.
+    /// Tokens that clients and API callers must present, each its own
+    /// account; empty, with no [`Config::tokens_file`], means the relay is
+    /// open, as suits a relay on loopback.
     pub tokens: Vec<Token>,
     /// A file of more accounts (see [`crate::accounts::file`]), read at
     /// start and again whenever it changes.

@@ -310,3 +310,32 @@ async fn a_reserved_name_is_its_accounts_alone_online_and_offline() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn an_account_holds_no_more_tunnels_than_its_own_limit() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[account]]\nname = \"small\"\ntokens = [\"{}\"]\nmax_tunnels = 1\n",
+            hash("small")
+        ),
+    )
+    .expect("the tokens file is written");
+    let relay = relay_with(&path).await;
+    let origin = Origin::start(|_req| async { Response::new(full("")) }).await;
+    let first = TestClient::start(&relay, &origin.target(), with(Some("small"), "one")).await;
+    // A second tunnel would be one more than the account's 1, though the
+    // relay's --max-tunnels-per-token is 32.
+    let ended = TestClient::spawn(&relay, &origin.target(), with(Some("small"), "two"))
+        .finished()
+        .await;
+    assert!(
+        matches!(&ended, Err(ferry::Error::Refused { status: 429, message }) if message.contains("1 tunnels")),
+        "{ended:?}"
+    );
+    first.stop().await.expect("the client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
