@@ -391,6 +391,7 @@ async fn reload_accounts(state: Arc<State>, path: std::path::PathBuf, shutdown: 
     // The first check applies the file again, in case it changed since
     // the relay read it at start.
     let mut last: Option<Vec<u8>> = None;
+    let mut unreadable = false;
     let mut checks = tokio::time::interval(state.config.tokens_file_check);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     checks.tick().await;
@@ -403,17 +404,18 @@ async fn reload_accounts(state: Arc<State>, path: std::path::PathBuf, shutdown: 
             Ok(content) => content,
             Err(err) => {
                 // Reported once, until it reads again.
-                if last.as_ref().is_none_or(|last| !last.is_empty()) {
+                if !unreadable {
                     state
                         .metrics
                         .tokens_file_errors
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %path.display(), %err, "tokens file not readable; the accounts stay as they were");
                 }
-                last = Some(Vec::new());
+                unreadable = true;
                 continue;
             }
         };
+        unreadable = false;
         if last.as_ref() == Some(&content) {
             continue;
         }

@@ -812,7 +812,7 @@ fn metrics(state: &State) -> Response<Body> {
          # HELP ferry_dispatch_succeeded_total Webhook deliveries that succeeded.\n# TYPE ferry_dispatch_succeeded_total counter\nferry_dispatch_succeeded_total {}\n\
          # HELP ferry_dispatch_failed_total Webhook deliveries that failed for good.\n# TYPE ferry_dispatch_failed_total counter\nferry_dispatch_failed_total {}\n\
          # HELP ferry_dispatch_store_errors_total Delivery queue reads or writes that failed.\n# TYPE ferry_dispatch_store_errors_total counter\nferry_dispatch_store_errors_total {}\n\
-         # HELP ferry_tokens_file_errors_total Changes to the tokens file not applied because it was not valid.\n# TYPE ferry_tokens_file_errors_total counter\nferry_tokens_file_errors_total {}\n",
+         # HELP ferry_tokens_file_errors_total Changes to the tokens file not applied: it was not readable or not valid.\n# TYPE ferry_tokens_file_errors_total counter\nferry_tokens_file_errors_total {}\n",
         state.tunnels.len(),
         m.sessions.load(Ordering::Relaxed),
         m.requests.load(Ordering::Relaxed),

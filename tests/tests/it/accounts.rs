@@ -84,6 +84,21 @@ async fn status_at(relay: &TestRelay, public_url: &str) -> StatusCode {
     status
 }
 
+/// Waits until `/metrics` counts `errors` tokens files not applied.
+async fn until_errors(relay: &TestRelay, errors: u32) {
+    let counted = format!("ferry_tokens_file_errors_total {errors}\n");
+    within("the bad tokens file to be counted", async {
+        loop {
+            let (_, metrics) = Api::of(relay).get("/metrics").await;
+            if String::from_utf8_lossy(&metrics).contains(&counted) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
 /// Signs the dashboard in with `token`: the session cookie.
 async fn sign_in(relay: &TestRelay, token: &str) -> String {
     let api = Api::of(relay);
@@ -207,18 +222,13 @@ async fn tokens_are_checked_rotated_and_removed_from_the_file() {
     // A file that is not valid is logged and counted, and the accounts
     // stay: bob, missing from it, keeps his tunnel.
     std::fs::write(&path, "[[account]]\nname = \"alice\"\n").expect("written");
-    within("the bad file to be counted", async {
-        loop {
-            let (_, metrics) = Api::of(&relay).get("/metrics").await;
-            if String::from_utf8_lossy(&metrics).contains("ferry_tokens_file_errors_total 1") {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    until_errors(&relay, 1).await;
     let (status, _) = Api::with_token(&relay, "bob").get("/api/v1/tunnels").await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(status_at(&relay, &bob.public_url).await, StatusCode::OK);
+    // So is a file that is gone.
+    std::fs::remove_file(&path).expect("removed");
+    until_errors(&relay, 2).await;
     assert_eq!(status_at(&relay, &bob.public_url).await, StatusCode::OK);
 
     // Bob removed entirely: his tunnel ends, his token is refused.
