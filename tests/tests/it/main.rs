@@ -9,6 +9,7 @@ mod dashboard;
 mod dev_tls;
 mod dispatch;
 mod dispatch_queue;
+mod dns;
 mod export;
 mod forwarding;
 mod handshake;
