@@ -140,6 +140,9 @@ pub struct Acme {
     challenges: Challenges,
     /// The HTTPS client that talks to the CA.
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
+    /// Counts the renewed certificates now served, for whoever waits for
+    /// one.
+    renewed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Acme {
@@ -201,7 +204,14 @@ impl Acme {
             config,
             dir,
             challenges,
+            renewed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Sees the count of renewed certificates served by [`Self::renew_until`]
+    /// go up.
+    pub fn renewals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.renewed.subscribe()
     }
 
     /// The certificate's files.
@@ -300,7 +310,10 @@ impl Acme {
                 return;
             }
             match resolver.reload_if_changed() {
-                Ok(_) => tracing::info!("renewed tls certificate now served"),
+                Ok(_) => {
+                    tracing::info!("renewed tls certificate now served");
+                    self.renewed.send_modify(|count| *count += 1);
+                }
                 Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
             }
         }

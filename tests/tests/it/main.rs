@@ -2,6 +2,7 @@
 //! loopback port 0.
 
 mod activity;
+mod acme;
 mod activity_attacks;
 mod attacks;
 mod bad_input;
