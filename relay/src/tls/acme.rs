@@ -225,8 +225,11 @@ impl Acme {
     /// When the certificate on disk should be renewed; `None` when there is
     /// none usable for the domain, which calls for one now.
     pub fn renewal_time(&self) -> Option<SystemTime> {
-        let pem = std::fs::read(self.dir.join(CERT)).ok()?;
-        std::fs::metadata(self.dir.join(KEY)).ok()?;
+        let files = self.files();
+        let pem = std::fs::read(&files.cert).ok()?;
+        let key = std::fs::read(&files.key).ok()?;
+        // A pair that cannot be served (an interrupted write) is replaced.
+        super::certified_key(&files, &(pem.clone(), key)).ok()?;
         let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
         let wildcard = format!("*.{}", self.config.domain);
@@ -407,9 +410,9 @@ impl Acme {
             .poll_certificate(&retries)
             .await
             .map_err(ca("downloading the certificate"))?;
-        // The key first: a chain beside an old key would not load, while an
-        // old chain beside a new key is caught the same way and fixed by the
-        // next attempt.
+        // Each file is replaced whole; a crash between the two leaves a pair
+        // that does not match, which the resolver refuses to load (the old
+        // certificate stays served) and the next start or check replaces.
         write(&self.dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
         write(&self.dir.join(CERT), chain.as_bytes(), false)?;
         tracing::info!(domain = %domain, took = ?started.elapsed(), "tls certificate issued by the ACME server");
@@ -532,11 +535,100 @@ fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), AcmeError> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::time::{Duration, SystemTime};
 
-    use super::{renewal_time, retry_delay, RETRY_FIRST, RETRY_MAX};
+    use super::{
+        renewal_time, retry_delay, Acme, AcmeConfig, CERT, DIR, KEY, RETRY_FIRST, RETRY_MAX,
+    };
+    use crate::dns::Challenges;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    fn acme(data: &Path, renew_before: Duration) -> Acme {
+        let config = AcmeConfig {
+            domain: "relay.test".into(),
+            directory: "https://ca.invalid/dir".into(),
+            email: None,
+            ca_file: None,
+            renew_before,
+        };
+        Acme::new(config, data, Challenges::default()).unwrap()
+    }
+
+    /// Writes a certificate for `names` valid from `start` to `end` where
+    /// the ACME client keeps its own.
+    fn write_cert(data: &Path, names: &[&str], start: SystemTime, end: SystemTime) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = start.into();
+        params.not_after = end.into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(data.join(DIR).join(CERT), cert.pem()).unwrap();
+        std::fs::write(data.join(DIR).join(KEY), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn a_certificate_on_disk_is_renewed_when_due_and_replaced_when_missing_or_for_another_domain()
+    {
+        let data = tempfile::tempdir().unwrap();
+        let acme = acme(data.path(), 30 * DAY);
+        assert_eq!(acme.renewal_time(), None, "no certificate: get one now");
+
+        // Whole seconds: certificates carry no fractions.
+        let now = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            );
+        write_cert(data.path(), &["relay.test", "*.relay.test"], now, now + 90 * DAY);
+        assert_eq!(acme.renewal_time(), Some(now + 60 * DAY));
+
+        // A short-lived certificate (an hour) is renewed 20 minutes ahead.
+        let hour = Duration::from_secs(3600);
+        write_cert(data.path(), &["relay.test", "*.relay.test"], now, now + hour);
+        assert_eq!(acme.renewal_time(), Some(now + hour * 2 / 3));
+
+        write_cert(data.path(), &["other.test", "*.other.test"], now, now + 90 * DAY);
+        assert_eq!(acme.renewal_time(), None, "a changed --domain needs a new one");
+        write_cert(data.path(), &["relay.test"], now, now + 90 * DAY);
+        assert_eq!(acme.renewal_time(), None, "without the wildcard");
+        std::fs::write(data.path().join(DIR).join(CERT), "garbage").unwrap();
+        assert_eq!(acme.renewal_time(), None);
+
+        // A key of another certificate beside a good one: replaced too.
+        write_cert(data.path(), &["relay.test", "*.relay.test"], now, now + 90 * DAY);
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(data.path().join(DIR).join(KEY), other.serialize_pem()).unwrap();
+        assert_eq!(acme.renewal_time(), None);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_is_an_error_naming_it_and_the_step_and_publishes_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let challenges = Challenges::default();
+        let config = AcmeConfig {
+            domain: "relay.test".into(),
+            directory: format!("https://127.0.0.1:{port}/dir"),
+            email: Some("ops@example.com".into()),
+            ca_file: None,
+            renew_before: 30 * DAY,
+        };
+        let acme = Acme::new(config, data.path(), challenges.clone()).unwrap();
+        let message = acme.issue().await.unwrap_err().to_string();
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+        assert!(message.contains("registering the account"), "{message}");
+        assert!(challenges.values().is_empty());
+        assert!(!data.path().join(DIR).join(CERT).exists());
+    }
 
     #[test]
     fn a_90_day_certificate_is_renewed_30_days_before_expiry() {
