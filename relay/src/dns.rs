@@ -91,7 +91,10 @@ impl Challenges {
 
     /// The values published now.
     pub fn values(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -146,13 +149,14 @@ impl Zone {
     /// Builds the zone; `challenges` is the table the ACME client fills.
     pub fn new(config: &ZoneConfig, challenges: Challenges) -> Result<Self, ZoneError> {
         let origin = name("--domain", &config.domain)?;
-        let challenge_name = origin
-            .prepend_label(CHALLENGE_LABEL)
-            .map_err(|err| ZoneError::Name {
-                what: "--domain",
-                name: config.domain.clone(),
-                cause: err.to_string(),
-            })?;
+        let challenge_name =
+            origin
+                .prepend_label(CHALLENGE_LABEL)
+                .map_err(|err| ZoneError::Name {
+                    what: "--domain",
+                    name: config.domain.clone(),
+                    cause: err.to_string(),
+                })?;
         let ns_name = name("--dns-name", &config.ns_name)?;
         // The SOA's RNAME is a mailbox written as a name: the local part
         // becomes the first label.
@@ -175,7 +179,9 @@ impl Zone {
             .transpose()?;
         let serial = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |since| u32::try_from(since.as_secs()).unwrap_or(u32::MAX));
+            .map_or(1, |since| {
+                u32::try_from(since.as_secs()).unwrap_or(u32::MAX)
+            });
         Ok(Self {
             origin,
             challenge_name,
@@ -249,7 +255,11 @@ impl Zone {
         }
         if *name == self.challenge_name && kind == RecordType::TXT {
             records.extend(self.challenges.values().into_iter().map(|value| {
-                Record::from_rdata(name.clone(), CHALLENGE_TTL, RData::TXT(TXT::new(vec![value])))
+                Record::from_rdata(
+                    name.clone(),
+                    CHALLENGE_TTL,
+                    RData::TXT(TXT::new(vec![value])),
+                )
             }));
         }
         Some(records)

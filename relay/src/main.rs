@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 use clap::Parser;
-use ferry_relay::egress::Allow;
 use ferry_relay::dns::{Challenges, Zone, ZoneConfig};
+use ferry_relay::egress::Allow;
 use ferry_relay::tls::acme::{Acme, AcmeConfig};
 use ferry_relay::tls::{CertResolver, TlsFiles};
 use ferry_relay::{Config, Listeners, Token};
@@ -201,12 +201,21 @@ struct Args {
     acme_directory: String,
     /// Use Let's Encrypt's staging server: untrusted certificates, for
     /// trying the setup without meeting the production rate limits.
-    #[arg(long, env = "FERRY_RELAY_ACME_STAGING", requires = "acme_email",
-          conflicts_with = "acme_directory")]
+    #[arg(
+        long,
+        env = "FERRY_RELAY_ACME_STAGING",
+        requires = "acme_email",
+        conflicts_with = "acme_directory"
+    )]
     acme_staging: bool,
     /// A PEM file of CA certificates to trust for the ACME server's own
     /// HTTPS, besides the public roots: for a private ACME server.
-    #[arg(long, env = "FERRY_RELAY_ACME_CA", value_name = "FILE", requires = "acme_email")]
+    #[arg(
+        long,
+        env = "FERRY_RELAY_ACME_CA",
+        value_name = "FILE",
+        requires = "acme_email"
+    )]
     acme_ca: Option<PathBuf>,
     /// How long before expiry the certificate is renewed (at most a third
     /// of its lifetime).
@@ -216,23 +225,43 @@ struct Args {
     /// The CA domain the zone's CAA record allows to issue certificates
     /// for DOMAIN. Defaults to letsencrypt.org with Let's Encrypt's
     /// directories, and to no CAA record (any CA) with another directory.
-    #[arg(long, env = "FERRY_RELAY_ACME_CAA", value_name = "CA_DOMAIN", requires = "dns_listen")]
+    #[arg(
+        long,
+        env = "FERRY_RELAY_ACME_CAA",
+        value_name = "CA_DOMAIN",
+        requires = "dns_listen"
+    )]
     acme_caa: Option<String>,
     /// Address to answer DNS on, over UDP and TCP (port 53 in production),
     /// authoritatively for DOMAIN: A/AAAA for DOMAIN and *.DOMAIN from
     /// --public-ip, SOA, NS, CAA and ACME challenges. Delegate DOMAIN to
     /// it with an NS record.
-    #[arg(long, env = "FERRY_RELAY_DNS_LISTEN", value_name = "ADDR", requires = "public_ips")]
+    #[arg(
+        long,
+        env = "FERRY_RELAY_DNS_LISTEN",
+        value_name = "ADDR",
+        requires = "public_ips"
+    )]
     dns_listen: Option<SocketAddr>,
     /// The relay's public address, for its A and AAAA records (repeatable:
     /// one IPv4 and one IPv6 address, say).
-    #[arg(long = "public-ip", env = "FERRY_RELAY_PUBLIC_IP", value_name = "IP",
-          value_delimiter = ',', requires = "dns_listen")]
+    #[arg(
+        long = "public-ip",
+        env = "FERRY_RELAY_PUBLIC_IP",
+        value_name = "IP",
+        value_delimiter = ',',
+        requires = "dns_listen"
+    )]
     public_ips: Vec<std::net::IpAddr>,
     /// The name server's own name, as the zone's NS and SOA records name it.
     /// Defaults to ns.DOMAIN, which the zone resolves to --public-ip; the
     /// parent zone then needs a glue record for it.
-    #[arg(long, env = "FERRY_RELAY_DNS_NAME", value_name = "NAME", requires = "dns_listen")]
+    #[arg(
+        long,
+        env = "FERRY_RELAY_DNS_NAME",
+        value_name = "NAME",
+        requires = "dns_listen"
+    )]
     dns_name: Option<String>,
     /// A network (10.0.0.0/8, fd00::/8), address or host name that replays
     /// and webhook deliveries may reach although it is private, loopback or

@@ -77,25 +77,29 @@ fn start_pebble(dir: &Path, dns_port: u16) -> (Running, String, u16, PathBuf) {
         .unwrap_or_else(|| {
             panic!("this test needs Debian's pebble ACME test server: `apt-get install pebble` (scripts/test installs it)")
         });
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     // OpenSSL (curl) finds a leaf's issuer by name: the CA needs one.
     ca_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "pebble https test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_key = rcgen::KeyPair::generate().expect("a key");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("the CA certificate");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("parameters");
     params
         .subject_alt_names
         .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = params
+        .signed_by(&key, &issuer)
+        .expect("pebble's certificate");
     let ca_path = dir.join("pebble-https-ca.pem");
-    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("pebble-cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("pebble-key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(&ca_path, ca_cert.pem()).expect("pebble's files written");
+    std::fs::write(dir.join("pebble-cert.pem"), cert.pem()).expect("pebble's files written");
+    std::fs::write(dir.join("pebble-key.pem"), key.serialize_pem())
+        .expect("pebble's files written");
     let (listen, management) = (free_port(), free_port());
     let config = serde_json::json!({ "pebble": {
         "listenAddress": format!("127.0.0.1:{listen}"),
@@ -108,7 +112,7 @@ fn start_pebble(dir: &Path, dns_port: u16) -> (Running, String, u16, PathBuf) {
         "externalAccountBindingRequired": false,
     }});
     let config_path = dir.join("pebble.json");
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    std::fs::write(&config_path, config.to_string()).expect("pebble's files written");
     let mut child = Command::new(binary)
         .arg("-config")
         .arg(&config_path)
@@ -195,7 +199,8 @@ fn ferry_relay_gets_a_wildcard_from_pebble_at_first_start_and_keeps_it() {
     let started = Instant::now();
     let (relay, said) = start_relay(&args);
     assert!(
-        said.iter().any(|line| line.contains("obtaining a certificate")),
+        said.iter()
+            .any(|line| line.contains("obtaining a certificate")),
         "{said:#?}"
     );
     let https = said.last().expect("the https line");
@@ -264,9 +269,21 @@ fn acme_needs_dns_and_https_listeners_and_dns_needs_a_public_ip() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
-    let stderr = run(&["--acme-email", "ops@example.com", "--tls-listen", "127.0.0.1:0"]);
+    let stderr = run(&[
+        "--acme-email",
+        "ops@example.com",
+        "--tls-listen",
+        "127.0.0.1:0",
+    ]);
     assert!(stderr.contains("--dns-listen"), "{stderr}");
-    let stderr = run(&["--acme-email", "ops@example.com", "--dns-listen", "127.0.0.1:0", "--public-ip", "192.0.2.1"]);
+    let stderr = run(&[
+        "--acme-email",
+        "ops@example.com",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--public-ip",
+        "192.0.2.1",
+    ]);
     assert!(stderr.contains("--tls-listen"), "{stderr}");
     let stderr = run(&["--dns-listen", "127.0.0.1:0"]);
     assert!(stderr.contains("--public-ip"), "{stderr}");

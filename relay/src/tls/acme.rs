@@ -89,7 +89,9 @@ pub enum AcmeError {
         source: std::io::Error,
     },
     /// The account file is unreadable.
-    #[error("the ACME account in {path} cannot be used ({cause}): delete it to register a new account")]
+    #[error(
+        "the ACME account in {path} cannot be used ({cause}): delete it to register a new account"
+    )]
     Account {
         /// The file.
         path: PathBuf,
@@ -269,10 +271,7 @@ impl Acme {
     pub async fn ensure(&self, shutdown: &CancellationToken) -> Option<TlsFiles> {
         let mut failures = 0;
         loop {
-            if self
-                .renewal_time()
-                .is_some_and(|at| at > SystemTime::now())
-            {
+            if self.renewal_time().is_some_and(|at| at > SystemTime::now()) {
                 return Some(self.files());
             }
             match self.issue().await {
@@ -368,14 +367,13 @@ impl Acme {
                     })
                 }
             }
-            let mut challenge =
-                authorization
-                    .challenge(ChallengeType::Dns01)
-                    .ok_or_else(|| AcmeError::Ca {
-                        directory: self.config.directory.clone(),
-                        step: "offering challenges",
-                        cause: format!("no dns-01 challenge for {name}"),
-                    })?;
+            let mut challenge = authorization
+                .challenge(ChallengeType::Dns01)
+                .ok_or_else(|| AcmeError::Ca {
+                    directory: self.config.directory.clone(),
+                    step: "offering challenges",
+                    cause: format!("no dns-01 challenge for {name}"),
+                })?;
             let value = challenge.key_authorization().dns_value();
             // The DNS server answers from this table in-process: the record
             // is live before the CA is told to look.
@@ -453,7 +451,11 @@ impl Acme {
                 })
             }
         }
-        let contact = self.config.email.as_ref().map(|email| format!("mailto:{email}"));
+        let contact = self
+            .config
+            .email
+            .as_ref()
+            .map(|email| format!("mailto:{email}"));
         let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
         let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
             .create(
@@ -571,8 +573,7 @@ mod tests {
     }
 
     #[test]
-    fn a_certificate_on_disk_is_renewed_when_due_and_replaced_when_missing_or_for_another_domain()
-    {
+    fn a_certificate_on_disk_is_renewed_when_due_and_replaced_when_missing_or_for_another_domain() {
         let data = tempfile::tempdir().unwrap();
         let acme = acme(data.path(), 30 * DAY);
         assert_eq!(acme.renewal_time(), None, "no certificate: get one now");
@@ -585,23 +586,47 @@ mod tests {
                     .unwrap()
                     .as_secs(),
             );
-        write_cert(data.path(), &["relay.test", "*.relay.test"], now, now + 90 * DAY);
+        write_cert(
+            data.path(),
+            &["relay.test", "*.relay.test"],
+            now,
+            now + 90 * DAY,
+        );
         assert_eq!(acme.renewal_time(), Some(now + 60 * DAY));
 
         // A short-lived certificate (an hour) is renewed 20 minutes ahead.
         let hour = Duration::from_secs(3600);
-        write_cert(data.path(), &["relay.test", "*.relay.test"], now, now + hour);
+        write_cert(
+            data.path(),
+            &["relay.test", "*.relay.test"],
+            now,
+            now + hour,
+        );
         assert_eq!(acme.renewal_time(), Some(now + hour * 2 / 3));
 
-        write_cert(data.path(), &["other.test", "*.other.test"], now, now + 90 * DAY);
-        assert_eq!(acme.renewal_time(), None, "a changed --domain needs a new one");
+        write_cert(
+            data.path(),
+            &["other.test", "*.other.test"],
+            now,
+            now + 90 * DAY,
+        );
+        assert_eq!(
+            acme.renewal_time(),
+            None,
+            "a changed --domain needs a new one"
+        );
         write_cert(data.path(), &["relay.test"], now, now + 90 * DAY);
         assert_eq!(acme.renewal_time(), None, "without the wildcard");
         std::fs::write(data.path().join(DIR).join(CERT), "garbage").unwrap();
         assert_eq!(acme.renewal_time(), None);
 
         // A key of another certificate beside a good one: replaced too.
-        write_cert(data.path(), &["relay.test", "*.relay.test"], now, now + 90 * DAY);
+        write_cert(
+            data.path(),
+            &["relay.test", "*.relay.test"],
+            now,
+            now + 90 * DAY,
+        );
         let other = rcgen::KeyPair::generate().unwrap();
         std::fs::write(data.path().join(DIR).join(KEY), other.serialize_pem()).unwrap();
         assert_eq!(acme.renewal_time(), None);

@@ -111,7 +111,11 @@ impl Pebble {
             settings["certificateValidityPeriod"] = secs.into();
         }
         let config = dir.join("pebble.json");
-        std::fs::write(&config, serde_json::json!({ "pebble": settings }).to_string()).unwrap();
+        std::fs::write(
+            &config,
+            serde_json::json!({ "pebble": settings }).to_string(),
+        )
+        .unwrap();
         let mut child = Command::new(binary)
             .arg("-config")
             .arg(&config)
@@ -234,13 +238,20 @@ async fn tls_connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connects");
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connects");
     let server_name = ServerName::try_from(format!("{name}.{DOMAIN}")).expect("name");
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(server_name, stream)
         .await
         .expect("the certificate is trusted and names the host");
-    let leaf = stream.get_ref().1.peer_certificates().expect("a certificate")[0].clone();
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a certificate")[0]
+        .clone();
     (stream, leaf)
 }
 
@@ -303,7 +314,10 @@ async fn pebble_issues_a_wildcard_that_a_tunnel_serves_and_a_short_lived_one_is_
     )
     .await;
     let root = pebble.root(dir.path()).await;
-    assert_eq!(curl(&root, "brave-otter", tls_port).await, "hello over acme");
+    assert_eq!(
+        curl(&root, "brave-otter", tls_port).await,
+        "hello over acme"
+    );
     println!(
         "acme: fresh start to a served wildcard certificate (pebble start included): {:?}",
         started.elapsed()
@@ -331,15 +345,21 @@ async fn pebble_issues_a_wildcard_that_a_tunnel_serves_and_a_short_lived_one_is_
         "new connections get the renewed certificate"
     );
 
-    assert_eq!(curl(&root, "brave-otter", tls_port).await, "hello over acme");
+    assert_eq!(
+        curl(&root, "brave-otter", tls_port).await,
+        "hello over acme"
+    );
     let request = Request::builder()
         .uri("/hook")
         .header("host", format!("brave-otter.{DOMAIN}:{tls_port}"))
         .body(full(""))
         .unwrap();
-    let response = within("a request on the connection opened before", open.send_request(request))
-        .await
-        .expect("the old connection still works");
+    let response = within(
+        "a request on the connection opened before",
+        open.send_request(request),
+    )
+    .await
+    .expect("the old connection still works");
     assert_eq!(
         ferry_tests::read_body(response.into_body()).await,
         b"hello over acme"

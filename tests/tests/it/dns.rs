@@ -160,7 +160,9 @@ async fn the_domain_and_every_tunnel_name_resolve_to_the_public_addresses() {
         );
     }
     let answer = dns.ask("brave-otter.relay.test.", RecordType::AAAA).await;
-    assert!(matches!(&answer.answers[..], [record] if matches!(&record.data, RData::AAAA(a) if a.0 == V6)));
+    assert!(
+        matches!(&answer.answers[..], [record] if matches!(&record.data, RData::AAAA(a) if a.0 == V6))
+    );
     dns.stop().await;
 }
 
@@ -313,13 +315,22 @@ async fn malformed_packets_get_formerr_or_nothing_and_the_server_keeps_answering
 
     // Two questions in one query: FORMERR.
     let mut two = query("relay.test.", RecordType::A);
-    two.add_query(Query::query(Name::from_ascii("x.relay.test.").unwrap(), RecordType::A));
-    assert_eq!(dns.udp(&two).await.metadata.response_code, ResponseCode::FormErr);
+    two.add_query(Query::query(
+        Name::from_ascii("x.relay.test.").unwrap(),
+        RecordType::A,
+    ));
+    assert_eq!(
+        dns.udp(&two).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
 
     // TCP: a length prefix promising more than is sent, then a close, ends
     // that connection only.
     let mut stream = TcpStream::connect(dns.tcp).await.expect("connect");
-    stream.write_all(&[0xff, 0xff, 1, 2, 3]).await.expect("send");
+    stream
+        .write_all(&[0xff, 0xff, 1, 2, 3])
+        .await
+        .expect("send");
     drop(stream);
     let answer = dns.tcp(&query("relay.test.", RecordType::A)).await;
     assert_eq!(addresses_v4(&answer), vec![V4]);
@@ -337,7 +348,10 @@ async fn udp_answers_do_not_amplify_beyond_512_bytes_and_truncate_for_tcp() {
     let request_len = request.to_vec().unwrap().len();
     let bytes = dns.udp_raw(&request.to_vec().unwrap()).await;
     let answer = Message::from_vec(&bytes).expect("decodes");
-    assert!(answer.metadata.truncation, "TC tells the resolver to use TCP");
+    assert!(
+        answer.metadata.truncation,
+        "TC tells the resolver to use TCP"
+    );
     assert!(answer.answers.is_empty());
     assert!(
         bytes.len() <= request_len + 16,

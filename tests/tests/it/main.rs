@@ -1,8 +1,8 @@
 //! End-to-end scenarios, one binary: real relays, clients and origins on
 //! loopback port 0.
 
-mod activity;
 mod acme;
+mod activity;
 mod activity_attacks;
 mod attacks;
 mod bad_input;
