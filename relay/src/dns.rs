@@ -39,17 +39,17 @@ const NEGATIVE_TTL: u32 = 60;
 /// Challenge TXT records are not cached: each challenge has new values.
 const CHALLENGE_TTL: u32 = 0;
 /// The largest UDP answer without EDNS (RFC 1035).
-const UDP_PLAIN: usize = 512;
+pub const UDP_PLAIN: usize = 512;
 /// The largest UDP answer with EDNS: the size that avoids IP fragmentation
 /// (DNS flag day 2020), whatever larger size a query asks for.
-const UDP_EDNS: u16 = 1232;
+pub const UDP_EDNS: u16 = 1232;
 /// TCP connections served at once; more wait in the kernel's backlog.
-const TCP_CONNECTIONS: usize = 64;
+pub const TCP_CONNECTIONS: usize = 64;
 /// How long a TCP connection may stay idle between queries (RFC 7766
 /// suggests seconds, not minutes).
-const TCP_IDLE: Duration = Duration::from_secs(10);
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries answered on one TCP connection before it is closed.
-const TCP_QUERIES: usize = 100;
+pub const TCP_QUERIES: usize = 100;
 
 /// What the zone is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -378,3 +378,69 @@ async fn udp_answers_do_not_amplify_beyond_512_bytes_and_truncate_for_tcp() {
     assert!(matches!(&any.answers[..], [r] if r.record_type() == RecordType::HINFO));
     dns.stop().await;
 }
+
+fn framed(request: &Message) -> Vec<u8> {
+    let bytes = request.to_vec().expect("encodes");
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    framed
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_tcp_connection_is_closed_after_the_idle_timeout() {
+    let dns = Dns::start().await;
+    let mut stream = TcpStream::connect(dns.tcp).await.expect("connect");
+    let opened = tokio::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = within("the server to close", stream.read(&mut byte)).await;
+    assert!(matches!(read, Ok(0)), "closed, not answered: {read:?}");
+    assert!(opened.elapsed() >= ferry_relay::dns::TCP_IDLE);
+    dns.stop().await;
+}
+
+#[tokio::test]
+async fn one_tcp_connection_gets_a_bounded_number_of_answers() {
+    let dns = Dns::start().await;
+    let mut stream = TcpStream::connect(dns.tcp).await.expect("connect");
+    let limit = ferry_relay::dns::TCP_QUERIES;
+    let mut burst = Vec::new();
+    for _ in 0..limit {
+        burst.extend(framed(&query("relay.test.", RecordType::A)));
+    }
+    stream.write_all(&burst).await.expect("send");
+    for _ in 0..limit {
+        assert_eq!(addresses_v4(&read_tcp(&mut stream).await), vec![V4]);
+    }
+    // Then the server closes: a client wanting more opens a new connection.
+    let mut rest = Vec::new();
+    within("the server to close", stream.read_to_end(&mut rest))
+        .await
+        .expect("closed cleanly");
+    assert!(rest.is_empty());
+    dns.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
+    let dns = Dns::start().await;
+    let started = tokio::time::Instant::now();
+    let quick = dns.tcp(&query("relay.test.", RecordType::A)).await;
+    assert_eq!(addresses_v4(&quick), vec![V4]);
+    assert!(started.elapsed() < ferry_relay::dns::TCP_IDLE);
+
+    // Connections that say nothing hold every slot until they idle out.
+    let mut silent = Vec::new();
+    for _ in 0..ferry_relay::dns::TCP_CONNECTIONS {
+        silent.push(TcpStream::connect(dns.tcp).await.expect("connect"));
+    }
+    let started = tokio::time::Instant::now();
+    let late = dns.tcp(&query("relay.test.", RecordType::A)).await;
+    assert_eq!(addresses_v4(&late), vec![V4]);
+    assert!(
+        started.elapsed() >= ferry_relay::dns::TCP_IDLE,
+        "answered only once a slot freed: {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+    dns.stop().await;
+}
