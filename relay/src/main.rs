@@ -507,6 +507,16 @@ async fn dns(
         .map_err(|err| format!("cannot listen on udp {addr} (--dns-listen): {err}"))?;
     let tcp = bind(addr, "dns-listen").await?;
     say!("ferry-relay answering dns for {domain} on {addr} (udp and tcp)");
+    say!(
+        "  delegate it at the parent zone: {domain}. NS {}.",
+        config.ns_name
+    );
+    if config.ns_name.ends_with(&format!(".{domain}")) {
+        for ip in &config.addresses {
+            let kind = if ip.is_ipv4() { "A" } else { "AAAA" };
+            say!("  with the glue record: {}. {kind} {ip}", config.ns_name);
+        }
+    }
     Ok(Some((Arc::new(zone), udp, tcp)))
 }
 

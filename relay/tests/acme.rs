@@ -203,6 +203,15 @@ fn ferry_relay_gets_a_wildcard_from_pebble_at_first_start_and_keeps_it() {
             .any(|line| line.contains("obtaining a certificate")),
         "{said:#?}"
     );
+    for record in [
+        "relay.test. NS ns.relay.test.",
+        "ns.relay.test. A 127.0.0.1",
+    ] {
+        assert!(
+            said.iter().any(|line| line.contains(record)),
+            "the banner shows `{record}`: {said:#?}"
+        );
+    }
     let https = said.last().expect("the https line");
     let port = https
         .rsplit(':')
