@@ -385,14 +385,39 @@ impl Acme {
                 .map_err(ca("starting a challenge"))?;
         }
         let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
-        let status = order
-            .poll_ready(&retries)
-            .await
-            .map_err(ca("validating the challenges"))?;
+        let status = match order.poll_ready(&retries).await {
+            Ok(status) => status,
+            // A problem document here is the CA's verdict on the challenges.
+            Err(instant_acme::Error::Api(problem)) => {
+                return Err(AcmeError::Invalid {
+                    name: format!("{domain} and *.{domain}"),
+                    status: problem.to_string(),
+                })
+            }
+            Err(err) => return Err(ca("validating the challenges")(err)),
+        };
         if status != OrderStatus::Ready {
+            // The CA's reasons are on the challenges: say them.
+            let mut reasons = Vec::new();
+            let mut authorizations = order.authorizations();
+            while let Some(Ok(mut authorization)) = authorizations.next().await {
+                let name = authorization.identifier().to_string();
+                if let Ok(state) = authorization.refresh().await {
+                    reasons.extend(state.challenges.iter().filter_map(|challenge| {
+                        challenge
+                            .error
+                            .as_ref()
+                            .map(|problem| format!("{name}: {problem}"))
+                    }));
+                }
+            }
             return Err(AcmeError::Invalid {
                 name: format!("{domain} and *.{domain}"),
-                status: format!("order {status:?}"),
+                status: if reasons.is_empty() {
+                    format!("order {status:?}")
+                } else {
+                    reasons.join("; ")
+                },
             });
         }
         let key = rcgen::KeyPair::generate()?;

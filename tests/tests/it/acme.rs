@@ -175,10 +175,10 @@ impl Pebble {
 }
 
 /// The relay's DNS server on one port, UDP and TCP.
-async fn start_dns(challenges: Challenges, stop: CancellationToken) -> SocketAddr {
+async fn start_dns(domain: &str, challenges: Challenges, stop: CancellationToken) -> SocketAddr {
     let zone = Zone::new(
         &ZoneConfig {
-            domain: DOMAIN.into(),
+            domain: domain.into(),
             ns_name: format!("ns.{DOMAIN}"),
             addresses: vec!["127.0.0.1".parse().unwrap()],
             caa_issuer: None,
@@ -262,7 +262,7 @@ async fn pebble_issues_a_wildcard_that_a_tunnel_serves_and_a_short_lived_one_is_
     let data = tempfile::tempdir().expect("data dir");
     let stop = CancellationToken::new();
     let challenges = Challenges::default();
-    let dns = start_dns(challenges.clone(), stop.clone()).await;
+    let dns = start_dns(DOMAIN, challenges.clone(), stop.clone()).await;
     let pebble = Pebble::start(dir.path(), dns, Some(SHORT_VALIDITY_SECS)).await;
 
     let acme = Acme::new(
@@ -372,5 +372,47 @@ async fn pebble_issues_a_wildcard_that_a_tunnel_serves_and_a_short_lived_one_is_
     client.stop().await.expect("client stops cleanly");
     origin.stop().await;
     relay.stop().await;
+    pebble.stop().await;
+}
+
+#[tokio::test]
+async fn a_domain_whose_dns_is_not_the_relays_fails_with_the_cas_reason() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = tempfile::tempdir().expect("data dir");
+    let stop = CancellationToken::new();
+    let challenges = Challenges::default();
+    // The DNS server pebble asks serves another domain: it refuses
+    // relay.test, as a resolver would find no TXT record where the NS
+    // record is missing.
+    let dns = start_dns("elsewhere.test", challenges.clone(), stop.clone()).await;
+    let pebble = Pebble::start(dir.path(), dns, None).await;
+    let acme = Acme::new(
+        AcmeConfig {
+            domain: DOMAIN.into(),
+            directory: pebble.directory.clone(),
+            email: None,
+            ca_file: Some(pebble.https_ca.clone()),
+            renew_before: ferry_relay::tls::acme::DEFAULT_RENEW_BEFORE,
+        },
+        data.path(),
+        challenges.clone(),
+    )
+    .expect("acme client");
+    let err = within("the failed issuance", acme.issue())
+        .await
+        .expect_err("pebble cannot validate");
+    let message = err.to_string();
+    assert!(message.contains("could not validate"), "{message}");
+    assert!(
+        message.contains("_acme-challenge.relay.test"),
+        "the CA's reason: {message}"
+    );
+    assert!(message.contains("NS record"), "what to check: {message}");
+    assert!(
+        challenges.values().is_empty(),
+        "withdrawn after a failure too"
+    );
+    assert!(acme.renewal_time().is_none(), "no certificate written");
+    stop.cancel();
     pebble.stop().await;
 }
