@@ -313,6 +313,21 @@ async fn malformed_packets_get_formerr_or_nothing_and_the_server_keeps_answering
     let answer = Message::from_vec(&buffer[..len]).expect("decodes");
     assert_eq!(answer.metadata.id, 4242, "nothing came back for the junk");
 
+    // Other opcodes (UPDATE, NOTIFY …) are not implemented; other classes
+    // (CHAOS `version.bind`) are refused.
+    let mut update = query("relay.test.", RecordType::SOA);
+    update.metadata.op_code = hickory_proto::op::OpCode::Update;
+    assert_eq!(
+        dns.udp(&update).await.metadata.response_code,
+        ResponseCode::NotImp
+    );
+    let mut chaos = query("version.bind.", RecordType::TXT);
+    chaos.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+    assert_eq!(
+        dns.udp(&chaos).await.metadata.response_code,
+        ResponseCode::Refused
+    );
+
     // Two questions in one query: FORMERR.
     let mut two = query("relay.test.", RecordType::A);
     two.add_query(Query::query(
