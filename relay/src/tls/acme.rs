@@ -265,8 +265,8 @@ impl Acme {
         ))
     }
 
-    /// Returns the certificate's files once one is on disk that needs no
-    /// renewal yet, obtaining it first if needed and retrying failures
+    /// Returns the certificate's files: at once when the one on disk needs
+    /// no renewal yet, else once a new one is issued, retrying failures
     /// with backoff until `shutdown` (then `None`).
     pub async fn ensure(&self, shutdown: &CancellationToken) -> Option<TlsFiles> {
         let mut failures = 0;
@@ -275,7 +275,9 @@ impl Acme {
                 return Some(self.files());
             }
             match self.issue().await {
-                Ok(()) => failures = 0,
+                // Served as it is even if already "due" (a clock ahead of
+                // the CA's): asking again at once would only repeat it.
+                Ok(()) => return Some(self.files()),
                 Err(err) => {
                     let wait = retry_delay(failures, rand::random());
                     failures += 1;
@@ -285,9 +287,6 @@ impl Acme {
                         () = shutdown.cancelled() => return None,
                     }
                 }
-            }
-            if shutdown.is_cancelled() {
-                return None;
             }
         }
     }
@@ -317,6 +316,12 @@ impl Acme {
                     self.renewed.send_modify(|count| *count += 1);
                 }
                 Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
+            }
+            // However soon the new certificate looks due, the CA is not
+            // asked again before this.
+            tokio::select! {
+                () = tokio::time::sleep(RETRY_FIRST) => {}
+                () = shutdown.cancelled() => return,
             }
         }
     }
