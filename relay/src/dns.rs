@@ -225,7 +225,8 @@ impl Zone {
     /// Whether `name` (lowercase, inside the zone) exists, and the records of
     /// `kind` it holds.
     fn lookup(&self, name: &Name, kind: RecordType) -> Option<Vec<Record>> {
-        let depth = name.num_labels() - self.origin.num_labels();
+        // Saturating: hickory does not count a leading `*` label.
+        let depth = name.num_labels().saturating_sub(self.origin.num_labels());
         let mut records = Vec::new();
         if depth > 1 && *name != self.ns_name {
             return None;

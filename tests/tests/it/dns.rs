@@ -148,6 +148,7 @@ async fn the_domain_and_every_tunnel_name_resolve_to_the_public_addresses() {
         "brave-otter.relay.test.",
         "ns.relay.test.",
         "BRAVE-Otter.Relay.Test.",
+        "*.relay.test.",
     ] {
         let answer = dns.ask(name, RecordType::A).await;
         assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
