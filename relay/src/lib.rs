@@ -17,6 +17,8 @@
 //! - [`api`]: the relay's own endpoints (`/healthz`, `/metrics`, the API)
 //!   and their route table.
 //! - [`config`]: the settings `main` validates.
+//! - [`dns`]: the relay's own authoritative DNS for its domain, with the
+//!   ACME challenge records.
 //! - [`egress`]: the guard every request the relay sends out passes, which
 //!   refuses private and local targets unless the operator allows them.
 //! - [`store`]: what the relay keeps on disk: the activity log and the
@@ -36,6 +38,7 @@ pub mod config;
 pub mod connection;
 pub mod data_dir;
 pub mod dispatch;
+pub mod dns;
 pub mod egress;
 pub mod ingress;
 pub mod limits;

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 use clap::Parser;
+use ferry_relay::dns::{Challenges, Zone, ZoneConfig};
 use ferry_relay::egress::Allow;
+use ferry_relay::tls::acme::{Acme, AcmeConfig};
 use ferry_relay::tls::{CertResolver, TlsFiles};
 use ferry_relay::{Config, Listeners, Token};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -29,7 +31,7 @@ macro_rules! say {
 /// forwards the requests that arrive there through the client's tunnel.
 #[derive(Parser, Debug)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
-#[command(group = clap::ArgGroup::new("certificate").args(["tls_cert", "dev_tls"]))]
+#[command(group = clap::ArgGroup::new("certificate").args(["tls_cert", "dev_tls", "acme_email"]))]
 struct Args {
     /// A helper instead of the relay.
     #[command(subcommand)]
@@ -197,6 +199,84 @@ struct Args {
     /// 127.0.0.1:8443.
     #[arg(long, env = "FERRY_RELAY_DEV_TLS", conflicts_with_all = ["tls_cert", "tls_key"])]
     dev_tls: bool,
+    /// Get the certificate for DOMAIN and *.DOMAIN from an ACME CA (Let's
+    /// Encrypt unless --acme-directory says otherwise), registering an
+    /// account with this contact address. Needs --tls-listen and
+    /// --dns-listen: the wildcard is proven by DNS-01, which the relay
+    /// answers itself. Account, certificate and key live in DATA_DIR/acme;
+    /// the certificate is renewed before it expires.
+    #[arg(long, env = "FERRY_RELAY_ACME_EMAIL", value_name = "EMAIL",
+          requires_all = ["tls_listen", "dns_listen"],
+          conflicts_with_all = ["tls_cert", "tls_key", "dev_tls"])]
+    acme_email: Option<String>,
+    /// The ACME server's directory URL.
+    #[arg(long, env = "FERRY_RELAY_ACME_DIRECTORY", value_name = "URL",
+          default_value = ferry_relay::tls::acme::LETS_ENCRYPT, requires = "acme_email")]
+    acme_directory: String,
+    /// Use Let's Encrypt's staging server: untrusted certificates, for
+    /// trying the setup without meeting the production rate limits.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_ACME_STAGING",
+        requires = "acme_email",
+        conflicts_with = "acme_directory"
+    )]
+    acme_staging: bool,
+    /// A PEM file of CA certificates to trust for the ACME server's own
+    /// HTTPS, besides the public roots: for a private ACME server.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_ACME_CA",
+        value_name = "FILE",
+        requires = "acme_email"
+    )]
+    acme_ca: Option<PathBuf>,
+    /// How long before expiry the certificate is renewed (at most a third
+    /// of its lifetime).
+    #[arg(long, env = "FERRY_RELAY_ACME_RENEW_BEFORE", value_name = "DURATION",
+          default_value = "30d", value_parser = duration, requires = "acme_email")]
+    acme_renew_before: Duration,
+    /// The CA domain the zone's CAA record allows to issue certificates
+    /// for DOMAIN. Defaults to letsencrypt.org with Let's Encrypt's
+    /// directories, and to no CAA record (any CA) with another directory.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_ACME_CAA",
+        value_name = "CA_DOMAIN",
+        requires = "dns_listen"
+    )]
+    acme_caa: Option<String>,
+    /// Address to answer DNS on, over UDP and TCP (port 53 in production),
+    /// authoritatively for DOMAIN: A/AAAA for DOMAIN and *.DOMAIN from
+    /// --public-ip, SOA, NS, CAA and ACME challenges. Delegate DOMAIN to
+    /// it with an NS record.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_DNS_LISTEN",
+        value_name = "ADDR",
+        requires = "public_ips"
+    )]
+    dns_listen: Option<SocketAddr>,
+    /// The relay's public address, for its A and AAAA records (repeatable:
+    /// one IPv4 and one IPv6 address, say).
+    #[arg(
+        long = "public-ip",
+        env = "FERRY_RELAY_PUBLIC_IP",
+        value_name = "IP",
+        value_delimiter = ',',
+        requires = "dns_listen"
+    )]
+    public_ips: Vec<std::net::IpAddr>,
+    /// The name server's own name, as the zone's NS and SOA records name it.
+    /// Defaults to ns.DOMAIN, which the zone resolves to --public-ip; the
+    /// parent zone then needs a glue record for it.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_DNS_NAME",
+        value_name = "NAME",
+        requires = "dns_listen"
+    )]
+    dns_name: Option<String>,
     /// A network (10.0.0.0/8, fd00::/8), address or host name that replays
     /// and webhook deliveries may reach although it is private, loopback or
     /// otherwise not public (repeatable). A host name is trusted whatever
@@ -384,7 +464,13 @@ const DEV_TLS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
 
 /// Loads the certificate and binds the listeners, then prints what is served.
-async fn listeners(args: &Args, domain: &str, data_dir: &Path) -> Result<Listeners, String> {
+async fn listeners(
+    args: &Args,
+    domain: &str,
+    data_dir: &Path,
+    acme: Option<&Acme>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Listeners>, String> {
     let mut dev = None;
     let resolver = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -407,7 +493,20 @@ async fn listeners(args: &Args, domain: &str, data_dir: &Path) -> Result<Listene
             dev = Some(made);
             Some(Arc::new(resolver))
         }
-        _ => None,
+        _ => match acme {
+            Some(acme) => {
+                if acme.renewal_time().is_none() {
+                    say!("obtaining a certificate for {domain} and *.{domain} by ACME; https and http start once it is issued");
+                }
+                let Some(files) = acme.ensure(shutdown).await else {
+                    return Ok(None);
+                };
+                Some(Arc::new(
+                    CertResolver::load(files).map_err(|err| err.to_string())?,
+                ))
+            }
+            None => None,
+        },
     };
     let tls_listen = args.tls_listen.or(args.dev_tls.then_some(DEV_TLS_LISTEN));
     let plain = bind(args.listen, "listen").await?;
@@ -438,10 +537,85 @@ async fn listeners(args: &Args, domain: &str, data_dir: &Path) -> Result<Listene
     if let (Some(dev), Some((listener, _))) = (&dev, &tls) {
         trust_instructions(dev, domain, port(listener));
     }
-    Ok(Listeners {
+    Ok(Some(Listeners {
         plain: Some(plain),
         tls,
-    })
+    }))
+}
+
+/// The ACME client `--acme-email` asks for, sharing `challenges` with the
+/// DNS server.
+fn acme(
+    args: &Args,
+    domain: &str,
+    data_dir: &Path,
+    challenges: Challenges,
+) -> Result<Option<Acme>, String> {
+    let Some(email) = &args.acme_email else {
+        return Ok(None);
+    };
+    let directory = if args.acme_staging {
+        ferry_relay::tls::acme::LETS_ENCRYPT_STAGING.to_owned()
+    } else {
+        args.acme_directory.clone()
+    };
+    let config = AcmeConfig {
+        domain: domain.to_owned(),
+        directory,
+        email: Some(email.clone()).filter(|email| !email.is_empty()),
+        ca_file: args.acme_ca.clone(),
+        renew_before: args.acme_renew_before,
+    };
+    Acme::new(config, data_dir, challenges)
+        .map(Some)
+        .map_err(|err| err.to_string())
+}
+
+/// Binds `--dns-listen` (UDP and TCP) and builds the zone it serves.
+async fn dns(
+    args: &Args,
+    domain: &str,
+    challenges: Challenges,
+) -> Result<Option<(Arc<Zone>, UdpSocket, TcpListener)>, String> {
+    let Some(addr) = args.dns_listen else {
+        return Ok(None);
+    };
+    let lets_encrypt = [
+        ferry_relay::tls::acme::LETS_ENCRYPT,
+        ferry_relay::tls::acme::LETS_ENCRYPT_STAGING,
+    ];
+    let caa_issuer = args.acme_caa.clone().or_else(|| {
+        (args.acme_email.is_some()
+            && (args.acme_staging || lets_encrypt.contains(&args.acme_directory.as_str())))
+        .then(|| "letsencrypt.org".to_owned())
+    });
+    let config = ZoneConfig {
+        domain: domain.to_owned(),
+        ns_name: args
+            .dns_name
+            .clone()
+            .unwrap_or_else(|| format!("ns.{domain}")),
+        addresses: args.public_ips.clone(),
+        caa_issuer,
+        contact: args.acme_email.clone().filter(|email| email.contains('@')),
+    };
+    let zone = Zone::new(&config, challenges).map_err(|err| err.to_string())?;
+    let udp = UdpSocket::bind(addr)
+        .await
+        .map_err(|err| format!("cannot listen on udp {addr} (--dns-listen): {err}"))?;
+    let tcp = bind(addr, "dns-listen").await?;
+    say!("ferry-relay answering dns for {domain} on {addr} (udp and tcp)");
+    say!(
+        "  delegate it at the parent zone: {domain}. NS {}.",
+        config.ns_name
+    );
+    if config.ns_name.ends_with(&format!(".{domain}")) {
+        for ip in &config.addresses {
+            let kind = if ip.is_ipv4() { "A" } else { "AAAA" };
+            say!("  with the glue record: {}. {kind} {ip}", config.ns_name);
+        }
+    }
+    Ok(Some((Arc::new(zone), udp, tcp)))
 }
 
 /// Prints where the development CA is and how to trust it.
@@ -632,12 +806,48 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners = match listeners(&args, &domain, &data_dir).await {
-        Ok(listeners) => listeners,
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        ferry_relay::shutdown::signal().await;
+        // Cancel before logging: with stderr gone (a closed pipe), the
+        // subscriber's report of the failed write panics this task, and a
+        // cancel after it would never run.
+        on_signal.cancel();
+        tracing::info!("shutting down");
+    });
+    // DNS first: the ACME CA looks up the challenges there before the
+    // first certificate exists.
+    let challenges = Challenges::default();
+    let dns_server = match dns(&args, &domain, challenges.clone()).await {
+        Ok(dns) => dns.map(|(zone, udp, tcp)| {
+            tokio::spawn(ferry_relay::dns::serve(zone, udp, tcp, shutdown.clone()))
+        }),
         Err(message) => {
             eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
+    };
+    let acme = match acme(&args, &domain, &data_dir, challenges) {
+        Ok(acme) => acme,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners = match listeners(&args, &domain, &data_dir, acme.as_ref(), &shutdown).await {
+        Ok(Some(listeners)) => listeners,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let renewing = match (acme, &listeners.tls) {
+        (Some(acme), Some((_, resolver))) => Some(tokio::spawn(
+            acme.renew_until(Arc::clone(resolver), shutdown.clone()),
+        )),
+        _ => None,
     };
     if capture {
         say!("activity log in {}", data_dir.display());
@@ -652,19 +862,16 @@ async fn serve(args: Args) -> ExitCode {
     } else if open {
         say!("no tokens configured: any client that can reach this relay may open a tunnel");
     }
-    let shutdown = CancellationToken::new();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(return_free_memory(shutdown.clone()));
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        ferry_relay::shutdown::signal().await;
-        // Cancel before logging: with stderr gone (a closed pipe), the
-        // subscriber's report of the failed write panics this task, and a
-        // cancel after it would never run.
-        on_signal.cancel();
-        tracing::info!("shutting down");
-    });
-    match relay.run(listeners, shutdown).await {
+    let result = relay.run(listeners, shutdown.clone()).await;
+    shutdown.cancel();
+    for task in [dns_server, renewing].into_iter().flatten() {
+        if let Err(err) = task.await {
+            tracing::warn!(%err, "a dns or certificate task failed");
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

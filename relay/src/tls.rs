@@ -14,6 +14,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+pub mod acme;
 pub mod dev;
 
 /// How often the PEM files are checked for a new certificate.

@@ -2,6 +2,7 @@
 //! loopback port 0.
 
 mod accounts;
+mod acme;
 mod activity;
 mod activity_attacks;
 mod attacks;
@@ -10,6 +11,7 @@ mod dashboard;
 mod dev_tls;
 mod dispatch;
 mod dispatch_queue;
+mod dns;
 mod export;
 mod forwarding;
 mod handshake;

@@ -1,0 +1,710 @@
+//! `--acme-email`: a certificate for DOMAIN and *.DOMAIN from an ACME CA
+//! (RFC 8555; Let's Encrypt by default), proven with DNS-01 challenges that
+//! the relay's own DNS server ([`crate::dns`]) answers, kept in
+//! DATA_DIR/acme and renewed before it expires.
+//!
+//! The account key, the certificate and its key are files in [`DIR`]; a
+//! renewed certificate is written over them and handed to the
+//! [`CertResolver`] at once, so new handshakes get it while open
+//! connections and tunnels carry on.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, Identifier,
+    LetsEncrypt, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+
+use super::{CertResolver, TlsFiles};
+use crate::dns::Challenges;
+
+/// The folder inside the data directory.
+pub const DIR: &str = "acme";
+/// The ACME account: its key and URL, and the directory it belongs to.
+pub const ACCOUNT: &str = "account.json";
+/// The certificate chain the relay serves.
+pub const CERT: &str = "cert.pem";
+/// Its private key.
+pub const KEY: &str = "key.pem";
+
+/// Let's Encrypt's production directory, the default.
+pub const LETS_ENCRYPT: &str = LetsEncrypt::Production.url();
+/// Let's Encrypt's staging directory (`--acme-staging`): untrusted
+/// certificates, generous rate limits.
+pub const LETS_ENCRYPT_STAGING: &str = LetsEncrypt::Staging.url();
+/// Renew this long before expiry (Let's Encrypt's advice for its 90-day
+/// certificates).
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+/// How long one issuance (account, order, challenges, finalization) may
+/// take before it counts as failed and is retried.
+const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the CA may take to validate the challenges, and to sign.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+/// The first wait after a failed issuance; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(30);
+/// The longest wait between attempts: an hour keeps clear of Let's
+/// Encrypt's limit of 5 failed validations per name and hour.
+const RETRY_MAX: Duration = Duration::from_secs(3600);
+/// The longest the renewal task sleeps before looking again, so that a
+/// suspended machine or a changed clock does not postpone a renewal.
+const RENEW_CHECK: Duration = Duration::from_secs(3600);
+
+/// What the ACME client needs.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The relay's domain: the certificate covers it and `*.`it.
+    pub domain: String,
+    /// The ACME directory URL.
+    pub directory: String,
+    /// The account's contact address, if any.
+    pub email: Option<String>,
+    /// A PEM file of CA certificates to trust for the ACME server's own
+    /// HTTPS besides the public roots (a private CA, pebble's test CA).
+    pub ca_file: Option<PathBuf>,
+    /// How long before expiry to renew; at most a third of the
+    /// certificate's lifetime is used, so a CA's short-lived certificates
+    /// are not renewed in a loop.
+    pub renew_before: Duration,
+}
+
+/// Why a certificate could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    /// A file in the ACME folder could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or folder.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The account file is unreadable.
+    #[error(
+        "the ACME account in {path} cannot be used ({cause}): delete it to register a new account"
+    )]
+    Account {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        cause: String,
+    },
+    /// `--acme-ca` holds no usable certificate.
+    #[error("--acme-ca {path}: {cause}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        cause: String,
+    },
+    /// The CA refused or failed a step.
+    #[error("the ACME server at {directory} failed while {step}: {cause}")]
+    Ca {
+        /// The directory URL.
+        directory: String,
+        /// What was being done.
+        step: &'static str,
+        /// What it said.
+        cause: String,
+    },
+    /// An authorization could not be proven.
+    #[error("the ACME server could not validate {name} ({status}): check that DOMAIN's NS record delegates it to this relay's --dns-listen, reachable on port 53 from the internet")]
+    Invalid {
+        /// The name.
+        name: String,
+        /// The state it ended in, or the CA's reason.
+        status: String,
+    },
+    /// The whole issuance took too long.
+    #[error("no certificate within {0:?}")]
+    Timeout(Duration),
+    /// A key or a certificate signing request could not be made.
+    #[error("cannot make the certificate's key: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Obtains and renews the relay's certificate.
+pub struct Acme {
+    /// The settings.
+    config: AcmeConfig,
+    /// DATA_DIR/acme.
+    dir: PathBuf,
+    /// Where challenge values are published for the DNS server.
+    challenges: Challenges,
+    /// The HTTPS client that talks to the CA.
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
+    /// Counts the renewed certificates now served, for whoever waits for
+    /// one.
+    renewed: tokio::sync::watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Acme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acme")
+            .field("config", &self.config)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acme {
+    /// Prepares DATA_DIR/acme and the HTTPS client that trusts the public
+    /// roots and `--acme-ca`.
+    pub fn new(
+        config: AcmeConfig,
+        data_dir: &Path,
+        challenges: Challenges,
+    ) -> Result<Self, AcmeError> {
+        let dir = data_dir.join(DIR);
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir).map_err(|source| AcmeError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &config.ca_file {
+            let ca_error = |cause: String| AcmeError::CaFile {
+                path: path.clone(),
+                cause,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|err| ca_error(err.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_error("no CERTIFICATE block".into()));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|err| ca_error(err.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        Ok(Self {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            config,
+            dir,
+            challenges,
+            renewed: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Sees the count of renewed certificates served by [`Self::renew_until`]
+    /// go up.
+    pub fn renewals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.renewed.subscribe()
+    }
+
+    /// The certificate's files.
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.dir.join(CERT),
+            key: self.dir.join(KEY),
+        }
+    }
+
+    /// When the certificate on disk should be renewed; `None` when there is
+    /// none usable for the domain, which calls for one now.
+    pub fn renewal_time(&self) -> Option<SystemTime> {
+        let files = self.files();
+        let pem = std::fs::read(&files.cert).ok()?;
+        let key = std::fs::read(&files.key).ok()?;
+        // A pair that cannot be served (an interrupted write) is replaced.
+        super::certified_key(&files, &(pem.clone(), key)).ok()?;
+        let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+        let wildcard = format!("*.{}", self.config.domain);
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        x509_parser::extensions::GeneralName::DNSName(name) => {
+                            Some(name.to_ascii_lowercase())
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !names.contains(&self.config.domain) || !names.contains(&wildcard) {
+            return None;
+        }
+        let at = |seconds: i64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
+        };
+        Some(renewal_time(
+            at(cert.validity().not_before.timestamp()),
+            at(cert.validity().not_after.timestamp()),
+            self.config.renew_before,
+        ))
+    }
+
+    /// Returns the certificate's files: at once when the one on disk needs
+    /// no renewal yet, else once a new one is issued, retrying failures
+    /// with backoff until `shutdown` (then `None`).
+    pub async fn ensure(&self, shutdown: &CancellationToken) -> Option<TlsFiles> {
+        let mut failures = 0;
+        loop {
+            if self.renewal_time().is_some_and(|at| at > SystemTime::now()) {
+                return Some(self.files());
+            }
+            match self.issue().await {
+                // Served as it is even if already "due" (a clock ahead of
+                // the CA's): asking again at once would only repeat it.
+                Ok(()) => return Some(self.files()),
+                Err(err) => {
+                    let wait = retry_delay(failures, rand::random());
+                    failures += 1;
+                    tracing::error!(%err, retry_in = ?wait, "no certificate from the ACME server");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the certificate when it is due, hands each new one to
+    /// `resolver`, until `shutdown`. A failed renewal is retried with
+    /// backoff while the old certificate is served.
+    pub async fn renew_until(self, resolver: Arc<CertResolver>, shutdown: CancellationToken) {
+        loop {
+            let wait = self.renewal_time().map_or(Duration::ZERO, |at| {
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            });
+            if !wait.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait.min(RENEW_CHECK)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            tracing::info!(domain = %self.config.domain, "renewing the tls certificate");
+            if self.ensure(&shutdown).await.is_none() {
+                return;
+            }
+            match resolver.reload_if_changed() {
+                Ok(_) => {
+                    tracing::info!("renewed tls certificate now served");
+                    self.renewed.send_modify(|count| *count += 1);
+                }
+                Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
+            }
+            // However soon the new certificate looks due, the CA is not
+            // asked again before this.
+            tokio::select! {
+                () = tokio::time::sleep(RETRY_FIRST) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One issuance: account, order, challenges, finalization; writes the
+    /// certificate and key. Challenge records are withdrawn whatever the
+    /// outcome.
+    pub async fn issue(&self) -> Result<(), AcmeError> {
+        let mut published = Vec::new();
+        let result = tokio::time::timeout(ISSUE_TIMEOUT, self.issue_with(&mut published)).await;
+        for value in &published {
+            self.challenges.remove(value);
+        }
+        result.map_err(|_| AcmeError::Timeout(ISSUE_TIMEOUT))?
+    }
+
+    async fn issue_with(&self, published: &mut Vec<String>) -> Result<(), AcmeError> {
+        let started = std::time::Instant::now();
+        let ca = |step: &'static str| {
+            let directory = self.config.directory.clone();
+            move |err: instant_acme::Error| AcmeError::Ca {
+                directory,
+                step,
+                cause: err.to_string(),
+            }
+        };
+        let account = self.account().await?;
+        let domain = &self.config.domain;
+        let identifiers = [
+            Identifier::Dns(domain.clone()),
+            Identifier::Dns(format!("*.{domain}")),
+        ];
+        let mut order = account
+            .new_order(&NewOrder::new(&identifiers))
+            .await
+            .map_err(ca("placing the order"))?;
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization.map_err(ca("reading an authorization"))?;
+            let name = authorization.identifier().to_string();
+            match authorization.status {
+                AuthorizationStatus::Valid => continue,
+                AuthorizationStatus::Pending => {}
+                status => {
+                    return Err(AcmeError::Invalid {
+                        name,
+                        status: format!("{status:?}"),
+                    })
+                }
+            }
+            let mut challenge = authorization
+                .challenge(ChallengeType::Dns01)
+                .ok_or_else(|| AcmeError::Ca {
+                    directory: self.config.directory.clone(),
+                    step: "offering challenges",
+                    cause: format!("no dns-01 challenge for {name}"),
+                })?;
+            let value = challenge.key_authorization().dns_value();
+            // The DNS server answers from this table in-process: the record
+            // is live before the CA is told to look.
+            self.challenges.add(value.clone());
+            published.push(value);
+            challenge
+                .set_ready()
+                .await
+                .map_err(ca("starting a challenge"))?;
+        }
+        let retries = RetryPolicy::new().timeout(ORDER_TIMEOUT);
+        let status = match order.poll_ready(&retries).await {
+            Ok(status) => status,
+            // A problem document here is the CA's verdict on the challenges.
+            Err(instant_acme::Error::Api(problem)) => {
+                return Err(AcmeError::Invalid {
+                    name: format!("{domain} and *.{domain}"),
+                    status: problem.to_string(),
+                })
+            }
+            Err(err) => return Err(ca("validating the challenges")(err)),
+        };
+        if status != OrderStatus::Ready {
+            // The CA's reasons are on the challenges: say them.
+            let mut reasons = Vec::new();
+            let mut authorizations = order.authorizations();
+            while let Some(Ok(mut authorization)) = authorizations.next().await {
+                let name = authorization.identifier().to_string();
+                if let Ok(state) = authorization.refresh().await {
+                    reasons.extend(state.challenges.iter().filter_map(|challenge| {
+                        challenge
+                            .error
+                            .as_ref()
+                            .map(|problem| format!("{name}: {problem}"))
+                    }));
+                }
+            }
+            return Err(AcmeError::Invalid {
+                name: format!("{domain} and *.{domain}"),
+                status: if reasons.is_empty() {
+                    format!("order {status:?}")
+                } else {
+                    reasons.join("; ")
+                },
+            });
+        }
+        let key = rcgen::KeyPair::generate()?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![domain.clone(), format!("*.{domain}")])?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let csr = params.serialize_request(&key)?;
+        order
+            .finalize_csr(csr.der())
+            .await
+            .map_err(ca("finalizing the order"))?;
+        let chain = order
+            .poll_certificate(&retries)
+            .await
+            .map_err(ca("downloading the certificate"))?;
+        // Each file is replaced whole; a crash between the two leaves a pair
+        // that does not match, which the resolver refuses to load (the old
+        // certificate stays served) and the next start or check replaces.
+        write(&self.dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
+        write(&self.dir.join(CERT), chain.as_bytes(), false)?;
+        tracing::info!(domain = %domain, took = ?started.elapsed(), "tls certificate issued by the ACME server");
+        Ok(())
+    }
+
+    /// The stored account for this directory, or a new one, stored.
+    async fn account(&self) -> Result<Account, AcmeError> {
+        let path = self.dir.join(ACCOUNT);
+        let ca = |step: &'static str| {
+            let directory = self.config.directory.clone();
+            move |err: instant_acme::Error| AcmeError::Ca {
+                directory,
+                step,
+                cause: err.to_string(),
+            }
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let stored: StoredAccount =
+                    serde_json::from_slice(&bytes).map_err(|err| AcmeError::Account {
+                        path: path.clone(),
+                        cause: err.to_string(),
+                    })?;
+                if stored.directory == self.config.directory {
+                    return Account::builder_with_http(Box::new(self.http.clone()))
+                        .from_credentials(stored.credentials)
+                        .await
+                        .map_err(ca("loading the account"));
+                }
+                tracing::info!(old = %stored.directory, new = %self.config.directory, "acme directory changed; registering a new account");
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(AcmeError::Account {
+                    path,
+                    cause: err.to_string(),
+                })
+            }
+        }
+        let contact = self
+            .config
+            .email
+            .as_ref()
+            .map(|email| format!("mailto:{email}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
+            .create(
+                &NewAccount {
+                    contact: &contacts,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.config.directory.clone(),
+                None,
+            )
+            .await
+            .map_err(ca("registering the account"))?;
+        let stored = StoredAccount {
+            directory: self.config.directory.clone(),
+            credentials,
+        };
+        let json = serde_json::to_vec_pretty(&stored).map_err(|err| AcmeError::Account {
+            path: path.clone(),
+            cause: err.to_string(),
+        })?;
+        write(&path, &json, true)?;
+        tracing::info!(id = %account.id(), "acme account registered");
+        Ok(account)
+    }
+}
+
+/// The account file's contents.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAccount {
+    /// The directory the account was registered with.
+    directory: String,
+    /// Its key and URL.
+    credentials: AccountCredentials,
+}
+
+/// When a certificate valid from `not_before` to `not_after` is renewed:
+/// `renew_before` ahead of expiry, but no earlier than two thirds into its
+/// lifetime.
+pub fn renewal_time(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before: Duration,
+) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    not_after
+        .checked_sub(renew_before.min(lifetime / 3))
+        .unwrap_or(not_before)
+}
+
+/// The wait after `failures` failed attempts: doubling from
+/// [`RETRY_FIRST`] up to [`RETRY_MAX`], less up to a tenth by `jitter`
+/// (any u32), so relays that failed together do not retry together.
+pub fn retry_delay(failures: u32, jitter: u32) -> Duration {
+    let base = RETRY_FIRST
+        .saturating_mul(2u32.saturating_pow(failures.min(16)))
+        .min(RETRY_MAX);
+    base - base / 10 * jitter / u32::MAX
+}
+
+/// Writes `path` whole (a temporary file renamed over it), 0600 if
+/// `private`, else 0644.
+fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), AcmeError> {
+    let failed = |source| AcmeError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let temporary = path.with_extension("new");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, if private { 0o600 } else { 0o644 });
+    let mut file = options.open(&temporary).map_err(failed)?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(failed)?;
+    std::fs::rename(&temporary, path).map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use super::{
+        renewal_time, retry_delay, Acme, AcmeConfig, CERT, DIR, KEY, RETRY_FIRST, RETRY_MAX,
+    };
+    use crate::dns::Challenges;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn acme(data: &Path, renew_before: Duration) -> Acme {
+        let config = AcmeConfig {
+            domain: "relay.test".into(),
+            directory: "https://ca.invalid/dir".into(),
+            email: None,
+            ca_file: None,
+            renew_before,
+        };
+        Acme::new(config, data, Challenges::default()).unwrap()
+    }
+
+    /// Writes a certificate for `names` valid from `start` to `end` where
+    /// the ACME client keeps its own.
+    fn write_cert(data: &Path, names: &[&str], start: SystemTime, end: SystemTime) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = start.into();
+        params.not_after = end.into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(data.join(DIR).join(CERT), cert.pem()).unwrap();
+        std::fs::write(data.join(DIR).join(KEY), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn a_certificate_on_disk_is_renewed_when_due_and_replaced_when_missing_or_for_another_domain() {
+        let data = tempfile::tempdir().unwrap();
+        let acme = acme(data.path(), 30 * DAY);
+        assert_eq!(acme.renewal_time(), None, "no certificate: get one now");
+
+        // Whole seconds: certificates carry no fractions.
+        let now = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            );
+        write_cert(
+            data.path(),
+            &["relay.test", "*.relay.test"],
+            now,
+            now + 90 * DAY,
+        );
+        assert_eq!(acme.renewal_time(), Some(now + 60 * DAY));
+
+        // A short-lived certificate (an hour) is renewed 20 minutes ahead.
+        let hour = Duration::from_secs(3600);
+        write_cert(
+            data.path(),
+            &["relay.test", "*.relay.test"],
+            now,
+            now + hour,
+        );
+        assert_eq!(acme.renewal_time(), Some(now + hour * 2 / 3));
+
+        write_cert(
+            data.path(),
+            &["other.test", "*.other.test"],
+            now,
+            now + 90 * DAY,
+        );
+        assert_eq!(
+            acme.renewal_time(),
+            None,
+            "a changed --domain needs a new one"
+        );
+        write_cert(data.path(), &["relay.test"], now, now + 90 * DAY);
+        assert_eq!(acme.renewal_time(), None, "without the wildcard");
+        std::fs::write(data.path().join(DIR).join(CERT), "garbage").unwrap();
+        assert_eq!(acme.renewal_time(), None);
+
+        // A key of another certificate beside a good one: replaced too.
+        write_cert(
+            data.path(),
+            &["relay.test", "*.relay.test"],
+            now,
+            now + 90 * DAY,
+        );
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(data.path().join(DIR).join(KEY), other.serialize_pem()).unwrap();
+        assert_eq!(acme.renewal_time(), None);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_is_an_error_naming_it_and_the_step_and_publishes_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let challenges = Challenges::default();
+        let config = AcmeConfig {
+            domain: "relay.test".into(),
+            directory: format!("https://127.0.0.1:{port}/dir"),
+            email: Some("ops@example.com".into()),
+            ca_file: None,
+            renew_before: 30 * DAY,
+        };
+        let acme = Acme::new(config, data.path(), challenges.clone()).unwrap();
+        let message = acme.issue().await.unwrap_err().to_string();
+        assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+        assert!(message.contains("registering the account"), "{message}");
+        assert!(challenges.values().is_empty());
+        assert!(!data.path().join(DIR).join(CERT).exists());
+    }
+
+    #[test]
+    fn a_90_day_certificate_is_renewed_30_days_before_expiry() {
+        let start = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let end = start + 90 * DAY;
+        assert_eq!(renewal_time(start, end, 30 * DAY), end - 30 * DAY);
+    }
+
+    #[test]
+    fn a_short_lived_certificate_is_renewed_two_thirds_in_not_at_once() {
+        let start = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let end = start + 6 * DAY;
+        assert_eq!(renewal_time(start, end, 30 * DAY), end - 2 * DAY);
+    }
+
+    #[test]
+    fn retries_back_off_to_an_hour_with_jitter() {
+        assert_eq!(retry_delay(0, 0), RETRY_FIRST);
+        assert_eq!(retry_delay(1, 0), 2 * RETRY_FIRST);
+        assert_eq!(retry_delay(50, 0), RETRY_MAX);
+        assert!(retry_delay(50, u32::MAX) >= RETRY_MAX * 9 / 10);
+        assert!(retry_delay(50, u32::MAX) < RETRY_MAX);
+    }
+}
