@@ -148,7 +148,9 @@ fn the_units_exec_start_line_starts_a_relay_that_answers() {
         let mut stream = std::net::TcpStream::connect(addr).ok()?;
         use std::io::{Read, Write};
         stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: relay.example.com\r\nConnection: close\r\n\r\n")
+            .write_all(
+                b"GET /healthz HTTP/1.1\r\nHost: relay.example.com\r\nConnection: close\r\n\r\n",
+            )
             .ok()?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer).ok()?;
