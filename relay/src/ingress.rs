@@ -81,6 +81,8 @@ enum IngressError {
     Connect,
     #[error("{0}: send the body without long pauses")]
     SlowBody(BodyError),
+    #[error("the request body is larger than {0} bytes, this relay's limit for requests through a tunnel: send a smaller body")]
+    BodyTooLarge(u64),
     #[error("the request body could not be read (malformed chunked encoding, or the connection failed): send a well-formed body")]
     BadBody,
     #[error(transparent)]
@@ -97,10 +99,13 @@ fn error_status(err: &IngressError) -> StatusCode {
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
         IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
         IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+        IngressError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         IngressError::Send(err) => match err {
             SendError::NotConnected(_) => StatusCode::NOT_FOUND,
             SendError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
-            SendError::CallerBusy(..) => StatusCode::TOO_MANY_REQUESTS,
+            SendError::CallerBusy(..) | SendError::RateLimited(..) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             SendError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             SendError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             SendError::Gone(..) | SendError::Refused(..) => StatusCode::BAD_GATEWAY,
@@ -112,8 +117,12 @@ fn error_status(err: &IngressError) -> StatusCode {
 fn error_outcome(err: &IngressError) -> Outcome {
     match err {
         IngressError::SlowBody(_)
+        | IngressError::BodyTooLarge(_)
         | IngressError::Send(
-            SendError::Busy(..) | SendError::CallerBusy(..) | SendError::HeadersTooLarge(_),
+            SendError::Busy(..)
+            | SendError::CallerBusy(..)
+            | SendError::RateLimited(..)
+            | SendError::HeadersTooLarge(_),
         ) => Outcome::RelayLimit,
         IngressError::Send(SendError::Timeout(..)) => Outcome::TargetTimeout,
         _ => Outcome::Failed,
@@ -126,7 +135,13 @@ fn error_response(err: &IngressError) -> Response<Body> {
     {
         debug!(%name, %source, "tunnel request failed");
     }
-    text(error_status(err), err.to_string())
+    let mut response = text(error_status(err), err.to_string());
+    if let IngressError::Send(SendError::RateLimited(_, seconds)) = err {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+    }
+    response
 }
 
 /// Accepts one connection from `listener`; never resolves without one, so
@@ -428,6 +443,15 @@ fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Refuses a request whose `content-length` is above `max`, before any of
+/// its body is read.
+fn check_declared_size(headers: &hyper::HeaderMap, max: u64) -> Result<(), IngressError> {
+    match content_length(headers) {
+        Some(declared) if declared > max => Err(IngressError::BodyTooLarge(max)),
+        _ => Ok(()),
+    }
+}
+
 /// Answers a request for a held name whose client is not connected, and
 /// tells the caller to come back: webhook senders retry on their own. The
 /// request is recorded for a later replay when capture is on.
@@ -444,6 +468,7 @@ async fn offline(
     if size > MAX_REQUEST_HEADER_LIST {
         return Err(SendError::HeadersTooLarge(size).into());
     }
+    check_declared_size(req.headers(), state.config.max_body_size)?;
     let (per_ip, slots) = &state.offline;
     let _caller = per_ip
         .acquire(link.peer.ip())
@@ -455,6 +480,7 @@ async fn offline(
         req.into_body(),
         state.config.body_timeout,
         state.config.body_min_rate,
+        state.config.max_body_size,
     );
     // Read whole either way, so the caller's connection stays usable.
     let mut body = match capture {
@@ -470,6 +496,7 @@ async fn offline(
                 Some(BodyFailure::TooSlow(rate)) => {
                     IngressError::SlowBody(BodyError::TooSlow(rate))
                 }
+                Some(BodyFailure::TooLarge(limit)) => IngressError::BodyTooLarge(limit),
                 _ => IngressError::BadBody,
             });
         }
@@ -607,6 +634,10 @@ async fn forward(
         }
         None => return Err(SendError::NotConnected(name.clone()).into()),
     };
+    // Refused before anything reaches the client: a flood costs the tunnel
+    // nothing, and a body announced too large is never read.
+    tunnel.spend_rate()?;
+    check_declared_size(req.headers(), state.config.max_body_size)?;
     let admission = tunnel.admit(link.peer.ip())?;
 
     let caller_version = req.version();
@@ -632,7 +663,12 @@ async fn forward(
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
     let declared = content_length(&parts.headers);
-    let (body, watch) = PacedBody::new(body, state.config.body_timeout, state.config.body_min_rate);
+    let (body, watch) = PacedBody::new(
+        body,
+        state.config.body_timeout,
+        state.config.body_min_rate,
+        state.config.max_body_size,
+    );
     let body = match capture {
         Some(capture) => {
             Coalesce::new(capture.tap(body, Side::Request).declared(declared)).boxed_unsync()
@@ -652,6 +688,7 @@ async fn forward(
         .map_err(|err| match watch.failure() {
             Some(BodyFailure::Stalled(pause)) => IngressError::SlowBody(BodyError::Stalled(pause)),
             Some(BodyFailure::TooSlow(rate)) => IngressError::SlowBody(BodyError::TooSlow(rate)),
+            Some(BodyFailure::TooLarge(limit)) => IngressError::BodyTooLarge(limit),
             Some(BodyFailure::Caller) => IngressError::BadBody,
             None => IngressError::Send(err),
         })?;
@@ -711,13 +748,15 @@ async fn forward(
 
 /// Drops what a public caller claims about where it came from: the relay
 /// is the edge, so the client sets `X-Forwarded-*` from the relay's own view
-/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`
-/// or `Forwarded` would otherwise reach the origin as if a proxy had said it.
-fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
+/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`,
+/// `X-Real-IP` or `Forwarded` would otherwise reach the origin as if a proxy
+/// had said it. Replays drop them from the captured request too.
+pub(crate) fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
     for name in [
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
+        "x-real-ip",
         header::FORWARDED.as_str(),
     ] {
         headers.remove(name);

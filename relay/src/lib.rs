@@ -253,6 +253,10 @@ async fn serve(
         max_per_account: config.max_tunnels_per_token,
         max_tunnels: config.max_tunnels,
         name_hold: config.name_hold,
+        requests_per_second: (
+            config.max_requests_per_second,
+            config.max_requests_per_second.saturating_mul(config::RATE_BURST_SECONDS),
+        ),
     }));
     let egress = egress::Egress::new(
         config.egress_allow.clone(),

@@ -114,6 +114,17 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_WRITE_TIMEOUT", value_name = "DURATION",
           default_value = "10s", value_parser = duration)]
     write_timeout: Duration,
+    /// Public requests one tunnel may take per second, in bursts of up to
+    /// five seconds' worth; more get 429 with Retry-After.
+    #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_SECOND", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_SECOND,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_requests_per_second: u32,
+    /// The largest request body a public caller may send through a tunnel
+    /// (100MiB, 1GiB, …); larger ones get 413.
+    #[arg(long, env = "FERRY_RELAY_MAX_BODY_SIZE", value_name = "SIZE",
+          default_value = "100MiB", value_parser = size)]
+    max_body_size: u64,
     /// Public connections open at once; beyond it the relay stops accepting
     /// until one closes.
     #[arg(long, env = "FERRY_RELAY_MAX_CONNECTIONS", value_name = "N",
@@ -403,6 +414,8 @@ fn config(args: &Args) -> Result<Config, String> {
         request_timeout: args.request_timeout,
         max_requests_per_tunnel: args.max_requests_per_tunnel,
         max_requests_per_ip: args.max_requests_per_ip,
+        max_requests_per_second: args.max_requests_per_second,
+        max_body_size: args.max_body_size,
         max_tunnels_per_token: args.max_tunnels_per_token,
         max_tunnels: args.max_tunnels,
         connects_per_minute: args.connects_per_minute,
