@@ -14,6 +14,7 @@ mod forwarding;
 mod handshake;
 mod hosts;
 mod isolation;
+mod limits;
 mod reconnect;
 mod store_contract;
 mod streaming;
