@@ -66,6 +66,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// How the relay pings each client to notice dead links.
     pub keepalive: Keepalive,
+    /// Peers (load balancers, HTTP proxies) that may name the caller, with
+    /// a PROXY protocol header or `X-Forwarded-For`; empty trusts none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Networks and host names the relay may send replays and deliveries
     /// to although the egress guard would refuse them (private, loopback …).
     pub egress_allow: Vec<Allow>,
@@ -181,6 +184,7 @@ impl Default for Config {
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
+            trusted_proxies: Vec::new(),
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
             capture: true,

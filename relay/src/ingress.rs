@@ -40,7 +40,7 @@ use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
 use crate::store::{now_micros, CapturedBody, Exchange, Kind, Outcome};
 use crate::tunnels::{Admission, SendError};
-use crate::{api, text, tls, Body, Listeners, State};
+use crate::{api, proxy, text, tls, Body, Listeners, State};
 
 /// Pause after a failed `accept` (such as running out of file descriptors),
 /// so the loop does not spin while the condition lasts.
@@ -103,9 +103,7 @@ fn error_status(err: &IngressError) -> StatusCode {
         IngressError::Send(err) => match err {
             SendError::NotConnected(_) => StatusCode::NOT_FOUND,
             SendError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
-            SendError::CallerBusy(..) | SendError::RateLimited(..) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            SendError::CallerBusy(..) | SendError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             SendError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             SendError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             SendError::Gone(..) | SendError::Refused(..) => StatusCode::BAD_GATEWAY,
@@ -188,6 +186,9 @@ pub(crate) async fn serve(
         None => (None, None),
     };
     let capacity = Arc::new(Semaphore::new(state.config.max_connections));
+    let proxies = Arc::new(proxy::TrustedProxies::new(
+        state.config.trusted_proxies.clone(),
+    ));
     // Owns the connection tasks: those still open after the grace period are
     // aborted when it drops.
     let mut connections = tokio::task::JoinSet::new();
@@ -217,26 +218,57 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let Some(per_ip) = state.connections_per_ip.acquire(peer.ip()) else {
-            // One address at its limit must not crowd out everyone else.
-            state
-                .metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, "connection refused: its address holds its limit");
-            continue;
+        // A trusted proxy's connections are counted against the caller it
+        // names, once its PROXY header is read, or not at all.
+        let trusted = proxies.contains(peer.ip());
+        let per_ip = if trusted {
+            None
+        } else {
+            let Some(per_ip) = connection_place(&state, peer) else {
+                continue;
+            };
+            Some(per_ip)
         };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
         let activity = Activity::new();
-        let stream = GuardedIo::new(stream, Arc::clone(&activity), timeouts, (permit, per_ip));
-        let (state, builder, watcher) =
-            (Arc::clone(&state), Arc::clone(&builder), graceful.watcher());
+        let (state, builder, watcher, proxies) = (
+            Arc::clone(&state),
+            Arc::clone(&builder),
+            graceful.watcher(),
+            Arc::clone(&proxies),
+        );
         let connection = async move {
+            let mut stream = stream;
+            let (caller, rest, per_ip) = if trusted {
+                let header = tokio::time::timeout(
+                    state.config.header_timeout,
+                    proxy::read_header(&mut stream),
+                );
+                match header.await {
+                    Ok(Ok((Some(caller), rest))) => match connection_place(&state, caller) {
+                        Some(per_ip) => (Some(caller), rest, Some(per_ip)),
+                        None => return,
+                    },
+                    Ok(Ok((None, rest))) => (None, rest, None),
+                    Ok(Err(err)) => return debug!(%err, "trusted proxy's connection refused"),
+                    Err(_) => return debug!("trusted proxy sent no request in time"),
+                }
+            } else {
+                (None, Bytes::new(), per_ip)
+            };
+            let stream = GuardedIo::new(
+                proxy::Prefixed::new(rest, stream),
+                Arc::clone(&activity),
+                timeouts,
+                (permit, per_ip),
+            );
             let link = Link {
                 state,
-                peer,
+                peer: caller.unwrap_or(peer),
+                // Without a PROXY header, each request may name its caller.
+                proxies: (trusted && caller.is_none()).then_some(proxies),
                 activity,
                 https: tls.is_some(),
             };
@@ -272,13 +304,32 @@ pub(crate) async fn serve(
     }
 }
 
+/// A place under the per-address connection cap for `caller`, or `None`
+/// (counted) when it holds its limit.
+fn connection_place(state: &State, caller: SocketAddr) -> Option<crate::limits::PerIpGuard> {
+    let place = state.connections_per_ip.acquire(caller.ip());
+    if place.is_none() {
+        // One address at its limit must not crowd out everyone else.
+        state
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(%caller, "connection refused: its address holds its limit");
+    }
+    place
+}
+
 /// What each request of one connection needs to know about it.
 #[derive(Clone)]
 struct Link {
     /// The relay.
     state: Arc<State>,
-    /// The caller's address.
+    /// The caller's address: the peer's, the one a trusted proxy's PROXY
+    /// header named, or (per request) the one its `X-Forwarded-For` names.
     peer: SocketAddr,
+    /// Set when the peer is a trusted proxy that sent no PROXY header:
+    /// each request's `X-Forwarded-For` then names its caller.
+    proxies: Option<Arc<proxy::TrustedProxies>>,
     /// The connection's activity, for its idle timeout.
     activity: Arc<Activity>,
     /// Whether the caller came over TLS.
@@ -295,8 +346,16 @@ async fn serve_connection<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
-        let link = link.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let mut link = link.clone();
+        if let Some(caller) = link
+            .proxies
+            .as_ref()
+            .and_then(|proxies| proxies.forwarded_for(req.headers()))
+        {
+            // The port behind an HTTP proxy is unknown.
+            link.peer = SocketAddr::new(caller, 0);
+        }
         async move {
             let active = link.activity.begin();
             let response = handle(&link, req).await;

@@ -205,6 +205,19 @@ struct Args {
         value_delimiter = ','
     )]
     egress_allow: Vec<Allow>,
+    /// A load balancer or HTTP proxy in front of the relay (a network such
+    /// as 10.0.0.0/8, or an address; repeatable) that may name the caller:
+    /// with a PROXY protocol v1/v2 header opening its connection, else with
+    /// X-Forwarded-For. Everyone else's PROXY header is a bad request and
+    /// their forwarding headers are dropped.
+    #[arg(
+        long = "trusted-proxy",
+        env = "FERRY_RELAY_TRUSTED_PROXY",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        value_parser = network
+    )]
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// How long one webhook delivery attempt may take, response included.
     #[arg(long, env = "FERRY_RELAY_DISPATCH_TIMEOUT", value_name = "DURATION",
           default_value = "15s", value_parser = duration)]
@@ -278,6 +291,15 @@ fn size(text: &str) -> Result<u64, String> {
         0 => Err("must be more than zero".to_owned()),
         value => Ok(value),
     }
+}
+
+/// A network, or one address as a network of one.
+fn network(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("`{text}` is not a network or address: write it like 10.0.0.0/8 or 192.0.2.7")
+        })
 }
 
 /// A size flag that may be zero.
@@ -429,6 +451,7 @@ fn config(args: &Args) -> Result<Config, String> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),
+        trusted_proxies: args.trusted_proxies.clone(),
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
         capture: args.capture,
