@@ -495,7 +495,10 @@ async fn a_replay_does_not_send_a_callers_forged_forwarding_headers() {
     );
 
     let (status, replayed) = api
-        .post_json(&format!("/api/v1/requests/{id}/replay"), &serde_json::json!({}))
+        .post_json(
+            &format!("/api/v1/requests/{id}/replay"),
+            &serde_json::json!({}),
+        )
         .await;
     assert_eq!(status, hyper::StatusCode::OK, "{replayed}");
     let replay_id = replayed["id"].as_str().expect("the replay's id");

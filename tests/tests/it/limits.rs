@@ -115,7 +115,8 @@ async fn a_body_without_a_length_is_cut_with_413_once_it_passes_the_limit() {
     let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
     let host = host_of(&client.public_url);
 
-    let (status, body) = status_and_body(send(relay.addr, &host, post(chunked(12, 1024))).await).await;
+    let (status, body) =
+        status_and_body(send(relay.addr, &host, post(chunked(12, 1024))).await).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert!(body.contains("larger than 8192 bytes"), "{body}");
 
@@ -178,7 +179,12 @@ async fn a_flood_on_one_tunnel_gets_429_with_retry_after_and_other_tunnels_carry
     );
 
     let (status, body) = status_and_body(
-        send(relay.addr, &host_of(&other.public_url), Request::new(full(""))).await,
+        send(
+            relay.addr,
+            &host_of(&other.public_url),
+            Request::new(full("")),
+        )
+        .await,
     )
     .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
@@ -199,12 +205,9 @@ async fn an_oversized_message_on_a_tunnel_websocket_closes_it_with_1009_and_othe
         VERSION_HEADER,
         HeaderValue::from_str(&PROTOCOL_VERSION.to_string()).expect("header"),
     );
-    let (mut ws, _) = within(
-        "the connect",
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .expect("the relay accepts the tunnel");
+    let (mut ws, _) = within("the connect", tokio_tungstenite::connect_async(request))
+        .await
+        .expect("the relay accepts the tunnel");
     ws.send(Message::Binary(vec![0u8; MAX_MESSAGE + 1].into()))
         .await
         .expect("sent");
@@ -223,7 +226,12 @@ async fn an_oversized_message_on_a_tunnel_websocket_closes_it_with_1009_and_othe
     assert!(close.reason.contains("at most"), "{}", close.reason);
 
     let (status, body) = status_and_body(
-        send(relay.addr, &host_of(&client.public_url), Request::new(full(""))).await,
+        send(
+            relay.addr,
+            &host_of(&client.public_url),
+            Request::new(full("")),
+        )
+        .await,
     )
     .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
@@ -367,7 +375,8 @@ async fn rapid_reset_gets_goaway_and_the_relay_keeps_answering_others() {
         stdout.starts_with("goaway") || stdout.starts_with("closed"),
         "the relay let the connection reset streams forever: {stdout}"
     );
-    let (status, body) = status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
+    let (status, body) =
+        status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
     client.stop().await.expect("client stops");
     origin.stop().await;

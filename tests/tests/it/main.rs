@@ -15,6 +15,7 @@ mod handshake;
 mod hosts;
 mod isolation;
 mod limits;
+mod proxy;
 mod reconnect;
 mod store_contract;
 mod streaming;
