@@ -352,9 +352,7 @@ pub(crate) fn failure_of_send(err: &SendError) -> (Outcome, StatusCode, String) 
         SendError::Busy(..)
         | SendError::CallerBusy(..)
         | SendError::RateLimited(..)
-        | SendError::HeadersTooLarge(_) => {
-            (Outcome::RelayLimit, StatusCode::SERVICE_UNAVAILABLE)
-        }
+        | SendError::HeadersTooLarge(_) => (Outcome::RelayLimit, StatusCode::SERVICE_UNAVAILABLE),
         SendError::Timeout(..) => (Outcome::TargetTimeout, StatusCode::GATEWAY_TIMEOUT),
         SendError::NotConnected(_) => (Outcome::ClientOffline, StatusCode::CONFLICT),
         SendError::Gone(..) | SendError::Refused(..) => (Outcome::Failed, StatusCode::BAD_GATEWAY),
