@@ -5,6 +5,7 @@
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -378,6 +379,138 @@ async fn rapid_reset_gets_goaway_and_the_relay_keeps_answering_others() {
     let (status, body) =
         status_and_body(send(relay.addr, &host, Request::new(full(""))).await).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "fine"));
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+/// The 50th and 90th percentile of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
+    (at(50), at(90))
+}
+
+/// Latency of `count` GETs through the tunnel, each on a new connection.
+async fn latencies(relay: std::net::SocketAddr, host: &str, count: usize) -> (Duration, Duration) {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        let (status, _) = status_and_body(send(relay, host, Request::new(full(""))).await).await;
+        assert_eq!(status, StatusCode::OK);
+        samples.push(started.elapsed());
+    }
+    percentiles(samples)
+}
+
+/// Not a check but a measurement for the docs: a normal caller's latency
+/// through a tunnel with no attack, during a slowloris attack and during a
+/// rapid-reset attack, as ratios. Run with
+/// `cargo test --release -p ferry-tests --test it latency_under_attack -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement that prints, run by hand"]
+async fn latency_under_attack() {
+    const SAMPLES: usize = 3000;
+    // The measurement's own callers go faster than a tunnel's default rate.
+    let relay = TestRelay::start(Config {
+        max_requests_per_second: 1_000_000,
+        ..Config::default()
+    })
+    .await;
+    let origin = Origin::start(|_req| async { Response::new(full("fine")) }).await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    latencies(relay.addr, &host, SAMPLES).await;
+    let calm = latencies(relay.addr, &host, SAMPLES).await;
+
+    // 200 slowloris connections (within the per-address cap of 256), each
+    // trickling a byte every 100 ms; the default header timeout (30 s)
+    // outlasts the measurement.
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let attackers: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(slowloris(
+                relay.addr,
+                host.clone(),
+                Duration::from_millis(100),
+                started_tx.clone(),
+            ))
+        })
+        .collect();
+    for _ in 0..attackers.len() {
+        within("an attacker to start", started.recv()).await;
+    }
+    let slowloris_run = latencies(relay.addr, &host, SAMPLES).await;
+    for attacker in attackers {
+        attacker.abort();
+    }
+
+    // Two attackers running the rapid-reset script again and again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ran_tx, ran) = std::sync::mpsc::channel();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rapid_reset.py");
+    let resetters: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, addr, host, ran) =
+                (Arc::clone(&stop), relay.addr, host.clone(), ran_tx.clone());
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let output = Command::new(PYTHON)
+                        .args([
+                            script,
+                            &addr.ip().to_string(),
+                            &addr.port().to_string(),
+                            &host,
+                            "100000",
+                        ])
+                        .output()
+                        .expect("the script runs");
+                    outcomes.push(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+                    let _ = ran.send(());
+                }
+                outcomes
+            })
+        })
+        .collect();
+    // Measured once both attackers are past Python's start-up.
+    for _ in 0..2 {
+        ran.recv().expect("a rapid-reset run");
+    }
+    let reset_run = latencies(relay.addr, &host, SAMPLES).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for resetter in resetters {
+        outcomes.extend(resetter.join().expect("resetter"));
+    }
+    let calm_again = latencies(relay.addr, &host, SAMPLES).await;
+
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!("normal GETs, each on a new connection, {SAMPLES} per run:");
+    println!("  no attack:   p50 {:?}  p90 {:?}", calm.0, calm.1);
+    println!(
+        "  no attack, after the attacks: p50 {:?}  p90 {:?}",
+        calm_again.0, calm_again.1
+    );
+    println!(
+        "  slowloris:   p50 {:?}  p90 {:?}  ratio p50 {:.2} p90 {:.2}",
+        slowloris_run.0,
+        slowloris_run.1,
+        ratio(slowloris_run.0, calm.0),
+        ratio(slowloris_run.1, calm.1)
+    );
+    println!(
+        "  rapid reset: p50 {:?}  p90 {:?}  ratio p50 {:.2} p90 {:.2}",
+        reset_run.0,
+        reset_run.1,
+        ratio(reset_run.0, calm.0),
+        ratio(reset_run.1, calm.1)
+    );
+    println!(
+        "  rapid-reset connections: {}, outcomes: {:?}",
+        outcomes.len(),
+        outcomes.iter().collect::<std::collections::BTreeSet<_>>()
+    );
     client.stop().await.expect("client stops");
     origin.stop().await;
     relay.stop().await;
