@@ -12,8 +12,8 @@ use bytes::Bytes;
 use ferry_common::handshake::{MAX_MESSAGE, PROTOCOL_VERSION, VERSION_HEADER};
 use ferry_relay::Config;
 use ferry_tests::{
-    connect_from, full, host_of, read_body, send, within, Body, ClientOptions, Origin, TestClient,
-    TestRelay,
+    connect_from, full, host_of, read_body, send, within, Api, Body, ClientOptions, Origin,
+    TestClient, TestRelay,
 };
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, StreamBody};
@@ -151,6 +151,8 @@ async fn a_flood_on_one_tunnel_gets_429_with_retry_after_and_other_tunnels_carry
     let flooded = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
     let other = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
     let host = host_of(&flooded.public_url);
+    let api = Api::of(&relay);
+    let mut tail = api.tail("").await;
 
     // One a second in bursts of five: a burst passes, then the flood is cut
     // (the bound only keeps a broken limit from looping forever).
@@ -178,6 +180,18 @@ async fn a_flood_on_one_tunnel_gets_429_with_retry_after_and_other_tunnels_carry
         body.contains("more requests per second than this relay allows"),
         "{body}"
     );
+    // The owner sees in the log that the relay refused it, like its other
+    // limits' answers.
+    let limited = within("the limited entry in the log", async {
+        loop {
+            let (_, item) = tail.next_item().await;
+            if item["status"] == 429 {
+                break item;
+            }
+        }
+    })
+    .await;
+    assert_eq!(limited["outcome"], "relay_limit", "{limited}");
 
     let (status, body) = status_and_body(
         send(
