@@ -348,13 +348,14 @@ where
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let mut link = link.clone();
-        if let Some(caller) = link
-            .proxies
-            .as_ref()
-            .and_then(|proxies| proxies.forwarded_for(req.headers()))
-        {
-            // The port behind an HTTP proxy is unknown.
-            link.peer = SocketAddr::new(caller, 0);
+        if let Some(proxies) = &link.proxies {
+            if let Some(caller) = proxies.forwarded_for(req.headers()) {
+                // The port behind an HTTP proxy is unknown.
+                link.peer = SocketAddr::new(caller, 0);
+            }
+            if let Some(https) = proxy::forwarded_https(req.headers()) {
+                link.https = https;
+            }
         }
         async move {
             let active = link.activity.begin();

@@ -5,7 +5,8 @@
 //! protocol header (v1 or v2, as TCP load balancers send); its source
 //! address is then the caller for everything on that connection. Without
 //! one, the caller of each request is the rightmost `X-Forwarded-For` hop
-//! that is not itself a trusted proxy (as an HTTP proxy appends it). Any
+//! that is not itself a trusted proxy (as an HTTP proxy appends it), and
+//! its `X-Forwarded-Proto` says whether the caller used HTTPS. Any
 //! other peer is the caller itself: its PROXY header is just a malformed
 //! request, and its forwarding headers are dropped.
 
@@ -63,6 +64,19 @@ impl TrustedProxies {
                 .find(|hop| !self.contains(*hop))
                 .unwrap_or(last),
         )
+    }
+}
+
+/// Whether a trusted HTTP proxy says the caller came over HTTPS: the last
+/// `X-Forwarded-Proto` value, the one the proxy nearest the relay set (a
+/// proxy that ends TLS itself connects to the relay in plain HTTP). `None`
+/// without a value it can read.
+pub fn forwarded_https(headers: &hyper::HeaderMap) -> Option<bool> {
+    let value = headers.get_all("x-forwarded-proto").iter().next_back()?;
+    match value.to_str().ok()?.rsplit(',').next()?.trim() {
+        proto if proto.eq_ignore_ascii_case("https") => Some(true),
+        proto if proto.eq_ignore_ascii_case("http") => Some(false),
+        _ => None,
     }
 }
 
@@ -309,6 +323,17 @@ mod tests {
             None
         );
         assert!(trusted.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let proto = |values: &[&str]| {
+            let mut headers = hyper::HeaderMap::new();
+            for value in values {
+                headers.append("x-forwarded-proto", value.parse().unwrap());
+            }
+            super::forwarded_https(&headers)
+        };
+        assert_eq!(proto(&["http", "https"]), Some(true));
+        assert_eq!(proto(&["https, http"]), Some(false));
+        assert_eq!(proto(&["gopher"]), None);
+        assert_eq!(proto(&[]), None);
         assert!(!trusted.contains("192.0.2.1".parse().unwrap()));
     }
 }

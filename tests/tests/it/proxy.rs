@@ -211,10 +211,18 @@ async fn a_trusted_http_proxys_forwarded_for_names_the_caller_and_no_one_elses_d
     // A chain a caller began with a forged hop, through an inner proxy
     // (10.1.2.3) to the one at the relay: the rightmost untrusted hop is
     // the caller, and the forged part never reaches the origin.
-    let chain = "X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 198.51.100.1\r\n";
+    let chain = "X-Forwarded-For: 198.51.100.1, 203.0.113.9\r\nX-Forwarded-For: 10.1.2.3\r\nX-Real-IP: 198.51.100.1\r\nX-Forwarded-Proto: https\r\n";
     let (status, seen) = get_on(connect(&relay).await, b"", &host, "/", chain).await;
     assert_eq!((status, seen.as_str()), (200, "203.0.113.9"));
-    assert_eq!(logged_caller(&mut tail, &api).await, "203.0.113.9:0");
+    let (id, _) = tail.next_item().await;
+    let detail = api.get_json(&format!("/api/v1/requests/{id}")).await;
+    assert_eq!(detail["remote_addr"], "203.0.113.9:0", "{detail}");
+    assert!(
+        detail["request"]["url"]
+            .as_str()
+            .is_some_and(|url| url.starts_with("https://")),
+        "the proxy ended TLS for an https caller: {detail}"
+    );
 
     // The same headers from a peer that is not a trusted proxy.
     let stranger = Ipv4Addr::new(127, 0, 0, 2);
@@ -227,11 +235,19 @@ async fn a_trusted_http_proxys_forwarded_for_names_the_caller_and_no_one_elses_d
     )
     .await;
     assert_eq!((status, seen.as_str()), (200, "127.0.0.2"));
-    let logged: SocketAddr = logged_caller(&mut tail, &api)
-        .await
-        .parse()
+    let (id, _) = tail.next_item().await;
+    let detail = api.get_json(&format!("/api/v1/requests/{id}")).await;
+    let logged: SocketAddr = detail["remote_addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
         .expect("an address");
     assert_eq!(logged.ip(), stranger);
+    assert!(
+        detail["request"]["url"]
+            .as_str()
+            .is_some_and(|url| url.starts_with("http://")),
+        "a stranger's X-Forwarded-Proto is not believed: {detail}"
+    );
 
     client.stop().await.expect("client stops");
     origin.stop().await;
