@@ -83,6 +83,8 @@ async fn a_body_declared_too_large_gets_413_at_once_and_never_reaches_the_tunnel
     let (origin, mut received) = measuring_origin().await;
     let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
     let host = host_of(&client.public_url);
+    let api = Api::of(&relay);
+    let mut tail = api.tail("").await;
 
     let (status, body) =
         status_and_body(send(relay.addr, &host, post(full(vec![b'x'; 4096]))).await).await;
@@ -90,6 +92,12 @@ async fn a_body_declared_too_large_gets_413_at_once_and_never_reaches_the_tunnel
     assert!(
         body.contains("larger than 1024 bytes") && body.contains("send a smaller body"),
         "{body}"
+    );
+    let (_, refused) = tail.next_item().await;
+    assert_eq!(
+        (refused["status"].as_u64(), refused["outcome"].as_str()),
+        (Some(413), Some("relay_limit")),
+        "{refused}"
     );
 
     let (status, body) =
