@@ -199,7 +199,8 @@ async fn start_relay(
 ) -> Result<(Proc, SocketAddr), String> {
     // Every connection of the benchmark comes from this one machine, which
     // the relay's per-address connect rate, connection cap and share of a
-    // tunnel's requests would otherwise (rightly) refuse.
+    // tunnel's requests would otherwise (rightly) refuse; the load and
+    // transfer scenarios go far beyond a tunnel's request rate and body size.
     let mut args: Vec<String> = extra.iter().map(|&arg| arg.to_owned()).collect();
     args.extend([
         "--listen".into(),
@@ -218,6 +219,10 @@ async fn start_relay(
         "100000".into(),
         "--max-requests-per-ip".into(),
         "100000".into(),
+        "--max-requests-per-second".into(),
+        "1000000".into(),
+        "--max-body-size".into(),
+        "1024GiB".into(),
     ]);
     let mut relay = Proc::spawn_with_dir(&bin.join("ferry-relay"), &args, "--data-dir")?;
     let port: u16 = relay

@@ -209,6 +209,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
             | None => {
                 self.phase = Phase::Ended;
             }
+            Some(Err(tungstenite::Error::Capacity(err))) => {
+                // The peer broke the size limits both ends agreed on: the
+                // close frame says so, where a dropped connection would not.
+                self.signal.close(CloseReason {
+                    code: 1009,
+                    reason: format!(
+                        "{err}: tunnel messages are at most {} bytes",
+                        crate::handshake::MAX_MESSAGE
+                    ),
+                });
+            }
             Some(Err(err)) => return Poll::Ready(Err(io_error(err))),
         }
         Poll::Ready(Ok(()))

@@ -33,6 +33,9 @@ pub enum BodyError {
     /// The caller sent the body slower than the relay's minimum rate.
     #[error("the request body arrived slower than {0} bytes per second")]
     TooSlow(u64),
+    /// The body grew past the relay's size limit.
+    #[error("the request body is larger than {0} bytes, this relay's limit")]
+    TooLarge(u64),
 }
 
 /// A public request body that must keep moving (and whose trailers lose
@@ -54,6 +57,8 @@ pub struct PacedBody<B = Incoming> {
     pause: Duration,
     /// The slowest average rate, bytes per second.
     min_rate: u64,
+    /// The most bytes the body may hold.
+    max_size: u64,
     /// Fires at the next deadline.
     timer: Pin<Box<Sleep>>,
     /// Where a failure is recorded.
@@ -61,8 +66,8 @@ pub struct PacedBody<B = Incoming> {
 }
 
 impl<B> PacedBody<B> {
-    /// Paces `inner` from now.
-    pub fn new(inner: B, pause: Duration, min_rate: u64) -> (Self, BodyWatch) {
+    /// Paces `inner` from now, failing it once it passes `max_size` bytes.
+    pub fn new(inner: B, pause: Duration, min_rate: u64, max_size: u64) -> (Self, BodyWatch) {
         let now = Instant::now();
         let watch = BodyWatch::default();
         let body = Self {
@@ -72,6 +77,7 @@ impl<B> PacedBody<B> {
             received: 0,
             pause,
             min_rate: min_rate.max(1),
+            max_size,
             timer: Box::pin(tokio::time::sleep_until(now + pause)),
             watch: watch.clone(),
         };
@@ -115,6 +121,12 @@ where
                 }
                 if let Some(data) = frame.data_ref() {
                     this.received += data.len() as u64;
+                    if this.received > this.max_size {
+                        // Counted as it streams: a body without a length
+                        // is never buffered to find out how large it is.
+                        this.watch.record(BodyFailure::TooLarge(this.max_size));
+                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.max_size))));
+                    }
                 }
                 let deadline = this.deadline();
                 this.timer.as_mut().reset(deadline);
@@ -205,6 +217,8 @@ pub enum BodyFailure {
     Stalled(Duration),
     /// The caller was too slow.
     TooSlow(u64),
+    /// The body passed the size limit.
+    TooLarge(u64),
 }
 
 /// Reads how a [`PacedBody`] failed, after it has been handed on.
@@ -244,6 +258,7 @@ mod tests {
             StreamBody::new(ReceiverStream::new(receiver)),
             pause,
             min_rate,
+            u64::MAX,
         );
         (sender, body, watch)
     }
@@ -321,5 +336,22 @@ mod tests {
         }
         assert_eq!(total, 120 * 2048);
         assert_eq!(watch.failure(), None);
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_size_limit_fails_as_too_large() {
+        let (sender, receiver) = mpsc::channel(4);
+        let (mut body, watch) = PacedBody::new(
+            StreamBody::new(ReceiverStream::new(receiver)),
+            Duration::from_secs(30),
+            1,
+            15_000,
+        );
+        chunk(&sender, 10_000).await;
+        assert!(body.frame().await.unwrap().is_ok());
+        chunk(&sender, 10_000).await;
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(err, BodyError::TooLarge(15_000)), "{err}");
+        assert_eq!(watch.failure(), Some(BodyFailure::TooLarge(15_000)));
     }
 }

@@ -35,6 +35,12 @@ pub struct Config {
     /// Public requests one caller IP (an IPv6 /64) may have in flight on one
     /// tunnel; more get 429, so one caller cannot starve the others.
     pub max_requests_per_ip: usize,
+    /// Public requests one tunnel may take per second, in bursts of up to
+    /// [`RATE_BURST_SECONDS`] seconds' worth; more get 429 with Retry-After.
+    pub max_requests_per_second: u32,
+    /// The largest request body a public caller may send through a tunnel,
+    /// in bytes; larger ones get 413.
+    pub max_body_size: u64,
     /// Tunnels one account may hold at once; more are refused with 429.
     pub max_tunnels_per_token: usize,
     /// Tunnels the relay holds at once, for everybody; more get 503.
@@ -66,6 +72,9 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// How the relay pings each client to notice dead links.
     pub keepalive: Keepalive,
+    /// Peers (load balancers, HTTP proxies) that may name the caller, with
+    /// a PROXY protocol header or `X-Forwarded-For`; empty trusts none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Networks and host names the relay may send replays and deliveries
     /// to although the egress guard would refuse them (private, loopback …).
     pub egress_allow: Vec<Allow>,
@@ -100,6 +109,14 @@ impl Config {
     /// caller's stalled responses cannot fill the tunnel's flow-control
     /// window, which would stall everyone else's (see the check below).
     pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 32;
+    /// The default for [`Config::max_requests_per_second`]: far above what
+    /// webhook senders and a developer's browser send, low enough that a
+    /// flood cannot keep a developer's laptop or the relay's capture busy.
+    pub const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 200;
+    /// The default for [`Config::max_body_size`]: 100 MiB. Webhooks are
+    /// small, but a dev tunnel also carries file uploads to the app behind
+    /// it, which callers expect to work as they do on a hosted app.
+    pub const DEFAULT_MAX_BODY_SIZE: u64 = 100 * 1024 * 1024;
     /// The default for [`Config::max_tunnels_per_token`].
     pub const DEFAULT_MAX_TUNNELS_PER_TOKEN: usize = 32;
     /// The default for [`Config::max_tunnels`].
@@ -142,6 +159,11 @@ impl Config {
     pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 }
 
+/// How many seconds of [`Config::max_requests_per_second`] a tunnel may take
+/// at once: a dev server's page load (hundreds of module requests at once)
+/// or a webhook sender catching up after an outage comes in bursts.
+pub const RATE_BURST_SECONDS: u32 = 5;
+
 // One address's share of a tunnel's slots, each response holding a full
 // stream window unread, fills at most half the tunnel's connection window.
 const _: () = assert!(
@@ -158,6 +180,8 @@ impl Default for Config {
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
             max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
             max_requests_per_ip: Self::DEFAULT_MAX_REQUESTS_PER_IP,
+            max_requests_per_second: Self::DEFAULT_MAX_REQUESTS_PER_SECOND,
+            max_body_size: Self::DEFAULT_MAX_BODY_SIZE,
             max_tunnels_per_token: Self::DEFAULT_MAX_TUNNELS_PER_TOKEN,
             max_tunnels: Self::DEFAULT_MAX_TUNNELS,
             connects_per_minute: Self::DEFAULT_CONNECTS_PER_MINUTE,
@@ -171,6 +195,7 @@ impl Default for Config {
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
+            trusted_proxies: Vec::new(),
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
             capture: true,

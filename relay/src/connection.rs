@@ -137,8 +137,9 @@ pub struct GuardedIo<T> {
     _places: Places,
 }
 
-/// A connection's places under the relay-wide and per-address caps.
-pub type Places = (OwnedSemaphorePermit, PerIpGuard);
+/// A connection's places under the relay-wide and per-address caps (a
+/// trusted proxy's connection without a PROXY header has no address's).
+pub type Places = (OwnedSemaphorePermit, Option<PerIpGuard>);
 
 impl<T> GuardedIo<T> {
     /// Wraps a socket accepted now, holding its `places`.
@@ -285,7 +286,7 @@ mod tests {
         let per_ip = crate::limits::PerIp::new(1)
             .acquire("192.0.2.1".parse().expect("address"))
             .expect("a free share");
-        (slot, per_ip)
+        (slot, Some(per_ip))
     }
 
     #[tokio::test(start_paused = true)]

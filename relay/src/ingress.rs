@@ -40,7 +40,7 @@ use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
 use crate::store::{now_micros, CapturedBody, Exchange, Kind, Outcome};
 use crate::tunnels::{Admission, SendError};
-use crate::{api, text, tls, Body, Listeners, State};
+use crate::{api, proxy, text, tls, Body, Listeners, State};
 
 /// Pause after a failed `accept` (such as running out of file descriptors),
 /// so the loop does not spin while the condition lasts.
@@ -81,6 +81,8 @@ enum IngressError {
     Connect,
     #[error("{0}: send the body without long pauses")]
     SlowBody(BodyError),
+    #[error("the request body is larger than {0} bytes, this relay's limit for requests through a tunnel: send a smaller body")]
+    BodyTooLarge(u64),
     #[error("the request body could not be read (malformed chunked encoding, or the connection failed): send a well-formed body")]
     BadBody,
     #[error(transparent)]
@@ -97,10 +99,11 @@ fn error_status(err: &IngressError) -> StatusCode {
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
         IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
         IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+        IngressError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         IngressError::Send(err) => match err {
             SendError::NotConnected(_) => StatusCode::NOT_FOUND,
             SendError::Busy(..) => StatusCode::SERVICE_UNAVAILABLE,
-            SendError::CallerBusy(..) => StatusCode::TOO_MANY_REQUESTS,
+            SendError::CallerBusy(..) | SendError::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             SendError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             SendError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
             SendError::Gone(..) | SendError::Refused(..) => StatusCode::BAD_GATEWAY,
@@ -112,8 +115,12 @@ fn error_status(err: &IngressError) -> StatusCode {
 fn error_outcome(err: &IngressError) -> Outcome {
     match err {
         IngressError::SlowBody(_)
+        | IngressError::BodyTooLarge(_)
         | IngressError::Send(
-            SendError::Busy(..) | SendError::CallerBusy(..) | SendError::HeadersTooLarge(_),
+            SendError::Busy(..)
+            | SendError::CallerBusy(..)
+            | SendError::RateLimited(..)
+            | SendError::HeadersTooLarge(_),
         ) => Outcome::RelayLimit,
         IngressError::Send(SendError::Timeout(..)) => Outcome::TargetTimeout,
         _ => Outcome::Failed,
@@ -126,7 +133,13 @@ fn error_response(err: &IngressError) -> Response<Body> {
     {
         debug!(%name, %source, "tunnel request failed");
     }
-    text(error_status(err), err.to_string())
+    let mut response = text(error_status(err), err.to_string());
+    if let IngressError::Send(SendError::RateLimited(_, seconds)) = err {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+    }
+    response
 }
 
 /// Accepts one connection from `listener`; never resolves without one, so
@@ -173,6 +186,9 @@ pub(crate) async fn serve(
         None => (None, None),
     };
     let capacity = Arc::new(Semaphore::new(state.config.max_connections));
+    let proxies = Arc::new(proxy::TrustedProxies::new(
+        state.config.trusted_proxies.clone(),
+    ));
     // Owns the connection tasks: those still open after the grace period are
     // aborted when it drops.
     let mut connections = tokio::task::JoinSet::new();
@@ -202,26 +218,57 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let Some(per_ip) = state.connections_per_ip.acquire(peer.ip()) else {
-            // One address at its limit must not crowd out everyone else.
-            state
-                .metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, "connection refused: its address holds its limit");
-            continue;
+        // A trusted proxy's connections are counted against the caller it
+        // names, once its PROXY header is read, or not at all.
+        let trusted = proxies.contains(peer.ip());
+        let per_ip = if trusted {
+            None
+        } else {
+            let Some(per_ip) = connection_place(&state, peer) else {
+                continue;
+            };
+            Some(per_ip)
         };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
         let activity = Activity::new();
-        let stream = GuardedIo::new(stream, Arc::clone(&activity), timeouts, (permit, per_ip));
-        let (state, builder, watcher) =
-            (Arc::clone(&state), Arc::clone(&builder), graceful.watcher());
+        let (state, builder, watcher, proxies) = (
+            Arc::clone(&state),
+            Arc::clone(&builder),
+            graceful.watcher(),
+            Arc::clone(&proxies),
+        );
         let connection = async move {
+            let mut stream = stream;
+            let (caller, rest, per_ip) = if trusted {
+                let header = tokio::time::timeout(
+                    state.config.header_timeout,
+                    proxy::read_header(&mut stream),
+                );
+                match header.await {
+                    Ok(Ok((Some(caller), rest))) => match connection_place(&state, caller) {
+                        Some(per_ip) => (Some(caller), rest, Some(per_ip)),
+                        None => return,
+                    },
+                    Ok(Ok((None, rest))) => (None, rest, None),
+                    Ok(Err(err)) => return debug!(%err, "trusted proxy's connection refused"),
+                    Err(_) => return debug!("trusted proxy sent no request in time"),
+                }
+            } else {
+                (None, Bytes::new(), per_ip)
+            };
+            let stream = GuardedIo::new(
+                proxy::Prefixed::new(rest, stream),
+                Arc::clone(&activity),
+                timeouts,
+                (permit, per_ip),
+            );
             let link = Link {
                 state,
-                peer,
+                peer: caller.unwrap_or(peer),
+                // Without a PROXY header, each request may name its caller.
+                proxies: (trusted && caller.is_none()).then_some(proxies),
                 activity,
                 https: tls.is_some(),
             };
@@ -257,13 +304,32 @@ pub(crate) async fn serve(
     }
 }
 
+/// A place under the per-address connection cap for `caller`, or `None`
+/// (counted) when it holds its limit.
+fn connection_place(state: &State, caller: SocketAddr) -> Option<crate::limits::PerIpGuard> {
+    let place = state.connections_per_ip.acquire(caller.ip());
+    if place.is_none() {
+        // One address at its limit must not crowd out everyone else.
+        state
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(%caller, "connection refused: its address holds its limit");
+    }
+    place
+}
+
 /// What each request of one connection needs to know about it.
 #[derive(Clone)]
 struct Link {
     /// The relay.
     state: Arc<State>,
-    /// The caller's address.
+    /// The caller's address: the peer's, the one a trusted proxy's PROXY
+    /// header named, or (per request) the one its `X-Forwarded-For` names.
     peer: SocketAddr,
+    /// Set when the peer is a trusted proxy that sent no PROXY header:
+    /// each request's `X-Forwarded-For` then names its caller.
+    proxies: Option<Arc<proxy::TrustedProxies>>,
     /// The connection's activity, for its idle timeout.
     activity: Arc<Activity>,
     /// Whether the caller came over TLS.
@@ -280,8 +346,17 @@ async fn serve_connection<I>(
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
-        let link = link.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let mut link = link.clone();
+        if let Some(proxies) = &link.proxies {
+            if let Some(caller) = proxies.forwarded_for(req.headers()) {
+                // The port behind an HTTP proxy is unknown.
+                link.peer = SocketAddr::new(caller, 0);
+            }
+            if let Some(https) = proxy::forwarded_https(req.headers()) {
+                link.https = https;
+            }
+        }
         async move {
             let active = link.activity.begin();
             let response = handle(&link, req).await;
@@ -428,6 +503,15 @@ fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Refuses a request whose `content-length` is above `max`, before any of
+/// its body is read.
+fn check_declared_size(headers: &hyper::HeaderMap, max: u64) -> Result<(), IngressError> {
+    match content_length(headers) {
+        Some(declared) if declared > max => Err(IngressError::BodyTooLarge(max)),
+        _ => Ok(()),
+    }
+}
+
 /// Answers a request for a held name whose client is not connected, and
 /// tells the caller to come back: webhook senders retry on their own. The
 /// request is recorded for a later replay when capture is on.
@@ -444,6 +528,7 @@ async fn offline(
     if size > MAX_REQUEST_HEADER_LIST {
         return Err(SendError::HeadersTooLarge(size).into());
     }
+    check_declared_size(req.headers(), state.config.max_body_size)?;
     let (per_ip, slots) = &state.offline;
     let _caller = per_ip
         .acquire(link.peer.ip())
@@ -455,6 +540,7 @@ async fn offline(
         req.into_body(),
         state.config.body_timeout,
         state.config.body_min_rate,
+        state.config.max_body_size,
     );
     // Read whole either way, so the caller's connection stays usable.
     let mut body = match capture {
@@ -470,6 +556,7 @@ async fn offline(
                 Some(BodyFailure::TooSlow(rate)) => {
                     IngressError::SlowBody(BodyError::TooSlow(rate))
                 }
+                Some(BodyFailure::TooLarge(limit)) => IngressError::BodyTooLarge(limit),
                 _ => IngressError::BadBody,
             });
         }
@@ -607,6 +694,10 @@ async fn forward(
         }
         None => return Err(SendError::NotConnected(name.clone()).into()),
     };
+    // Refused before anything reaches the client: a flood costs the tunnel
+    // nothing, and a body announced too large is never read.
+    tunnel.spend_rate()?;
+    check_declared_size(req.headers(), state.config.max_body_size)?;
     let admission = tunnel.admit(link.peer.ip())?;
 
     let caller_version = req.version();
@@ -632,7 +723,12 @@ async fn forward(
             .insert(hyper::ext::Protocol::from_static("websocket"));
     }
     let declared = content_length(&parts.headers);
-    let (body, watch) = PacedBody::new(body, state.config.body_timeout, state.config.body_min_rate);
+    let (body, watch) = PacedBody::new(
+        body,
+        state.config.body_timeout,
+        state.config.body_min_rate,
+        state.config.max_body_size,
+    );
     let body = match capture {
         Some(capture) => {
             Coalesce::new(capture.tap(body, Side::Request).declared(declared)).boxed_unsync()
@@ -652,6 +748,7 @@ async fn forward(
         .map_err(|err| match watch.failure() {
             Some(BodyFailure::Stalled(pause)) => IngressError::SlowBody(BodyError::Stalled(pause)),
             Some(BodyFailure::TooSlow(rate)) => IngressError::SlowBody(BodyError::TooSlow(rate)),
+            Some(BodyFailure::TooLarge(limit)) => IngressError::BodyTooLarge(limit),
             Some(BodyFailure::Caller) => IngressError::BadBody,
             None => IngressError::Send(err),
         })?;
@@ -711,13 +808,15 @@ async fn forward(
 
 /// Drops what a public caller claims about where it came from: the relay
 /// is the edge, so the client sets `X-Forwarded-*` from the relay's own view
-/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`
-/// or `Forwarded` would otherwise reach the origin as if a proxy had said it.
-fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
+/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`,
+/// `X-Real-IP` or `Forwarded` would otherwise reach the origin as if a proxy
+/// had said it. Replays drop them from the captured request too.
+pub(crate) fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
     for name in [
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
+        "x-real-ip",
         header::FORWARDED.as_str(),
     ] {
         headers.remove(name);

@@ -14,6 +14,8 @@
 //! - [`accounts`]: accounts, the tokens that prove them, and the throttle
 //!   on wrong tokens.
 //! - [`limits`]: what one caller address may hold or do at a time.
+//! - [`proxy`]: the trusted proxies in front of the relay, and the PROXY
+//!   protocol headers they send.
 //! - [`api`]: the relay's own endpoints (`/healthz`, `/metrics`, the API)
 //!   and their route table.
 //! - [`config`]: the settings `main` validates.
@@ -42,6 +44,7 @@ pub mod dns;
 pub mod egress;
 pub mod ingress;
 pub mod limits;
+pub mod proxy;
 pub mod session;
 pub mod shutdown;
 pub mod store;
@@ -273,6 +276,12 @@ async fn serve(
         max_per_account: config.max_tunnels_per_token,
         max_tunnels: config.max_tunnels,
         name_hold: config.name_hold,
+        requests_per_second: (
+            config.max_requests_per_second,
+            config
+                .max_requests_per_second
+                .saturating_mul(config::RATE_BURST_SECONDS),
+        ),
     }));
     let egress = egress::Egress::new(
         config.egress_allow.clone(),

@@ -155,11 +155,52 @@ impl RateLimit {
     }
 }
 
+/// One token bucket, unkeyed: `per_second` events a second in bursts of up
+/// to `burst`. A tunnel owns its own, so no keyed limiter (and no crate such
+/// as `governor`, with its clock and map dependencies) is needed for it.
+#[derive(Debug)]
+pub struct Bucket {
+    /// Tokens left and when they were last counted.
+    state: Mutex<(f64, Instant)>,
+    /// Tokens earned per second.
+    per_second: f64,
+    /// The most tokens the bucket holds.
+    burst: f64,
+}
+
+impl Bucket {
+    /// A full bucket earning `per_second` tokens a second, holding `burst`.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            state: Mutex::new((burst, Instant::now())),
+            per_second: f64::from(per_second.max(1)),
+            burst,
+        }
+    }
+
+    /// Spends one token; `Err` with the wait until the next when none is left.
+    pub fn spend(&self) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let (tokens, since) = *state;
+        let available =
+            (tokens + now.duration_since(since).as_secs_f64() * self.per_second).min(self.burst);
+        if available < 1.0 {
+            *state = (available, now);
+            return Err(Duration::from_secs_f64((1.0 - available) / self.per_second));
+        }
+        *state = (available - 1.0, now);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
+    use std::time::Duration;
 
-    use super::{IpKey, PerIp, RateLimit};
+    use super::{Bucket, IpKey, PerIp, RateLimit};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -211,5 +252,18 @@ mod tests {
         assert!(limit.blocked(ip("192.0.2.1")).is_some());
         assert_eq!(limit.blocked(ip("192.0.2.2")), None);
         limit.spend(ip("192.0.2.2")).unwrap();
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let bucket = Bucket::new(10, 3);
+        for _ in 0..3 {
+            bucket.spend().unwrap();
+        }
+        let wait = bucket.spend().unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
     }
 }

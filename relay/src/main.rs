@@ -130,6 +130,17 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_WRITE_TIMEOUT", value_name = "DURATION",
           default_value = "10s", value_parser = duration)]
     write_timeout: Duration,
+    /// Public requests one tunnel may take per second, in bursts of up to
+    /// five seconds' worth; more get 429 with Retry-After.
+    #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_SECOND", value_name = "N",
+          default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_SECOND,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_requests_per_second: u32,
+    /// The largest request body a public caller may send through a tunnel
+    /// (100MiB, 1GiB, …); larger ones get 413.
+    #[arg(long, env = "FERRY_RELAY_MAX_BODY_SIZE", value_name = "SIZE",
+          default_value = "100MiB", value_parser = size)]
+    max_body_size: u64,
     /// Public connections open at once; beyond it the relay stops accepting
     /// until one closes.
     #[arg(long, env = "FERRY_RELAY_MAX_CONNECTIONS", value_name = "N",
@@ -288,6 +299,19 @@ struct Args {
         value_delimiter = ','
     )]
     egress_allow: Vec<Allow>,
+    /// A load balancer or HTTP proxy in front of the relay (a network such
+    /// as 10.0.0.0/8, or an address; repeatable) that may name the caller:
+    /// with a PROXY protocol v1/v2 header opening its connection, else with
+    /// X-Forwarded-For. Everyone else's PROXY header is a bad request and
+    /// their forwarding headers are dropped.
+    #[arg(
+        long = "trusted-proxy",
+        env = "FERRY_RELAY_TRUSTED_PROXY",
+        value_name = "CIDR",
+        value_delimiter = ',',
+        value_parser = network
+    )]
+    trusted_proxies: Vec<ipnet::IpNet>,
     /// How long one webhook delivery attempt may take, response included.
     #[arg(long, env = "FERRY_RELAY_DISPATCH_TIMEOUT", value_name = "DURATION",
           default_value = "15s", value_parser = duration)]
@@ -445,6 +469,15 @@ fn size(text: &str) -> Result<u64, String> {
         0 => Err("must be more than zero".to_owned()),
         value => Ok(value),
     }
+}
+
+/// A network, or one address as a network of one.
+fn network(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| {
+            format!("`{text}` is not a network or address: write it like 10.0.0.0/8 or 192.0.2.7")
+        })
 }
 
 /// A size flag that may be zero.
@@ -677,6 +710,8 @@ fn config(args: &Args) -> Result<Config, String> {
         request_timeout: args.request_timeout,
         max_requests_per_tunnel: args.max_requests_per_tunnel,
         max_requests_per_ip: args.max_requests_per_ip,
+        max_requests_per_second: args.max_requests_per_second,
+        max_body_size: args.max_body_size,
         max_tunnels_per_token: args.max_tunnels_per_token,
         max_tunnels: args.max_tunnels,
         connects_per_minute: args.connects_per_minute,
@@ -690,6 +725,7 @@ fn config(args: &Args) -> Result<Config, String> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),
+        trusted_proxies: args.trusted_proxies.clone(),
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
         capture: args.capture,

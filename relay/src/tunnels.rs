@@ -19,7 +19,7 @@ use hyper::{Request, Response};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{short_hash, Account, AccountId, TokenHash};
-use crate::limits::{PerIp, PerIpGuard};
+use crate::limits::{Bucket, PerIp, PerIpGuard};
 use crate::store::OwnerKey;
 use crate::Body;
 
@@ -123,6 +123,8 @@ pub struct Tunnel {
     /// When the last one was admitted, in seconds since the Unix epoch (0:
     /// none yet).
     last_request: AtomicU64,
+    /// Public requests per second it may take.
+    rate: Bucket,
 }
 
 /// A request's place in its tunnel, held until its response ends (or its
@@ -149,6 +151,10 @@ pub enum SendError {
     /// caller may.
     #[error("you have {1} requests in flight on the tunnel `{0}`, the most one caller may: wait for some to finish")]
     CallerBusy(Subdomain, usize),
+    /// The tunnel took as many requests as it may this second; the caller
+    /// may retry after the given seconds.
+    #[error("the tunnel `{0}` is receiving more requests per second than this relay allows: retry in {1} s, or send them more slowly")]
+    RateLimited(Subdomain, u64),
     /// The request's header list is larger than a tunnel carries.
     #[error("the request's headers total {0} bytes (counted as HTTP/2 does), above the {MAX_REQUEST_HEADER_LIST}-byte limit: send fewer or smaller headers")]
     HeadersTooLarge(usize),
@@ -197,6 +203,16 @@ impl Tunnel {
         Ok(Admission {
             _slot: slot,
             _caller: caller,
+        })
+    }
+
+    /// Counts one public request against the tunnel's rate; `Err` with the
+    /// wait when it is spent. Replays by the owner do not count.
+    pub fn spend_rate(&self) -> Result<(), SendError> {
+        self.rate.spend().map_err(|wait| {
+            // Whole seconds for Retry-After, at least one.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            SendError::RateLimited(self.name.clone(), secs.max(1))
         })
     }
 
@@ -297,6 +313,8 @@ pub struct RegistryLimits {
     pub max_tunnels: usize,
     /// How long a name stays its owner's after the session ends.
     pub name_hold: Duration,
+    /// Public requests each tunnel may take per second, and in a burst.
+    pub requests_per_second: (u32, u32),
 }
 
 /// A name kept for its owner after the session ended.
@@ -452,6 +470,10 @@ impl Tunnels {
             max_in_flight: self.limits.max_in_flight,
             requests: AtomicU64::new(0),
             last_request: AtomicU64::new(0),
+            rate: Bucket::new(
+                self.limits.requests_per_second.0,
+                self.limits.requests_per_second.1,
+            ),
             per_ip: PerIp::new(self.limits.max_in_flight_per_ip),
             replaces: Mutex::new(None),
         });
@@ -663,6 +685,7 @@ mod tests {
             max_per_account,
             max_tunnels,
             name_hold: Duration::from_secs(3600),
+            requests_per_second: (u32::MAX, u32::MAX),
         })
     }
 

@@ -72,6 +72,24 @@ fn limits_beyond_what_a_tunnel_carries_are_refused() {
 }
 
 #[test]
+fn bad_trusted_proxies_rates_and_body_sizes_are_clap_errors() {
+    for (flag, value, says) in [
+        (
+            "--trusted-proxy",
+            "10.0.0.0/8,proxy.internal",
+            "write it like 10.0.0.0/8",
+        ),
+        ("--max-requests-per-second", "0", "0"),
+        ("--max-body-size", "0", "more than zero"),
+    ] {
+        let output = relay(&[flag, value]).output().expect("ferry-relay runs");
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(flag) && stderr.contains(says), "{stderr}");
+    }
+}
+
+#[test]
 fn the_banner_names_the_bound_address_and_units_are_taken() {
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().expect("UTF-8 temp path");

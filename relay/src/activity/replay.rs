@@ -70,6 +70,10 @@ fn prepare(original: &Exchange, edits: &ReplayRequest) -> Result<Prepared, ApiEr
             headers.append(name, value);
         }
     }
+    // What the caller claimed about its origin was dropped on the way in;
+    // the log keeps it as sent, and a replay must not send it on as if a
+    // proxy had vouched for it. An edit may still set such a field.
+    crate::ingress::remove_forwarding_headers(&mut headers);
     for (name, value) in edits.headers.iter().flatten() {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| ApiError::bad_request(format!("`{name}` is not a valid header name")))?;
@@ -345,9 +349,10 @@ pub(crate) async fn record_response(
 /// The outcome, API status and message of a failed send into a tunnel.
 pub(crate) fn failure_of_send(err: &SendError) -> (Outcome, StatusCode, String) {
     let (outcome, status) = match err {
-        SendError::Busy(..) | SendError::CallerBusy(..) | SendError::HeadersTooLarge(_) => {
-            (Outcome::RelayLimit, StatusCode::SERVICE_UNAVAILABLE)
-        }
+        SendError::Busy(..)
+        | SendError::CallerBusy(..)
+        | SendError::RateLimited(..)
+        | SendError::HeadersTooLarge(_) => (Outcome::RelayLimit, StatusCode::SERVICE_UNAVAILABLE),
         SendError::Timeout(..) => (Outcome::TargetTimeout, StatusCode::GATEWAY_TIMEOUT),
         SendError::NotConnected(_) => (Outcome::ClientOffline, StatusCode::CONFLICT),
         SendError::Gone(..) | SendError::Refused(..) => (Outcome::Failed, StatusCode::BAD_GATEWAY),

@@ -151,6 +151,7 @@ impl Rig {
             max_per_account: 8,
             max_tunnels: 64,
             name_hold: Duration::from_secs(60),
+            requests_per_second: (u32::MAX, u32::MAX),
         }));
         let dispatcher = Dispatcher::new(
             Arc::clone(&store) as Arc<dyn Webhooks>,

@@ -5,7 +5,7 @@
 //! an origin sees are the relay's, not the caller's.
 
 use bytes::Bytes;
-use ferry_tests::{empty, full, within, ClientOptions, Origin, TestClient, TestRelay};
+use ferry_tests::{empty, full, within, Api, ClientOptions, Origin, TestClient, TestRelay};
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -82,6 +82,7 @@ async fn origin_of(owner: &'static str) -> Origin {
             "x-forwarded-host",
             "x-forwarded-proto",
             "forwarded",
+            "x-real-ip",
         ] {
             for value in req.headers().get_all(name) {
                 body.push_str(&format!(
@@ -442,7 +443,8 @@ async fn forwarding_headers_are_the_relays_not_the_callers() {
              X-Forwarded-For: 198.51.100.1\r\n\
              X-Forwarded-Host: bob-app.localhost\r\n\
              X-Forwarded-Proto: https\r\n\
-             Forwarded: for=203.0.113.7;host=bob-app.localhost;proto=https"
+             Forwarded: for=203.0.113.7;host=bob-app.localhost;proto=https\r\n\
+             X-Real-IP: 203.0.113.7"
         ),
     )
     .await;
@@ -456,6 +458,62 @@ async fn forwarding_headers_are_the_relays_not_the_callers() {
             "x-forwarded-proto: http".to_owned(),
         ],
         "the origin sees the relay's view, not the caller's"
+    );
+
+    alice.stop().await.expect("alice stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+/// The activity log keeps a caller's forged forwarding headers as it sent
+/// them, but a replay through the tunnel does not send them on: the origin
+/// sees the relay's view, as it did the first time.
+#[tokio::test]
+async fn a_replay_does_not_send_a_callers_forged_forwarding_headers() {
+    let relay = TestRelay::start(two_users()).await;
+    let origin = origin_of("alice").await;
+    let alice = TestClient::start(&relay, &origin.target(), named("alice", "alice-app")).await;
+    let api = Api::with_token(&relay, "alice");
+    let mut tail = api.tail("").await;
+    let port = relay.addr.port();
+    let answer = raw(
+        relay.addr,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: alice-app.localhost:{port}\r\n\
+             X-Forwarded-For: 203.0.113.7\r\n\
+             X-Real-IP: 203.0.113.7\r\n\
+             Forwarded: for=203.0.113.7"
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let (id, _) = tail.next_item().await;
+    let detail = api.get_json(&format!("/api/v1/requests/{id}")).await;
+    assert!(
+        detail.to_string().contains("203.0.113.7"),
+        "the log keeps what the caller sent: {detail}"
+    );
+
+    let (status, replayed) = api
+        .post_json(
+            &format!("/api/v1/requests/{id}/replay"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, hyper::StatusCode::OK, "{replayed}");
+    let replay_id = replayed["id"].as_str().expect("the replay's id");
+    let detail = api.get_json(&format!("/api/v1/requests/{replay_id}")).await;
+    let seen = detail["response"]["body"]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the origin's answer as text: {detail}"));
+    assert_eq!(
+        seen.lines().skip(1).collect::<Vec<_>>(),
+        [
+            "x-forwarded-for: 127.0.0.1".to_owned(),
+            format!("x-forwarded-host: alice-app.localhost:{port}"),
+            "x-forwarded-proto: http".to_owned(),
+        ],
+        "the replay carries the relay's view only"
     );
 
     alice.stop().await.expect("alice stops");

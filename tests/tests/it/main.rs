@@ -17,6 +17,8 @@ mod forwarding;
 mod handshake;
 mod hosts;
 mod isolation;
+mod limits;
+mod proxy;
 mod reconnect;
 mod store_contract;
 mod streaming;

@@ -76,7 +76,13 @@ async fn read_slowly(mut body: hyper::body::Incoming, produced: &AtomicU64) -> (
 
 #[tokio::test]
 async fn upload_of_256_mib_is_back_pressured_by_a_slow_origin() {
-    let relay = TestRelay::open().await;
+    // Above the default body size limit (100 MiB), as an operator who
+    // expects large uploads sets it.
+    let relay = TestRelay::start(ferry_relay::Config {
+        max_body_size: 1024 * 1024 * 1024,
+        ..ferry_relay::Config::default()
+    })
+    .await;
     let produced = Arc::new(AtomicU64::new(0));
     let (report, mut reports) = mpsc::unbounded_channel();
     let origin_produced = Arc::clone(&produced);

@@ -155,3 +155,81 @@ async fn a_client_that_does_not_trust_the_relay_certificate_says_so() {
     relay.stop().await;
     std::fs::remove_dir_all(certs.dir).expect("remove temp dir");
 }
+
+/// Behind a TCP load balancer that passes TLS through, the PROXY header
+/// comes first and the TLS handshake after it, on the same connection.
+#[tokio::test]
+async fn a_trusted_proxys_header_before_the_tls_handshake_names_the_caller() {
+    let certs = certificates();
+    let plain = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tls = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tls_port = tls.local_addr().expect("addr").port();
+    let resolver = Arc::new(CertResolver::load(certs.files.clone()).expect("certificate loads"));
+    let listeners = Listeners {
+        plain: Some(plain),
+        tls: Some((tls, resolver)),
+    };
+    let config = ferry_relay::Config {
+        trusted_proxies: vec!["127.0.0.1/32".parse().expect("network")],
+        ..ferry_relay::Config::default()
+    };
+    let relay = TestRelay::start_with(listeners, config).await;
+    let origin = Origin::start(|req: Request<hyper::body::Incoming>| async move {
+        let seen = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned()
+        };
+        Response::new(full(format!(
+            "{} {}",
+            seen("x-forwarded-for"),
+            seen("x-forwarded-proto")
+        )))
+    })
+    .await;
+    let options = ClientOptions {
+        subdomain: Some("secure"),
+        ..ClientOptions::default()
+    };
+    let client = TestClient::start(&relay, &origin.target(), options).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.ca.clone()).expect("ca is a valid root");
+    let mut config = ferry::local_tls::client_config()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut stream = TcpStream::connect(("127.0.0.1", tls_port))
+        .await
+        .expect("relay accepts");
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 443\r\n",
+    )
+    .await
+    .expect("proxy header written");
+    let name = ServerName::try_from("secure.localhost").expect("valid name");
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .expect("tls handshake after the proxy header");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http/1.1 over tls");
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .uri("/hook")
+        .header("host", format!("secure.localhost:{tls_port}"))
+        .body(full(""))
+        .expect("valid request");
+    let response = within("the https response", sender.send_request(request))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(read_body(response.into_body()).await, b"203.0.113.9 https");
+
+    stop_all(client, origin, relay).await;
+    std::fs::remove_dir_all(certs.dir).expect("remove temp dir");
+}
