@@ -3,7 +3,7 @@
 //! in a browser is tested in `tests/tests/browser`.
 
 use ferry_tests::{
-    empty, full, host_of, read_body, send, Api, ClientOptions, Origin, TestClient, TestRelay,
+    empty, full, host_of, read_body, send, Api, ClientOptions, Origin, TestClient, TestRelay, within,
 };
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
@@ -443,11 +443,20 @@ async fn a_web_page_cannot_open_a_tunnel_with_the_dashboard_session() {
     handshake.headers_mut().remove("origin");
     let (status, _) = json_of(api.send(handshake).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let tunnels = Api::with_token(&relay, "alice-token")
-        .get_json("/api/v1/tunnels")
-        .await;
+    // The relay notices the stopped client on its own time: wait for the
+    // hold, then check that neither handshake added a tunnel.
+    let alice = Api::with_token(&relay, "alice-token");
+    let tunnels = within("alice-app to be held", async {
+        loop {
+            let tunnels = alice.get_json("/api/v1/tunnels").await;
+            if tunnels["offline"][0]["name"] == "alice-app" {
+                return tunnels;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     assert_eq!(tunnels["tunnels"], json!([]), "{tunnels}");
-    assert_eq!(tunnels["offline"][0]["name"], "alice-app", "{tunnels}");
     assert_eq!(
         tunnels["offline"].as_array().map(Vec::len),
         Some(1),
