@@ -3,7 +3,8 @@
 //! in a browser is tested in `tests/tests/browser`.
 
 use ferry_tests::{
-    empty, full, host_of, read_body, send, Api, ClientOptions, Origin, TestClient, TestRelay, within,
+    empty, full, host_of, read_body, send, within, Api, ClientOptions, Origin, TestClient,
+    TestRelay,
 };
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
