@@ -528,11 +528,16 @@ async fn listeners(
         }
         _ => match acme {
             Some(acme) => {
-                if acme.renewal_time().is_none() {
+                // A stored certificate that has not expired is served even
+                // when due: renewal happens in the background.
+                let files = if acme.servable() {
+                    acme.files()
+                } else {
                     say!("obtaining a certificate for {domain} and *.{domain} by ACME; https and http start once it is issued");
-                }
-                let Some(files) = acme.ensure(shutdown).await else {
-                    return Ok(None);
+                    let Some(files) = acme.ensure(shutdown).await else {
+                        return Ok(None);
+                    };
+                    files
                 };
                 Some(Arc::new(
                     CertResolver::load(files).map_err(|err| err.to_string())?,

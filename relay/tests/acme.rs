@@ -316,3 +316,74 @@ fn acme_needs_dns_and_https_listeners_and_dns_needs_a_public_ip() {
     ]);
     assert!(stderr.contains("--acme-email"), "{stderr}");
 }
+
+/// Writes a certificate for relay.test and *.relay.test, valid from 80 days
+/// ago for 90 days (due for renewal, good for 10 more days), where the ACME
+/// client keeps its own; returns the certificate's PEM.
+fn write_due_certificate(data: &Path) -> String {
+    let mut params =
+        rcgen::CertificateParams::new(vec!["relay.test".to_owned(), "*.relay.test".to_owned()])
+            .expect("parameters");
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - 80 * day).into();
+    params.not_after = (now + 10 * day).into();
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = params.self_signed(&key).expect("the certificate");
+    let dir = data.join("acme");
+    std::fs::create_dir_all(&dir).expect("the acme folder");
+    std::fs::write(dir.join("cert.pem"), cert.pem()).expect("cert.pem written");
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).expect("key.pem written");
+    cert.pem()
+}
+
+#[test]
+fn a_due_but_valid_certificate_is_served_at_once_while_the_ca_is_unreachable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = tempfile::tempdir().expect("data dir");
+    let served = write_due_certificate(data.path());
+    let cert_path = dir.path().join("served.pem");
+    std::fs::write(&cert_path, &served).expect("written");
+    // Nothing listens on this port: every ACME request fails.
+    let directory = format!("https://127.0.0.1:{}/dir", free_port());
+    let dns_listen = format!("127.0.0.1:{}", free_dns_port());
+    let (_relay, said) = start_relay(&[
+        "--domain",
+        "relay.test",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.path().to_str().expect("UTF-8 path"),
+        "--acme-email",
+        "ops@example.com",
+        "--acme-directory",
+        &directory,
+        "--dns-listen",
+        &dns_listen,
+        "--public-ip",
+        "127.0.0.1",
+    ]);
+    assert!(
+        !said.iter().any(|line| line.contains("obtaining")),
+        "{said:#?}"
+    );
+    let https = said.last().expect("the https line");
+    let port = https
+        .rsplit(':')
+        .next()
+        .and_then(|tail| tail.split_whitespace().next())
+        .expect("a port")
+        .to_owned();
+    // Verified against the stored certificate itself: it is the one served.
+    let health = curl(&[
+        "--fail",
+        "--cacert",
+        cert_path.to_str().expect("UTF-8 path"),
+        "--resolve",
+        &format!("relay.test:{port}:127.0.0.1"),
+        &format!("https://relay.test:{port}/healthz"),
+    ]);
+    assert!(!health.is_empty());
+}

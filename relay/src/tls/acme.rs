@@ -201,13 +201,31 @@ impl Acme {
             .enable_http1()
             .enable_http2()
             .build();
-        Ok(Self {
+        let acme = Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             config,
             dir,
             challenges,
             renewed: tokio::sync::watch::Sender::new(0),
-        })
+        };
+        acme.finish_interrupted_write()?;
+        Ok(acme)
+    }
+
+    /// Completes a certificate write that a crash interrupted between its
+    /// two renames (see [`Self::issue`]): the new key is in place and the
+    /// new certificate, matching it, is still in its temporary file.
+    fn finish_interrupted_write(&self) -> Result<(), AcmeError> {
+        let files = self.files();
+        let pending = files.cert.with_extension("new");
+        let (Ok(cert), Ok(key)) = (std::fs::read(&pending), std::fs::read(&files.key)) else {
+            return Ok(());
+        };
+        if super::certified_key(&files, &(cert, key)).is_ok() {
+            tracing::info!(path = %pending.display(), "finishing an interrupted certificate write");
+            rename(&pending, &files.cert)?;
+        }
+        Ok(())
     }
 
     /// Sees the count of renewed certificates served by [`Self::renew_until`]
@@ -224,9 +242,9 @@ impl Acme {
         }
     }
 
-    /// When the certificate on disk should be renewed; `None` when there is
-    /// none usable for the domain, which calls for one now.
-    pub fn renewal_time(&self) -> Option<SystemTime> {
+    /// The validity (not before, not after) of the certificate on disk, if
+    /// it is for the domain and its wildcard and its key matches.
+    fn stored(&self) -> Option<(SystemTime, SystemTime)> {
         let files = self.files();
         let pem = std::fs::read(&files.cert).ok()?;
         let key = std::fs::read(&files.key).ok()?;
@@ -258,11 +276,26 @@ impl Acme {
         let at = |seconds: i64| {
             SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0))
         };
-        Some(renewal_time(
+        Some((
             at(cert.validity().not_before.timestamp()),
             at(cert.validity().not_after.timestamp()),
-            self.config.renew_before,
         ))
+    }
+
+    /// When the certificate on disk should be renewed; `None` when there is
+    /// none usable for the domain, which calls for one now.
+    pub fn renewal_time(&self) -> Option<SystemTime> {
+        self.stored().map(|(not_before, not_after)| {
+            renewal_time(not_before, not_after, self.config.renew_before)
+        })
+    }
+
+    /// Whether the certificate on disk can be served now, due for renewal
+    /// or not: a relay restarted while the CA is unreachable keeps serving
+    /// it, and renewal is the renewal task's business.
+    pub fn servable(&self) -> bool {
+        self.stored()
+            .is_some_and(|(_, not_after)| not_after > SystemTime::now())
     }
 
     /// Returns the certificate's files: at once when the one on disk needs
@@ -438,11 +471,15 @@ impl Acme {
             .poll_certificate(&retries)
             .await
             .map_err(ca("downloading the certificate"))?;
-        // Each file is replaced whole; a crash between the two leaves a pair
-        // that does not match, which the resolver refuses to load (the old
-        // certificate stays served) and the next start or check replaces.
-        write(&self.dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
-        write(&self.dir.join(CERT), chain.as_bytes(), false)?;
+        // Both new files are written in full before either is renamed into
+        // place, the key first: a crash before the renames keeps the old
+        // pair, and one between them leaves the new certificate in its
+        // temporary file, which `Acme::new` renames into place at the next
+        // start (`finish_interrupted_write`).
+        let key_new = write_temporary(&self.dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
+        let cert_new = write_temporary(&self.dir.join(CERT), chain.as_bytes(), false)?;
+        rename(&key_new, &self.dir.join(KEY))?;
+        rename(&cert_new, &self.dir.join(CERT))?;
         tracing::info!(domain = %domain, took = ?started.elapsed(), "tls certificate issued by the ACME server");
         Ok(())
     }
@@ -549,11 +586,26 @@ pub fn retry_delay(failures: u32, jitter: u32) -> Duration {
 /// Writes `path` whole (a temporary file renamed over it), 0600 if
 /// `private`, else 0644.
 fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), AcmeError> {
+    let temporary = write_temporary(path, contents, private)?;
+    rename(&temporary, path)
+}
+
+/// Renames `from` over `to`.
+fn rename(from: &Path, to: &Path) -> Result<(), AcmeError> {
+    std::fs::rename(from, to).map_err(|source| AcmeError::Write {
+        path: to.to_owned(),
+        source,
+    })
+}
+
+/// Writes and syncs `path`'s temporary file (`path` with the extension
+/// `new`), returning its path.
+fn write_temporary(path: &Path, contents: &[u8], private: bool) -> Result<PathBuf, AcmeError> {
+    let temporary = path.with_extension("new");
     let failed = |source| AcmeError::Write {
-        path: path.to_owned(),
+        path: temporary.clone(),
         source,
     };
-    let temporary = path.with_extension("new");
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -562,7 +614,7 @@ fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), AcmeError> {
     file.write_all(contents)
         .and_then(|()| file.sync_all())
         .map_err(failed)?;
-    std::fs::rename(&temporary, path).map_err(failed)
+    Ok(temporary)
 }
 
 #[cfg(test)]
@@ -660,6 +712,44 @@ mod tests {
         let other = rcgen::KeyPair::generate().unwrap();
         std::fs::write(data.path().join(DIR).join(KEY), other.serialize_pem()).unwrap();
         assert_eq!(acme.renewal_time(), None);
+    }
+
+    #[test]
+    fn a_due_certificate_is_servable_until_it_expires() {
+        let data = tempfile::tempdir().unwrap();
+        let acme = acme(data.path(), 30 * DAY);
+        assert!(!acme.servable(), "no certificate");
+        let now = SystemTime::now();
+        let names = ["relay.test", "*.relay.test"];
+        write_cert(data.path(), &names, now - 80 * DAY, now + 10 * DAY);
+        assert!(acme.renewal_time().unwrap() < now, "due");
+        assert!(acme.servable(), "due but not expired");
+        write_cert(data.path(), &names, now - 91 * DAY, now - DAY);
+        assert!(!acme.servable(), "expired");
+    }
+
+    #[test]
+    fn a_crash_between_the_key_and_the_certificate_renames_is_finished_at_the_next_start() {
+        let data = tempfile::tempdir().unwrap();
+        let names = ["relay.test", "*.relay.test"];
+        let now = SystemTime::now();
+        drop(acme(data.path(), 30 * DAY));
+        // The new pair, then the state a crash after the key's rename
+        // leaves: the new key beside the old certificate, the new
+        // certificate in its temporary file.
+        write_cert(data.path(), &names, now, now + 90 * DAY);
+        let dir = data.path().join(DIR);
+        std::fs::rename(dir.join(CERT), dir.join("cert.new")).unwrap();
+        let old_key = rcgen::KeyPair::generate().unwrap();
+        let old = rcgen::CertificateParams::new(vec!["relay.test".to_owned()])
+            .unwrap()
+            .self_signed(&old_key)
+            .unwrap();
+        std::fs::write(dir.join(CERT), old.pem()).unwrap();
+
+        let acme = acme(data.path(), 30 * DAY);
+        assert!(acme.servable(), "the new pair is in place");
+        assert!(!dir.join("cert.new").exists());
     }
 
     #[tokio::test]
