@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CAA, HINFO, NS, SOA, TXT};
+use hickory_proto::rr::domain::Label;
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -145,6 +146,21 @@ fn name(what: &'static str, text: &str) -> Result<Name, ZoneError> {
         })
 }
 
+/// The SOA's RNAME for `email`: a mailbox written as a name, the whole
+/// local part as the first label (RFC 1035 3.3.13; dots and `+` in it stay
+/// inside the label, `first\.last` in a zone file); `None` when it cannot
+/// be one (an empty or over-long label, a bad domain).
+fn mailbox(email: &str) -> Option<Name> {
+    let (local, domain) = email.rsplit_once('@')?;
+    let local = Label::from_raw_bytes(local.as_bytes()).ok()?;
+    let domain = name("--acme-email", domain).ok()?;
+    Name::from_labels([local])
+        .ok()?
+        .append_domain(&domain)
+        .ok()
+        .map(|name| name.to_lowercase())
+}
+
 impl Zone {
     /// Builds the zone; `challenges` is the table the ACME client fills.
     pub fn new(config: &ZoneConfig, challenges: Challenges) -> Result<Self, ZoneError> {
@@ -158,10 +174,8 @@ impl Zone {
                     cause: err.to_string(),
                 })?;
         let ns_name = name("--dns-name", &config.ns_name)?;
-        // The SOA's RNAME is a mailbox written as a name: the local part
-        // becomes the first label.
-        let contact = match &config.contact {
-            Some(email) => name("--acme-email", &email.replacen('@', ".", 1))?,
+        let contact = match config.contact.as_deref().and_then(mailbox) {
+            Some(contact) => contact,
             None => name("--domain", &format!("hostmaster.{}", config.domain))?,
         };
         // Not fully qualified: CAA names the CA as `letsencrypt.org`, and a

@@ -460,3 +460,45 @@ async fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
     drop(silent);
     dns.stop().await;
 }
+
+/// The SOA's RNAME for `--acme-email` `contact`, as its labels.
+fn soa_contact(contact: &str) -> Vec<Vec<u8>> {
+    let zone = Zone::new(
+        &ZoneConfig {
+            domain: DOMAIN.into(),
+            ns_name: format!("ns.{DOMAIN}"),
+            addresses: vec![IpAddr::V4(V4)],
+            caa_issuer: None,
+            contact: Some(contact.into()),
+        },
+        Challenges::default(),
+    )
+    .unwrap_or_else(|err| panic!("a zone with the contact {contact}: {err}"));
+    let request = query("relay.test.", RecordType::SOA)
+        .to_vec()
+        .expect("encodes");
+    let answer = Message::from_vec(&zone.respond(&request, true).expect("an answer"))
+        .expect("decodes");
+    let Some(RData::SOA(record)) = answer.answers.first().map(|r| &r.data) else {
+        panic!("no SOA: {answer:?}");
+    };
+    record.rname.iter().map(<[u8]>::to_vec).collect()
+}
+
+#[test]
+fn the_soa_mailbox_keeps_plus_and_dots_of_the_local_part_in_its_first_label() {
+    let labels = |names: &[&str]| names.iter().map(|n| n.as_bytes().to_vec()).collect::<Vec<_>>();
+    assert_eq!(
+        soa_contact("ops+ferry@example.com"),
+        labels(&["ops+ferry", "example", "com"])
+    );
+    // A dot in the local part stays in the first label (`first\.last` in a
+    // zone file), not a label of its own naming another mailbox.
+    assert_eq!(
+        soa_contact("first.last@example.com"),
+        labels(&["first.last", "example", "com"])
+    );
+    // Not representable (a label over 63 bytes): hostmaster.DOMAIN.
+    let long = format!("{}@example.com", "a".repeat(64));
+    assert_eq!(soa_contact(&long), labels(&["hostmaster", "relay", "test"]));
+}
