@@ -300,14 +300,21 @@ impl Acme {
 
     /// Returns the certificate's files: at once when the one on disk needs
     /// no renewal yet, else once a new one is issued, retrying failures
-    /// with backoff until `shutdown` (then `None`).
+    /// with backoff until `shutdown` (then `None`), which also stops an
+    /// issuance under way.
     pub async fn ensure(&self, shutdown: &CancellationToken) -> Option<TlsFiles> {
         let mut failures = 0;
         loop {
             if self.renewal_time().is_some_and(|at| at > SystemTime::now()) {
                 return Some(self.files());
             }
-            match self.issue().await {
+            // Shutdown drops the issuance mid-way; its challenge values are
+            // withdrawn as it is dropped (`Published`).
+            let issued = tokio::select! {
+                issued = self.issue() => issued,
+                () = shutdown.cancelled() => return None,
+            };
+            match issued {
                 // Served as it is even if already "due" (a clock ahead of
                 // the CA's): asking again at once would only repeat it.
                 Ok(()) => return Some(self.files()),
@@ -363,15 +370,16 @@ impl Acme {
     /// certificate and key. Challenge records are withdrawn whatever the
     /// outcome.
     pub async fn issue(&self) -> Result<(), AcmeError> {
-        let mut published = Vec::new();
-        let result = tokio::time::timeout(ISSUE_TIMEOUT, self.issue_with(&mut published)).await;
-        for value in &published {
-            self.challenges.remove(value);
-        }
-        result.map_err(|_| AcmeError::Timeout(ISSUE_TIMEOUT))?
+        let mut published = Published {
+            challenges: &self.challenges,
+            values: Vec::new(),
+        };
+        tokio::time::timeout(ISSUE_TIMEOUT, self.issue_with(&mut published))
+            .await
+            .map_err(|_| AcmeError::Timeout(ISSUE_TIMEOUT))?
     }
 
-    async fn issue_with(&self, published: &mut Vec<String>) -> Result<(), AcmeError> {
+    async fn issue_with(&self, published: &mut Published<'_>) -> Result<(), AcmeError> {
         let started = std::time::Instant::now();
         let ca = |step: &'static str| {
             let directory = self.config.directory.clone();
@@ -415,8 +423,7 @@ impl Acme {
             let value = challenge.key_authorization().dns_value();
             // The DNS server answers from this table in-process: the record
             // is live before the CA is told to look.
-            self.challenges.add(value.clone());
-            published.push(value);
+            published.add(value);
             challenge
                 .set_ready()
                 .await
@@ -547,6 +554,31 @@ impl Acme {
         write(&path, &json, true)?;
         tracing::info!(id = %account.id(), "acme account registered");
         Ok(account)
+    }
+}
+
+/// The challenge values one issuance published, withdrawn when it ends
+/// however it ends: done, failed, timed out, or dropped at shutdown.
+struct Published<'a> {
+    /// The DNS server's table.
+    challenges: &'a Challenges,
+    /// What this issuance added to it.
+    values: Vec<String>,
+}
+
+impl Published<'_> {
+    /// Publishes `value` until the issuance ends.
+    fn add(&mut self, value: String) {
+        self.challenges.add(value.clone());
+        self.values.push(value);
+    }
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        for value in &self.values {
+            self.challenges.remove(value);
+        }
     }
 }
 

@@ -416,3 +416,49 @@ async fn a_domain_whose_dns_is_not_the_relays_fails_with_the_cas_reason() {
     stop.cancel();
     pebble.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_during_an_issuance_stops_it_at_once_and_withdraws_the_challenge_values() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = tempfile::tempdir().expect("data dir");
+    // A DNS server that reads pebble's queries and never answers: the
+    // issuance waits in validation with its values published.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+    let pebble = Pebble::start(dir.path(), silent.local_addr().unwrap(), None).await;
+    let challenges = Challenges::default();
+    let acme = Acme::new(
+        AcmeConfig {
+            domain: DOMAIN.into(),
+            directory: pebble.directory.clone(),
+            email: None,
+            ca_file: Some(pebble.https_ca.clone()),
+            renew_before: ferry_relay::tls::acme::DEFAULT_RENEW_BEFORE,
+        },
+        data.path(),
+        challenges.clone(),
+    )
+    .expect("acme client");
+    let shutdown = CancellationToken::new();
+    let issuing = acme.ensure(&shutdown);
+    tokio::pin!(issuing);
+    let mut query = [0u8; 512];
+    tokio::select! {
+        _ = &mut issuing => panic!("an issuance without DNS answers ended"),
+        received = within("pebble's DNS query", silent.recv_from(&mut query)) => {
+            received.expect("a query");
+        }
+    }
+    assert!(!challenges.values().is_empty(), "published while validated");
+    shutdown.cancel();
+    let cancelled = Instant::now();
+    assert!(within("the issuance to stop", issuing).await.is_none());
+    // Without the race against shutdown it ended only when pebble gave up
+    // on its DNS query, seconds later.
+    assert!(
+        cancelled.elapsed() < Duration::from_millis(500),
+        "stopped promptly: {:?}",
+        cancelled.elapsed()
+    );
+    assert!(challenges.values().is_empty(), "withdrawn when stopped");
+    pebble.stop().await;
+}
