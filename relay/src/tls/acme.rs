@@ -52,8 +52,12 @@ const ISSUE_TIMEOUT: Duration = Duration::from_secs(300);
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
 /// The first wait after a failed issuance; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(30);
-/// The longest wait between attempts: an hour keeps clear of Let's
-/// Encrypt's limit of 5 failed validations per name and hour.
+/// The first wait against Let's Encrypt's directories: each attempt may
+/// fail one validation per name, and 15 minutes doubling leaves at most 3
+/// attempts in any hour, clear of its limit of 5 failed validations per
+/// name and hour.
+pub const RETRY_FIRST_LETS_ENCRYPT: Duration = Duration::from_secs(15 * 60);
+/// The longest wait between attempts.
 const RETRY_MAX: Duration = Duration::from_secs(3600);
 /// The longest the renewal task sleeps before looking again, so that a
 /// suspended machine or a changed clock does not postpone a renewal.
@@ -145,6 +149,8 @@ pub struct Acme {
     /// Counts the renewed certificates now served, for whoever waits for
     /// one.
     renewed: tokio::sync::watch::Sender<u64>,
+    /// The first wait after a failure ([`retry_first`]).
+    retry_first: Duration,
 }
 
 impl std::fmt::Debug for Acme {
@@ -203,6 +209,7 @@ impl Acme {
             .build();
         let acme = Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
+            retry_first: retry_first(&config.directory),
             config,
             dir,
             challenges,
@@ -319,7 +326,7 @@ impl Acme {
                 // the CA's): asking again at once would only repeat it.
                 Ok(()) => return Some(self.files()),
                 Err(err) => {
-                    let wait = retry_delay(failures, rand::random());
+                    let wait = retry_delay(self.retry_first, failures, rand::random());
                     failures += 1;
                     tracing::error!(%err, retry_in = ?wait, "no certificate from the ACME server");
                     tokio::select! {
@@ -335,6 +342,8 @@ impl Acme {
     /// `resolver`, until `shutdown`. A failed renewal is retried with
     /// backoff while the old certificate is served.
     pub async fn renew_until(self, resolver: Arc<CertResolver>, shutdown: CancellationToken) {
+        // Certificates issued in a row that were due at once.
+        let mut skewed = 0;
         loop {
             let wait = self.renewal_time().map_or(Duration::ZERO, |at| {
                 at.duration_since(SystemTime::now())
@@ -357,10 +366,26 @@ impl Acme {
                 }
                 Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
             }
-            // However soon the new certificate looks due, the CA is not
-            // asked again before this.
+            let renew_at = self.renewal_time();
+            let Some(wait) = wait_after_issue(
+                renew_at,
+                SystemTime::now(),
+                skewed,
+                self.retry_first,
+                rand::random(),
+            ) else {
+                skewed = 0;
+                continue;
+            };
+            skewed += 1;
+            tracing::error!(
+                now = %humantime::format_rfc3339_seconds(SystemTime::now()),
+                renew_at = %renew_at.map_or_else(|| "-".to_owned(), |at| humantime::format_rfc3339_seconds(at).to_string()),
+                retry_in = ?wait,
+                "the certificate just issued is already due for renewal by this machine's clock: the clock is probably ahead of the CA's (check NTP); asking again later"
+            );
             tokio::select! {
-                () = tokio::time::sleep(RETRY_FIRST) => {}
+                () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => return,
             }
         }
@@ -605,11 +630,39 @@ pub fn renewal_time(
         .unwrap_or(not_before)
 }
 
-/// The wait after `failures` failed attempts: doubling from
-/// [`RETRY_FIRST`] up to [`RETRY_MAX`], less up to a tenth by `jitter`
-/// (any u32), so relays that failed together do not retry together.
-pub fn retry_delay(failures: u32, jitter: u32) -> Duration {
-    let base = RETRY_FIRST
+/// The wait before looking again after a certificate was issued: none when
+/// it is not due yet at `now`; when even the new one is due (a clock ahead
+/// of the CA's) or unusable, the failure backoff for the `skewed`-th such
+/// certificate in a row, so the CA is not asked for one every few seconds.
+pub fn wait_after_issue(
+    renew_at: Option<SystemTime>,
+    now: SystemTime,
+    skewed: u32,
+    first: Duration,
+    jitter: u32,
+) -> Option<Duration> {
+    match renew_at {
+        Some(at) if at > now => None,
+        _ => Some(retry_delay(first, skewed, jitter)),
+    }
+}
+
+/// The first wait after a failure against `directory`: long for Let's
+/// Encrypt, whose limits count failures per hour, short for others (a
+/// private CA, pebble).
+pub fn retry_first(directory: &str) -> Duration {
+    if [LETS_ENCRYPT, LETS_ENCRYPT_STAGING].contains(&directory) {
+        RETRY_FIRST_LETS_ENCRYPT
+    } else {
+        RETRY_FIRST
+    }
+}
+
+/// The wait after `failures` failed attempts: doubling from `first` up to
+/// [`RETRY_MAX`], less up to a tenth by `jitter` (any u32), so relays that
+/// failed together do not retry together.
+pub fn retry_delay(first: Duration, failures: u32, jitter: u32) -> Duration {
+    let base = first
         .saturating_mul(2u32.saturating_pow(failures.min(16)))
         .min(RETRY_MAX);
     base - base / 10 * jitter / u32::MAX
@@ -655,7 +708,8 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::{
-        renewal_time, retry_delay, Acme, AcmeConfig, CERT, DIR, KEY, RETRY_FIRST, RETRY_MAX,
+        renewal_time, retry_delay, retry_first, wait_after_issue, Acme, AcmeConfig, CERT, DIR, KEY,
+        RETRY_FIRST, RETRY_MAX,
     };
     use crate::dns::Challenges;
 
@@ -823,10 +877,54 @@ mod tests {
 
     #[test]
     fn retries_back_off_to_an_hour_with_jitter() {
-        assert_eq!(retry_delay(0, 0), RETRY_FIRST);
-        assert_eq!(retry_delay(1, 0), 2 * RETRY_FIRST);
-        assert_eq!(retry_delay(50, 0), RETRY_MAX);
-        assert!(retry_delay(50, u32::MAX) >= RETRY_MAX * 9 / 10);
-        assert!(retry_delay(50, u32::MAX) < RETRY_MAX);
+        assert_eq!(retry_delay(RETRY_FIRST, 0, 0), RETRY_FIRST);
+        assert_eq!(retry_delay(RETRY_FIRST, 1, 0), 2 * RETRY_FIRST);
+        assert_eq!(retry_delay(RETRY_FIRST, 50, 0), RETRY_MAX);
+        assert!(retry_delay(RETRY_FIRST, 50, u32::MAX) >= RETRY_MAX * 9 / 10);
+        assert!(retry_delay(RETRY_FIRST, 50, u32::MAX) < RETRY_MAX);
+    }
+
+    #[test]
+    fn a_certificate_due_as_soon_as_issued_backs_off_exponentially() {
+        let now = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let first = RETRY_FIRST;
+        assert_eq!(
+            wait_after_issue(Some(now + 60 * DAY), now, 0, first, 0),
+            None,
+            "a good certificate: wait for its renewal time"
+        );
+        // A clock 70 days ahead: a new 90-day certificate is due at once.
+        let due = Some(now - 10 * DAY);
+        let waits: Vec<_> = (0..8)
+            .map(|skewed| wait_after_issue(due, now, skewed, first, 0).unwrap())
+            .collect();
+        assert_eq!(waits[0], first);
+        assert_eq!(waits[1], 2 * first);
+        assert_eq!(waits[2], 4 * first);
+        assert_eq!(waits[7], RETRY_MAX);
+        assert_eq!(wait_after_issue(None, now, 0, first, 0), Some(first));
+    }
+
+    #[test]
+    fn failing_attempts_against_lets_encrypt_stay_under_5_an_hour() {
+        let first = retry_first(super::LETS_ENCRYPT);
+        assert_eq!(first, retry_first(super::LETS_ENCRYPT_STAGING));
+        assert_eq!(retry_first("https://127.0.0.1:14000/dir"), RETRY_FIRST);
+        // The shortest waits (most jitter): attempt times over a day.
+        let mut at = vec![Duration::ZERO];
+        for failures in 0..30 {
+            let last = *at.last().unwrap();
+            at.push(last + retry_delay(first, failures, u32::MAX));
+        }
+        let most = at
+            .iter()
+            .map(|start| {
+                at.iter()
+                    .filter(|t| **t >= *start && **t < *start + Duration::from_secs(3600))
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert!(most <= 4, "{most} attempts in an hour");
     }
 }

@@ -477,8 +477,8 @@ fn soa_contact(contact: &str) -> Vec<Vec<u8>> {
     let request = query("relay.test.", RecordType::SOA)
         .to_vec()
         .expect("encodes");
-    let answer = Message::from_vec(&zone.respond(&request, true).expect("an answer"))
-        .expect("decodes");
+    let answer =
+        Message::from_vec(&zone.respond(&request, true).expect("an answer")).expect("decodes");
     let Some(RData::SOA(record)) = answer.answers.first().map(|r| &r.data) else {
         panic!("no SOA: {answer:?}");
     };
@@ -487,7 +487,12 @@ fn soa_contact(contact: &str) -> Vec<Vec<u8>> {
 
 #[test]
 fn the_soa_mailbox_keeps_plus_and_dots_of_the_local_part_in_its_first_label() {
-    let labels = |names: &[&str]| names.iter().map(|n| n.as_bytes().to_vec()).collect::<Vec<_>>();
+    let labels = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| n.as_bytes().to_vec())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         soa_contact("ops+ferry@example.com"),
         labels(&["ops+ferry", "example", "com"])
