@@ -638,10 +638,26 @@ async fn dns(
         contact: args.acme_email.clone().filter(|email| email.contains('@')),
     };
     let zone = Zone::new(&config, challenges).map_err(|err| err.to_string())?;
+    let dns_bind_error = |kind: &str, err: std::io::Error| {
+        let mut message = format!("cannot listen on {kind} {addr} (--dns-listen): {err}");
+        if err.kind() == std::io::ErrorKind::AddrInUse {
+            message.push_str(&format!(
+                "; another DNS server holds port {port} (on Ubuntu, systemd-resolved's stub on 127.0.0.53:53 blocks 0.0.0.0:53): bind the public address instead (--dns-listen {ip}:{port}), or set DNSStubListener=no in /etc/systemd/resolved.conf and restart systemd-resolved",
+                port = addr.port(),
+                ip = config
+                    .addresses
+                    .first()
+                    .map_or_else(|| "PUBLIC_IP".to_owned(), ToString::to_string),
+            ));
+        }
+        message
+    };
     let udp = UdpSocket::bind(addr)
         .await
-        .map_err(|err| format!("cannot listen on udp {addr} (--dns-listen): {err}"))?;
-    let tcp = bind(addr, "dns-listen").await?;
+        .map_err(|err| dns_bind_error("udp", err))?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|err| dns_bind_error("tcp", err))?;
     say!("ferry-relay answering dns for {domain} on {addr} (udp and tcp)");
     say!(
         "  delegate it at the parent zone: {domain}. NS {}.",

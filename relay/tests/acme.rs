@@ -387,3 +387,31 @@ fn a_due_but_valid_certificate_is_served_at_once_while_the_ca_is_unreachable() {
     ]);
     assert!(!health.is_empty());
 }
+
+#[test]
+fn a_dns_port_already_taken_says_to_bind_the_public_address_or_free_the_stub() {
+    // Another DNS server (say systemd-resolved's stub) holds the port.
+    let taken = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let dns_listen = taken.local_addr().expect("its address").to_string();
+    let data = tempfile::tempdir().expect("data dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
+        .args([
+            "--domain",
+            "relay.test",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().expect("UTF-8 path"),
+            "--dns-listen",
+            &dns_listen,
+            "--public-ip",
+            "127.0.0.1",
+        ])
+        .output()
+        .expect("ferry-relay runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&dns_listen), "{stderr}");
+    assert!(stderr.contains("public address"), "{stderr}");
+    assert!(stderr.contains("DNSStubListener=no"), "{stderr}");
+}
