@@ -29,6 +29,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::limits::PerIp;
+
 /// The label under DOMAIN where ACME DNS-01 challenges are answered.
 pub const CHALLENGE_LABEL: &str = "_acme-challenge";
 /// TTL of A, AAAA, NS and CAA records.
@@ -51,6 +53,13 @@ pub const TCP_CONNECTIONS: usize = 64;
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries answered on one TCP connection before it is closed.
 pub const TCP_QUERIES: usize = 100;
+/// TCP connections one address (an IPv4 address, an IPv6 /64) may hold at
+/// once, so that one host cannot take all [`TCP_CONNECTIONS`]; resolvers
+/// use one or two.
+pub const TCP_PER_ADDRESS: usize = 4;
+/// How long one TCP connection may last however it is used, so that a
+/// client asking just often enough not to idle out frees its slot too.
+pub const TCP_LIFETIME: Duration = Duration::from_secs(60);
 
 /// What the zone is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -404,6 +413,7 @@ async fn serve_udp(zone: Arc<Zone>, socket: UdpSocket, shutdown: CancellationTok
 
 async fn serve_tcp(zone: Arc<Zone>, listener: TcpListener, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(TCP_CONNECTIONS));
+    let per_address = PerIp::new(TCP_PER_ADDRESS);
     let connections = TaskTracker::new();
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -419,14 +429,19 @@ async fn serve_tcp(zone: Arc<Zone>, listener: TcpListener, shutdown: Cancellatio
             },
             () = shutdown.cancelled() => break,
         };
+        // Over its share: closed at once, its slot free for the next.
+        let Some(share) = per_address.acquire(from.ip()) else {
+            tracing::debug!(%from, "dns tcp connection refused: too many from this address");
+            continue;
+        };
         let zone = Arc::clone(&zone);
         let stop = shutdown.clone();
         connections.spawn(async move {
             tokio::select! {
-                () = serve_connection(&zone, stream, from) => {}
+                _ = tokio::time::timeout(TCP_LIFETIME, serve_connection(&zone, stream, from)) => {}
                 () = stop.cancelled() => {}
             }
-            drop(slot);
+            drop((slot, share));
         });
     }
     connections.close();

@@ -9,7 +9,7 @@ use ferry_tests::within;
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -444,10 +444,13 @@ async fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
     assert_eq!(addresses_v4(&quick), vec![V4]);
     assert!(started.elapsed() < ferry_relay::dns::TCP_IDLE);
 
-    // Connections that say nothing hold every slot until they idle out.
+    // Connections that say nothing, from as many addresses as the cap per
+    // address needs, hold every slot until they idle out.
     let mut silent = Vec::new();
-    for _ in 0..ferry_relay::dns::TCP_CONNECTIONS {
-        silent.push(TcpStream::connect(dns.tcp).await.expect("connect"));
+    for n in 0..ferry_relay::dns::TCP_CONNECTIONS {
+        let per_address = ferry_relay::dns::TCP_PER_ADDRESS;
+        let from = Ipv4Addr::new(127, 0, 1, u8::try_from(n / per_address).unwrap());
+        silent.push(connect_from(from, dns.tcp).await);
     }
     let started = tokio::time::Instant::now();
     let late = dns.tcp(&query("relay.test.", RecordType::A)).await;
@@ -506,4 +509,83 @@ fn the_soa_mailbox_keeps_plus_and_dots_of_the_local_part_in_its_first_label() {
     // Not representable (a label over 63 bytes): hostmaster.DOMAIN.
     let long = format!("{}@example.com", "a".repeat(64));
     assert_eq!(soa_contact(&long), labels(&["hostmaster", "relay", "test"]));
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of
+/// 127.0.0.0/8 on Linux).
+async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(from), 0))
+        .expect("bind a loopback address");
+    socket.connect(to).await.expect("connect")
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_address_holds_at_most_its_share_of_tcp_connections_while_others_are_served() {
+    let dns = Dns::start().await;
+    let attacker = Ipv4Addr::new(127, 0, 0, 1);
+    let mut held = Vec::new();
+    for _ in 0..ferry_relay::dns::TCP_PER_ADDRESS {
+        held.push(connect_from(attacker, dns.tcp).await);
+    }
+    // One more from the same address is closed unanswered, at once.
+    let started = tokio::time::Instant::now();
+    let mut extra = connect_from(attacker, dns.tcp).await;
+    let _ = extra
+        .write_all(&framed(&query("relay.test.", RecordType::A)))
+        .await;
+    let mut byte = [0u8; 1];
+    let read = within("the extra connection to close", extra.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed, not answered: {read:?}"
+    );
+    assert!(started.elapsed() < ferry_relay::dns::TCP_IDLE);
+    // Another address is served meanwhile.
+    let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 2), dns.tcp).await;
+    other
+        .write_all(&framed(&query("relay.test.", RecordType::A)))
+        .await
+        .expect("send");
+    assert_eq!(addresses_v4(&read_tcp(&mut other).await), vec![V4]);
+    drop(held);
+    dns.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tcp_connection_that_keeps_asking_slowly_is_closed_after_its_lifetime() {
+    let dns = Dns::start().await;
+    let mut stream = TcpStream::connect(dns.tcp).await.expect("connect");
+    let opened = tokio::time::Instant::now();
+    let mut answers = 0;
+    // A query just often enough never to idle out, well under the query cap.
+    loop {
+        if stream
+            .write_all(&framed(&query("relay.test.", RecordType::A)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let mut length = [0u8; 2];
+        if within("an answer or the close", stream.read_exact(&mut length))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];
+        stream.read_exact(&mut answer).await.expect("the answer");
+        answers += 1;
+        assert!(answers < ferry_relay::dns::TCP_QUERIES, "never closed");
+        tokio::time::sleep(ferry_relay::dns::TCP_IDLE / 2).await;
+    }
+    let lived = opened.elapsed();
+    assert!(lived >= ferry_relay::dns::TCP_LIFETIME, "{lived:?}");
+    assert!(
+        lived < ferry_relay::dns::TCP_LIFETIME + ferry_relay::dns::TCP_IDLE,
+        "{lived:?}"
+    );
+    dns.stop().await;
 }
