@@ -349,3 +349,81 @@ async fn an_account_holds_no_more_tunnels_than_its_own_limit() {
     origin.stop().await;
     relay.stop().await;
 }
+
+/// Opens a tunnel's WebSocket for `subdomain` with `token`, as `ferry http`
+/// would, but speaks no HTTP/2 on it yet.
+async fn upgraded(
+    relay: &TestRelay,
+    token: &str,
+    subdomain: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{}/api/v1/tunnels/connect", relay.addr)
+        .into_client_request()
+        .expect("a connect request");
+    let headers = request.headers_mut();
+    let version = ferry_common::handshake::PROTOCOL_VERSION.to_string();
+    headers.insert("ferry-protocol-version", version.parse().expect("a header"));
+    headers.insert("ferry-subdomain", subdomain.parse().expect("a header"));
+    let bearer = format!("Bearer {token}");
+    headers.insert("authorization", bearer.parse().expect("a header"));
+    let tcp = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    let (ws, response) = within(
+        "the upgrade",
+        tokio_tungstenite::client_async_with_config(
+            request,
+            tcp,
+            Some(ferry_common::link::websocket_config()),
+        ),
+    )
+    .await
+    .expect("the relay upgrades");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
+}
+
+#[tokio::test]
+async fn a_takeover_pending_when_its_token_is_removed_never_comes_up() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens.toml");
+    write(&path, &[("alice", &["alice"], &[]), ("bob", &["bob"], &[])]);
+    let relay = relay_with(&path).await;
+    let origin = Origin::start(|_req| async { Response::new(full("old")) }).await;
+    let old = TestClient::start(&relay, &origin.target(), with(Some("alice"), "shop")).await;
+
+    // A takeover of alice's own name, upgraded before her token is removed
+    // but not up yet: its HTTP/2 is withheld.
+    let ws = upgraded(&relay, "alice", "shop").await;
+    write(&path, &[("bob", &["bob"], &[])]);
+    until_token(&relay, "alice", false).await;
+    let ended = old.finished().await;
+    assert!(matches!(ended, Err(ferry::Error::Closed(_))), "{ended:?}");
+
+    // Now it speaks: the relay refuses it and closes the link.
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&served);
+    let service = hyper::service::service_fn(move |_req| {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(Response::new(full("revoked"))) }
+    });
+    let stream = ferry_common::byte_stream::ByteStream::new(
+        ws,
+        ferry_common::byte_stream::CloseSignal::default(),
+    );
+    let connection =
+        ferry_common::link::http2_server(ferry_common::handshake::Keepalive::default())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = within("the relay to close the refused takeover", connection).await;
+    assert_ne!(
+        status_at(&relay, "http://shop.localhost").await,
+        StatusCode::OK
+    );
+    assert!(
+        !served.load(std::sync::atomic::Ordering::SeqCst),
+        "no public request reached the revoked tunnel"
+    );
+    origin.stop().await;
+    relay.stop().await;
+}
