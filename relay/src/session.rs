@@ -139,7 +139,7 @@ pub(crate) async fn connect(
     // A reload of the tokens file may have removed the token since it was
     // checked, after the reload ended the tunnels that token had opened.
     if token.is_some_and(|token| state.accounts.principal(&token).is_none()) {
-        state.tunnels.release(&tunnel);
+        state.tunnels.discard(&tunnel);
         return Err(AuthError::Wrong.into());
     }
     let accept = req

@@ -625,6 +625,13 @@ impl Tunnels {
         self.end(tunnel, true);
     }
 
+    /// Ends `tunnel`'s registration as [`Tunnels::release`] does but holds
+    /// nothing: for a claim whose token was removed before its session
+    /// began, whose account may be gone.
+    pub fn discard(&self, tunnel: &Tunnel) {
+        self.end(tunnel, false);
+    }
+
     fn end(&self, tunnel: &Tunnel, hold: bool) {
         if tunnel
             .replaces
@@ -894,6 +901,15 @@ mod tests {
                 .err(),
             Some(ClaimError::Full(5))
         );
+    }
+
+    #[test]
+    fn a_discarded_claim_holds_no_name() {
+        let tunnels = registry(3, 100);
+        let gone = claim(&tunnels, "shop", account("gone")).unwrap();
+        tunnels.discard(&gone);
+        assert_eq!(tunnels.owner_of(&gone.name), None);
+        assert!(claim(&tunnels, "shop", account("other")).is_ok());
     }
 
     #[test]
