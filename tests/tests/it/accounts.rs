@@ -427,3 +427,51 @@ async fn a_takeover_pending_when_its_token_is_removed_never_comes_up() {
     origin.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn live_feeds_end_when_their_token_is_removed_or_its_admin_flag_taken() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens.toml");
+    let file = |admins: &[&str]| {
+        let mut text = format!(
+            "[[account]]\nname = \"alice\"\ntokens = [\"{}\"]\n",
+            hash("alice")
+        );
+        for admin in admins {
+            text.push_str(&format!(
+                "[[account]]\nname = \"{admin}\"\ntokens = [\"{}\"]\nadmin = true\n",
+                hash(admin)
+            ));
+        }
+        text
+    };
+    std::fs::write(&path, file(&["ops", "root"])).expect("written");
+    let relay = relay_with(&path).await;
+    let origin = Origin::start(|_req| async { Response::new(full("hello")) }).await;
+    let alice = TestClient::start(&relay, &origin.target(), with(Some("alice"), "alice-app")).await;
+    let mut ops = Api::with_token(&relay, "ops").tail("").await;
+    let mut root = Api::with_token(&relay, "root").tail("").await;
+    assert_eq!(status_at(&relay, &alice.public_url).await, StatusCode::OK);
+    // Admins see alice's entries.
+    let (first, _) = ops.next_item().await;
+    assert_eq!(root.next_item().await.0, first);
+
+    // ops is no admin any more, root is gone.
+    let partial = path.with_extension("partial");
+    let demoted = file(&[])
+        + &format!(
+            "[[account]]\nname = \"ops\"\ntokens = [\"{}\"]\n",
+            hash("ops")
+        );
+    std::fs::write(&partial, demoted).expect("written");
+    std::fs::rename(&partial, &path).expect("replaced");
+    until_token(&relay, "root", false).await;
+    // Alice's next entry reaches neither: both feeds have ended.
+    assert_eq!(status_at(&relay, &alice.public_url).await, StatusCode::OK);
+    assert_eq!(ops.end().await, Vec::<String>::new());
+    assert_eq!(root.end().await, Vec::<String>::new());
+
+    alice.stop().await.expect("alice stops");
+    origin.stop().await;
+    relay.stop().await;
+}
