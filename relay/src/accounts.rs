@@ -402,7 +402,14 @@ impl Accounts {
     /// The accounts of `tokens`, allowing `failures_per_minute` wrong tokens
     /// a minute from one address.
     pub fn new(tokens: Vec<Token>, failures_per_minute: u32) -> Self {
-        let flags: Vec<Account> = tokens.into_iter().map(Account::of_token).collect();
+        let mut flags: Vec<Account> = Vec::new();
+        for token in tokens {
+            if flags.iter().any(|a| a.id == *token.account()) {
+                tracing::warn!(account = %token.account(), "the same --token is given twice; it is one account");
+                continue;
+            }
+            flags.push(Account::of_token(token));
+        }
         Self {
             book: RwLock::new(Arc::new(flags.clone())),
             flags,
@@ -413,9 +420,11 @@ impl Accounts {
     }
 
     /// Replaces the tokens file's accounts with `file`, keeping the
-    /// flags'. Refused, leaving the accounts as they were, when a token of
-    /// the file is also a `--token`. Dashboard sessions of tokens no longer
-    /// listed end; ending their tunnels is the caller's.
+    /// flags'. A line of the file that is also a `--token` is the same
+    /// account and is left out, with a warning; a named account with a
+    /// `--token` is refused, leaving the accounts as they were. Dashboard
+    /// sessions of tokens no longer listed end; ending their tunnels is the
+    /// caller's.
     pub fn set_file(&self, file: Vec<Account>) -> Result<(), String> {
         let flag = |hash: &TokenHash| {
             self.flags
@@ -423,6 +432,15 @@ impl Accounts {
                 .flat_map(|a| &a.tokens)
                 .any(|t| t.hash() == hash)
         };
+        let (repeated, file): (Vec<Account>, Vec<Account>) = file.into_iter().partition(|a| {
+            self.flags.iter().any(|f| f.id == a.id) && a.tokens.iter().all(|t| flag(t.hash()))
+        });
+        for account in repeated {
+            tracing::warn!(
+                account = %account.id,
+                "a token of the tokens file is also given with --token; it is one account, listed once"
+            );
+        }
         if let Some(account) = file
             .iter()
             .find(|account| account.tokens.iter().any(|t| flag(t.hash())))
@@ -691,6 +709,27 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(accounts.holds(&proof));
+    }
+
+    #[test]
+    fn a_token_both_in_the_flags_and_the_file_is_one_account() {
+        let accounts = Accounts::new(vec![Token::new("a"), Token::new("a")], 10);
+        assert_eq!(accounts.all().len(), 1);
+        let file = super::file::parse("a\nb\n").unwrap();
+        accounts.set_file(file).unwrap();
+        let ids: Vec<_> = accounts.all().iter().map(|a| a.id.clone()).collect();
+        assert_eq!(ids, [AccountId::of_token("a"), AccountId::of_token("b")]);
+        // A named account holding a --token is a real conflict: which
+        // account would the token prove?
+        let named = format!(
+            "[[account]]\nname = \"x\"\ntokens = [\"{}\"]\n",
+            super::TokenHash::of("a")
+        );
+        let err = accounts
+            .set_file(super::file::parse(&named).unwrap())
+            .unwrap_err();
+        assert!(err.contains("also given with --token"), "{err}");
+        assert_eq!(accounts.all().len(), 2, "the accounts stay as they were");
     }
 
     #[test]
