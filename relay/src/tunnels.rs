@@ -2,7 +2,7 @@
 //! which names are held for owners whose session ended, and how a request
 //! is sent through a tunnel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -343,6 +343,9 @@ struct Registry {
     reserved: HashMap<Subdomain, AccountId>,
     /// Tunnel limits of accounts that have their own.
     max_per_account: HashMap<AccountId, usize>,
+    /// Every account the relay lists (empty: not known, or an open relay):
+    /// a name is never held for an account that is gone.
+    accounts: HashSet<AccountId>,
 }
 
 impl Registry {
@@ -557,6 +560,7 @@ impl Tunnels {
             .iter()
             .filter_map(|a| Some((a.id.clone(), a.max_tunnels?)))
             .collect();
+        registry.accounts = accounts.iter().map(|a| a.id.clone()).collect();
         let Registry {
             live,
             held,
@@ -652,7 +656,12 @@ impl Tunnels {
             return;
         }
         registry.live.remove(&tunnel.name);
+        let gone = match &tunnel.owner {
+            Owner::Account(id) => !registry.accounts.is_empty() && !registry.accounts.contains(id),
+            Owner::Key(_) | Owner::Anonymous => false,
+        };
         if !hold
+            || gone
             || tunnel.owner == Owner::Anonymous
             || registry.reserved_against(&tunnel.name, &tunnel.owner)
         {
@@ -1019,7 +1028,7 @@ mod tests {
     #[test]
     fn names_held_for_a_removed_account_are_free_again() {
         let tunnels = registry(3, 100);
-        reserving(&tunnels, "alice", &[], None);
+        reserving(&tunnels, "mallory", &[], None);
         let gone = claim(&tunnels, "demo", account("mallory")).unwrap();
         tunnels.release(&gone);
         assert!(matches!(
@@ -1028,6 +1037,13 @@ mod tests {
         ));
         reserving(&tunnels, "alice", &[], None);
         assert!(claim(&tunnels, "demo", account("alice")).is_ok());
+        // A session that ends after its account was removed (the reload
+        // closed it) holds nothing either.
+        reserving(&tunnels, "mallory", &[], None);
+        let late = claim(&tunnels, "late", account("mallory")).unwrap();
+        reserving(&tunnels, "alice", &[], None);
+        tunnels.release(&late);
+        assert_eq!(tunnels.owner_of(&late.name), None);
     }
 
     #[test]
