@@ -317,9 +317,13 @@ impl Sessions {
     }
 
     fn find(&self, cookie: &str) -> Option<TokenHash> {
+        self.find_key(&Self::key(cookie))
+    }
+
+    fn find_key(&self, key: &[u8; 32]) -> Option<TokenHash> {
         let sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         sessions
-            .get(&Self::key(cookie))
+            .get(key)
             .filter(|s| s.started.elapsed() < SESSION_LIFETIME)
             .map(|s| s.token)
     }
@@ -357,6 +361,26 @@ pub fn session_cookie<'h>(
     Ok(first)
 }
 
+/// How a lasting call (a live feed) proved itself, so that it can be
+/// checked again while it lasts.
+#[derive(Debug, Clone)]
+pub struct Proof {
+    /// Who it was let in as.
+    pub principal: Principal,
+    /// The key of the dashboard session it came with, if not a token.
+    session: Option<[u8; 32]>,
+}
+
+/// The bearer token in `headers`, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 /// Checks bearer tokens, and throttles addresses that keep guessing.
 #[derive(Debug)]
 pub struct Accounts {
@@ -369,25 +393,38 @@ pub struct Accounts {
     failures: RateLimit,
     /// Dashboard sessions signed in with a token.
     sessions: Sessions,
+    /// Told whenever the accounts change or a session ends, so that
+    /// lasting calls check their caller again.
+    changes: tokio::sync::watch::Sender<()>,
 }
 
 impl Accounts {
     /// The accounts of `tokens`, allowing `failures_per_minute` wrong tokens
     /// a minute from one address.
     pub fn new(tokens: Vec<Token>, failures_per_minute: u32) -> Self {
-        let flags: Vec<Account> = tokens.into_iter().map(Account::of_token).collect();
+        let mut flags: Vec<Account> = Vec::new();
+        for token in tokens {
+            if flags.iter().any(|a| a.id == *token.account()) {
+                tracing::warn!(account = %token.account(), "the same --token is given twice; it is one account");
+                continue;
+            }
+            flags.push(Account::of_token(token));
+        }
         Self {
             book: RwLock::new(Arc::new(flags.clone())),
             flags,
             failures: RateLimit::per_minute(failures_per_minute),
             sessions: Sessions::default(),
+            changes: tokio::sync::watch::Sender::new(()),
         }
     }
 
     /// Replaces the tokens file's accounts with `file`, keeping the
-    /// flags'. Refused, leaving the accounts as they were, when a token of
-    /// the file is also a `--token`. Dashboard sessions of tokens no longer
-    /// listed end; ending their tunnels is the caller's.
+    /// flags'. A line of the file that is also a `--token` is the same
+    /// account and is left out, with a warning; a named account with a
+    /// `--token` is refused, leaving the accounts as they were. Dashboard
+    /// sessions of tokens no longer listed end; ending their tunnels is the
+    /// caller's.
     pub fn set_file(&self, file: Vec<Account>) -> Result<(), String> {
         let flag = |hash: &TokenHash| {
             self.flags
@@ -395,6 +432,15 @@ impl Accounts {
                 .flat_map(|a| &a.tokens)
                 .any(|t| t.hash() == hash)
         };
+        let (repeated, file): (Vec<Account>, Vec<Account>) = file.into_iter().partition(|a| {
+            self.flags.iter().any(|f| f.id == a.id) && a.tokens.iter().all(|t| flag(t.hash()))
+        });
+        for account in repeated {
+            tracing::warn!(
+                account = %account.id,
+                "a token of the tokens file is also given with --token; it is one account, listed once"
+            );
+        }
         if let Some(account) = file
             .iter()
             .find(|account| account.tokens.iter().any(|t| flag(t.hash())))
@@ -410,6 +456,7 @@ impl Accounts {
         *self.book.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&book);
         self.sessions
             .retain(|hash| principal_in(&book, hash).is_some());
+        self.changes.send_replace(());
         Ok(())
     }
 
@@ -451,6 +498,41 @@ impl Accounts {
         self.authorize_as(headers, from, Some(session_cookie_name(https)))
     }
 
+    /// The caller of an API call that lasts, as [`Accounts::authorize_api`]
+    /// finds it, with what it proved itself with: `Ok(None)` on an open
+    /// relay.
+    pub fn authorize_lasting(
+        &self,
+        headers: &HeaderMap,
+        from: IpAddr,
+        https: bool,
+    ) -> Result<Option<Proof>, AuthError> {
+        let Some(principal) = self.authorize_api(headers, from, https)? else {
+            return Ok(None);
+        };
+        let session = match bearer(headers) {
+            Some(_) => None,
+            None => session_cookie(headers, session_cookie_name(https))?.map(Sessions::key),
+        };
+        Ok(Some(Proof { principal, session }))
+    }
+
+    /// Whether `proof` still lets its caller in as it did: its token is
+    /// still listed for the same account with the same admin flag, and its
+    /// dashboard session, if any, has not ended.
+    pub fn holds(&self, proof: &Proof) -> bool {
+        let token = proof.principal.token;
+        proof
+            .session
+            .is_none_or(|key| self.sessions.find_key(&key) == Some(token))
+            && self.principal(&token).as_ref() == Some(&proof.principal)
+    }
+
+    /// Changes whenever the accounts change or a dashboard session ends.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
     fn authorize_as(
         &self,
         headers: &HeaderMap,
@@ -463,13 +545,7 @@ impl Accounts {
         if let Some(wait) = self.failures.blocked(from) {
             return Err(AuthError::Throttled(wait));
         }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        let Some(presented) = presented else {
+        let Some(presented) = bearer(headers) else {
             return match cookie {
                 Some(name) => self.session(headers, name).map(Some),
                 None => Err(AuthError::Missing),
@@ -514,6 +590,7 @@ impl Accounts {
     pub fn sign_out(&self, headers: &HeaderMap, https: bool) {
         if let Ok(Some(cookie)) = session_cookie(headers, session_cookie_name(https)) {
             self.sessions.end(cookie);
+            self.changes.send_replace(());
         }
     }
 
@@ -604,6 +681,55 @@ mod tests {
                 .map(|p| p.map(|p| p.account)),
             Ok(Some(AccountId::of_token("right")))
         );
+    }
+
+    #[test]
+    fn a_lasting_call_stops_holding_once_its_session_ends() {
+        let accounts = Accounts::new(vec![Token::new("right")], 10);
+        let from = "192.0.2.1".parse().unwrap();
+        let (_, cookie) = accounts.sign_in("right", from).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            hyper::header::COOKIE,
+            HeaderValue::from_str(&format!("ferry_session={cookie}")).unwrap(),
+        );
+        let proof = accounts
+            .authorize_lasting(&headers, from, false)
+            .unwrap()
+            .unwrap();
+        let changes = accounts.changes();
+        assert!(accounts.holds(&proof));
+        accounts.sign_out(&headers, false);
+        assert!(changes.has_changed().unwrap(), "lasting calls are woken");
+        assert!(!accounts.holds(&proof));
+        // The token itself still lets a new call in.
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer right"));
+        let proof = accounts
+            .authorize_lasting(&headers, from, false)
+            .unwrap()
+            .unwrap();
+        assert!(accounts.holds(&proof));
+    }
+
+    #[test]
+    fn a_token_both_in_the_flags_and_the_file_is_one_account() {
+        let accounts = Accounts::new(vec![Token::new("a"), Token::new("a")], 10);
+        assert_eq!(accounts.all().len(), 1);
+        let file = super::file::parse("a\nb\n").unwrap();
+        accounts.set_file(file).unwrap();
+        let ids: Vec<_> = accounts.all().iter().map(|a| a.id.clone()).collect();
+        assert_eq!(ids, [AccountId::of_token("a"), AccountId::of_token("b")]);
+        // A named account holding a --token is a real conflict: which
+        // account would the token prove?
+        let named = format!(
+            "[[account]]\nname = \"x\"\ntokens = [\"{}\"]\n",
+            super::TokenHash::of("a")
+        );
+        let err = accounts
+            .set_file(super::file::parse(&named).unwrap())
+            .unwrap_err();
+        assert!(err.contains("also given with --token"), "{err}");
+        assert_eq!(accounts.all().len(), 2, "the accounts stay as they were");
     }
 
     #[test]

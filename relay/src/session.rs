@@ -132,13 +132,14 @@ pub(crate) async fn connect(
                 ClaimError::Full(_) | ClaimError::Exhausted => {
                     (StatusCode::SERVICE_UNAVAILABLE, "relay_full")
                 }
+                ClaimError::TokenRemoved => return AuthError::Wrong.into(),
             };
             ApiError::new(status, code, err.to_string())
         })?;
     // A reload of the tokens file may have removed the token since it was
     // checked, after the reload ended the tunnels that token had opened.
     if token.is_some_and(|token| state.accounts.principal(&token).is_none()) {
-        state.tunnels.release(&tunnel);
+        state.tunnels.discard(&tunnel);
         return Err(AuthError::Wrong.into());
     }
     let accept = req
@@ -226,7 +227,7 @@ enum SessionError {
     Http(#[from] hyper::Error),
     #[error("the client {0} after the upgrade")]
     Silent(&'static str),
-    #[error("the takeover came up too late: {0}")]
+    #[error("the takeover was refused as it came up: {0}")]
     Lost(#[source] ClaimError),
 }
 
@@ -263,10 +264,13 @@ async fn serve(
         }
     }
     tunnel.set_sender(sender);
-    let replaced = state.tunnels.activate(tunnel).map_err(|err| {
-        tunnel.close.close(CloseReason::policy(err.to_string()));
-        SessionError::Lost(err)
-    })?;
+    let replaced = state
+        .tunnels
+        .activate(tunnel, |token| state.accounts.principal(token).is_some())
+        .map_err(|err| {
+            tunnel.close.close(CloseReason::policy(err.to_string()));
+            SessionError::Lost(err)
+        })?;
     if let Some(old) = replaced {
         info!(old = old.id, "tunnel taken over by a new session");
         old.close.close(CloseReason::policy(

@@ -2,7 +2,7 @@
 //! which names are held for owners whose session ended, and how a request
 //! is sent through a tunnel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -298,6 +298,9 @@ pub enum ClaimError {
     /// No free random name was found.
     #[error("no free subdomain could be found: ask for one with --subdomain")]
     Exhausted,
+    /// The token the tunnel connected with was removed from the relay.
+    #[error("the token this tunnel connected with was removed from the relay")]
+    TokenRemoved,
 }
 
 /// The limits the registry enforces.
@@ -340,6 +343,9 @@ struct Registry {
     reserved: HashMap<Subdomain, AccountId>,
     /// Tunnel limits of accounts that have their own.
     max_per_account: HashMap<AccountId, usize>,
+    /// Every account the relay lists (empty: not known, or an open relay):
+    /// a name is never held for an account that is gone.
+    accounts: HashSet<AccountId>,
 }
 
 impl Registry {
@@ -496,8 +502,15 @@ impl Tunnels {
     /// session of the same owner serves the name (the one it was claimed
     /// against, or another takeover that came up first), which is returned
     /// for the caller to close. Refused when the name went to someone else
-    /// meanwhile.
-    pub fn activate(&self, tunnel: &Arc<Tunnel>) -> Result<Option<Arc<Tunnel>>, ClaimError> {
+    /// meanwhile, when it became reserved for another account, or when
+    /// `valid` refuses the token it connected with: a takeover is not
+    /// `live` until now, so a reload of the accounts since its claim did
+    /// not end it ([`Tunnels::set_accounts`]).
+    pub fn activate(
+        &self,
+        tunnel: &Arc<Tunnel>,
+        valid: impl Fn(&TokenHash) -> bool,
+    ) -> Result<Option<Arc<Tunnel>>, ClaimError> {
         let replaces = tunnel
             .replaces
             .lock()
@@ -508,6 +521,15 @@ impl Tunnels {
         }
         let now = Instant::now();
         let mut registry = self.registry();
+        // Checked under the registry's lock, which a reload takes after
+        // changing the accounts: either this sees the change, or the
+        // reload sees this tunnel live and ends it.
+        if tunnel.client.token.is_some_and(|token| !valid(&token)) {
+            return Err(ClaimError::TokenRemoved);
+        }
+        if registry.reserved_against(&tunnel.name, &tunnel.owner) {
+            return Err(ClaimError::Reserved(tunnel.name.clone()));
+        }
         let ours = match registry.live.get(&tunnel.name) {
             Some(current) => tunnel.owner.may_take_over(&current.owner),
             None => registry
@@ -538,6 +560,7 @@ impl Tunnels {
             .iter()
             .filter_map(|a| Some((a.id.clone(), a.max_tunnels?)))
             .collect();
+        registry.accounts = accounts.iter().map(|a| a.id.clone()).collect();
         let Registry {
             live,
             held,
@@ -603,6 +626,17 @@ impl Tunnels {
     /// Ends `tunnel`'s registration: removes it if it is still the one
     /// registered under its name, and holds the name for its owner.
     pub fn release(&self, tunnel: &Tunnel) {
+        self.end(tunnel, true);
+    }
+
+    /// Ends `tunnel`'s registration as [`Tunnels::release`] does but holds
+    /// nothing: for a claim whose token was removed before its session
+    /// began, whose account may be gone.
+    pub fn discard(&self, tunnel: &Tunnel) {
+        self.end(tunnel, false);
+    }
+
+    fn end(&self, tunnel: &Tunnel, hold: bool) {
         if tunnel
             .replaces
             .lock()
@@ -622,7 +656,13 @@ impl Tunnels {
             return;
         }
         registry.live.remove(&tunnel.name);
-        if tunnel.owner == Owner::Anonymous
+        let gone = match &tunnel.owner {
+            Owner::Account(id) => !registry.accounts.is_empty() && !registry.accounts.contains(id),
+            Owner::Key(_) | Owner::Anonymous => false,
+        };
+        if !hold
+            || gone
+            || tunnel.owner == Owner::Anonymous
             || registry.reserved_against(&tunnel.name, &tunnel.owner)
         {
             return;
@@ -726,7 +766,7 @@ mod tests {
         assert_eq!(tunnels.get(&name).map(|t| t.id), Some(first.id));
         let third = claim(&tunnels, "demo", account("a")).unwrap();
         let replaced = tunnels
-            .activate(&third)
+            .activate(&third, |_| true)
             .unwrap()
             .expect("it replaces the first");
         assert_eq!(replaced.id, first.id);
@@ -770,11 +810,11 @@ mod tests {
         let second = claim(&tunnels, "demo", account("a")).unwrap();
         let third = claim(&tunnels, "demo", account("a")).unwrap();
         assert_eq!(
-            tunnels.activate(&second).unwrap().map(|t| t.id),
+            tunnels.activate(&second, |_| true).unwrap().map(|t| t.id),
             Some(first.id)
         );
         assert_eq!(
-            tunnels.activate(&third).unwrap().map(|t| t.id),
+            tunnels.activate(&third, |_| true).unwrap().map(|t| t.id),
             Some(second.id)
         );
         assert_eq!(tunnels.get(&name).map(|t| t.id), Some(third.id));
@@ -789,7 +829,7 @@ mod tests {
         let late = claim(&tunnels, "demo", account("a")).unwrap();
         tunnels.release(&old);
         let stranger = claim(&tunnels, "demo", account("b")).unwrap();
-        assert!(tunnels.activate(&late).is_err());
+        assert!(tunnels.activate(&late, |_| true).is_err());
         assert_eq!(tunnels.get(&name).map(|t| t.id), Some(stranger.id));
     }
 
@@ -873,6 +913,45 @@ mod tests {
     }
 
     #[test]
+    fn a_discarded_claim_holds_no_name() {
+        let tunnels = registry(3, 100);
+        let gone = claim(&tunnels, "shop", account("gone")).unwrap();
+        tunnels.discard(&gone);
+        assert_eq!(tunnels.owner_of(&gone.name), None);
+        assert!(claim(&tunnels, "shop", account("other")).is_ok());
+    }
+
+    #[test]
+    fn a_takeover_is_checked_again_as_it_comes_up() {
+        let tunnels = registry(3, 100);
+        let shop = Subdomain::parse("shop").unwrap();
+        let token = crate::accounts::TokenHash::of("alice");
+        let alice = |tunnels: &Tunnels| {
+            let client = ClientInfo {
+                token: Some(token),
+                ..ClientInfo::default()
+            };
+            tunnels
+                .claim(Some(shop.clone()), account("alice"), client, url)
+                .unwrap()
+        };
+        alice(&tunnels);
+        // Its token removed since the claim: refused, the old one stays.
+        let pending = alice(&tunnels);
+        assert_eq!(
+            tunnels.activate(&pending, |t| t != &token).err(),
+            Some(ClaimError::TokenRemoved)
+        );
+        // The name reserved for another account since the claim: refused.
+        let pending = alice(&tunnels);
+        reserving(&tunnels, "bob", std::slice::from_ref(&shop), None);
+        assert_eq!(
+            tunnels.activate(&pending, |_| true).err(),
+            Some(ClaimError::Reserved(shop.clone()))
+        );
+    }
+
+    #[test]
     fn random_names_avoid_live_and_held_ones() {
         let tunnels = registry(3, 1000);
         for _ in 0..100 {
@@ -924,7 +1003,7 @@ mod tests {
             );
         }
         let first = claim(&tunnels, "shop", account("alice")).unwrap();
-        tunnels.activate(&first).unwrap();
+        tunnels.activate(&first, |_| true).unwrap();
         // Online: nobody else.
         assert_eq!(
             claim(&tunnels, "shop", account("mallory")).err(),
@@ -949,7 +1028,7 @@ mod tests {
     #[test]
     fn names_held_for_a_removed_account_are_free_again() {
         let tunnels = registry(3, 100);
-        reserving(&tunnels, "alice", &[], None);
+        reserving(&tunnels, "mallory", &[], None);
         let gone = claim(&tunnels, "demo", account("mallory")).unwrap();
         tunnels.release(&gone);
         assert!(matches!(
@@ -958,6 +1037,13 @@ mod tests {
         ));
         reserving(&tunnels, "alice", &[], None);
         assert!(claim(&tunnels, "demo", account("alice")).is_ok());
+        // A session that ends after its account was removed (the reload
+        // closed it) holds nothing either.
+        reserving(&tunnels, "mallory", &[], None);
+        let late = claim(&tunnels, "late", account("mallory")).unwrap();
+        reserving(&tunnels, "alice", &[], None);
+        tunnels.release(&late);
+        assert_eq!(tunnels.owner_of(&late.name), None);
     }
 
     #[test]

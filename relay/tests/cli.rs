@@ -321,3 +321,53 @@ fn hash_token_reads_stdin_and_a_bad_tokens_file_is_named_at_start() {
     assert!(stderr.contains("account `alice`"), "{stderr}");
     assert!(stderr.contains("ferry-relay hash-token"), "{stderr}");
 }
+
+#[test]
+fn a_token_listed_twice_is_a_warning_not_a_stop() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, "s3cret\nother\ns3cret\n").expect("written");
+    let data = dir.path().join("data");
+    let child = relay(&[
+        "--data-dir",
+        data.to_str().expect("UTF-8 temp path"),
+        "--listen",
+        "127.0.0.1:0",
+        "--token",
+        "s3cret",
+        "--token",
+        "s3cret",
+        "--tokens-file",
+        path.to_str().expect("UTF-8 temp path"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("ferry-relay starts");
+    let mut running = Running(child);
+    let stdout = running.0.stdout.take().expect("piped stdout");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The relay starts and says so, and warns of each repeat on the way.
+    let mut warnings = vec![
+        "line 3 repeats the token of line 1",
+        "the same --token is given twice",
+        "also given with --token",
+    ];
+    let mut said = String::new();
+    while !warnings.is_empty() {
+        let line = received
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no warning {warnings:?} within a minute: {said}"));
+        warnings.retain(|warning| !line.contains(warning));
+        said.push_str(&line);
+        said.push('\n');
+    }
+    assert!(said.contains("ferry-relay listening on"), "{said}");
+}

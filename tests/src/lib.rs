@@ -672,6 +672,24 @@ impl Tail {
         }
     }
 
+    /// Waits for the relay to end the stream: the event ids it sent
+    /// before it did.
+    pub async fn end(mut self) -> Vec<String> {
+        within("the live tail to end", async {
+            while let Some(Ok(frame)) = self.body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    self.buffer.extend_from_slice(&data);
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&self.buffer)
+            .lines()
+            .filter_map(|line| line.strip_prefix("id: "))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The next entry: its event id and its list item.
     pub async fn next_item(&mut self) -> (String, serde_json::Value) {
         within("an entry in the live tail", async {

@@ -70,6 +70,9 @@ pub fn parse(text: &str) -> Result<Vec<Account>, String> {
 
 fn parse_lines(text: &str) -> Result<Vec<Account>, String> {
     let mut accounts = Vec::new();
+    // A token on two lines is one account listed twice, not a conflict:
+    // warned of, as earlier versions took it.
+    let mut seen: HashMap<TokenHash, usize> = HashMap::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -91,6 +94,14 @@ fn parse_lines(text: &str) -> Result<Vec<Account>, String> {
             }
             None => Token::new(line),
         };
+        if let Some(first) = seen.get(token.hash()) {
+            tracing::warn!(
+                "tokens file: line {} repeats the token of line {first}; the repeat is ignored",
+                number + 1
+            );
+            continue;
+        }
+        seen.insert(*token.hash(), number + 1);
         accounts.push(Account::of_token(token));
     }
     Ok(accounts)
@@ -175,6 +186,12 @@ mod tests {
         let accounts = parse(&text).unwrap();
         assert_eq!(accounts.len(), 2);
         assert_eq!(accounts[0].id, AccountId::of_token("plain-token"));
+        // The same token again, plain or hashed, is the same account: kept
+        // once, as earlier versions did.
+        let twice = format!("{text}plain-token\n{}\n", hash("plain-token"));
+        let again = parse(&twice).unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].id, accounts[0].id);
         assert!(accounts[0].tokens[0].matches("plain-token"));
         // A hashed line is the same account as the plain token would be.
         assert_eq!(accounts[1].id, AccountId::of_token("hashed-token"));

@@ -523,13 +523,21 @@ async fn endpoint(
             requests::har_list(state, query).await
         }
         Endpoint::RequestStream => {
-            let query = requests::parse_query(req.uri().query(), owner()?)?;
+            // Checked again while the feed lasts.
+            let proof = state
+                .accounts
+                .authorize_lasting(req.headers(), peer, https)?;
+            let owner = proof
+                .as_ref()
+                .filter(|proof| !(proof.principal.admin && reads))
+                .map(|proof| proof.principal.account.to_string());
+            let query = requests::parse_query(req.uri().query(), owner)?;
             let last = req
                 .headers()
                 .get("last-event-id")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            requests::stream(state, peer, query.filter, last.as_deref()).await
+            requests::stream(state, peer, query.filter, last.as_deref(), proof).await
         }
         Endpoint::Request => {
             let entry = requests::entry(state, &id, owner()?.as_deref()).await?;

@@ -20,6 +20,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::{json, ApiError};
+use crate::accounts::Proof;
 use crate::activity::{decode, export};
 use crate::store::{CapturedBody, Exchange, Filter, Header, Micros, StatusFilter, MIN_SEARCH};
 use crate::{full, Body, State};
@@ -499,12 +500,15 @@ pub(crate) async fn har_list(
 /// `GET /api/v1/requests/stream`: every new entry that matches, as a
 /// server-sent event carrying its list item, with the entry id as the
 /// event id. Entries are sent only once committed, in commit order; a
-/// reconnect with `Last-Event-ID` resumes right after that entry.
+/// reconnect with `Last-Event-ID` resumes right after that entry. The
+/// stream ends once `proof` no longer lets its caller in as it did (its
+/// token removed, its admin flag taken, its dashboard session ended).
 pub(crate) async fn stream(
     state: &Arc<State>,
     peer: std::net::IpAddr,
     filter: Filter,
     last_event_id: Option<&str>,
+    proof: Option<Proof>,
 ) -> Result<Response<Body>, ApiError> {
     // Every commit wakes every feed, which then reads the store: feeds per
     // address are few, so opening many cannot multiply the relay's work.
@@ -540,6 +544,8 @@ pub(crate) async fn stream(
         committed: state.recorder.committed(),
         pending: std::collections::VecDeque::new(),
         opened: false,
+        accounts: state.accounts.changes(),
+        proof,
         _feed: feed,
     };
     let events = futures_util::stream::unfold(tail, |mut tail| async move {
@@ -573,13 +579,18 @@ struct Tail {
     pending: std::collections::VecDeque<Bytes>,
     /// Whether the opening comment went out.
     opened: bool,
+    /// Changes when the accounts or the dashboard sessions do.
+    accounts: tokio::sync::watch::Receiver<()>,
+    /// How the caller proved itself (`None` on an open relay).
+    proof: Option<Proof>,
     /// The feed's place among its address's.
     _feed: crate::limits::PerIpGuard,
 }
 
 impl Tail {
-    /// The next piece of the event stream; `None` ends it (at shutdown, or
-    /// when the store fails).
+    /// The next piece of the event stream; `None` ends it (at shutdown,
+    /// when the store fails, or once the caller is no longer let in as it
+    /// was).
     async fn next(&mut self) -> Option<Bytes> {
         if !self.opened {
             self.opened = true;
@@ -587,6 +598,13 @@ impl Tail {
             return Some(Bytes::from_static(b": ferry activity log\n\n"));
         }
         loop {
+            if self
+                .proof
+                .as_ref()
+                .is_some_and(|proof| !self.state.accounts.holds(proof))
+            {
+                return None;
+            }
             if let Some(event) = self.pending.pop_front() {
                 return Some(event);
             }
@@ -620,6 +638,7 @@ impl Tail {
             }
             tokio::select! {
                 changed = self.committed.changed() => changed.ok()?,
+                changed = self.accounts.changed() => changed.ok()?,
                 () = tokio::time::sleep(TAIL_KEEPALIVE) => return Some(Bytes::from_static(b": keepalive\n\n")),
                 () = self.state.shutdown.cancelled() => return None,
             }

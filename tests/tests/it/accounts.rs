@@ -349,3 +349,129 @@ async fn an_account_holds_no_more_tunnels_than_its_own_limit() {
     origin.stop().await;
     relay.stop().await;
 }
+
+/// Opens a tunnel's WebSocket for `subdomain` with `token`, as `ferry http`
+/// would, but speaks no HTTP/2 on it yet.
+async fn upgraded(
+    relay: &TestRelay,
+    token: &str,
+    subdomain: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{}/api/v1/tunnels/connect", relay.addr)
+        .into_client_request()
+        .expect("a connect request");
+    let headers = request.headers_mut();
+    let version = ferry_common::handshake::PROTOCOL_VERSION.to_string();
+    headers.insert("ferry-protocol-version", version.parse().expect("a header"));
+    headers.insert("ferry-subdomain", subdomain.parse().expect("a header"));
+    let bearer = format!("Bearer {token}");
+    headers.insert("authorization", bearer.parse().expect("a header"));
+    let tcp = tokio::net::TcpStream::connect(relay.addr)
+        .await
+        .expect("connect");
+    let (ws, response) = within(
+        "the upgrade",
+        tokio_tungstenite::client_async_with_config(
+            request,
+            tcp,
+            Some(ferry_common::link::websocket_config()),
+        ),
+    )
+    .await
+    .expect("the relay upgrades");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
+}
+
+#[tokio::test]
+async fn a_takeover_pending_when_its_token_is_removed_never_comes_up() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens.toml");
+    write(&path, &[("alice", &["alice"], &[]), ("bob", &["bob"], &[])]);
+    let relay = relay_with(&path).await;
+    let origin = Origin::start(|_req| async { Response::new(full("old")) }).await;
+    let old = TestClient::start(&relay, &origin.target(), with(Some("alice"), "shop")).await;
+
+    // A takeover of alice's own name, upgraded before her token is removed
+    // but not up yet: its HTTP/2 is withheld.
+    let ws = upgraded(&relay, "alice", "shop").await;
+    write(&path, &[("bob", &["bob"], &[])]);
+    until_token(&relay, "alice", false).await;
+    let ended = old.finished().await;
+    assert!(matches!(ended, Err(ferry::Error::Closed(_))), "{ended:?}");
+
+    // Now it speaks: the relay refuses it and closes the link.
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&served);
+    let service = hyper::service::service_fn(move |_req| {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(Response::new(full("revoked"))) }
+    });
+    let stream = ferry_common::byte_stream::ByteStream::new(
+        ws,
+        ferry_common::byte_stream::CloseSignal::default(),
+    );
+    let connection =
+        ferry_common::link::http2_server(ferry_common::handshake::Keepalive::default())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = within("the relay to close the refused takeover", connection).await;
+    assert_ne!(
+        status_at(&relay, "http://shop.localhost").await,
+        StatusCode::OK
+    );
+    assert!(
+        !served.load(std::sync::atomic::Ordering::SeqCst),
+        "no public request reached the revoked tunnel"
+    );
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn live_feeds_end_when_their_token_is_removed_or_its_admin_flag_taken() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tokens.toml");
+    let file = |admins: &[&str]| {
+        let mut text = format!(
+            "[[account]]\nname = \"alice\"\ntokens = [\"{}\"]\n",
+            hash("alice")
+        );
+        for admin in admins {
+            text.push_str(&format!(
+                "[[account]]\nname = \"{admin}\"\ntokens = [\"{}\"]\nadmin = true\n",
+                hash(admin)
+            ));
+        }
+        text
+    };
+    std::fs::write(&path, file(&["ops", "root"])).expect("written");
+    let relay = relay_with(&path).await;
+    let origin = Origin::start(|_req| async { Response::new(full("hello")) }).await;
+    let alice = TestClient::start(&relay, &origin.target(), with(Some("alice"), "alice-app")).await;
+    let mut ops = Api::with_token(&relay, "ops").tail("").await;
+    let mut root = Api::with_token(&relay, "root").tail("").await;
+    assert_eq!(status_at(&relay, &alice.public_url).await, StatusCode::OK);
+    // Admins see alice's entries.
+    let (first, _) = ops.next_item().await;
+    assert_eq!(root.next_item().await.0, first);
+
+    // ops is no admin any more, root is gone.
+    let partial = path.with_extension("partial");
+    let demoted = file(&[])
+        + &format!(
+            "[[account]]\nname = \"ops\"\ntokens = [\"{}\"]\n",
+            hash("ops")
+        );
+    std::fs::write(&partial, demoted).expect("written");
+    std::fs::rename(&partial, &path).expect("replaced");
+    until_token(&relay, "root", false).await;
+    // Alice's next entry reaches neither: both feeds have ended.
+    assert_eq!(status_at(&relay, &alice.public_url).await, StatusCode::OK);
+    assert_eq!(ops.end().await, Vec::<String>::new());
+    assert_eq!(root.end().await, Vec::<String>::new());
+
+    alice.stop().await.expect("alice stops");
+    origin.stop().await;
+    relay.stop().await;
+}
