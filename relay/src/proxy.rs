@@ -5,7 +5,8 @@
 //! protocol header (v1 or v2, as TCP load balancers send); its source
 //! address is then the caller for everything on that connection. Without
 //! one, the caller of each request is the rightmost `X-Forwarded-For` hop
-//! that is not itself a trusted proxy (as an HTTP proxy appends it), and
+//! that is not itself a trusted proxy (as an HTTP proxy appends it; what
+//! the caller wrote left of it is ignored), and
 //! its `X-Forwarded-Proto` says whether the caller used HTTPS. Any
 //! other peer is the caller itself: its PROXY header is just a malformed
 //! request, and its forwarding headers are dropped.
@@ -45,26 +46,33 @@ impl TrustedProxies {
         self.0.iter().any(|net| net.contains(&ip))
     }
 
-    /// The caller of a request that trusted proxy `peer` forwarded with
-    /// `headers`: the rightmost `X-Forwarded-For` hop that is not a trusted
-    /// proxy, or the last hop when all are trusted. `None` when the header
-    /// is missing or any hop is not an address (the chain cannot be read,
-    /// so nothing in it is believed).
+    /// The caller of a request that a trusted proxy forwarded with
+    /// `headers`: walking `X-Forwarded-For` from the right, the first hop
+    /// that is not a trusted proxy, or the leftmost hop when all are.
+    /// Hops left of the caller are the caller's own to write and are not
+    /// read. `None` when the header is missing or a hop at or right of the
+    /// caller is not an address (the chain the proxies wrote cannot be
+    /// read, so nothing in it is believed).
     pub fn forwarded_for(&self, headers: &hyper::HeaderMap) -> Option<IpAddr> {
-        let mut hops = Vec::new();
-        for value in headers.get_all("x-forwarded-for") {
-            for hop in value.to_str().ok()?.split(',') {
-                hops.push(hop.trim().parse::<IpAddr>().ok()?);
+        let mut caller = None;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            for hop in value.to_str().ok()?.rsplit(',') {
+                let hop = parse_hop(hop.trim())?;
+                if !self.contains(hop) {
+                    return Some(hop);
+                }
+                caller = Some(hop);
             }
         }
-        let last = *hops.last()?;
-        Some(
-            hops.into_iter()
-                .rev()
-                .find(|hop| !self.contains(*hop))
-                .unwrap_or(last),
-        )
+        caller
     }
+}
+
+/// One `X-Forwarded-For` hop: an address, `ip:port` or `[ipv6]:port`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// Whether a trusted HTTP proxy says the caller came over HTTPS: the last
@@ -320,6 +328,23 @@ mod tests {
         assert_eq!(trusted.forwarded_for(&headers(&[])), None);
         assert_eq!(
             trusted.forwarded_for(&headers(&["203.0.113.9, junk"])),
+            None
+        );
+        // Anything left of the caller is the caller's own to write.
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["junk, 203.0.113.9"])),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["junk", "203.0.113.9:4444, 10.0.0.1"])),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["[2001:db9::1]:80, [2001:db8::1]:443"])),
+            ip("2001:db9::1")
+        );
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["203.0.113.9, junk, 10.0.0.1"])),
             None
         );
         assert!(trusted.contains("::ffff:10.0.0.1".parse().unwrap()));

@@ -255,6 +255,45 @@ async fn a_trusted_http_proxys_forwarded_for_names_the_caller_and_no_one_elses_d
 }
 
 #[tokio::test]
+async fn a_callers_own_junk_forwarded_for_hop_does_not_make_it_the_proxy() {
+    let relay = TestRelay::start(Config {
+        max_requests_per_ip: 1,
+        ..trusting(&["127.0.0.1/32"])
+    })
+    .await;
+    let (origin, mut paths, release) = echo_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    let api = Api::of(&relay);
+    let mut tail = api.tail("").await;
+
+    // The caller sent `X-Forwarded-For: junk`; its proxy appended the
+    // caller's real address (with a port, as some proxies do).
+    let forged = "X-Forwarded-For: junk, 203.0.113.9:4444\r\n";
+    let (stream, held_host) = (connect(&relay).await, host.clone());
+    let held = tokio::spawn(async move { get_on(stream, b"", &held_host, "/hold", forged).await });
+    assert_eq!(
+        within("the held request", paths.recv()).await.as_deref(),
+        Some("/hold")
+    );
+
+    // Had the junk made the caller count as the proxy, this other caller
+    // behind it would share its one request in flight.
+    let other = "X-Forwarded-For: [2001:db8::7]:80\r\n";
+    let (status, seen) = get_on(connect(&relay).await, b"", &host, "/", other).await;
+    assert_eq!((status, seen.as_str()), (200, "2001:db8::7"));
+    assert_eq!(logged_caller(&mut tail, &api).await, "[2001:db8::7]:0");
+    release.notify_waiters();
+    let (status, seen) = within("the held answer", held).await.expect("held task");
+    assert_eq!((status, seen.as_str()), (200, "203.0.113.9"));
+    assert_eq!(logged_caller(&mut tail, &api).await, "203.0.113.9:0");
+
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn the_connection_cap_per_address_counts_the_caller_a_proxy_header_names() {
     let relay = TestRelay::start(Config {
         max_connections_per_ip: 1,
