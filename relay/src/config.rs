@@ -111,7 +111,9 @@ impl Config {
     pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 32;
     /// The default for [`Config::max_requests_per_second`]: far above what
     /// webhook senders and a developer's browser send, low enough that a
-    /// flood cannot keep a developer's laptop or the relay's capture busy.
+    /// flood cannot keep a developer's laptop busy. One caller may take
+    /// only [`share_per_ip`] of it, and the log records at most one of a
+    /// caller's refusals a second.
     pub const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 200;
     /// The default for [`Config::max_body_size`]: 100 MiB. Webhooks are
     /// small, but a dev tunnel also carries file uploads to the app behind
@@ -163,6 +165,14 @@ impl Config {
 /// at once: a dev server's page load (hundreds of module requests at once)
 /// or a webhook sender catching up after an outage comes in bursts.
 pub const RATE_BURST_SECONDS: u32 = 5;
+
+/// One caller's share of a tunnel's rate (and burst): half, rounded up. A
+/// caller flooding a tunnel is refused while half of it is left for the
+/// webhook senders and the developer's browser; taking all of it needs
+/// several addresses, and one caller's page load still gets half the burst.
+pub fn share_per_ip(tunnel: u32) -> u32 {
+    tunnel.div_ceil(2)
+}
 
 // One address's share of a tunnel's slots, each response holding a full
 // stream window unread, fills at most half the tunnel's connection window.

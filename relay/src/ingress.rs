@@ -134,7 +134,7 @@ fn error_response(err: &IngressError) -> Response<Body> {
         debug!(%name, %source, "tunnel request failed");
     }
     let mut response = text(error_status(err), err.to_string());
-    if let IngressError::Send(SendError::RateLimited(_, seconds)) = err {
+    if let IngressError::Send(SendError::RateLimited(_, seconds, _)) = err {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
@@ -412,6 +412,11 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
                     state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
                     let response = error_response(&err);
                     if let Some(capture) = capture {
+                        if let IngressError::Send(SendError::RateLimited(.., false)) = err {
+                            // Counted above; a flood does not fill the log.
+                            capture.discard();
+                            return response;
+                        }
                         let message = format!("{err}\n");
                         capture.failed(
                             error_outcome(&err),
@@ -696,7 +701,7 @@ async fn forward(
     };
     // Refused before anything reaches the client: a flood costs the tunnel
     // nothing, and a body announced too large is never read.
-    tunnel.spend_rate()?;
+    tunnel.spend_rate(link.peer.ip())?;
     check_declared_size(req.headers(), state.config.max_body_size)?;
     let admission = tunnel.admit(link.peer.ip())?;
 

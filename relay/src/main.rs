@@ -131,7 +131,8 @@ struct Args {
           default_value = "10s", value_parser = duration)]
     write_timeout: Duration,
     /// Public requests one tunnel may take per second, in bursts of up to
-    /// five seconds' worth; more get 429 with Retry-After.
+    /// five seconds' worth; one caller address may take half of that. More
+    /// get 429 with Retry-After.
     #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_SECOND", value_name = "N",
           default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_SECOND,
           value_parser = clap::value_parser!(u32).range(1..))]
