@@ -75,6 +75,9 @@ pub struct Config {
     /// Peers (load balancers, HTTP proxies) that may name the caller, with
     /// a PROXY protocol header or `X-Forwarded-For`; empty trusts none.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether a trusted proxy must open each connection with a PROXY
+    /// header.
+    pub proxy_protocol: crate::proxy::ProxyProtocol,
     /// Networks and host names the relay may send replays and deliveries
     /// to although the egress guard would refuse them (private, loopback …).
     pub egress_allow: Vec<Allow>,
@@ -206,6 +209,7 @@ impl Default for Config {
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
             trusted_proxies: Vec::new(),
+            proxy_protocol: crate::proxy::ProxyProtocol::Optional,
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
             capture: true,
