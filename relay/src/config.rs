@@ -75,6 +75,9 @@ pub struct Config {
     /// Peers (load balancers, HTTP proxies) that may name the caller, with
     /// a PROXY protocol header or `X-Forwarded-For`; empty trusts none.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether a trusted proxy must open each connection with a PROXY
+    /// header.
+    pub proxy_protocol: crate::proxy::ProxyProtocol,
     /// Networks and host names the relay may send replays and deliveries
     /// to although the egress guard would refuse them (private, loopback …).
     pub egress_allow: Vec<Allow>,
@@ -111,7 +114,9 @@ impl Config {
     pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 32;
     /// The default for [`Config::max_requests_per_second`]: far above what
     /// webhook senders and a developer's browser send, low enough that a
-    /// flood cannot keep a developer's laptop or the relay's capture busy.
+    /// flood cannot keep a developer's laptop busy. One caller may take
+    /// only [`share_per_ip`] of it, and the log records at most one of a
+    /// caller's refusals a second.
     pub const DEFAULT_MAX_REQUESTS_PER_SECOND: u32 = 200;
     /// The default for [`Config::max_body_size`]: 100 MiB. Webhooks are
     /// small, but a dev tunnel also carries file uploads to the app behind
@@ -164,6 +169,14 @@ impl Config {
 /// or a webhook sender catching up after an outage comes in bursts.
 pub const RATE_BURST_SECONDS: u32 = 5;
 
+/// One caller's share of a tunnel's rate (and burst): half, rounded up. A
+/// caller flooding a tunnel is refused while half of it is left for the
+/// webhook senders and the developer's browser; taking all of it needs
+/// several addresses, and one caller's page load still gets half the burst.
+pub fn share_per_ip(tunnel: u32) -> u32 {
+    tunnel.div_ceil(2)
+}
+
 // One address's share of a tunnel's slots, each response holding a full
 // stream window unread, fills at most half the tunnel's connection window.
 const _: () = assert!(
@@ -196,6 +209,7 @@ impl Default for Config {
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             keepalive: Keepalive::default(),
             trusted_proxies: Vec::new(),
+            proxy_protocol: crate::proxy::ProxyProtocol::Optional,
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
             capture: true,

@@ -134,7 +134,7 @@ fn error_response(err: &IngressError) -> Response<Body> {
         debug!(%name, %source, "tunnel request failed");
     }
     let mut response = text(error_status(err), err.to_string());
-    if let IngressError::Send(SendError::RateLimited(_, seconds)) = err {
+    if let IngressError::Send(SendError::RateLimited(_, seconds, _)) = err {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
@@ -246,12 +246,20 @@ pub(crate) async fn serve(
                     state.config.header_timeout,
                     proxy::read_header(&mut stream),
                 );
+                let required = state.config.proxy_protocol == proxy::ProxyProtocol::Required;
                 match header.await {
-                    Ok(Ok((Some(caller), rest))) => match connection_place(&state, caller) {
-                        Some(per_ip) => (Some(caller), rest, Some(per_ip)),
-                        None => return,
-                    },
-                    Ok(Ok((None, rest))) => (None, rest, None),
+                    Ok(Ok((proxy::Opening::Header(Some(caller)), rest))) => {
+                        match connection_place(&state, caller) {
+                            Some(per_ip) => (Some(caller), rest, Some(per_ip)),
+                            None => return,
+                        }
+                    }
+                    Ok(Ok((proxy::Opening::Plain, _))) if required => {
+                        return debug!(
+                            "trusted proxy's connection without the required PROXY header refused"
+                        );
+                    }
+                    Ok(Ok((_, rest))) => (None, rest, None),
                     Ok(Err(err)) => return debug!(%err, "trusted proxy's connection refused"),
                     Err(_) => return debug!("trusted proxy sent no request in time"),
                 }
@@ -264,11 +272,16 @@ pub(crate) async fn serve(
                 timeouts,
                 (permit, per_ip),
             );
+            // Without a PROXY header, each request may name its caller,
+            // unless the peer is a load balancer that must send one (a
+            // health check's LOCAL header names no caller).
+            let forwarded = trusted
+                && caller.is_none()
+                && state.config.proxy_protocol == proxy::ProxyProtocol::Optional;
             let link = Link {
                 state,
                 peer: caller.unwrap_or(peer),
-                // Without a PROXY header, each request may name its caller.
-                proxies: (trusted && caller.is_none()).then_some(proxies),
+                proxies: forwarded.then_some(proxies),
                 activity,
                 https: tls.is_some(),
             };
@@ -412,6 +425,11 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
                     state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
                     let response = error_response(&err);
                     if let Some(capture) = capture {
+                        if let IngressError::Send(SendError::RateLimited(.., false)) = err {
+                            // Counted above; a flood does not fill the log.
+                            capture.discard();
+                            return response;
+                        }
                         let message = format!("{err}\n");
                         capture.failed(
                             error_outcome(&err),
@@ -696,7 +714,7 @@ async fn forward(
     };
     // Refused before anything reaches the client: a flood costs the tunnel
     // nothing, and a body announced too large is never read.
-    tunnel.spend_rate()?;
+    tunnel.spend_rate(link.peer.ip())?;
     check_declared_size(req.headers(), state.config.max_body_size)?;
     let admission = tunnel.admit(link.peer.ip())?;
 

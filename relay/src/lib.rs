@@ -282,6 +282,14 @@ async fn serve(
                 .max_requests_per_second
                 .saturating_mul(config::RATE_BURST_SECONDS),
         ),
+        requests_per_second_per_ip: (
+            config::share_per_ip(config.max_requests_per_second),
+            config::share_per_ip(
+                config
+                    .max_requests_per_second
+                    .saturating_mul(config::RATE_BURST_SECONDS),
+            ),
+        ),
     }));
     let egress = egress::Egress::new(
         config.egress_allow.clone(),

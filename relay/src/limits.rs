@@ -195,12 +195,89 @@ impl Bucket {
     }
 }
 
+/// One caller's tokens, when they were last counted, and when a refusal of
+/// it was last noted.
+type CallerBucket = (f64, Instant, Option<Instant>);
+
+/// A token bucket per caller of one tunnel: each may take `per_second`
+/// events a second in bursts of up to `burst`. At most `tracked` callers are
+/// kept; callers whose bucket has refilled are forgotten first, and a new
+/// caller that still finds no room is not limited here (the tunnel's own
+/// bucket still is), so memory stays bounded whatever a flood does.
+#[derive(Debug)]
+pub struct PerIpRate {
+    /// Each caller's tokens, when they were last counted, and when a refusal
+    /// of it was last noted.
+    buckets: Mutex<HashMap<IpKey, CallerBucket>>,
+    /// Tokens each caller earns per second.
+    per_second: f64,
+    /// The most tokens one caller's bucket holds.
+    burst: f64,
+    /// The most callers kept.
+    tracked: usize,
+}
+
+impl PerIpRate {
+    /// Full buckets earning `per_second` tokens a second, holding `burst`,
+    /// for up to `tracked` callers.
+    pub fn new(per_second: u32, burst: u32, tracked: usize) -> Self {
+        Self {
+            buckets: Mutex::default(),
+            per_second: f64::from(per_second.max(1)),
+            burst: f64::from(burst.max(1)),
+            tracked,
+        }
+    }
+
+    fn refill(&self, tokens: f64, since: Instant, now: Instant) -> f64 {
+        (tokens + now.duration_since(since).as_secs_f64() * self.per_second).min(self.burst)
+    }
+
+    /// Spends one token of `ip`'s; `Err` with the wait until its next when
+    /// it has none left.
+    pub fn spend(&self, ip: IpAddr) -> Result<(), Duration> {
+        let now = Instant::now();
+        let key = IpKey::from(ip);
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() >= self.tracked && !buckets.contains_key(&key) {
+            buckets.retain(|_, (tokens, since, _)| self.refill(*tokens, *since, now) < self.burst);
+            if buckets.len() >= self.tracked {
+                return Ok(());
+            }
+        }
+        let (tokens, since, _) = buckets.entry(key).or_insert((self.burst, now, None));
+        let available = self.refill(*tokens, *since, now);
+        *since = now;
+        if available < 1.0 {
+            *tokens = available;
+            return Err(Duration::from_secs_f64((1.0 - available) / self.per_second));
+        }
+        *tokens = available - 1.0;
+        Ok(())
+    }
+
+    /// Whether a refusal of `ip` is worth noting: true at most once a
+    /// second per tracked caller, never for one not tracked.
+    pub fn note_refusal(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut buckets = lock(&self.buckets);
+        let Some((_, _, noted)) = buckets.get_mut(&IpKey::from(ip)) else {
+            return false;
+        };
+        if noted.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            return false;
+        }
+        *noted = Some(now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
     use std::time::Duration;
 
-    use super::{Bucket, IpKey, PerIp, RateLimit};
+    use super::{Bucket, IpKey, PerIp, PerIpRate, RateLimit};
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
@@ -265,5 +342,23 @@ mod tests {
             wait > Duration::ZERO && wait <= Duration::from_millis(100),
             "{wait:?}"
         );
+    }
+
+    #[test]
+    fn per_caller_rates_are_separate_noted_once_a_second_and_bounded() {
+        let rate = PerIpRate::new(1, 2, 2);
+        rate.spend(ip("192.0.2.1")).unwrap();
+        rate.spend(ip("192.0.2.1")).unwrap();
+        assert!(rate.spend(ip("192.0.2.1")).is_err());
+        assert!(rate.note_refusal(ip("192.0.2.1")));
+        assert!(!rate.note_refusal(ip("192.0.2.1")), "once a second");
+        rate.spend(ip("192.0.2.2")).unwrap();
+        // Both tracked callers have spent: a third is not tracked, and so
+        // not limited here, nor noted.
+        for _ in 0..5 {
+            rate.spend(ip("192.0.2.3")).unwrap();
+        }
+        assert!(!rate.note_refusal(ip("192.0.2.3")));
+        assert!(rate.spend(ip("192.0.2.1")).is_err(), "still remembered");
     }
 }

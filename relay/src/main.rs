@@ -10,6 +10,7 @@ use clap::builder::TypedValueParser;
 use clap::Parser;
 use ferry_relay::dns::{Challenges, Zone, ZoneConfig};
 use ferry_relay::egress::Allow;
+use ferry_relay::proxy::ProxyProtocol;
 use ferry_relay::tls::acme::{Acme, AcmeConfig};
 use ferry_relay::tls::{CertResolver, TlsFiles};
 use ferry_relay::{Config, Listeners, Token};
@@ -131,7 +132,8 @@ struct Args {
           default_value = "10s", value_parser = duration)]
     write_timeout: Duration,
     /// Public requests one tunnel may take per second, in bursts of up to
-    /// five seconds' worth; more get 429 with Retry-After.
+    /// five seconds' worth; one caller address may take half of that. More
+    /// get 429 with Retry-After.
     #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_SECOND", value_name = "N",
           default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_SECOND,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -312,6 +314,14 @@ struct Args {
         value_parser = network
     )]
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether a trusted proxy must open each connection with a PROXY
+    /// header: `optional` (an HTTP proxy's X-Forwarded-For is believed
+    /// without one) or `required` (for a TCP load balancer that sends one:
+    /// a connection without it is refused, and X-Forwarded-For is never
+    /// believed).
+    #[arg(long, env = "FERRY_RELAY_PROXY_PROTOCOL", value_name = "optional|required",
+          default_value = "optional", value_parser = proxy_protocol)]
+    proxy_protocol: ProxyProtocol,
     /// How long one webhook delivery attempt may take, response included.
     #[arg(long, env = "FERRY_RELAY_DISPATCH_TIMEOUT", value_name = "DURATION",
           default_value = "15s", value_parser = duration)]
@@ -478,6 +488,15 @@ fn network(text: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| {
             format!("`{text}` is not a network or address: write it like 10.0.0.0/8 or 192.0.2.7")
         })
+}
+
+/// `--proxy-protocol`'s value.
+fn proxy_protocol(text: &str) -> Result<ProxyProtocol, String> {
+    match text {
+        "optional" => Ok(ProxyProtocol::Optional),
+        "required" => Ok(ProxyProtocol::Required),
+        _ => Err(format!("`{text}` is not `optional` or `required`")),
+    }
 }
 
 /// A size flag that may be zero.
@@ -747,6 +766,7 @@ fn config(args: &Args) -> Result<Config, String> {
         max_connections_per_ip: args.max_connections_per_ip,
         keepalive: ferry_common::handshake::Keepalive::default(),
         trusted_proxies: args.trusted_proxies.clone(),
+        proxy_protocol: args.proxy_protocol,
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
         capture: args.capture,

@@ -1,11 +1,13 @@
 //! Trusted proxies: the load balancers and HTTP proxies an operator puts in
 //! front of the relay, which alone may say who the caller is.
 //!
-//! A peer inside `--trusted-proxy` may open its connection with a PROXY
-//! protocol header (v1 or v2, as TCP load balancers send); its source
+//! A peer inside `--trusted-proxy` may (or with `--proxy-protocol required`
+//! must) open its connection with a PROXY protocol header (v1 or v2, as TCP
+//! load balancers send); its source
 //! address is then the caller for everything on that connection. Without
 //! one, the caller of each request is the rightmost `X-Forwarded-For` hop
-//! that is not itself a trusted proxy (as an HTTP proxy appends it), and
+//! that is not itself a trusted proxy (as an HTTP proxy appends it; what
+//! the caller wrote left of it is ignored), and
 //! its `X-Forwarded-Proto` says whether the caller used HTTPS. Any
 //! other peer is the caller itself: its PROXY header is just a malformed
 //! request, and its forwarding headers are dropped.
@@ -29,6 +31,30 @@ const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 /// bytes at most in practice.
 const MAX_HEADER: usize = 4096;
 
+/// Whether a trusted proxy must open each connection with a PROXY header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// It may: an HTTP proxy sends none, and names callers with
+    /// `X-Forwarded-For` instead.
+    #[default]
+    Optional,
+    /// It must; a connection without one is refused. For a TCP load
+    /// balancer, so that a connection reaching the relay some other way, or
+    /// the balancer losing the setting, cannot pass a caller's own
+    /// forwarding headers off as the balancer's.
+    Required,
+}
+
+/// What a trusted peer's connection opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// No PROXY header.
+    Plain,
+    /// A PROXY header naming the caller, or `None` for a health check's
+    /// LOCAL or UNKNOWN one.
+    Header(Option<SocketAddr>),
+}
+
 /// The networks whose peers are trusted proxies.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies(Vec<IpNet>);
@@ -45,26 +71,33 @@ impl TrustedProxies {
         self.0.iter().any(|net| net.contains(&ip))
     }
 
-    /// The caller of a request that trusted proxy `peer` forwarded with
-    /// `headers`: the rightmost `X-Forwarded-For` hop that is not a trusted
-    /// proxy, or the last hop when all are trusted. `None` when the header
-    /// is missing or any hop is not an address (the chain cannot be read,
-    /// so nothing in it is believed).
+    /// The caller of a request that a trusted proxy forwarded with
+    /// `headers`: walking `X-Forwarded-For` from the right, the first hop
+    /// that is not a trusted proxy, or the leftmost hop when all are.
+    /// Hops left of the caller are the caller's own to write and are not
+    /// read. `None` when the header is missing or a hop at or right of the
+    /// caller is not an address (the chain the proxies wrote cannot be
+    /// read, so nothing in it is believed).
     pub fn forwarded_for(&self, headers: &hyper::HeaderMap) -> Option<IpAddr> {
-        let mut hops = Vec::new();
-        for value in headers.get_all("x-forwarded-for") {
-            for hop in value.to_str().ok()?.split(',') {
-                hops.push(hop.trim().parse::<IpAddr>().ok()?);
+        let mut caller = None;
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            for hop in value.to_str().ok()?.rsplit(',') {
+                let hop = parse_hop(hop.trim())?;
+                if !self.contains(hop) {
+                    return Some(hop);
+                }
+                caller = Some(hop);
             }
         }
-        let last = *hops.last()?;
-        Some(
-            hops.into_iter()
-                .rev()
-                .find(|hop| !self.contains(*hop))
-                .unwrap_or(last),
-        )
+        caller
     }
+}
+
+/// One `X-Forwarded-For` hop: an address, `ip:port` or `[ipv6]:port`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// Whether a trusted HTTP proxy says the caller came over HTTPS: the last
@@ -103,12 +136,11 @@ pub enum HeaderError {
 }
 
 /// Reads the PROXY header a trusted peer opens `stream` with, if it sends
-/// one: returns the caller's address it names (`None` without a header,
-/// or for a health check's LOCAL or UNKNOWN header) and the bytes read
-/// past it, which belong to the connection.
+/// one: returns what it opened with and the bytes read past it, which
+/// belong to the connection.
 pub async fn read_header<S: AsyncRead + Unpin>(
     stream: &mut S,
-) -> Result<(Option<SocketAddr>, Bytes), HeaderError> {
+) -> Result<(Opening, Bytes), HeaderError> {
     let mut buf = BytesMut::with_capacity(512);
     loop {
         if stream.read_buf(&mut buf).await? == 0 {
@@ -119,7 +151,7 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             buf[..n] == signature[..n]
         };
         if !opens(V1_SIGNATURE) && !opens(V2_SIGNATURE) {
-            return Ok((None, buf.freeze()));
+            return Ok((Opening::Plain, buf.freeze()));
         }
         let parsed = HeaderResult::parse(&buf);
         if parsed.is_incomplete() {
@@ -158,7 +190,7 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             }
         };
         buf.advance(len);
-        return Ok((caller, buf.freeze()));
+        return Ok((Opening::Header(caller), buf.freeze()));
     }
 }
 
@@ -229,9 +261,9 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::{read_header, HeaderError, Prefixed, TrustedProxies};
+    use super::{read_header, HeaderError, Opening, Prefixed, TrustedProxies};
 
-    async fn parse(bytes: &'static [u8]) -> Result<(Option<SocketAddr>, Vec<u8>), HeaderError> {
+    async fn parse(bytes: &'static [u8]) -> Result<(Opening, Vec<u8>), HeaderError> {
         let (mut peer, mut socket) = tokio::io::duplex(64);
         let writer = tokio::spawn(async move {
             // In small pieces, as a slow network delivers it.
@@ -250,22 +282,29 @@ mod tests {
         Ok((caller, all))
     }
 
+    fn header(caller: &str) -> Opening {
+        Opening::Header(Some(caller.parse::<SocketAddr>().unwrap()))
+    }
+
     #[tokio::test]
     async fn v1_and_v2_headers_name_the_caller_and_the_rest_is_kept() {
         let (caller, rest) =
             parse(b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 80\r\nGET / HTTP/1.1\r\n")
                 .await
                 .unwrap();
-        assert_eq!(caller, Some("203.0.113.9:5555".parse().unwrap()));
+        assert_eq!(caller, header("203.0.113.9:5555"));
         assert_eq!(rest, b"GET / HTTP/1.1\r\n");
 
         let v2: &'static [u8] = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x0a\xc0\x00\x02\x01\x15\xb3\x00\x50PRI";
         let (caller, rest) = parse(v2).await.unwrap();
-        assert_eq!(caller, Some("203.0.113.10:5555".parse().unwrap()));
+        assert_eq!(caller, header("203.0.113.10:5555"));
         assert_eq!(rest, b"PRI");
 
         let (caller, rest) = parse(b"PROXY UNKNOWN\r\nGET").await.unwrap();
-        assert_eq!((caller, rest.as_slice()), (None, &b"GET"[..]));
+        assert_eq!(
+            (caller, rest.as_slice()),
+            (Opening::Header(None), &b"GET"[..])
+        );
     }
 
     #[tokio::test]
@@ -277,7 +316,7 @@ mod tests {
         ] {
             let bytes: &'static [u8] = Box::leak(request.to_vec().into_boxed_slice());
             let (caller, rest) = parse(bytes).await.unwrap();
-            assert_eq!((caller, rest.as_slice()), (None, request));
+            assert_eq!((caller, rest.as_slice()), (Opening::Plain, request));
         }
     }
 
@@ -320,6 +359,23 @@ mod tests {
         assert_eq!(trusted.forwarded_for(&headers(&[])), None);
         assert_eq!(
             trusted.forwarded_for(&headers(&["203.0.113.9, junk"])),
+            None
+        );
+        // Anything left of the caller is the caller's own to write.
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["junk, 203.0.113.9"])),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["junk", "203.0.113.9:4444, 10.0.0.1"])),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["[2001:db9::1]:80, [2001:db8::1]:443"])),
+            ip("2001:db9::1")
+        );
+        assert_eq!(
+            trusted.forwarded_for(&headers(&["203.0.113.9, junk, 10.0.0.1"])),
             None
         );
         assert!(trusted.contains("::ffff:10.0.0.1".parse().unwrap()));

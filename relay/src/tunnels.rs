@@ -19,7 +19,7 @@ use hyper::{Request, Response};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{short_hash, Account, AccountId, TokenHash};
-use crate::limits::{Bucket, PerIp, PerIpGuard};
+use crate::limits::{Bucket, PerIp, PerIpGuard, PerIpRate};
 use crate::store::OwnerKey;
 use crate::Body;
 
@@ -28,6 +28,10 @@ const RANDOM_NAME_ATTEMPTS: u32 = 64;
 /// How long a public request waits for a tunnel whose client is still
 /// completing its handshake (a fresh connect, a reconnect or a takeover).
 const READY_WAIT: Duration = Duration::from_secs(5);
+/// How many callers' rates one tunnel keeps (about 50 bytes each, so at
+/// most ~50 KiB a tunnel): far more than call one dev tunnel at once; a flood
+/// from more addresses than that meets the tunnel's own rate.
+const TRACKED_RATE_CALLERS: usize = 1024;
 /// The most names held at once; past it the holds that expire soonest go
 /// first, so a flood of short-lived tunnels cannot grow memory without end.
 const MAX_HOLDS: usize = 100_000;
@@ -125,6 +129,8 @@ pub struct Tunnel {
     last_request: AtomicU64,
     /// Public requests per second it may take.
     rate: Bucket,
+    /// Public requests per second each caller may take of `rate`.
+    caller_rate: PerIpRate,
 }
 
 /// A request's place in its tunnel, held until its response ends (or its
@@ -151,10 +157,12 @@ pub enum SendError {
     /// caller may.
     #[error("you have {1} requests in flight on the tunnel `{0}`, the most one caller may: wait for some to finish")]
     CallerBusy(Subdomain, usize),
-    /// The tunnel took as many requests as it may this second; the caller
-    /// may retry after the given seconds.
+    /// The tunnel, or this caller's share of it, took as many requests as
+    /// it may this second; the caller may retry after the given seconds.
+    /// The flag says whether the refusal is worth recording (at most one a
+    /// second per caller, so a flood does not fill the log).
     #[error("the tunnel `{0}` is receiving more requests per second than this relay allows: retry in {1} s, or send them more slowly")]
-    RateLimited(Subdomain, u64),
+    RateLimited(Subdomain, u64, bool),
     /// The request's header list is larger than a tunnel carries.
     #[error("the request's headers total {0} bytes (counted as HTTP/2 does), above the {MAX_REQUEST_HEADER_LIST}-byte limit: send fewer or smaller headers")]
     HeadersTooLarge(usize),
@@ -206,14 +214,21 @@ impl Tunnel {
         })
     }
 
-    /// Counts one public request against the tunnel's rate; `Err` with the
-    /// wait when it is spent. Replays by the owner do not count.
-    pub fn spend_rate(&self) -> Result<(), SendError> {
-        self.rate.spend().map_err(|wait| {
-            // Whole seconds for Retry-After, at least one.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            SendError::RateLimited(self.name.clone(), secs.max(1))
-        })
+    /// Counts one public request from `caller` against its share of the
+    /// tunnel's rate, then against the tunnel's; `Err` with the wait when
+    /// either is spent. Replays by the owner do not count.
+    pub fn spend_rate(&self, caller: IpAddr) -> Result<(), SendError> {
+        // The caller's share first: one that floods is refused before it
+        // spends what others' requests need.
+        self.caller_rate
+            .spend(caller)
+            .and_then(|()| self.rate.spend())
+            .map_err(|wait| {
+                // Whole seconds for Retry-After, at least one.
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let noted = self.caller_rate.note_refusal(caller);
+                SendError::RateLimited(self.name.clone(), secs.max(1), noted)
+            })
     }
 
     /// Public requests admitted since the client connected, and when the
@@ -318,6 +333,9 @@ pub struct RegistryLimits {
     pub name_hold: Duration,
     /// Public requests each tunnel may take per second, and in a burst.
     pub requests_per_second: (u32, u32),
+    /// Public requests one caller may take per second of each tunnel's,
+    /// and in a burst.
+    pub requests_per_second_per_ip: (u32, u32),
 }
 
 /// A name kept for its owner after the session ended.
@@ -479,6 +497,11 @@ impl Tunnels {
             rate: Bucket::new(
                 self.limits.requests_per_second.0,
                 self.limits.requests_per_second.1,
+            ),
+            caller_rate: PerIpRate::new(
+                self.limits.requests_per_second_per_ip.0,
+                self.limits.requests_per_second_per_ip.1,
+                TRACKED_RATE_CALLERS,
             ),
             per_ip: PerIp::new(self.limits.max_in_flight_per_ip),
             replaces: Mutex::new(None),
@@ -726,6 +749,7 @@ mod tests {
             max_tunnels,
             name_hold: Duration::from_secs(3600),
             requests_per_second: (u32::MAX, u32::MAX),
+            requests_per_second_per_ip: (u32::MAX, u32::MAX),
         })
     }
 

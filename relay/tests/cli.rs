@@ -80,6 +80,7 @@ fn bad_trusted_proxies_rates_and_body_sizes_are_clap_errors() {
             "write it like 10.0.0.0/8",
         ),
         ("--max-requests-per-second", "0", "0"),
+        ("--proxy-protocol", "sometimes", "`optional` or `required`"),
         ("--max-body-size", "0", "more than zero"),
     ] {
         let output = relay(&[flag, value]).output().expect("ferry-relay runs");

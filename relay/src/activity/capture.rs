@@ -282,6 +282,14 @@ impl Capture {
         });
     }
 
+    /// Drops the exchange: it is not recorded.
+    pub fn discard(&self) {
+        self.entry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
     /// Wraps a body so that what passes through is captured as `side`.
     pub fn tap<B: HttpBody + Unpin>(self: &Arc<Self>, body: B, side: Side) -> Tap<B> {
         Tap {

@@ -152,6 +152,7 @@ impl Rig {
             max_tunnels: 64,
             name_hold: Duration::from_secs(60),
             requests_per_second: (u32::MAX, u32::MAX),
+            requests_per_second_per_ip: (u32::MAX, u32::MAX),
         }));
         let dispatcher = Dispatcher::new(
             Arc::clone(&store) as Arc<dyn Webhooks>,

@@ -6,6 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use ferry_relay::proxy::ProxyProtocol;
 use ferry_relay::Config;
 use ferry_tests::{
     connect_from, full, host_of, within, Api, ClientOptions, Origin, TestClient, TestRelay,
@@ -255,6 +256,45 @@ async fn a_trusted_http_proxys_forwarded_for_names_the_caller_and_no_one_elses_d
 }
 
 #[tokio::test]
+async fn a_callers_own_junk_forwarded_for_hop_does_not_make_it_the_proxy() {
+    let relay = TestRelay::start(Config {
+        max_requests_per_ip: 1,
+        ..trusting(&["127.0.0.1/32"])
+    })
+    .await;
+    let (origin, mut paths, release) = echo_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    let api = Api::of(&relay);
+    let mut tail = api.tail("").await;
+
+    // The caller sent `X-Forwarded-For: junk`; its proxy appended the
+    // caller's real address (with a port, as some proxies do).
+    let forged = "X-Forwarded-For: junk, 203.0.113.9:4444\r\n";
+    let (stream, held_host) = (connect(&relay).await, host.clone());
+    let held = tokio::spawn(async move { get_on(stream, b"", &held_host, "/hold", forged).await });
+    assert_eq!(
+        within("the held request", paths.recv()).await.as_deref(),
+        Some("/hold")
+    );
+
+    // Had the junk made the caller count as the proxy, this other caller
+    // behind it would share its one request in flight.
+    let other = "X-Forwarded-For: [2001:db8::7]:80\r\n";
+    let (status, seen) = get_on(connect(&relay).await, b"", &host, "/", other).await;
+    assert_eq!((status, seen.as_str()), (200, "2001:db8::7"));
+    assert_eq!(logged_caller(&mut tail, &api).await, "[2001:db8::7]:0");
+    release.notify_waiters();
+    let (status, seen) = within("the held answer", held).await.expect("held task");
+    assert_eq!((status, seen.as_str()), (200, "203.0.113.9"));
+    assert_eq!(logged_caller(&mut tail, &api).await, "203.0.113.9:0");
+
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn the_connection_cap_per_address_counts_the_caller_a_proxy_header_names() {
     let relay = TestRelay::start(Config {
         max_connections_per_ip: 1,
@@ -302,6 +342,63 @@ async fn the_connection_cap_per_address_counts_the_caller_a_proxy_header_names()
     let (status, seen) = get_on(connect(&relay).await, &v1("203.0.113.10"), &host, "/", "").await;
     assert_eq!((status, seen.as_str()), (200, "203.0.113.10"));
     drop(open);
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_proxy_protocol_required_a_trusted_peers_connection_without_a_header_is_refused() {
+    let relay = TestRelay::start(Config {
+        proxy_protocol: ProxyProtocol::Required,
+        ..trusting(&["127.0.0.2/32"])
+    })
+    .await;
+    let (origin, mut paths, _release) = echo_origin().await;
+    let client = TestClient::start(&relay, &origin.target(), ClientOptions::default()).await;
+    let host = host_of(&client.public_url);
+    let balancer = Ipv4Addr::new(127, 0, 0, 2);
+
+    // Were the balancer to stop sending its header, a caller's own
+    // X-Forwarded-For (or PROXY line) would pass as the balancer's: such a
+    // connection is refused. Behind the balancer's header, the caller's
+    // PROXY line is a bad request.
+    let lb_then_caller = [
+        &b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 80\r\n"[..],
+        b"PROXY TCP4 198.51.100.66 192.0.2.1 5555 80\r\n",
+    ]
+    .concat();
+    for forged in [&b""[..], &lb_then_caller] {
+        let mut stream = connect_from(balancer, relay.addr).await;
+        let mut request = forged.to_vec();
+        request.extend_from_slice(
+            format!("GET /forged HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 198.51.100.66\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        // The relay may close before or after reading it all.
+        let _ = stream.write_all(&request).await;
+        let mut answer = Vec::new();
+        let _ = within(
+            "the refused connection to close",
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "a forged caller was served: {answer}"
+        );
+    }
+
+    let v1 = b"PROXY TCP4 203.0.113.9 192.0.2.1 5555 80\r\n";
+    let stream = connect_from(balancer, relay.addr).await;
+    let (status, seen) = get_on(stream, v1, &host, "/", "").await;
+    assert_eq!((status, seen.as_str()), (200, "203.0.113.9"));
+    assert_eq!(
+        within("the origin", paths.recv()).await.as_deref(),
+        Some("/"),
+        "the forged requests never reached the origin"
+    );
     client.stop().await.expect("client stops");
     origin.stop().await;
     relay.stop().await;
