@@ -38,6 +38,10 @@ pub struct Config {
     /// Public requests one tunnel may take per second, in bursts of up to
     /// [`RATE_BURST_SECONDS`] seconds' worth; more get 429 with Retry-After.
     pub max_requests_per_second: u32,
+    /// Public requests one caller address (an IPv6 /64) may make per second
+    /// on one tunnel, in bursts like the tunnel's; `None` is
+    /// [`share_per_ip`] of [`Config::max_requests_per_second`].
+    pub max_requests_per_second_per_ip: Option<u32>,
     /// The largest request body a public caller may send through a tunnel,
     /// in bytes; larger ones get 413.
     pub max_body_size: u64,
@@ -194,6 +198,7 @@ impl Default for Config {
             max_requests_per_tunnel: Self::DEFAULT_MAX_REQUESTS_PER_TUNNEL,
             max_requests_per_ip: Self::DEFAULT_MAX_REQUESTS_PER_IP,
             max_requests_per_second: Self::DEFAULT_MAX_REQUESTS_PER_SECOND,
+            max_requests_per_second_per_ip: None,
             max_body_size: Self::DEFAULT_MAX_BODY_SIZE,
             max_tunnels_per_token: Self::DEFAULT_MAX_TUNNELS_PER_TOKEN,
             max_tunnels: Self::DEFAULT_MAX_TUNNELS,

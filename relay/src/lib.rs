@@ -282,14 +282,13 @@ async fn serve(
                 .max_requests_per_second
                 .saturating_mul(config::RATE_BURST_SECONDS),
         ),
-        requests_per_second_per_ip: (
-            config::share_per_ip(config.max_requests_per_second),
-            config::share_per_ip(
-                config
-                    .max_requests_per_second
-                    .saturating_mul(config::RATE_BURST_SECONDS),
-            ),
-        ),
+        requests_per_second_per_ip: {
+            let rate = config
+                .max_requests_per_second_per_ip
+                .unwrap_or_else(|| config::share_per_ip(config.max_requests_per_second))
+                .min(config.max_requests_per_second);
+            (rate, rate.saturating_mul(config::RATE_BURST_SECONDS))
+        },
     }));
     let egress = egress::Egress::new(
         config.egress_allow.clone(),

@@ -138,6 +138,12 @@ struct Args {
           default_value_t = Config::DEFAULT_MAX_REQUESTS_PER_SECOND,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_requests_per_second: u32,
+    /// Public requests one caller address (an IPv6 /64) may make per second
+    /// on one tunnel, in bursts of up to five seconds' worth; more get 429
+    /// with Retry-After. Defaults to half of --max-requests-per-second.
+    #[arg(long, env = "FERRY_RELAY_MAX_REQUESTS_PER_SECOND_PER_IP", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_requests_per_second_per_ip: Option<u32>,
     /// The largest request body a public caller may send through a tunnel
     /// (100MiB, 1GiB, …); larger ones get 413.
     #[arg(long, env = "FERRY_RELAY_MAX_BODY_SIZE", value_name = "SIZE",
@@ -751,6 +757,7 @@ fn config(args: &Args) -> Result<Config, String> {
         max_requests_per_tunnel: args.max_requests_per_tunnel,
         max_requests_per_ip: args.max_requests_per_ip,
         max_requests_per_second: args.max_requests_per_second,
+        max_requests_per_second_per_ip: args.max_requests_per_second_per_ip,
         max_body_size: args.max_body_size,
         max_tunnels_per_token: args.max_tunnels_per_token,
         max_tunnels: args.max_tunnels,

@@ -221,7 +221,8 @@ async fn a_flood_on_one_tunnel_gets_429_with_retry_after_and_other_tunnels_carry
 #[tokio::test]
 async fn one_caller_flooding_a_tunnel_gets_429_while_others_still_get_through() {
     let relay = TestRelay::start(Config {
-        max_requests_per_second: 2,
+        max_requests_per_second: 4,
+        max_requests_per_second_per_ip: Some(1),
         ..Config::default()
     })
     .await;
@@ -231,7 +232,7 @@ async fn one_caller_flooding_a_tunnel_gets_429_while_others_still_get_through() 
     let api = Api::of(&relay);
     let mut tail = api.tail("").await;
 
-    // The tunnel takes 2 a second in bursts of 10; one caller, 1 in bursts
+    // The tunnel takes 4 a second in bursts of 20; one caller, 1 in bursts
     // of 5. The flood goes on well past its share.
     let started = std::time::Instant::now();
     let (mut passed, mut refused) = (0, 0);
@@ -247,6 +248,10 @@ async fn one_caller_flooding_a_tunnel_gets_429_while_others_still_get_through() 
     }
     let flooded_for = started.elapsed();
     assert!(passed >= 5, "only {passed} passed before the limit");
+    assert!(
+        passed <= 5 + flooded_for.as_secs() + 1,
+        "{passed} passed in {flooded_for:?}: more than the caller's own rate"
+    );
 
     let mut other = Request::new(full(""));
     *other.uri_mut() = hyper::Uri::from_static("/other");
