@@ -200,6 +200,28 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
+/// Creates `dir` and its parents, 0700 where made: it holds private keys.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Writes and syncs `path` (0600 if `private`, else 0644), to be renamed
+/// over the file it replaces so that no reader sees it half written.
+fn write_synced(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, if private { 0o600 } else { 0o644 });
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{CertResolver, TlsError, TlsFiles};

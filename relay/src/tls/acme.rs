@@ -8,7 +8,6 @@
 //! [`CertResolver`] at once, so new handshakes get it while open
 //! connections and tunnels carry on.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -25,7 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
-use super::{CertResolver, TlsFiles};
+use super::{private_dir, write_synced, CertResolver, TlsFiles};
 use crate::dns::Challenges;
 
 /// The folder inside the data directory.
@@ -171,11 +170,7 @@ impl Acme {
         challenges: Challenges,
     ) -> Result<Self, AcmeError> {
         let dir = data_dir.join(DIR);
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&dir).map_err(|source| AcmeError::Write {
+        private_dir(&dir).map_err(|source| AcmeError::Write {
             path: dir.clone(),
             source,
         })?;
@@ -691,14 +686,7 @@ fn write_temporary(path: &Path, contents: &[u8], private: bool) -> Result<PathBu
         path: temporary.clone(),
         source,
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, if private { 0o600 } else { 0o644 });
-    let mut file = options.open(&temporary).map_err(failed)?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(failed)?;
+    write_synced(&temporary, contents, private).map_err(failed)?;
     Ok(temporary)
 }
 

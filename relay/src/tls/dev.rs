@@ -8,7 +8,6 @@
 //! signed by the CA.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -23,7 +22,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 
-use super::{certified_key, TlsFiles};
+use super::{certified_key, private_dir, write_synced, TlsFiles};
 
 /// The folder inside the data directory.
 pub const DIR: &str = "dev-tls";
@@ -112,11 +111,7 @@ pub enum DevTlsError {
 /// `data_dir`/[`DIR`].
 pub fn ensure(data_dir: &Path, domain: &str) -> Result<DevTls, DevTlsError> {
     let dir = data_dir.join(DIR);
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(&dir).map_err(|source| DevTlsError::Write {
+    private_dir(&dir).map_err(|source| DevTlsError::Write {
         path: dir.clone(),
         source,
     })?;
@@ -334,14 +329,7 @@ fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), DevTlsError>
         source,
     };
     let temporary = path.with_extension("pem.new");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, if private { 0o600 } else { 0o644 });
-    let mut file = options.open(&temporary).map_err(failed)?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(failed)?;
+    write_synced(&temporary, contents, private).map_err(failed)?;
     std::fs::rename(&temporary, path).map_err(failed)
 }
 
