@@ -285,7 +285,9 @@ impl Sessions {
         Sha256::digest(cookie.as_bytes()).into()
     }
 
-    fn start(&self, principal: &Principal) -> Option<String> {
+    /// A new session's cookie, and whether older sessions ended to make
+    /// room for it.
+    fn start(&self, principal: &Principal) -> Option<(String, bool)> {
         let mut secret = [0u8; 32];
         SystemRandom::new().fill(&mut secret).ok()?;
         let cookie = hex(&secret);
@@ -297,7 +299,8 @@ impl Sessions {
             .filter(|(_, s)| s.account == account)
             .map(|(key, s)| (s.started, *key))
             .collect();
-        if own.len() >= SESSIONS_PER_ACCOUNT {
+        let evicted = own.len() >= SESSIONS_PER_ACCOUNT;
+        if evicted {
             own.sort();
             for (_, key) in &own[..=own.len() - SESSIONS_PER_ACCOUNT] {
                 sessions.remove(key);
@@ -313,7 +316,7 @@ impl Sessions {
                 started,
             },
         );
-        Some(cookie)
+        Some((cookie, evicted))
     }
 
     fn find(&self, cookie: &str) -> Option<TokenHash> {
@@ -328,9 +331,10 @@ impl Sessions {
             .map(|s| s.token)
     }
 
-    fn end(&self, cookie: &str) {
+    /// Whether there was such a session.
+    fn end(&self, cookie: &str) -> bool {
         let mut sessions = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        sessions.remove(&Self::key(cookie));
+        sessions.remove(&Self::key(cookie)).is_some()
     }
 
     /// Ends the sessions whose token `keep` refuses.
@@ -579,18 +583,24 @@ impl Accounts {
             return Err(AuthError::Throttled(wait));
         }
         let principal = self.check(token.trim(), from)?;
-        let cookie = self
+        let (cookie, evicted) = self
             .sessions
             .start(&principal)
             .ok_or(AuthError::NoRandomness)?;
+        if evicted {
+            self.changes.send_replace(());
+        }
         Ok((principal, cookie))
     }
 
     /// Ends the dashboard session in `headers`, if there is exactly one.
     pub fn sign_out(&self, headers: &HeaderMap, https: bool) {
         if let Ok(Some(cookie)) = session_cookie(headers, session_cookie_name(https)) {
-            self.sessions.end(cookie);
-            self.changes.send_replace(());
+            // Only a session that existed wakes the feeds, so a made-up
+            // cookie cannot wake them all.
+            if self.sessions.end(cookie) {
+                self.changes.send_replace(());
+            }
         }
     }
 
@@ -709,6 +719,31 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(accounts.holds(&proof));
+    }
+
+    #[test]
+    fn signing_out_an_unknown_session_wakes_no_feed() {
+        let accounts = Accounts::new(vec![Token::new("right")], 10);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            hyper::header::COOKIE,
+            HeaderValue::from_static("ferry_session=x"),
+        );
+        let changes = accounts.changes();
+        accounts.sign_out(&headers, false);
+        assert!(!changes.has_changed().unwrap(), "no session ended");
+    }
+
+    #[test]
+    fn a_session_ended_by_a_newer_sign_in_wakes_its_feeds() {
+        let accounts = Accounts::new(vec![Token::new("right")], 10);
+        let from = "192.0.2.1".parse().unwrap();
+        for _ in 0..super::SESSIONS_PER_ACCOUNT {
+            accounts.sign_in("right", from).unwrap();
+        }
+        let changes = accounts.changes();
+        accounts.sign_in("right", from).unwrap();
+        assert!(changes.has_changed().unwrap(), "the oldest session ended");
     }
 
     #[test]

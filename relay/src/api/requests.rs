@@ -636,11 +636,29 @@ impl Tail {
                     continue;
                 }
             }
-            tokio::select! {
-                changed = self.committed.changed() => changed.ok()?,
-                changed = self.accounts.changed() => changed.ok()?,
-                () = tokio::time::sleep(TAIL_KEEPALIVE) => return Some(Bytes::from_static(b": keepalive\n\n")),
-                () = self.state.shutdown.cancelled() => return None,
+            // Only a commit reads the store again; a change in the
+            // accounts only re-checks the caller, so waking feeds costs no
+            // query.
+            let keepalive = tokio::time::Instant::now() + TAIL_KEEPALIVE;
+            loop {
+                tokio::select! {
+                    changed = self.committed.changed() => {
+                        changed.ok()?;
+                        break;
+                    }
+                    changed = self.accounts.changed() => {
+                        changed.ok()?;
+                        if self
+                            .proof
+                            .as_ref()
+                            .is_some_and(|proof| !self.state.accounts.holds(proof))
+                        {
+                            return None;
+                        }
+                    }
+                    () = tokio::time::sleep_until(keepalive) => return Some(Bytes::from_static(b": keepalive\n\n")),
+                    () = self.state.shutdown.cancelled() => return None,
+                }
             }
         }
     }
