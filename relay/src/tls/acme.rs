@@ -58,6 +58,11 @@ const RETRY_FIRST: Duration = Duration::from_secs(30);
 pub const RETRY_FIRST_LETS_ENCRYPT: Duration = Duration::from_secs(15 * 60);
 /// The longest wait between attempts.
 const RETRY_MAX: Duration = Duration::from_secs(3600);
+/// The wait after issuing a certificate that is already due (a clock ahead
+/// of the CA's), which no retry soon would fix: each such issuance is a
+/// duplicate certificate, and 2 days apart (less a tenth at most) make at
+/// most 4 in any week, under Let's Encrypt's limit of 5.
+const SKEWED_RETRY: Duration = Duration::from_secs(2 * 24 * 3600);
 /// The longest the renewal task sleeps before looking again, so that a
 /// suspended machine or a changed clock does not postpone a renewal.
 const RENEW_CHECK: Duration = Duration::from_secs(3600);
@@ -337,8 +342,6 @@ impl Acme {
     /// `resolver`, until `shutdown`. A failed renewal is retried with
     /// backoff while the old certificate is served.
     pub async fn renew_until(self, resolver: Arc<CertResolver>, shutdown: CancellationToken) {
-        // Certificates issued in a row that were due at once.
-        let mut skewed = 0;
         loop {
             let wait = self.renewal_time().map_or(Duration::ZERO, |at| {
                 at.duration_since(SystemTime::now())
@@ -362,17 +365,9 @@ impl Acme {
                 Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
             }
             let renew_at = self.renewal_time();
-            let Some(wait) = wait_after_issue(
-                renew_at,
-                SystemTime::now(),
-                skewed,
-                self.retry_first,
-                rand::random(),
-            ) else {
-                skewed = 0;
+            let Some(wait) = wait_after_issue(renew_at, SystemTime::now(), rand::random()) else {
                 continue;
             };
-            skewed += 1;
             tracing::error!(
                 now = %humantime::format_rfc3339_seconds(SystemTime::now()),
                 renew_at = %renew_at.map_or_else(|| "-".to_owned(), |at| humantime::format_rfc3339_seconds(at).to_string()),
@@ -627,25 +622,24 @@ pub fn renewal_time(
 
 /// The wait before looking again after a certificate was issued: none when
 /// it is not due yet at `now`; when even the new one is due (a clock ahead
-/// of the CA's) or unusable, the failure backoff for the `skewed`-th such
-/// certificate in a row, so the CA is not asked for one every few seconds.
+/// of the CA's) or unusable, [`SKEWED_RETRY`] less up to a tenth by
+/// `jitter`, so the CA's duplicate-certificate limit is never reached.
 pub fn wait_after_issue(
     renew_at: Option<SystemTime>,
     now: SystemTime,
-    skewed: u32,
-    first: Duration,
     jitter: u32,
 ) -> Option<Duration> {
     match renew_at {
         Some(at) if at > now => None,
-        _ => Some(retry_delay(first, skewed, jitter)),
+        _ => Some(SKEWED_RETRY - SKEWED_RETRY / 10 * jitter / u32::MAX),
     }
 }
 
 /// The first wait after a failure against `directory`: long for Let's
 /// Encrypt, whose limits count failures per hour, short for others (a
-/// private CA, pebble).
+/// private CA, pebble). A trailing slash names the same directory.
 pub fn retry_first(directory: &str) -> Duration {
+    let directory = directory.strip_suffix('/').unwrap_or(directory);
     if [LETS_ENCRYPT, LETS_ENCRYPT_STAGING].contains(&directory) {
         RETRY_FIRST_LETS_ENCRYPT
     } else {
@@ -697,7 +691,7 @@ mod tests {
 
     use super::{
         renewal_time, retry_delay, retry_first, wait_after_issue, Acme, AcmeConfig, CERT, DIR, KEY,
-        RETRY_FIRST, RETRY_MAX,
+        RETRY_FIRST, RETRY_MAX, SKEWED_RETRY,
     };
     use crate::dns::Challenges;
 
@@ -873,24 +867,28 @@ mod tests {
     }
 
     #[test]
-    fn a_certificate_due_as_soon_as_issued_backs_off_exponentially() {
+    fn certificates_due_as_soon_as_issued_stay_under_5_a_week() {
         let now = SystemTime::UNIX_EPOCH + 1000 * DAY;
-        let first = RETRY_FIRST;
         assert_eq!(
-            wait_after_issue(Some(now + 60 * DAY), now, 0, first, 0),
+            wait_after_issue(Some(now + 60 * DAY), now, 0),
             None,
             "a good certificate: wait for its renewal time"
         );
         // A clock 70 days ahead: a new 90-day certificate is due at once.
+        // With the shortest waits (most jitter), count the issuances in
+        // the first week.
         let due = Some(now - 10 * DAY);
-        let waits: Vec<_> = (0..8)
-            .map(|skewed| wait_after_issue(due, now, skewed, first, 0).unwrap())
-            .collect();
-        assert_eq!(waits[0], first);
-        assert_eq!(waits[1], 2 * first);
-        assert_eq!(waits[2], 4 * first);
-        assert_eq!(waits[7], RETRY_MAX);
-        assert_eq!(wait_after_issue(None, now, 0, first, 0), Some(first));
+        let mut at = Duration::ZERO;
+        let mut issued = 1;
+        loop {
+            at += wait_after_issue(due, now, u32::MAX).unwrap();
+            if at >= 7 * DAY {
+                break;
+            }
+            issued += 1;
+        }
+        assert!(issued < 5, "{issued} duplicate certificates in a week");
+        assert_eq!(wait_after_issue(None, now, 0), Some(SKEWED_RETRY));
     }
 
     #[test]
@@ -898,6 +896,11 @@ mod tests {
         let first = retry_first(super::LETS_ENCRYPT);
         assert_eq!(first, retry_first(super::LETS_ENCRYPT_STAGING));
         assert_eq!(retry_first("https://127.0.0.1:14000/dir"), RETRY_FIRST);
+        assert_eq!(
+            retry_first(&format!("{}/", super::LETS_ENCRYPT)),
+            first,
+            "a trailing slash is the same directory"
+        );
         // The shortest waits (most jitter): attempt times over a day.
         let mut at = vec![Duration::ZERO];
         for failures in 0..30 {
