@@ -667,13 +667,18 @@ async fn dns(
         let mut message = format!("cannot listen on {kind} {addr} (--dns-listen): {err}");
         if err.kind() == std::io::ErrorKind::AddrInUse {
             message.push_str(&format!(
-                "; another DNS server holds port {port} (on Ubuntu, systemd-resolved's stub on 127.0.0.53:53 blocks 0.0.0.0:53): bind the public address instead (--dns-listen {ip}:{port}), or set DNSStubListener=no in /etc/systemd/resolved.conf and restart systemd-resolved",
+                "; another DNS server holds port {port} (on Ubuntu, systemd-resolved's stub on 127.0.0.53:53 blocks 0.0.0.0:53): bind the public address instead (--dns-listen {public}), or set DNSStubListener=no in /etc/systemd/resolved.conf and restart systemd-resolved; behind 1:1 NAT (EC2, GCE, Azure) bind the interface's own private address instead",
                 port = addr.port(),
-                ip = config
-                    .addresses
-                    .first()
-                    .map_or_else(|| "PUBLIC_IP".to_owned(), ToString::to_string),
+                public = config.addresses.first().map_or_else(
+                    || format!("PUBLIC_IP:{}", addr.port()),
+                    |ip| std::net::SocketAddr::new(*ip, addr.port()).to_string()
+                ),
             ));
+        }
+        if err.kind() == std::io::ErrorKind::AddrNotAvailable {
+            message.push_str(
+                "; no interface has that address: behind 1:1 NAT (EC2, GCE, Azure) the public address is not on the machine, so bind the interface's own private address (see `ip -brief address`) instead",
+            );
         }
         message
     };

@@ -415,3 +415,44 @@ fn a_dns_port_already_taken_says_to_bind_the_public_address_or_free_the_stub() {
     assert!(stderr.contains("public address"), "{stderr}");
     assert!(stderr.contains("DNSStubListener=no"), "{stderr}");
 }
+
+/// Runs the relay with `--dns-listen dns_listen --public-ip public_ip`,
+/// which must fail; returns its stderr.
+fn dns_bind_failure(dns_listen: &str, public_ip: &str) -> String {
+    let data = tempfile::tempdir().expect("data dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
+        .args([
+            "--domain",
+            "relay.test",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.path().to_str().expect("UTF-8 path"),
+            "--dns-listen",
+            dns_listen,
+            "--public-ip",
+            public_ip,
+        ])
+        .output()
+        .expect("ferry-relay runs");
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn the_taken_port_hint_writes_an_ipv6_public_address_in_brackets() {
+    let taken = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let dns_listen = taken.local_addr().expect("its address");
+    let stderr = dns_bind_failure(&dns_listen.to_string(), "2001:db8::7");
+    let hint = format!("--dns-listen [2001:db8::7]:{}", dns_listen.port());
+    assert!(stderr.contains(&hint), "{stderr}");
+}
+
+#[test]
+fn a_public_address_on_no_interface_says_to_bind_the_private_one() {
+    // Behind 1:1 NAT (EC2, GCE, Azure) the public address is on no
+    // interface; 192.0.2.1 (TEST-NET-1) is on none here either.
+    let stderr = dns_bind_failure("192.0.2.1:53", "192.0.2.1");
+    assert!(stderr.contains("192.0.2.1:53"), "{stderr}");
+    assert!(stderr.contains("private address"), "{stderr}");
+}
