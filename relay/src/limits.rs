@@ -236,7 +236,11 @@ impl PerIpRate {
     /// Spends one token of `ip`'s; `Err` with the wait until its next when
     /// it has none left.
     pub fn spend(&self, ip: IpAddr) -> Result<(), Duration> {
-        let now = Instant::now();
+        self.spend_at(ip, Instant::now())
+    }
+
+    /// [`Self::spend`] at `now`.
+    fn spend_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = IpKey::from(ip);
         let mut buckets = lock(&self.buckets);
         if buckets.len() >= self.tracked && !buckets.contains_key(&key) {
@@ -259,7 +263,11 @@ impl PerIpRate {
     /// Whether a refusal of `ip` is worth noting: true at most once a
     /// second per tracked caller, never for one not tracked.
     pub fn note_refusal(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
+        self.note_refusal_at(ip, Instant::now())
+    }
+
+    /// [`Self::note_refusal`] at `now`.
+    fn note_refusal_at(&self, ip: IpAddr, now: Instant) -> bool {
         let mut buckets = lock(&self.buckets);
         let Some((_, _, noted)) = buckets.get_mut(&IpKey::from(ip)) else {
             return false;
@@ -275,7 +283,7 @@ impl PerIpRate {
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::{Bucket, IpKey, PerIp, PerIpRate, RateLimit};
 
@@ -346,19 +354,32 @@ mod tests {
 
     #[test]
     fn per_caller_rates_are_separate_noted_once_a_second_and_bounded() {
+        // Fixed instants: a stalled test machine must not refill a bucket.
+        let start = Instant::now();
+        let at = |millis| start + Duration::from_millis(millis);
         let rate = PerIpRate::new(1, 2, 2);
-        rate.spend(ip("192.0.2.1")).unwrap();
-        rate.spend(ip("192.0.2.1")).unwrap();
-        assert!(rate.spend(ip("192.0.2.1")).is_err());
-        assert!(rate.note_refusal(ip("192.0.2.1")));
-        assert!(!rate.note_refusal(ip("192.0.2.1")), "once a second");
-        rate.spend(ip("192.0.2.2")).unwrap();
+        rate.spend_at(ip("192.0.2.1"), at(0)).unwrap();
+        rate.spend_at(ip("192.0.2.1"), at(0)).unwrap();
+        assert_eq!(
+            rate.spend_at(ip("192.0.2.1"), at(0)),
+            Err(Duration::from_secs(1))
+        );
+        assert!(rate.note_refusal_at(ip("192.0.2.1"), at(0)));
+        assert!(
+            !rate.note_refusal_at(ip("192.0.2.1"), at(999)),
+            "once a second"
+        );
+        assert!(rate.note_refusal_at(ip("192.0.2.1"), at(1000)));
+        rate.spend_at(ip("192.0.2.2"), at(0)).unwrap();
         // Both tracked callers have spent: a third is not tracked, and so
         // not limited here, nor noted.
         for _ in 0..5 {
-            rate.spend(ip("192.0.2.3")).unwrap();
+            rate.spend_at(ip("192.0.2.3"), at(0)).unwrap();
         }
-        assert!(!rate.note_refusal(ip("192.0.2.3")));
-        assert!(rate.spend(ip("192.0.2.1")).is_err(), "still remembered");
+        assert!(!rate.note_refusal_at(ip("192.0.2.3"), at(0)));
+        assert!(
+            rate.spend_at(ip("192.0.2.1"), at(0)).is_err(),
+            "still remembered"
+        );
     }
 }
