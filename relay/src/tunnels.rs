@@ -30,7 +30,7 @@ const RANDOM_NAME_ATTEMPTS: u32 = 64;
 const READY_WAIT: Duration = Duration::from_secs(5);
 /// How many callers' rates one tunnel keeps (about 50 bytes each, so at
 /// most ~50 KiB a tunnel): far more than call one dev tunnel at once; a flood
-/// from more addresses than that meets the tunnel's own rate.
+/// from more addresses than that shares one caller's share of the rate.
 const TRACKED_RATE_CALLERS: usize = 1024;
 /// The most names held at once; past it the holds that expire soonest go
 /// first, so a flood of short-lived tunnels cannot grow memory without end.
