@@ -199,6 +199,10 @@ impl Bucket {
 /// it was last noted.
 type CallerBucket = (f64, Instant, Option<Instant>);
 
+/// How many spends pass between sweeps of refilled callers, so a table
+/// grown by a burst of callers shrinks again once they are gone.
+const SWEEP_EVERY: u32 = 1024;
+
 /// The callers one tunnel tracks, and the bucket shared by those it has no
 /// room for.
 #[derive(Debug)]
@@ -208,13 +212,16 @@ struct Callers {
     tracked: HashMap<IpKey, CallerBucket>,
     /// One bucket for every caller that finds the table full.
     overflow: CallerBucket,
+    /// Spends since the last sweep.
+    spends: u32,
 }
 
 /// A token bucket per caller of one tunnel: each may take `per_second`
 /// events a second in bursts of up to `burst`. At most `tracked` callers are
-/// kept; callers whose bucket has refilled are forgotten first, and callers
-/// that still find no room share one more bucket of the same size, so
-/// memory stays bounded whatever a flood does and no caller goes unlimited.
+/// kept; callers whose bucket has refilled are forgotten when the table is
+/// full and every `SWEEP_EVERY` spends, and callers that still find no room
+/// share one more bucket of the same size, so memory stays bounded whatever
+/// a flood does and no caller goes unlimited.
 #[derive(Debug)]
 pub struct PerIpRate {
     callers: Mutex<Callers>,
@@ -235,6 +242,7 @@ impl PerIpRate {
             callers: Mutex::new(Callers {
                 tracked: HashMap::new(),
                 overflow: (burst, Instant::now(), None),
+                spends: 0,
             }),
             per_second: f64::from(per_second.max(1)),
             burst,
@@ -262,6 +270,15 @@ impl PerIpRate {
         let key = IpKey::from(ip);
         let mut callers = lock(&self.callers);
         let callers = &mut *callers;
+        callers.spends += 1;
+        if callers.spends >= SWEEP_EVERY {
+            callers.spends = 0;
+            self.sweep(&mut callers.tracked, now);
+            // Give back what a past burst of callers grew the table to.
+            if callers.tracked.capacity() > 2 * callers.tracked.len().max(16) {
+                callers.tracked.shrink_to(callers.tracked.len());
+            }
+        }
         if callers.tracked.len() >= self.tracked && !callers.tracked.contains_key(&key) {
             self.sweep(&mut callers.tracked, now);
         }
@@ -304,6 +321,13 @@ impl PerIpRate {
         }
         *noted = Some(now);
         true
+    }
+
+    /// How many callers are tracked, and room for how many is held.
+    #[cfg(test)]
+    fn size(&self) -> (usize, usize) {
+        let callers = lock(&self.callers);
+        (callers.tracked.len(), callers.tracked.capacity())
     }
 }
 
@@ -428,5 +452,27 @@ mod tests {
         rate.spend_at(ip("192.0.2.5"), at(2000)).unwrap();
         assert!(rate.spend_at(ip("192.0.2.5"), at(2000)).is_err());
         rate.spend_at(ip("192.0.2.6"), at(2000)).unwrap();
+    }
+
+    #[test]
+    fn a_table_grown_by_many_callers_shrinks_once_they_have_refilled() {
+        let start = Instant::now();
+        let rate = PerIpRate::new(1, 2, 4096);
+        for n in 0..1000_u32 {
+            let caller = IpAddr::from(std::net::Ipv4Addr::from(0xc000_0000 + n));
+            rate.spend_at(caller, start).unwrap();
+        }
+        assert_eq!(rate.size().0, 1000);
+        // Two seconds on, every bucket is full again: the next spends
+        // sweep those callers out and give their memory back.
+        let later = start + Duration::from_secs(2);
+        for _ in 0..super::SWEEP_EVERY {
+            let _ = rate.spend_at(ip("198.51.100.1"), later);
+        }
+        let (tracked, room) = rate.size();
+        assert!(
+            tracked <= 1 && room < 64,
+            "{tracked} tracked, room for {room}"
+        );
     }
 }
