@@ -199,16 +199,32 @@ impl Bucket {
 /// it was last noted.
 type CallerBucket = (f64, Instant, Option<Instant>);
 
-/// A token bucket per caller of one tunnel: each may take `per_second`
-/// events a second in bursts of up to `burst`. At most `tracked` callers are
-/// kept; callers whose bucket has refilled are forgotten first, and a new
-/// caller that still finds no room is not limited here (the tunnel's own
-/// bucket still is), so memory stays bounded whatever a flood does.
+/// How many spends pass between sweeps of refilled callers, so a table
+/// grown by a burst of callers shrinks again once they are gone.
+const SWEEP_EVERY: u32 = 1024;
+
+/// The callers one tunnel tracks, and the bucket shared by those it has no
+/// room for.
 #[derive(Debug)]
-pub struct PerIpRate {
+struct Callers {
     /// Each caller's tokens, when they were last counted, and when a refusal
     /// of it was last noted.
-    buckets: Mutex<HashMap<IpKey, CallerBucket>>,
+    tracked: HashMap<IpKey, CallerBucket>,
+    /// One bucket for every caller that finds the table full.
+    overflow: CallerBucket,
+    /// Spends since the last sweep.
+    spends: u32,
+}
+
+/// A token bucket per caller of one tunnel: each may take `per_second`
+/// events a second in bursts of up to `burst`. At most `tracked` callers are
+/// kept; callers whose bucket has refilled are forgotten when the table is
+/// full and every `SWEEP_EVERY` spends, and callers that still find no room
+/// share one more bucket of the same size, so memory stays bounded whatever
+/// a flood does and no caller goes unlimited.
+#[derive(Debug)]
+pub struct PerIpRate {
+    callers: Mutex<Callers>,
     /// Tokens each caller earns per second.
     per_second: f64,
     /// The most tokens one caller's bucket holds.
@@ -221,10 +237,15 @@ impl PerIpRate {
     /// Full buckets earning `per_second` tokens a second, holding `burst`,
     /// for up to `tracked` callers.
     pub fn new(per_second: u32, burst: u32, tracked: usize) -> Self {
+        let burst = f64::from(burst.max(1));
         Self {
-            buckets: Mutex::default(),
+            callers: Mutex::new(Callers {
+                tracked: HashMap::new(),
+                overflow: (burst, Instant::now(), None),
+                spends: 0,
+            }),
             per_second: f64::from(per_second.max(1)),
-            burst: f64::from(burst.max(1)),
+            burst,
             tracked,
         }
     }
@@ -233,19 +254,43 @@ impl PerIpRate {
         (tokens + now.duration_since(since).as_secs_f64() * self.per_second).min(self.burst)
     }
 
+    /// Forgets the callers whose bucket has refilled: they are as if new.
+    fn sweep(&self, tracked: &mut HashMap<IpKey, CallerBucket>, now: Instant) {
+        tracked.retain(|_, (tokens, since, _)| self.refill(*tokens, *since, now) < self.burst);
+    }
+
     /// Spends one token of `ip`'s; `Err` with the wait until its next when
     /// it has none left.
     pub fn spend(&self, ip: IpAddr) -> Result<(), Duration> {
-        let now = Instant::now();
+        self.spend_at(ip, Instant::now())
+    }
+
+    /// [`Self::spend`] at `now`.
+    fn spend_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = IpKey::from(ip);
-        let mut buckets = lock(&self.buckets);
-        if buckets.len() >= self.tracked && !buckets.contains_key(&key) {
-            buckets.retain(|_, (tokens, since, _)| self.refill(*tokens, *since, now) < self.burst);
-            if buckets.len() >= self.tracked {
-                return Ok(());
+        let mut callers = lock(&self.callers);
+        let callers = &mut *callers;
+        callers.spends += 1;
+        if callers.spends >= SWEEP_EVERY {
+            callers.spends = 0;
+            self.sweep(&mut callers.tracked, now);
+            // Give back what a past burst of callers grew the table to.
+            if callers.tracked.capacity() > 2 * callers.tracked.len().max(16) {
+                callers.tracked.shrink_to(callers.tracked.len());
             }
         }
-        let (tokens, since, _) = buckets.entry(key).or_insert((self.burst, now, None));
+        if callers.tracked.len() >= self.tracked && !callers.tracked.contains_key(&key) {
+            self.sweep(&mut callers.tracked, now);
+        }
+        let (tokens, since, _) =
+            if callers.tracked.len() >= self.tracked && !callers.tracked.contains_key(&key) {
+                &mut callers.overflow
+            } else {
+                callers
+                    .tracked
+                    .entry(key)
+                    .or_insert((self.burst, now, None))
+            };
         let available = self.refill(*tokens, *since, now);
         *since = now;
         if available < 1.0 {
@@ -257,12 +302,19 @@ impl PerIpRate {
     }
 
     /// Whether a refusal of `ip` is worth noting: true at most once a
-    /// second per tracked caller, never for one not tracked.
+    /// second per tracked caller, and once a second for all the callers
+    /// sharing the overflow bucket.
     pub fn note_refusal(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut buckets = lock(&self.buckets);
-        let Some((_, _, noted)) = buckets.get_mut(&IpKey::from(ip)) else {
-            return false;
+        self.note_refusal_at(ip, Instant::now())
+    }
+
+    /// [`Self::note_refusal`] at `now`.
+    fn note_refusal_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut callers = lock(&self.callers);
+        let callers = &mut *callers;
+        let (_, _, noted) = match callers.tracked.get_mut(&IpKey::from(ip)) {
+            Some(bucket) => bucket,
+            None => &mut callers.overflow,
         };
         if noted.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
             return false;
@@ -270,12 +322,19 @@ impl PerIpRate {
         *noted = Some(now);
         true
     }
+
+    /// How many callers are tracked, and room for how many is held.
+    #[cfg(test)]
+    fn size(&self) -> (usize, usize) {
+        let callers = lock(&self.callers);
+        (callers.tracked.len(), callers.tracked.capacity())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::{Bucket, IpKey, PerIp, PerIpRate, RateLimit};
 
@@ -346,19 +405,74 @@ mod tests {
 
     #[test]
     fn per_caller_rates_are_separate_noted_once_a_second_and_bounded() {
+        // Fixed instants: a stalled test machine must not refill a bucket.
+        let start = Instant::now();
+        let at = |millis| start + Duration::from_millis(millis);
         let rate = PerIpRate::new(1, 2, 2);
-        rate.spend(ip("192.0.2.1")).unwrap();
-        rate.spend(ip("192.0.2.1")).unwrap();
-        assert!(rate.spend(ip("192.0.2.1")).is_err());
-        assert!(rate.note_refusal(ip("192.0.2.1")));
-        assert!(!rate.note_refusal(ip("192.0.2.1")), "once a second");
-        rate.spend(ip("192.0.2.2")).unwrap();
-        // Both tracked callers have spent: a third is not tracked, and so
-        // not limited here, nor noted.
-        for _ in 0..5 {
-            rate.spend(ip("192.0.2.3")).unwrap();
+        rate.spend_at(ip("192.0.2.1"), at(0)).unwrap();
+        rate.spend_at(ip("192.0.2.1"), at(0)).unwrap();
+        assert_eq!(
+            rate.spend_at(ip("192.0.2.1"), at(0)),
+            Err(Duration::from_secs(1))
+        );
+        assert!(rate.note_refusal_at(ip("192.0.2.1"), at(0)));
+        assert!(
+            !rate.note_refusal_at(ip("192.0.2.1"), at(999)),
+            "once a second"
+        );
+        assert!(rate.note_refusal_at(ip("192.0.2.1"), at(1000)));
+        rate.spend_at(ip("192.0.2.2"), at(0)).unwrap();
+        assert!(
+            rate.spend_at(ip("192.0.2.1"), at(0)).is_err(),
+            "still remembered"
+        );
+    }
+
+    #[test]
+    fn callers_the_table_has_no_room_for_share_one_bucket() {
+        let start = Instant::now();
+        let at = |millis| start + Duration::from_millis(millis);
+        let rate = PerIpRate::new(1, 2, 2);
+        rate.spend_at(ip("192.0.2.1"), at(0)).unwrap();
+        rate.spend_at(ip("192.0.2.2"), at(0)).unwrap();
+        // The attack: a flood from addresses the full table cannot track
+        // is held to one caller's share, not let through unlimited.
+        rate.spend_at(ip("192.0.2.3"), at(0)).unwrap();
+        rate.spend_at(ip("2001:db8::1"), at(0)).unwrap();
+        assert!(rate.spend_at(ip("192.0.2.4"), at(0)).is_err());
+        assert!(rate.spend_at(ip("192.0.2.3"), at(0)).is_err());
+        assert!(rate.note_refusal_at(ip("192.0.2.3"), at(0)));
+        assert!(
+            !rate.note_refusal_at(ip("192.0.2.4"), at(500)),
+            "noted once a second for all of them"
+        );
+        // Once the tracked callers have refilled they are forgotten, and a
+        // new caller gets a bucket of its own again.
+        rate.spend_at(ip("192.0.2.5"), at(2000)).unwrap();
+        rate.spend_at(ip("192.0.2.5"), at(2000)).unwrap();
+        assert!(rate.spend_at(ip("192.0.2.5"), at(2000)).is_err());
+        rate.spend_at(ip("192.0.2.6"), at(2000)).unwrap();
+    }
+
+    #[test]
+    fn a_table_grown_by_many_callers_shrinks_once_they_have_refilled() {
+        let start = Instant::now();
+        let rate = PerIpRate::new(1, 2, 4096);
+        for n in 0..1000_u32 {
+            let caller = IpAddr::from(std::net::Ipv4Addr::from(0xc000_0000 + n));
+            rate.spend_at(caller, start).unwrap();
         }
-        assert!(!rate.note_refusal(ip("192.0.2.3")));
-        assert!(rate.spend(ip("192.0.2.1")).is_err(), "still remembered");
+        assert_eq!(rate.size().0, 1000);
+        // Two seconds on, every bucket is full again: the next spends
+        // sweep those callers out and give their memory back.
+        let later = start + Duration::from_secs(2);
+        for _ in 0..super::SWEEP_EVERY {
+            let _ = rate.spend_at(ip("198.51.100.1"), later);
+        }
+        let (tracked, room) = rate.size();
+        assert!(
+            tracked <= 1 && room < 64,
+            "{tracked} tracked, room for {room}"
+        );
     }
 }

@@ -324,9 +324,11 @@ struct Args {
     /// header: `optional` (an HTTP proxy's X-Forwarded-For is believed
     /// without one) or `required` (for a TCP load balancer that sends one:
     /// a connection without it is refused, and X-Forwarded-For is never
-    /// believed).
+    /// believed). `required` needs `--trusted-proxy`: it applies to no one
+    /// else.
     #[arg(long, env = "FERRY_RELAY_PROXY_PROTOCOL", value_name = "optional|required",
-          default_value = "optional", value_parser = proxy_protocol)]
+          default_value = "optional", value_parser = proxy_protocol,
+          requires_if("required", "trusted_proxies"))]
     proxy_protocol: ProxyProtocol,
     /// How long one webhook delivery attempt may take, response included.
     #[arg(long, env = "FERRY_RELAY_DISPATCH_TIMEOUT", value_name = "DURATION",

@@ -28,9 +28,10 @@ const RANDOM_NAME_ATTEMPTS: u32 = 64;
 /// How long a public request waits for a tunnel whose client is still
 /// completing its handshake (a fresh connect, a reconnect or a takeover).
 const READY_WAIT: Duration = Duration::from_secs(5);
-/// How many callers' rates one tunnel keeps (about 50 bytes each, so at
-/// most ~50 KiB a tunnel): far more than call one dev tunnel at once; a flood
-/// from more addresses than that meets the tunnel's own rate.
+/// How many callers' rates one tunnel keeps (64-byte entries in a table of
+/// 2048 slots when full, so ~130 KiB a tunnel at most, given back as their
+/// buckets refill and are swept out): far more than call one dev tunnel at
+/// once; a flood from more addresses than that shares one caller's share.
 const TRACKED_RATE_CALLERS: usize = 1024;
 /// The most names held at once; past it the holds that expire soonest go
 /// first, so a flood of short-lived tunnels cannot grow memory without end.

@@ -88,6 +88,14 @@ fn bad_trusted_proxies_rates_and_body_sizes_are_clap_errors() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(flag) && stderr.contains(says), "{stderr}");
     }
+
+    // Requiring PROXY headers from no trusted proxy would do nothing.
+    let output = relay(&["--proxy-protocol", "required"])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--trusted-proxy"), "{stderr}");
 }
 
 #[test]
