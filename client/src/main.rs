@@ -502,11 +502,18 @@ fn read_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'stati
     Ok(certificates)
 }
 
-/// Events' texts (a line each, but for the banner) that may wait for the
-/// writer; beyond this they are dropped and counted.
+/// Texts (each the lines of the events printed in one go) that may wait for
+/// the writer; beyond this they are dropped and counted.
 const QUEUED_LINES: usize = 1024;
-/// The most lines written in one go once the first has arrived.
+/// The most texts written in one go once the first has arrived.
 const WRITE_BATCH: usize = 512;
+/// The most events turned into one text; under load the events of many
+/// requests share one hand-over to the writer.
+const EVENT_BATCH: usize = 256;
+/// The shortest time between two writes to stdout. Waking the writer
+/// thread for each request's line cost more CPU than forwarding the
+/// request did; a terminal need not change more often than this.
+const WRITE_PACE: Duration = Duration::from_millis(10);
 /// How long exit waits for the last events to be printed, and again for
 /// them to be written, so that a stdout nobody reads cannot hold it.
 const EXIT_FLUSH: Duration = Duration::from_secs(1);
@@ -561,6 +568,10 @@ fn write_lines(queued: &mpsc::Receiver<String>) {
             let _ = out.write_all(text.as_bytes());
         }
         let _ = out.flush();
+        drop(out);
+        // What arrives meanwhile waits in the queue, where sending it wakes
+        // no one.
+        std::thread::sleep(WRITE_PACE);
     }
 }
 
@@ -611,7 +622,17 @@ async fn print(mut events: broadcast::Receiver<Event>, mut lines: Lines, mut vie
                 continue;
             }
         };
-        let text = view.event(event, Instant::now(), SystemTime::now());
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut text = view.event(event, now, wall);
+        // The events already waiting go out with this one.
+        for _ in 1..EVENT_BATCH {
+            let event = match events.try_recv() {
+                Ok(event) => Ok(event),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => Err(missed),
+                Err(_) => break,
+            };
+            text.push_str(&view.event(event, now, wall));
+        }
         lines.send(&view, text);
     }
     let last = view.finish(Instant::now());

@@ -12,11 +12,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::HeaderMap;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{
@@ -29,6 +31,11 @@ pub const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 const BATCH_ENTRIES: usize = 2048;
 /// The most body bytes one transaction takes.
 const BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// The least time between the starts of two transactions while entries
+/// keep coming: each commit rewrites the pages its entries touched (the
+/// table's, its indexes'), so entries gathered for a few milliseconds share
+/// those writes. An entry after a quiet spell is written at once.
+const BATCH_GATHER: Duration = Duration::from_millis(10);
 
 /// What capture has done, for `/metrics` and `/healthz`.
 #[derive(Debug, Default)]
@@ -157,6 +164,7 @@ async fn write(
     (committed, health): (watch::Sender<u64>, watch::Sender<Option<String>>),
     stop: CancellationToken,
 ) {
+    let mut last_batch: Option<Instant> = None;
     loop {
         // Cancel-safe: `recv` loses nothing when `stop` wins.
         let first = tokio::select! {
@@ -167,6 +175,15 @@ async fn write(
             }
         };
         let Some(first) = first else { return };
+        let waited = last_batch.map_or(BATCH_GATHER, |at| at.elapsed());
+        if waited < BATCH_GATHER && !stop.is_cancelled() {
+            // Cancel-safe: a sleep.
+            tokio::select! {
+                () = tokio::time::sleep(BATCH_GATHER - waited) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+        last_batch = Some(Instant::now());
         let mut batch = vec![first];
         let mut bytes = 0;
         while batch.len() < BATCH_ENTRIES && bytes < BATCH_BYTES {
