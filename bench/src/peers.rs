@@ -197,7 +197,7 @@ async fn start_bore(binary: &Path, origin: SocketAddr) -> Result<Tunnel, String>
             )
         })?,
     );
-    let args = ["server", "--bind-addr", "127.0.0.1", "--min-port", "1024"].map(str::to_owned);
+    let args = ["server", "--bind-addr", "127.0.0.1"].map(str::to_owned);
     let mut server = Proc::spawn_in(binary, &args, BORE_ENV, None)?;
     let control = SocketAddr::from((Ipv4Addr::LOCALHOST, BORE_CONTROL_PORT));
     server

@@ -9,7 +9,8 @@ use crate::load::{Outcome, Spec, Transfer};
 use crate::metrics;
 use crate::peers::{self, Peer, Tunnel};
 use crate::scenarios::{
-    median, medians, run_load_on, start_client, start_relay, transfer_to, Origin, Row, Settings,
+    median, medians, run_load_on, start_client, start_relay, transfer_to, Origin, OriginKind, Row,
+    Settings,
 };
 
 /// Ferry's goals against direct and its peers (issue 11).
@@ -284,6 +285,11 @@ async fn transfers(
     let (mut relay_peak, mut client_peak) = (0u64, 0u64);
     for upload in [true, false] {
         let way = if upload { "upload" } else { "download" };
+        let via = if upload && settings.origin == OriginKind::Nginx {
+            " (nginx passes it on to the builtin origin)"
+        } else {
+            ""
+        };
         let mut runs: Vec<Vec<Transfer>> = (0..=contenders.len()).map(|_| Vec::new()).collect();
         for _ in 0..settings.rounds {
             runs[0].push(
@@ -323,13 +329,15 @@ async fn transfers(
         let direct = speed(&runs[0]);
         let speeds: Vec<f64> = runs[1..].iter().map(|r| speed(r)).collect();
         for (c, &tunnel) in contenders.iter().zip(&speeds) {
-            rows.push(Row::new(&name, &format!("{way} MiB/s, {}", c.name)).pair(direct, tunnel));
+            rows.push(
+                Row::new(&name, &format!("{way} MiB/s, {}{via}", c.name)).pair(direct, tunnel),
+            );
         }
         // Ferry against bore's figure of the same run.
         let bore = contenders.iter().position(|c| c.name == Peer::Bore.name());
         if let (Some(&ferry), Some(bore)) = (speeds.first(), bore) {
             rows.push(
-                Row::new(&name, &format!("{way} MiB/s (bore, ferry)"))
+                Row::new(&name, &format!("{way} MiB/s (bore, ferry){via}"))
                     .pair(speeds[bore], ferry)
                     .ratio_at_least_of(FERRY_TRANSFER_VS_BORE, "bore"),
             );
