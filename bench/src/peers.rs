@@ -182,9 +182,9 @@ pub async fn start(peer: Peer, binary: &Path, origin: SocketAddr) -> Result<Tunn
     }
 }
 
-/// Both bore processes log at `info`, as bore ships: the client prints its
-/// public port at that level.
-const BORE_ENV: &[(&str, &str)] = &[("RUST_LOG", "info"), ("NO_COLOR", "1")];
+/// The peers log at `info`, their level as shipped (bore's client prints
+/// its public port at that level, and a line per connection).
+const SHIPPED_LOG: &[(&str, &str)] = &[("RUST_LOG", "info"), ("NO_COLOR", "1")];
 
 async fn start_bore(binary: &Path, origin: SocketAddr) -> Result<Tunnel, String> {
     // bore binds its control port with no way to pick another: a taken one
@@ -198,7 +198,7 @@ async fn start_bore(binary: &Path, origin: SocketAddr) -> Result<Tunnel, String>
         })?,
     );
     let args = ["server", "--bind-addr", "127.0.0.1"].map(str::to_owned);
-    let mut server = Proc::spawn_in(binary, &args, BORE_ENV, None)?;
+    let mut server = Proc::spawn_in(binary, &args, SHIPPED_LOG, None)?;
     let control = SocketAddr::from((Ipv4Addr::LOCALHOST, BORE_CONTROL_PORT));
     server
         .accepting(control, READY_WAIT)
@@ -212,7 +212,7 @@ async fn start_bore(binary: &Path, origin: SocketAddr) -> Result<Tunnel, String>
         "--to".into(),
         "127.0.0.1".into(),
     ];
-    let mut client = Proc::spawn_in(binary, &args, BORE_ENV, None)?;
+    let mut client = Proc::spawn_in(binary, &args, SHIPPED_LOG, None)?;
     let port = client
         .wait_line("bore's public port", bore_port)
         .await
@@ -290,12 +290,17 @@ async fn start_rathole(binary: &Path, origin: SocketAddr) -> Result<Tunnel, Stri
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let arg = |flag: &str, path: &Path| [flag.to_owned(), path.display().to_string()];
-    let mut server = Proc::spawn_in(binary, &arg("--server", &server_path), &[], Some(dir))?;
+    let mut server = Proc::spawn_in(
+        binary,
+        &arg("--server", &server_path),
+        SHIPPED_LOG,
+        Some(dir),
+    )?;
     server
         .accepting(control, READY_WAIT)
         .await
         .map_err(|e| format!("rathole server did not start: {e}"))?;
-    let mut client = Proc::spawn_in(binary, &arg("--client", &client_path), &[], None)?;
+    let mut client = Proc::spawn_in(binary, &arg("--client", &client_path), SHIPPED_LOG, None)?;
     // The service port opens once the client has connected; it is ready
     // when a request comes back through it.
     let forwarding = async {
