@@ -138,10 +138,18 @@ async fn worker(spec: &Spec, deadline: Instant) -> (Vec<u32>, u64) {
     (latencies, errors)
 }
 
-/// Runs `wrk` for `spec`, or `None` when it is not installed.
-pub fn wrk(spec: &Spec) -> Option<Outcome> {
+/// Runs `wrk` for `spec`, pinned to `cpu` where given, or `None` when it
+/// is not installed.
+pub fn wrk(spec: &Spec, cpu: Option<usize>) -> Option<Outcome> {
     let threads = spec.connections.min(2).to_string();
-    let mut command = Command::new("wrk");
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &cpu.to_string(), "wrk"]);
+            taskset
+        }
+        None => Command::new("wrk"),
+    };
     command
         .args(["-t", &threads, "-c", &spec.connections.to_string()])
         .args(["-d", &format!("{}s", spec.duration.as_secs().max(1))])

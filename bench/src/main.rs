@@ -5,6 +5,10 @@
 //! - [`procs`]: the relay, client and origin as separate release processes.
 //! - [`load`]: `wrk` where installed, and the built-in load generator.
 //! - [`origin`]: the fast origin everything is measured against.
+//! - [`nginx`]: Debian's nginx as the origin instead (`--origin nginx`).
+//! - [`peers`]: bore and rathole, installed once and run as tunnels.
+//! - [`side_by_side`]: Ferry, bore and rathole in the same rounds
+//!   (`--peers`).
 //! - [`metrics`]: a relay's `/metrics`, and the waits that read it.
 //! - [`dispatch`]: the webhook dispatcher's throughput and queue delay,
 //!   driven through the relay's API.
@@ -20,10 +24,13 @@ mod dispatch;
 mod load;
 mod log_writes;
 mod metrics;
+mod nginx;
 mod origin;
+mod peers;
 mod procs;
 mod receiver;
 mod scenarios;
+mod side_by_side;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -33,7 +40,7 @@ use clap::{Parser, Subcommand};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::scenarios::{Row, Settings};
+use crate::scenarios::{OriginKind, Row, Settings};
 
 /// Measures Ferry against a direct origin, side by side.
 #[derive(Parser, Debug)]
@@ -48,6 +55,16 @@ struct Cli {
     /// Use the built-in load generator even where wrk is installed.
     #[arg(long)]
     no_wrk: bool,
+    /// Run the plain HTTP scenarios with bore and rathole side by side
+    /// instead (installed once with cargo into $FERRY_BENCH_CACHE, else
+    /// $XDG_CACHE_HOME/ferry-bench/peers, else ~/.cache/ferry-bench/peers),
+    /// and the relay at --threads 1 and 2.
+    #[arg(long)]
+    peers: bool,
+    /// The origin every tunnel forwards to: the builtin one, or Debian's
+    /// nginx (`apt-get install nginx-light`).
+    #[arg(long, value_enum, default_value = "builtin")]
+    origin: OriginKind,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -117,8 +134,13 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => bench(cli.quick, cli.json, !cli.no_wrk, Only::All).await,
-        Some(Command::Dispatch) => bench(cli.quick, cli.json, false, Only::Dispatcher).await,
+        None => {
+            let only = if cli.peers { Only::Peers } else { Only::All };
+            bench(cli.quick, cli.json, !cli.no_wrk, cli.origin, only).await
+        }
+        Some(Command::Dispatch) => {
+            bench(cli.quick, cli.json, false, cli.origin, Only::Dispatcher).await
+        }
         Some(Command::Origin { listen }) => match tokio::net::TcpListener::bind(listen).await {
             Ok(listener) => {
                 match listener.local_addr() {
@@ -194,24 +216,34 @@ enum Only {
     All,
     /// The webhook dispatcher's.
     Dispatcher,
+    /// The plain HTTP ones with bore and rathole.
+    Peers,
 }
 
-async fn bench(quick: bool, json: bool, wrk: bool, only: Only) -> Result<(), String> {
+async fn bench(
+    quick: bool,
+    json: bool,
+    wrk: bool,
+    origin: OriginKind,
+    only: Only,
+) -> Result<(), String> {
     let bin = procs::bin_dir()?;
     let wrk = wrk
         && std::process::Command::new("wrk")
             .arg("--version")
             .output()
             .is_ok();
-    let settings = if quick {
+    let mut settings = if quick {
         Settings::quick()
     } else {
         Settings::full(wrk)
     };
+    settings.origin = origin;
     let started = Instant::now();
     let rows = match only {
         Only::All => scenarios::run(&bin, &settings).await?,
         Only::Dispatcher => scenarios::dispatcher(&bin, &settings).await?,
+        Only::Peers => side_by_side::run(&bin, &settings).await?,
     };
     let machine = machine();
     if json {
@@ -223,11 +255,15 @@ async fn bench(quick: bool, json: bool, wrk: bool, only: Only) -> Result<(), Str
         }));
     }
     println!(
-        "{machine}; load by {}; {} rounds; {:.0} s\n",
+        "{machine}; load by {}; origin {}; {} rounds; {:.0} s\n",
         if settings.wrk {
             "wrk"
         } else {
             "the built-in generator"
+        },
+        match settings.origin {
+            OriginKind::Builtin => "builtin",
+            OriginKind::Nginx => "nginx",
         },
         settings.rounds,
         started.elapsed().as_secs_f64()

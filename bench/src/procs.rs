@@ -1,12 +1,14 @@
 //! The processes a benchmark runs: release builds of the relay, the client
 //! and the origin, each read for its readiness line and its memory.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
@@ -14,6 +16,8 @@ use tokio::sync::mpsc;
 const READY_WAIT: Duration = Duration::from_secs(60);
 /// How long a process may take to exit after SIGTERM before it is killed.
 const EXIT_WAIT: Duration = Duration::from_secs(15);
+/// How long to wait between two connection attempts while a server starts.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
 
 /// The folder holding this executable and its sibling release binaries.
 pub fn bin_dir() -> Result<PathBuf, String> {
@@ -51,7 +55,7 @@ pub struct Proc {
 impl Proc {
     /// Starts `program` with `args`.
     pub fn spawn(program: &Path, args: &[String]) -> Result<Self, String> {
-        Self::start(program, args, None)
+        Self::start(program, args, &[], None)
     }
 
     /// Starts `program` with `args` and the flag `dir_flag` naming a fresh
@@ -64,13 +68,30 @@ impl Proc {
         let mut args = args.to_vec();
         args.push(dir_flag.to_owned());
         args.push(scratch.path().display().to_string());
-        Self::start(program, &args, Some(scratch))
+        Self::start(program, &args, &[], Some(scratch))
     }
 
-    fn start(program: &Path, args: &[String], scratch: Option<TempDir>) -> Result<Self, String> {
+    /// Starts `program` with `args` and the variables `env`, keeping
+    /// `scratch` (its configuration, its logs) until the process has ended.
+    pub fn spawn_in(
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        scratch: Option<TempDir>,
+    ) -> Result<Self, String> {
+        Self::start(program, args, env, scratch)
+    }
+
+    fn start(
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        scratch: Option<TempDir>,
+    ) -> Result<Self, String> {
         let mut child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -111,6 +132,31 @@ impl Proc {
         tokio::time::timeout(READY_WAIT, wait)
             .await
             .map_err(|_| format!("timed out waiting for {what}"))?
+    }
+
+    /// The exit status, once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits until `addr` accepts a connection, for servers that print no
+    /// readiness line; fails as soon as the process exits (a port taken, a
+    /// bad configuration).
+    pub async fn accepting(&mut self, addr: SocketAddr, wait: Duration) -> Result<(), String> {
+        let poll = async {
+            loop {
+                if TcpStream::connect(addr).await.is_ok() {
+                    return Ok(());
+                }
+                if let Some(status) = self.exited() {
+                    return Err(format!("it exited with {status}"));
+                }
+                tokio::time::sleep(ACCEPT_POLL).await;
+            }
+        };
+        tokio::time::timeout(wait, poll)
+            .await
+            .map_err(|_| format!("{addr} accepted no connection within {wait:?}"))?
     }
 
     /// Sends SIGTERM and waits for the exit, killing it if it hangs.

@@ -35,6 +35,18 @@ pub struct Settings {
     pub dispatch_steady: Duration,
     /// Whether wrk drives the plain HTTP load.
     pub wrk: bool,
+    /// The origin the tunnels forward to.
+    pub origin: OriginKind,
+}
+
+/// Which server answers as the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OriginKind {
+    /// This binary's `origin` subcommand (hyper).
+    Builtin,
+    /// Debian's nginx, in front of the builtin origin for uploads.
+    Nginx,
 }
 
 impl Settings {
@@ -50,6 +62,7 @@ impl Settings {
             dispatch_deliveries: 20_000,
             dispatch_steady: Duration::from_secs(20),
             wrk,
+            origin: OriginKind::Builtin,
         }
     }
 
@@ -65,6 +78,7 @@ impl Settings {
             dispatch_deliveries: 200,
             dispatch_steady: Duration::from_secs(1),
             wrk: false,
+            origin: OriginKind::Builtin,
         }
     }
 }
@@ -89,7 +103,7 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(scenario: &str, metric: &str) -> Self {
+    pub(crate) fn new(scenario: &str, metric: &str) -> Self {
         Self {
             scenario: scenario.to_owned(),
             metric: metric.to_owned(),
@@ -102,46 +116,46 @@ impl Row {
     }
 
     /// Direct and tunnel figures with their ratio.
-    fn pair(mut self, direct: f64, tunnel: f64) -> Self {
+    pub(crate) fn pair(mut self, direct: f64, tunnel: f64) -> Self {
         self.direct = Some(direct);
         self.tunnel = Some(tunnel);
         self.ratio = (direct > 0.0).then(|| tunnel / direct);
         self
     }
 
-    fn only(mut self, tunnel: f64) -> Self {
+    pub(crate) fn only(mut self, tunnel: f64) -> Self {
         self.tunnel = Some(tunnel);
         self
     }
 
     /// Target: the ratio is at least `min`.
-    fn ratio_at_least(self, min: f64) -> Self {
+    pub(crate) fn ratio_at_least(self, min: f64) -> Self {
         self.ratio_at_least_of(min, "direct")
     }
 
     /// Target: the ratio is at least `min` of `baseline`, the figure in the
     /// direct column.
-    fn ratio_at_least_of(mut self, min: f64, baseline: &str) -> Self {
+    pub(crate) fn ratio_at_least_of(mut self, min: f64, baseline: &str) -> Self {
         self.target = format!(">= {min:.2}x {baseline}");
         self.met = self.ratio.map(|r| r >= min);
         self
     }
 
     /// Target: the tunnel figure is at least `min`.
-    fn at_least(mut self, min: f64, unit: &str) -> Self {
+    pub(crate) fn at_least(mut self, min: f64, unit: &str) -> Self {
         self.target = format!(">= {min} {unit}");
         self.met = self.tunnel.map(|t| t >= min);
         self
     }
 
     /// Target: the tunnel figure is at most `max`.
-    fn at_most(mut self, max: f64, unit: &str) -> Self {
+    pub(crate) fn at_most(mut self, max: f64, unit: &str) -> Self {
         self.target = format!("<= {max} {unit}");
         self.met = self.tunnel.map(|t| t <= max);
         self
     }
 
-    fn note(mut self, note: &str) -> Self {
+    pub(crate) fn note(mut self, note: &str) -> Self {
         self.target = note.to_owned();
         self
     }
@@ -158,7 +172,7 @@ pub fn median(values: &mut [f64]) -> f64 {
 
 /// Whether a relay records exchanges in its activity log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Capture {
+pub(crate) enum Capture {
     /// The default: every exchange is stored.
     On,
     /// `--capture off`: nothing is.
@@ -168,7 +182,7 @@ enum Capture {
 /// The processes of one measured setup: origin, relay, client.
 struct Stack {
     bin: PathBuf,
-    origin: Proc,
+    origin: Origin,
     origin_addr: SocketAddr,
     relay: Proc,
     relay_addr: SocketAddr,
@@ -176,6 +190,48 @@ struct Stack {
     capture: Capture,
     client: Proc,
     tunnel_host: String,
+}
+
+/// The origin everything is measured against: the builtin one alone, or
+/// nginx in front of it.
+pub struct Origin {
+    /// The builtin origin; nginx passes uploads to it.
+    builtin: Proc,
+    /// nginx, with `--origin nginx`.
+    nginx: Option<Proc>,
+    /// Where requests go.
+    pub addr: SocketAddr,
+}
+
+impl Origin {
+    /// Starts the origin `settings` ask for.
+    pub async fn start(bin: &Path, settings: &Settings) -> Result<Self, String> {
+        let (builtin, builtin_addr) = start_origin(bin).await?;
+        match settings.origin {
+            OriginKind::Builtin => Ok(Self {
+                builtin,
+                nginx: None,
+                addr: builtin_addr,
+            }),
+            OriginKind::Nginx => {
+                let (nginx, addr) =
+                    crate::nginx::start(builtin_addr, settings.transfer_bytes).await?;
+                Ok(Self {
+                    builtin,
+                    nginx: Some(nginx),
+                    addr,
+                })
+            }
+        }
+    }
+
+    /// Stops its processes.
+    pub async fn stop(self) -> Result<(), String> {
+        if let Some(nginx) = self.nginx {
+            nginx.terminate().await?;
+        }
+        self.builtin.terminate().await
+    }
 }
 
 async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
@@ -191,7 +247,7 @@ async fn start_origin(bin: &Path) -> Result<(Proc, SocketAddr), String> {
 /// Starts a relay on `listen` with a fresh data directory of its own, so
 /// that relays running together or one after another never share a log
 /// (nor leave one in the working directory), with `extra` flags.
-async fn start_relay(
+pub(crate) async fn start_relay(
     bin: &Path,
     listen: SocketAddr,
     capture: Capture,
@@ -237,7 +293,7 @@ async fn start_relay(
     Ok((relay, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 
-async fn start_client(
+pub(crate) async fn start_client(
     bin: &Path,
     relay: SocketAddr,
     origin: SocketAddr,
@@ -262,8 +318,9 @@ async fn start_client(
 }
 
 impl Stack {
-    async fn start(bin: &Path, capture: Capture) -> Result<Self, String> {
-        let (origin, origin_addr) = start_origin(bin).await?;
+    async fn start(bin: &Path, settings: &Settings, capture: Capture) -> Result<Self, String> {
+        let origin = Origin::start(bin, settings).await?;
+        let origin_addr = origin.addr;
         let (relay, relay_addr) =
             start_relay(bin, SocketAddr::from(([127, 0, 0, 1], 0)), capture, &[]).await?;
         let (client, tunnel_host) = start_client(bin, relay_addr, origin_addr).await?;
@@ -310,16 +367,28 @@ impl Stack {
     async fn stop(self) -> Result<(), String> {
         self.client.terminate().await?;
         self.relay.terminate().await?;
-        self.origin.terminate().await
+        self.origin.stop().await
     }
 }
 
 /// Runs a load from a separate process: wrk where asked and installed,
 /// else this binary's `load` subcommand.
 async fn run_load(bin: &Path, spec: &Spec, wrk: bool) -> Result<Outcome, String> {
+    run_load_on(bin, spec, wrk, None).await
+}
+
+/// [`run_load`] with the load generator pinned to `cpu` (`taskset`), where
+/// given.
+pub(crate) async fn run_load_on(
+    bin: &Path,
+    spec: &Spec,
+    wrk: bool,
+    cpu: Option<usize>,
+) -> Result<Outcome, String> {
     if wrk {
         let spec = spec.clone();
-        if let Ok(Some(outcome)) = tokio::task::spawn_blocking(move || load::wrk(&spec)).await {
+        if let Ok(Some(outcome)) = tokio::task::spawn_blocking(move || load::wrk(&spec, cpu)).await
+        {
             return Ok(outcome);
         }
     }
@@ -339,14 +408,33 @@ async fn run_load(bin: &Path, spec: &Spec, wrk: bool) -> Result<Outcome, String>
     if spec.close {
         args.push("--close".into());
     }
-    json_output(bin, &args).await
+    match cpu {
+        Some(cpu) => {
+            let mut pinned = vec![
+                "-c".to_owned(),
+                cpu.to_string(),
+                bin.join("ferry-bench").display().to_string(),
+            ];
+            pinned.extend(args);
+            json_output_of(Path::new("taskset"), &pinned).await
+        }
+        None => json_output(bin, &args).await,
+    }
 }
 
 async fn json_output<T: serde::de::DeserializeOwned>(
     bin: &Path,
     args: &[String],
 ) -> Result<T, String> {
-    let output = tokio::process::Command::new(bin.join("ferry-bench"))
+    json_output_of(&bin.join("ferry-bench"), args).await
+}
+
+/// Runs `program` and reads the JSON it prints.
+async fn json_output_of<T: serde::de::DeserializeOwned>(
+    program: &Path,
+    args: &[String],
+) -> Result<T, String> {
+    let output = tokio::process::Command::new(program)
         .args(args)
         .output()
         .await
@@ -397,7 +485,7 @@ async fn alternate(
     Ok((direct, tunnel))
 }
 
-fn medians(outcomes: &[Outcome], field: fn(&Outcome) -> f64) -> f64 {
+pub(crate) fn medians(outcomes: &[Outcome], field: fn(&Outcome) -> f64) -> f64 {
     median(&mut outcomes.iter().map(field).collect::<Vec<_>>())
 }
 
@@ -405,7 +493,7 @@ fn medians(outcomes: &[Outcome], field: fn(&Outcome) -> f64) -> f64 {
 pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     // The relay as it ships: capture on.
-    let stack = Stack::start(bin, Capture::On).await?;
+    let stack = Stack::start(bin, settings, Capture::On).await?;
 
     let name = "1 KiB GET, 64 connections";
     let (d, t) = alternate(&stack, settings, "/1k", 64, false).await?;
@@ -449,8 +537,8 @@ pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
 /// stacks that differ only in `--capture`, alternating, and what the log
 /// kept of the load it took.
 async fn capture_cost(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
-    let on = Stack::start(bin, Capture::On).await?;
-    let off = Stack::start(bin, Capture::Off).await?;
+    let on = Stack::start(bin, settings, Capture::On).await?;
+    let off = Stack::start(bin, settings, Capture::Off).await?;
     let (mut with, mut without, mut catch_up) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..settings.rounds {
         let without_run = run_load(
@@ -543,10 +631,10 @@ async fn transfers(stack: &Stack, settings: &Settings) -> Result<Vec<Row>, Strin
         }
         let speed =
             |runs: &[Transfer]| median(&mut runs.iter().map(|t| mib / t.secs).collect::<Vec<_>>());
-        let metric = if upload {
-            "upload MiB/s"
-        } else {
-            "download MiB/s"
+        let metric = match (upload, settings.origin) {
+            (true, OriginKind::Nginx) => "upload MiB/s (nginx passes it on to the builtin origin)",
+            (true, OriginKind::Builtin) => "upload MiB/s",
+            (false, _) => "download MiB/s",
         };
         rows.push(
             Row::new(&name, metric)
@@ -578,6 +666,18 @@ async fn transfer(
     } else {
         (stack.origin_addr, stack.origin_addr.to_string())
     };
+    transfer_to(&stack.bin, addr, host, bytes, upload).await
+}
+
+/// One upload or download through `addr` with the Host header `host`, from
+/// a process of its own.
+pub(crate) async fn transfer_to(
+    bin: &Path,
+    addr: SocketAddr,
+    host: String,
+    bytes: u64,
+    upload: bool,
+) -> Result<Transfer, String> {
     let args = [
         "transfer".to_owned(),
         "--addr".into(),
@@ -588,7 +688,7 @@ async fn transfer(
         bytes.to_string(),
         if upload { "--upload" } else { "--download" }.into(),
     ];
-    json_output(&stack.bin, &args).await
+    json_output(bin, &args).await
 }
 
 /// Restarts the relay in place and times how long until a request through
@@ -623,7 +723,7 @@ async fn reconnects(mut stack: Stack, settings: &Settings) -> Result<Vec<Row>, S
 }
 
 /// Whether one GET through the tunnel answers 200.
-async fn probe(addr: SocketAddr, host: &str) -> bool {
+pub(crate) async fn probe(addr: SocketAddr, host: &str) -> bool {
     let spec = Spec {
         addr,
         host: host.to_owned(),
