@@ -8,6 +8,16 @@
 //! A [`CloseSignal`] lets the owner of a session close the WebSocket with a
 //! code and reason even though HTTP/2 owns the stream, and tells it the
 //! reason the peer gave when the peer closed.
+//!
+//! Flushes wait for the end of the turn. HTTP/2 flushes after every DATA
+//! frame of more than a few hundred bytes, so with many streams answering at
+//! once each frame cost a system call (and a wake-up of the peer). A flush
+//! asked for is instead left to an [`EndOfTurn`] task, which runs once the
+//! task polling the stream has let go and the others then ready have run:
+//! whatever they all wrote leaves in one write. The flush itself is done by
+//! the stream's own task when that task polls the stream again, which
+//! HTTP/2 does for as long as the connection lives, reading; a close flushes
+//! at once.
 
 use std::io;
 use std::pin::Pin;
@@ -137,17 +147,71 @@ pub struct ByteStream<S> {
     phase: Phase,
     /// Shared with whoever may close the stream from outside.
     signal: CloseSignal,
+    /// Whether messages were written since the last flush.
+    unflushed: bool,
+    /// Where deferred flushes are arranged; `None` outside a Tokio runtime,
+    /// where every flush is done at once.
+    turn: Option<Arc<EndOfTurn>>,
 }
 
 impl<S> ByteStream<S> {
     /// Wraps a WebSocket; `signal` closes it from outside.
     pub fn new(ws: WebSocketStream<S>, signal: CloseSignal) -> Self {
+        let turn = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let turn = Arc::new(EndOfTurn::default());
+            runtime.spawn(Arc::clone(&turn).run());
+            turn
+        });
         Self {
             ws,
             pending: Bytes::new(),
             phase: Phase::Open,
             signal,
+            unflushed: false,
+            turn,
         }
+    }
+}
+
+impl<S> Drop for ByteStream<S> {
+    fn drop(&mut self) {
+        if let Some(turn) = &self.turn {
+            turn.closed.store(true, Ordering::Release);
+            turn.helper.wake();
+        }
+    }
+}
+
+/// The task that ends a turn: woken when a flush is deferred, it runs after
+/// the deferring poll has returned and marks the flush due.
+#[derive(Debug, Default)]
+struct EndOfTurn {
+    /// A flush waits for this task to run.
+    requested: AtomicBool,
+    /// This task has run since: the next chance to flush takes it.
+    due: AtomicBool,
+    /// The stream's task (HTTP/2's connection), polled again once due.
+    stream: AtomicWaker,
+    /// This task.
+    helper: AtomicWaker,
+    /// The stream is gone: the task ends.
+    closed: AtomicBool,
+}
+
+impl EndOfTurn {
+    async fn run(self: Arc<Self>) {
+        std::future::poll_fn(|cx| {
+            self.helper.register(cx.waker());
+            if self.closed.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if self.requested.swap(false, Ordering::AcqRel) {
+                self.due.store(true, Ordering::Release);
+                self.stream.wake();
+            }
+            Poll::Pending
+        })
+        .await;
     }
 }
 
@@ -162,6 +226,29 @@ fn io_error(err: tungstenite::Error) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
+    /// Flushes what was written, unless the flush can wait for the end of
+    /// the turn (then `Ready` at once: the stream's task is polled again to
+    /// do it).
+    fn poll_flush_turn(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.unflushed {
+            if let Some(turn) = &self.turn {
+                if !turn.due.load(Ordering::Acquire) {
+                    turn.stream.register(cx.waker());
+                    if !turn.requested.swap(true, Ordering::AcqRel) {
+                        turn.helper.wake();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(io_error)?;
+        self.unflushed = false;
+        if let Some(turn) = &self.turn {
+            turn.due.store(false, Ordering::Release);
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Sends this side's close frame and flushes it.
     fn poll_send_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.phase == Phase::Open {
@@ -233,6 +320,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ByteStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.unflushed && this.turn.as_ref().is_some_and(|t| t.due.load(Ordering::Acquire)) {
+            // A flush came due while the stream's task was busy reading; if
+            // the socket is full, its readiness polls the task again.
+            if let Poll::Ready(Err(err)) = this.poll_flush_turn(cx) {
+                return Poll::Ready(Err(err));
+            }
+        }
         loop {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
@@ -267,6 +361,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ByteStream<S> {
         Pin::new(&mut this.ws)
             .start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
             .map_err(io_error)?;
+        this.unflushed = true;
         Poll::Ready(Ok(n))
     }
 
@@ -291,6 +386,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ByteStream<S> {
         Pin::new(&mut this.ws)
             .start_send(Message::Binary(message.freeze()))
             .map_err(io_error)?;
+        this.unflushed = true;
         Poll::Ready(Ok(total))
     }
 
@@ -299,9 +395,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ByteStream<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().ws)
-            .poll_flush(cx)
-            .map_err(io_error)
+        self.get_mut().poll_flush_turn(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -316,7 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ByteStream<S> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::WebSocketStream;
 
@@ -363,6 +457,7 @@ mod tests {
     #[tokio::test]
     async fn vectored_writes_gather_slices_into_one_message() {
         let (mut client, _, mut server, _) = pair().await;
+        let (report, written) = tokio::sync::oneshot::channel();
         let writer = tokio::spawn(async move {
             let head = [1u8; 9];
             let payload = vec![2u8; WRITE_CHUNK];
@@ -370,15 +465,18 @@ mod tests {
                 std::io::IoSlice::new(&head),
                 std::io::IoSlice::new(&payload),
             ];
-            let written = client.write_vectored(&slices).await.unwrap();
+            let _ = report.send(client.write_vectored(&slices).await.unwrap());
             client.flush().await.unwrap();
-            (written, client)
+            // Polled on, as HTTP/2 polls its stream, for the flush to leave.
+            let mut buf = [0u8; 1];
+            let _ = client.read(&mut buf).await;
         });
         let mut got = vec![0u8; WRITE_CHUNK];
         server.read_exact(&mut got).await.unwrap();
-        let (written, _client) = writer.await.unwrap();
+        writer.abort();
         assert_eq!(
-            written, WRITE_CHUNK,
+            written.await.unwrap(),
+            WRITE_CHUNK,
             "one message holds at most WRITE_CHUNK bytes"
         );
         assert_eq!(&got[..9], &[1u8; 9]);
@@ -398,6 +496,111 @@ mod tests {
         assert_eq!(reader.await.unwrap().unwrap(), Vec::<u8>::new());
         let remote = client_signal.remote_reason().unwrap();
         assert_eq!(remote, CloseReason::policy("taken over by another session"));
+    }
+
+    /// A socket that counts the writes that reach it.
+    struct Counted {
+        inner: tokio::io::DuplexStream,
+        writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for Counted {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Counted {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let std::task::Poll::Ready(Ok(n)) = written {
+                if n > 0 {
+                    self.writes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            written
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// HTTP/2 writes and flushes frame by frame; what one poll wrote leaves
+    /// in one write to the socket, and a lone write still leaves.
+    #[tokio::test]
+    async fn flushes_in_one_turn_make_one_socket_write() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Counted {
+            inner: a,
+            writes: writes.clone(),
+        };
+        let client =
+            WebSocketStream::from_raw_socket(counted, Role::Client, Some(websocket_config()))
+                .await;
+        let server =
+            WebSocketStream::from_raw_socket(b, Role::Server, Some(websocket_config())).await;
+        let mut client = ByteStream::new(client, CloseSignal::default());
+        let mut server = ByteStream::new(server, CloseSignal::default());
+
+        let frames = [vec![1u8; 1033], vec![2u8; 1033], vec![3u8; 1033]];
+        let sent = frames.clone();
+        let (go, mut next) = tokio::sync::oneshot::channel::<()>();
+        // The stream's own task, as HTTP/2's connection: it writes and
+        // flushes frame by frame in one poll, then waits reading, which is
+        // how it is polled again once the turn has ended.
+        let writer = tokio::spawn(async move {
+            std::future::poll_fn(|cx| {
+                for frame in &sent {
+                    let written = std::pin::Pin::new(&mut client).poll_write(cx, frame);
+                    assert!(matches!(written, std::task::Poll::Ready(Ok(1033))));
+                    let flushed = std::pin::Pin::new(&mut client).poll_flush(cx);
+                    assert!(matches!(flushed, std::task::Poll::Ready(Ok(()))));
+                }
+                std::task::Poll::Ready(())
+            })
+            .await;
+            let mut buf = [0u8; 1];
+            tokio::select! {
+                _ = client.read(&mut buf) => panic!("nothing is sent back"),
+                _ = &mut next => {}
+            }
+            // A lone write and flush leaves too: nothing waits for more.
+            client.write_all(&[4u8; 10]).await.unwrap();
+            client.flush().await.unwrap();
+            let _ = client.read(&mut buf).await;
+        });
+        let mut got = vec![0u8; 3 * 1033];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, frames.concat());
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        go.send(()).unwrap();
+        let mut got = [0u8; 10];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [4u8; 10]);
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 2);
+        writer.abort();
     }
 
     #[test]

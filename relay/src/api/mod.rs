@@ -559,6 +559,9 @@ async fn endpoint(
             let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
             let edits: ReplayRequest = read_json(req, true).await?;
             let answer = crate::activity::replay::replay(state, &entry, &edits).await?;
+            if let Ok(id) = answer.id.parse() {
+                requests::until_stored(state, id).await;
+            }
             Ok(json(&answer))
         }
         Endpoint::MarkReplayed => {

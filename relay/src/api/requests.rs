@@ -37,6 +37,9 @@ const TAIL_BATCH: usize = 200;
 pub const LIVE_FEEDS_PER_IP: usize = 8;
 /// How often the live tail sends a comment, so proxies keep it open.
 const TAIL_KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long an answer that names a new entry (a replay's) waits for the
+/// entry to be stored, so that the caller can read it at once.
+const STORED_WAIT: Duration = Duration::from_secs(5);
 
 /// The filters, cursor and page size of a list query.
 pub struct ListQuery {
@@ -286,6 +289,26 @@ pub fn not_found(id: &str) -> ApiError {
 }
 
 /// Reads the entry `id` that `owner` may see.
+/// Waits until entry `id` is stored, re-reading after each commit, for at
+/// most [`STORED_WAIT`]: the writer gathers entries for a few milliseconds
+/// before each commit, and a caller told an id expects to read it.
+pub(crate) async fn until_stored(state: &State, id: ExchangeId) {
+    let mut committed = state.recorder.committed();
+    let _ = tokio::time::timeout(STORED_WAIT, async {
+        loop {
+            committed.borrow_and_update();
+            // A store that fails to answer is reported by the next read.
+            if !matches!(state.log.seq_of(id, None).await, Ok(None)) {
+                return;
+            }
+            if committed.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
 pub(crate) async fn entry(
     state: &State,
     id: &str,
