@@ -377,3 +377,163 @@ fn open_from_peer(
         entry.task = Some(task);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::{Bytes, BytesMut};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::DuplexStream;
+    use tokio::sync::mpsc;
+    use tokio::task::JoinSet;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+
+    use super::{Inbound, Link, Opened, INBOX, WINDOW};
+    use crate::framing::{next_frame, Frame, Kind};
+
+    async fn sockets() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let config = Some(ferry_common::link::websocket_config());
+        (
+            WebSocketStream::from_raw_socket(a, Role::Client, config).await,
+            WebSocketStream::from_raw_socket(b, Role::Server, config).await,
+        )
+    }
+
+    /// A link that accepts streams, and where the accepted ones go.
+    fn accepting(
+        ws: WebSocketStream<DuplexStream>,
+        tasks: &mut JoinSet<()>,
+    ) -> (Link, mpsc::Receiver<Opened>) {
+        let (opened, accepted) = mpsc::channel(16);
+        let accept = Box::new(move |stream: Opened| {
+            let opened = opened.clone();
+            tokio::spawn(async move {
+                let _ = opened.send(stream).await;
+            })
+            .abort_handle()
+        });
+        (Link::start(ws, tasks, 2, Some(accept)), accepted)
+    }
+
+    #[tokio::test]
+    async fn a_sender_stops_at_the_window_until_the_reader_gives_credit() {
+        let (a, b) = sockets().await;
+        let mut tasks = JoinSet::new();
+        let opener = Link::start(a, &mut tasks, 1, None);
+        let (_acceptor, mut accepted) = accepting(b, &mut tasks);
+        let (stream, _inbox) = opener.open();
+        stream
+            .head(Bytes::from_static(b"head"), false)
+            .await
+            .unwrap();
+        let sender = stream.clone();
+        let sending = tokio::spawn(async move {
+            sender
+                .data(Bytes::from(vec![1u8; WINDOW as usize + 1]))
+                .await
+        });
+        let Opened {
+            stream: peer,
+            mut inbox,
+            ..
+        } = accepted.recv().await.unwrap();
+        let mut got = 0;
+        while got < WINDOW as usize {
+            match inbox.recv().await {
+                Some(Inbound::Data(data)) => got += data.len(),
+                other => panic!("expected data, got {other:?}"),
+            }
+        }
+        assert_eq!(got, WINDOW as usize, "exactly one window arrives");
+        assert_eq!(stream.credit.available_permits(), 0);
+        assert!(!sending.is_finished(), "the last byte waits for credit");
+        peer.consumed(got).await.unwrap();
+        match inbox.recv().await {
+            Some(Inbound::Data(data)) => assert_eq!(data.len(), 1),
+            other => panic!("expected the last byte, got {other:?}"),
+        }
+        sending.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn dropping_a_stream_before_its_end_resets_it_at_the_peer() {
+        let (a, b) = sockets().await;
+        let mut tasks = JoinSet::new();
+        let opener = Link::start(a, &mut tasks, 1, None);
+        let (acceptor, mut accepted) = accepting(b, &mut tasks);
+        let (stream, _inbox) = opener.open();
+        stream
+            .head(Bytes::from_static(b"head"), false)
+            .await
+            .unwrap();
+        let Opened {
+            stream: peer,
+            mut inbox,
+            ..
+        } = accepted.recv().await.unwrap();
+        drop(stream);
+        assert!(matches!(inbox.recv().await, Some(Inbound::Reset)));
+        assert!(acceptor.lock().is_empty(), "the peer forgot the stream");
+        assert!(peer.data(Bytes::from_static(b"late")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn frames_ready_together_leave_in_one_message() {
+        let (a, mut raw) = sockets().await;
+        let mut tasks = JoinSet::new();
+        let link = Link::start(a, &mut tasks, 1, None);
+        let (first, _) = link.open();
+        let (second, _) = link.open();
+        // On this single-threaded runtime the writer runs only once the
+        // test awaits the peer: all four frames are queued by then.
+        first.head(Bytes::from_static(b"one"), true).await.unwrap();
+        second
+            .head(Bytes::from_static(b"two"), false)
+            .await
+            .unwrap();
+        second.data(Bytes::from_static(b"body")).await.unwrap();
+        second.end().await.unwrap();
+        let Some(Ok(Message::Binary(mut message))) = raw.next().await else {
+            panic!("expected one binary message");
+        };
+        let mut kinds = Vec::new();
+        while let Some(frame) = next_frame(&mut message).unwrap() {
+            kinds.push((frame.stream, frame.kind));
+        }
+        assert_eq!(
+            kinds,
+            [
+                (1, Kind::Headers),
+                (3, Kind::Headers),
+                (3, Kind::Data),
+                (3, Kind::End)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_tiny_frames_resets_the_stream_instead_of_queueing() {
+        let (mut raw, b) = sockets().await;
+        let mut tasks = JoinSet::new();
+        // The accepting side never reads what it is sent.
+        let (_link, _accepted) = accepting(b, &mut tasks);
+        let mut message = BytesMut::new();
+        let frame = |kind, payload: &'static [u8]| Frame {
+            stream: 1,
+            kind,
+            payload: Bytes::from_static(payload),
+        };
+        frame(Kind::Headers, b"head").encode(&mut message);
+        for _ in 0..=INBOX {
+            frame(Kind::Data, b"x").encode(&mut message);
+        }
+        raw.send(Message::Binary(message.freeze())).await.unwrap();
+        let Some(Ok(Message::Binary(mut answer))) = raw.next().await else {
+            panic!("expected an answer");
+        };
+        let reset = next_frame(&mut answer).unwrap().unwrap();
+        assert_eq!((reset.stream, reset.kind), (1, Kind::Reset));
+    }
+}
