@@ -119,7 +119,7 @@ pub async fn relay(framing: Framing, tunnel: SocketAddr, public: SocketAddr) -> 
     }
 }
 
-/// Serves public HTTP/1.1 with `forward` until the link's tasks end.
+/// Serves public HTTP/1.1 with `forward` until the link ends.
 async fn serve_public<F, Fut>(
     public: TcpListener,
     tasks: &mut JoinSet<()>,
@@ -154,7 +154,8 @@ where
                 });
             }
             Some(_) = connections.join_next() => {}
-            _ = tasks.join_next() => return Err("the link ended".into()),
+            // The proto-client leaving is how a run ends.
+            _ = tasks.join_next() => return Ok(()),
         }
     }
 }
@@ -308,7 +309,7 @@ pub async fn client(framing: Framing, relay: SocketAddr, origin: SocketAddr) -> 
             });
             Link::start(ws, &mut tasks, 2, Some(accept));
             tasks.join_next().await;
-            Err("the link ended".into())
+            Ok(())
         }
     }
 }
