@@ -15,12 +15,18 @@
 //! - [`receiver`]: the loopback webhook receiver deliveries go to.
 //! - [`log_writes`]: the activity log's write rate, on the relay's store
 //!   in this process.
+//! - [`framing_bench`]: a lighter tunnel framing against HTTP/2, through
+//!   the prototypes in [`proto`] ([`light`] over the wire format in
+//!   [`framing`]).
 //!
 //! Without a subcommand it runs every scenario and prints a table; the
 //! subcommands are the pieces it starts as separate processes, and the
 //! dispatcher's scenario alone.
 
 mod dispatch;
+mod framing;
+mod framing_bench;
+mod light;
 mod load;
 mod log_writes;
 mod metrics;
@@ -28,6 +34,7 @@ mod nginx;
 mod origin;
 mod peers;
 mod procs;
+mod proto;
 mod receiver;
 mod scenarios;
 mod side_by_side;
@@ -128,6 +135,30 @@ enum Command {
         #[arg(long)]
         count: usize,
     },
+    /// Measure the light framing prototype against HTTP/2 and print a table.
+    Framing,
+    /// A prototype tunnel's relay: prints `listening TUNNEL PUBLIC`.
+    ProtoRelay {
+        #[arg(long, value_enum)]
+        framing: proto::Framing,
+        /// Where the proto-client connects.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        tunnel: SocketAddr,
+        /// Where public HTTP/1.1 comes in.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        public: SocketAddr,
+    },
+    /// A prototype tunnel's client: prints `connected`.
+    ProtoClient {
+        #[arg(long, value_enum)]
+        framing: proto::Framing,
+        /// The proto-relay's tunnel address.
+        #[arg(long)]
+        relay: SocketAddr,
+        /// The origin requests go to.
+        #[arg(long)]
+        origin: SocketAddr,
+    },
 }
 
 #[tokio::main]
@@ -189,6 +220,17 @@ async fn main() -> ExitCode {
             target,
             count,
         }) => idle_tunnels(&relay, &target, count).await,
+        Some(Command::Framing) => framing_bench::run(cli.quick, !cli.no_wrk).await,
+        Some(Command::ProtoRelay {
+            framing,
+            tunnel,
+            public,
+        }) => proto::current_thread(move || proto::relay(framing, tunnel, public)).await,
+        Some(Command::ProtoClient {
+            framing,
+            relay,
+            origin,
+        }) => proto::current_thread(move || proto::client(framing, relay, origin)).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
