@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::load::{self, Outcome, Spec, Transfer};
+use crate::load::{Outcome, Spec, Transfer};
 use crate::procs::Proc;
 use crate::proto::Framing;
-use crate::scenarios::median;
+use crate::scenarios::{json_output, median, run_load};
 
 /// How a run is sized.
 struct Sizing {
@@ -280,47 +280,4 @@ async fn upload(
         median(&mut light),
     );
     Ok(())
-}
-
-/// wrk where asked and installed, else this binary's `load` subcommand in
-/// a process of its own.
-async fn run_load(bin: &Path, spec: &Spec, wrk: bool) -> Result<Outcome, String> {
-    if wrk {
-        let spec = spec.clone();
-        if let Ok(Some(outcome)) = tokio::task::spawn_blocking(move || load::wrk(&spec)).await {
-            return Ok(outcome);
-        }
-    }
-    let args = [
-        "load".to_owned(),
-        "--addr".into(),
-        spec.addr.to_string(),
-        "--host".into(),
-        spec.host.clone(),
-        "--path".into(),
-        spec.path.clone(),
-        "--connections".into(),
-        spec.connections.to_string(),
-        "--millis".into(),
-        spec.duration.as_millis().to_string(),
-    ];
-    json_output(bin, &args).await
-}
-
-async fn json_output<T: serde::de::DeserializeOwned>(
-    bin: &Path,
-    args: &[String],
-) -> Result<T, String> {
-    let output = tokio::process::Command::new(bin.join("ferry-bench"))
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {args:?}: {e}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("{args:?} printed no result: {e}"))
 }

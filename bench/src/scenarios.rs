@@ -373,7 +373,7 @@ impl Stack {
 
 /// Runs a load from a separate process: wrk where asked and installed,
 /// else this binary's `load` subcommand.
-async fn run_load(bin: &Path, spec: &Spec, wrk: bool) -> Result<Outcome, String> {
+pub(crate) async fn run_load(bin: &Path, spec: &Spec, wrk: bool) -> Result<Outcome, String> {
     run_load_on(bin, spec, wrk, None).await
 }
 
@@ -422,7 +422,7 @@ pub(crate) async fn run_load_on(
     }
 }
 
-async fn json_output<T: serde::de::DeserializeOwned>(
+pub(crate) async fn json_output<T: serde::de::DeserializeOwned>(
     bin: &Path,
     args: &[String],
 ) -> Result<T, String> {

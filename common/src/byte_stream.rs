@@ -320,7 +320,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ByteStream<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.unflushed && this.turn.as_ref().is_some_and(|t| t.due.load(Ordering::Acquire)) {
+        if this.unflushed
+            && this
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.due.load(Ordering::Acquire))
+        {
             // A flush came due while the stream's task was busy reading; if
             // the socket is full, its readiness polls the task again.
             if let Poll::Ready(Err(err)) = this.poll_flush_turn(cx) {
@@ -556,8 +561,7 @@ mod tests {
             writes: writes.clone(),
         };
         let client =
-            WebSocketStream::from_raw_socket(counted, Role::Client, Some(websocket_config()))
-                .await;
+            WebSocketStream::from_raw_socket(counted, Role::Client, Some(websocket_config())).await;
         let server =
             WebSocketStream::from_raw_socket(b, Role::Server, Some(websocket_config())).await;
         let mut client = ByteStream::new(client, CloseSignal::default());
