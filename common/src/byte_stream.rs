@@ -13,11 +13,12 @@
 //! frame of more than a few hundred bytes, so with many streams answering at
 //! once each frame cost a system call (and a wake-up of the peer). A flush
 //! asked for is instead left to an [`EndOfTurn`] task, which runs once the
-//! task polling the stream has let go and the others then ready have run:
-//! whatever they all wrote leaves in one write. The flush itself is done by
-//! the stream's own task when that task polls the stream again, which
-//! HTTP/2 does for as long as the connection lives, reading; a close flushes
-//! at once.
+//! task polling the stream has let go: whatever one poll of the connection
+//! wrote (every stream's frames then ready) leaves in one write, at the
+//! connection's next poll. The flush itself is done by the stream's own
+//! task when that task polls the stream again, which HTTP/2 does for as
+//! long as the connection lives, reading; a stream that is closing or
+//! closed flushes at once.
 
 use std::io;
 use std::pin::Pin;
@@ -138,6 +139,11 @@ enum Phase {
 }
 
 /// A WebSocket read and written as a stream of bytes.
+///
+/// Inside a Tokio runtime a flush returns before the bytes leave: they leave
+/// when the owner next reads or flushes, which HTTP/2 always does. An owner
+/// that flushes and then stops polling the stream, yet keeps it open, would
+/// hold them back.
 pub struct ByteStream<S> {
     /// The WebSocket underneath.
     ws: WebSocketStream<S>,
@@ -230,7 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream<S> {
     /// the turn (then `Ready` at once: the stream's task is polled again to
     /// do it).
     fn poll_flush_turn(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.unflushed {
+        if self.unflushed && self.phase == Phase::Open {
             if let Some(turn) = &self.turn {
                 if !turn.due.load(Ordering::Acquire) {
                     turn.stream.register(cx.waker());

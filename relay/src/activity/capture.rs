@@ -165,6 +165,7 @@ async fn write(
     stop: CancellationToken,
 ) {
     let mut last_batch: Option<Instant> = None;
+    let mut last_full = false;
     loop {
         // Cancel-safe: `recv` loses nothing when `stop` wins.
         let first = tokio::select! {
@@ -176,7 +177,8 @@ async fn write(
         };
         let Some(first) = first else { return };
         let waited = last_batch.map_or(BATCH_GATHER, |at| at.elapsed());
-        if waited < BATCH_GATHER && !stop.is_cancelled() {
+        // A full batch means the writer is behind: no reason to wait.
+        if waited < BATCH_GATHER && !last_full && !stop.is_cancelled() {
             // Cancel-safe: a sleep.
             tokio::select! {
                 () = tokio::time::sleep(BATCH_GATHER - waited) => {}
@@ -195,6 +197,7 @@ async fn write(
                 Err(_) => break,
             }
         }
+        last_full = batch.len() >= BATCH_ENTRIES || bytes >= BATCH_BYTES;
         let count = batch.len() as u64;
         let size: u64 = batch.iter().map(|(entry, _)| entry.stored_size()).sum();
         // The permits go back only once the entries are stored, so the

@@ -558,9 +558,10 @@ async fn endpoint(
         Endpoint::Replay => {
             let entry = requests::entry(state, &id, owner()?.as_deref()).await?;
             let edits: ReplayRequest = read_json(req, true).await?;
+            let dropped = state.recorder.stats().dropped.load(Ordering::Relaxed);
             let answer = crate::activity::replay::replay(state, &entry, &edits).await?;
             if let Ok(id) = answer.id.parse() {
-                requests::until_stored(state, id).await;
+                requests::until_stored(state, id, dropped).await;
             }
             Ok(json(&answer))
         }

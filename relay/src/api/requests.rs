@@ -288,20 +288,35 @@ pub fn not_found(id: &str) -> ApiError {
     )
 }
 
-/// Reads the entry `id` that `owner` may see.
 /// Waits until entry `id` is stored, re-reading after each commit, for at
 /// most [`STORED_WAIT`]: the writer gathers entries for a few milliseconds
-/// before each commit, and a caller told an id expects to read it.
-pub(crate) async fn until_stored(state: &State, id: ExchangeId) {
+/// before each commit, and a caller told an id expects to read it. Gives up
+/// at once when capture has dropped an entry since `dropped_before` (its
+/// queue was full, or a write failed): it may have been this one.
+pub(crate) async fn until_stored(state: &State, id: ExchangeId, dropped_before: u64) {
     let mut committed = state.recorder.committed();
+    let mut health = state.recorder.health();
+    let dropped = || {
+        state
+            .recorder
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     let _ = tokio::time::timeout(STORED_WAIT, async {
         loop {
             committed.borrow_and_update();
+            health.borrow_and_update();
             // A store that fails to answer is reported by the next read.
-            if !matches!(state.log.seq_of(id, None).await, Ok(None)) {
+            if !matches!(state.log.seq_of(id, None).await, Ok(None)) || dropped() > dropped_before {
                 return;
             }
-            if committed.changed().await.is_err() {
+            // Cancel-safe: two watch receivers.
+            let changed = tokio::select! {
+                changed = committed.changed() => changed,
+                changed = health.changed() => changed,
+            };
+            if changed.is_err() {
                 return;
             }
         }
@@ -309,6 +324,7 @@ pub(crate) async fn until_stored(state: &State, id: ExchangeId) {
     .await;
 }
 
+/// Reads the entry `id` that `owner` may see.
 pub(crate) async fn entry(
     state: &State,
     id: &str,
