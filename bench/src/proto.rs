@@ -279,12 +279,7 @@ pub async fn client(framing: Framing, relay: SocketAddr, origin: SocketAddr) -> 
                 async move {
                     let (mut parts, body) = req.into_parts();
                     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                    let Ok(uri) = Uri::builder()
-                        .scheme("http")
-                        .authority(authority)
-                        .path_and_query(path)
-                        .build()
-                    else {
+                    let Some(uri) = origin_uri(&authority, path) else {
                         return Ok::<_, Infallible>(status(StatusCode::BAD_REQUEST, "bad path\n"));
                     };
                     parts.uri = uri;
@@ -314,6 +309,16 @@ pub async fn client(framing: Framing, relay: SocketAddr, origin: SocketAddr) -> 
     }
 }
 
+/// The origin's URI for `path`.
+fn origin_uri(authority: &str, path: &str) -> Option<Uri> {
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .ok()
+}
+
 /// Serves one stream: the request to the origin, the answer back. Any
 /// failure drops the stream, which resets it.
 async fn client_light(pool: Origin, authority: String, opened: Opened) {
@@ -326,12 +331,7 @@ async fn client_light(pool: Origin, authority: String, opened: Opened) {
         return;
     };
     let (method, path) = head.line;
-    let Ok(uri) = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-    else {
+    let Some(uri) = origin_uri(&authority, &path) else {
         return;
     };
     let body = if head.last {
