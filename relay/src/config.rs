@@ -87,6 +87,9 @@ pub struct Config {
     pub egress_allow: Vec<Allow>,
     /// Where the database and the lock file live.
     pub data_dir: std::path::PathBuf,
+    /// A PostgreSQL database shared with the fleet's other relays; `None`
+    /// keeps everything in the SQLite file in [`Config::data_dir`].
+    pub database_url: Option<String>,
     /// Whether requests through tunnels are recorded in the activity log.
     /// Off, none is (held names still answer 503, unrecorded); for
     /// measuring what capture costs, and for operators who want no log.
@@ -217,6 +220,7 @@ impl Default for Config {
             proxy_protocol: crate::proxy::ProxyProtocol::Optional,
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
+            database_url: None,
             capture: true,
             capture_body_limit: Self::DEFAULT_CAPTURE_BODY_LIMIT,
             retention: Self::DEFAULT_RETENTION,

@@ -166,7 +166,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    Relay::open(config)?.run(listeners, shutdown).await
+    Relay::open(config).await?.run(listeners, shutdown).await
 }
 
 /// A relay whose data directory and store are open, ready to serve.
@@ -175,34 +175,42 @@ pub struct Relay {
     config: Config,
     /// The data directory, locked for this relay.
     data_dir: data_dir::DataDir,
-    /// The store in it.
-    store: Arc<store::sqlite::Sqlite>,
+    /// The store: the SQLite file in the data directory, or the shared
+    /// PostgreSQL database.
+    store: Arc<dyn store::Store>,
     /// The accounts of the tokens file, as read at start.
     file_accounts: Vec<accounts::Account>,
 }
 
 impl Relay {
     /// Reads the tokens file, takes the data directory (creating it if
-    /// missing) and opens its database: fails at once when the tokens
-    /// file is not valid, the directory is not writable or another relay
-    /// holds it.
-    pub fn open(config: Config) -> std::io::Result<Self> {
+    /// missing) and opens the store: fails at once when the tokens file is
+    /// not valid, the directory is not writable, another relay holds it or
+    /// the database cannot be opened or reached.
+    pub async fn open(config: Config) -> std::io::Result<Self> {
         let file_accounts = match &config.tokens_file {
             Some(path) => accounts::file::load(path)
                 .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?,
             None => Vec::new(),
         };
         let data_dir = data_dir::DataDir::open(&config.data_dir)?;
-        let store = store::sqlite::Sqlite::open(&data_dir.database()).map_err(|err| {
-            std::io::Error::other(format!(
-                "cannot open the activity log in {}: {err}",
-                data_dir.path().display()
-            ))
-        })?;
+        let store: Arc<dyn store::Store> = match &config.database_url {
+            Some(url) => Arc::new(store::postgres::Postgres::connect(url).await.map_err(
+                |err| std::io::Error::other(format!("cannot open the PostgreSQL store: {err}")),
+            )?),
+            None => Arc::new(
+                store::sqlite::Sqlite::open(&data_dir.database()).map_err(|err| {
+                    std::io::Error::other(format!(
+                        "cannot open the activity log in {}: {err}",
+                        data_dir.path().display()
+                    ))
+                })?,
+            ),
+        };
         Ok(Self {
             config,
             data_dir,
-            store: Arc::new(store),
+            store,
             file_accounts,
         })
     }
@@ -236,7 +244,7 @@ async fn serve(
     config: Config,
     accounts: accounts::Accounts,
     data_dir: &mut data_dir::DataDir,
-    store: Arc<store::sqlite::Sqlite>,
+    store: Arc<dyn store::Store>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {

@@ -166,6 +166,16 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_DATA_DIR", value_name = "DIR",
           default_value = Config::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// A PostgreSQL database (postgres://USER:PASSWORD@HOST:PORT/DATABASE)
+    /// that several relays share: the activity log, names, webhooks and the
+    /// delivery queue live there instead of in DATA_DIR's SQLite file.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     /// Whether the activity log records the requests that pass through
     /// tunnels. `off` records none (a held name's callers still get 503,
     /// unrecorded; replays made through the API are still logged): for
@@ -783,6 +793,7 @@ fn config(args: &Args) -> Result<Config, String> {
         proxy_protocol: args.proxy_protocol,
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
+        database_url: args.database_url.clone(),
         capture: args.capture,
         capture_body_limit: usize::try_from(args.capture_body_limit)
             .ok()
@@ -890,7 +901,7 @@ async fn serve(args: Args) -> ExitCode {
     let domain = config.domain.clone();
     // The data directory first: a relay that cannot keep its log says so
     // before it listens.
-    let relay = match ferry_relay::Relay::open(config) {
+    let relay = match ferry_relay::Relay::open(config).await {
         Ok(relay) => relay,
         Err(err) => {
             eprintln!("error: {err}");

@@ -11,6 +11,10 @@
 //! - [`Api`]: the relay's JSON API, and [`Tail`], its live feed.
 //! - [`FreezableProxy`]: a TCP proxy whose connections can go silent, as a
 //!   dead network link does.
+//! - [`postgres`]: a PostgreSQL server of the test process's own, and a
+//!   fresh database on it per test.
+
+pub mod postgres;
 
 use std::future::Future;
 use std::net::SocketAddr;

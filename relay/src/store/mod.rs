@@ -6,9 +6,12 @@
 //! - [`Webhooks`]: the dispatcher's webhooks, event types, events and its
 //!   durable delivery queue.
 //!
-//! [`sqlite::Sqlite`] implements them all. Everything is keyed on the owner's
-//! account key ([`OwnerKey`]), never on a token.
+//! [`sqlite::Sqlite`] (the embedded default) and [`postgres::Postgres`]
+//! (for a fleet of relays on one database) implement them all: [`Store`].
+//! Everything is keyed on the owner's account key ([`OwnerKey`]), never on
+//! a token.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
@@ -388,6 +391,11 @@ impl From<rusqlite::Error> for StoreError {
         Self(format!("the database failed: {err}"))
     }
 }
+
+/// Everything the relay keeps, in one store.
+pub trait Store: ActivityLog + NameRegistry + Webhooks {}
+
+impl<T: ActivityLog + NameRegistry + Webhooks> Store for T {}
 
 /// The activity log.
 #[async_trait]

@@ -1,15 +1,16 @@
 //! The store's contract: what every implementation of `ActivityLog` and
 //! `NameRegistry` must do (and, in [`webhooks`], of `Webhooks`). Each case
 //! is a function generic over the traits, run below against a fresh SQLite
-//! file; another store (PostgreSQL) runs the very same functions. The last
-//! cases are about the SQLite file itself: reopening it, reading it
-//! read-only, refusing a newer schema.
+//! file and against a fresh PostgreSQL database: both stores run the very
+//! same functions. The last cases are about each store itself: reopening
+//! it, reading it read-only, refusing a newer schema.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_common::ids::ExchangeId;
+use ferry_relay::store::postgres::Postgres;
 use ferry_relay::store::sqlite::Sqlite;
 use ferry_relay::store::{
     ActivityLog, CapturedBody, CapturedResponse, Exchange, Filter, Header, Kind, Micros,
@@ -860,8 +861,15 @@ impl Fresh {
     }
 }
 
-/// One test per case, each on a fresh SQLite file.
-macro_rules! on_sqlite {
+/// A PostgreSQL store on a database of its own.
+async fn fresh_postgres() -> Postgres {
+    let url = ferry_tests::postgres::fresh_database().await;
+    Postgres::connect(&url).await.expect("connect")
+}
+
+/// One test per case, each on a fresh SQLite file and on a fresh
+/// PostgreSQL database.
+macro_rules! on_both {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
             $(
@@ -872,10 +880,18 @@ macro_rules! on_sqlite {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::fresh_postgres().await).await;
+                }
+            )*
+        }
     };
 }
 
-on_sqlite!(
+on_both!(
     round_trip_is_byte_exact,
     list_pages_newest_first_without_gaps_or_repeats,
     filters_select_alone_and_combined,

@@ -9,7 +9,7 @@ use ferry_relay::store::{
     Next, WebhookRecord, Webhooks,
 };
 
-use super::Fresh;
+use super::{fresh_postgres, Fresh};
 
 const T0: Micros = 1_700_000_000_000_000;
 const SECOND: Micros = 1_000_000;
@@ -721,10 +721,11 @@ pub(super) async fn another_owner_s_webhooks_and_deliveries_are_out_of_reach(
     assert!(store.webhooks(None).await.expect("webhooks").is_empty());
 }
 
-/// One test per case, each on a fresh SQLite file.
-mod sqlite {
-    macro_rules! cases {
-        ($($case:ident),* $(,)?) => {
+/// One test per case, each on a fresh SQLite file and on a fresh
+/// PostgreSQL database.
+macro_rules! on_both {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
             $(
                 #[tokio::test]
                 async fn $case() {
@@ -732,17 +733,25 @@ mod sqlite {
                     super::$case(&fresh.store).await;
                 }
             )*
-        };
-    }
-
-    cases!(
-        enqueue_fans_out_to_listeners_and_refuses_an_id_seen_within_the_window,
-        claim_takes_due_deliveries_in_order_an_ordered_webhook_s_oldest_only_and_skips,
-        release_gives_deliveries_back_without_an_attempt,
-        finish_stores_attempts_and_what_follows_each,
-        a_webhook_failing_for_the_disable_period_is_disabled,
-        resend_and_recover_queue_finished_deliveries_for_one_more_attempt,
-        prune_forgets_finished_deliveries_and_keeps_pending_ones,
-        another_owner_s_webhooks_and_deliveries_are_out_of_reach,
-    );
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::fresh_postgres().await).await;
+                }
+            )*
+        }
+    };
 }
+
+on_both!(
+    enqueue_fans_out_to_listeners_and_refuses_an_id_seen_within_the_window,
+    claim_takes_due_deliveries_in_order_an_ordered_webhook_s_oldest_only_and_skips,
+    release_gives_deliveries_back_without_an_attempt,
+    finish_stores_attempts_and_what_follows_each,
+    a_webhook_failing_for_the_disable_period_is_disabled,
+    resend_and_recover_queue_finished_deliveries_for_one_more_attempt,
+    prune_forgets_finished_deliveries_and_keeps_pending_ones,
+    another_owner_s_webhooks_and_deliveries_are_out_of_reach,
+);

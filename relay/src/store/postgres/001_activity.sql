@@ -1,0 +1,1 @@
+-- 1: the activity log, its search index and the name registry.

@@ -1,0 +1,1 @@
+-- 2: the dispatcher: webhooks, event types, events, the delivery queue and its attempts.

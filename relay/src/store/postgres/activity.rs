@@ -1,0 +1,1 @@
+//! The activity log and the name registry on PostgreSQL.

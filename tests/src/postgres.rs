@@ -1,0 +1,218 @@
+//! A PostgreSQL server for the tests: Debian's `postgresql`, started once
+//! per test process in a temporary directory on a free port, and a fresh
+//! database per test on it.
+//!
+//! `initdb` and `postgres` refuse to run as root, and CI runs as root: then
+//! the server runs as the `postgres` user the Debian package creates (or
+//! `nobody`). A watchdog process holds the other end of a pipe from this
+//! process; when the test process exits, however it exits, the pipe closes
+//! and the watchdog stops the server and removes its directory.
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// The server of this test process.
+struct Server {
+    port: u16,
+    bin: PathBuf,
+    /// Closed only when the process exits: the watchdog's signal.
+    _watchdog: Mutex<ChildStdin>,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+/// The URL of a new, empty database on the test process's PostgreSQL
+/// server, which is started on first use. Fails the test when PostgreSQL
+/// is not installed or does not start.
+pub async fn fresh_database() -> String {
+    let made = tokio::task::spawn_blocking(|| {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let server = SERVER.get_or_init(start).as_ref().map_err(Clone::clone)?;
+        let name = format!("ferry_{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let out = Command::new(server.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.port.to_string(),
+                "-U",
+                "ferry",
+                &name,
+            ])
+            .output()
+            .map_err(|err| format!("cannot run createdb: {err}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "createdb {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok::<_, String>(server.url(&name))
+    })
+    .await
+    .expect("the createdb task");
+    made.unwrap_or_else(|err| panic!("{err}"))
+}
+
+impl Server {
+    fn url(&self, database: &str) -> String {
+        format!("postgres://ferry@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+/// The newest PostgreSQL's programs on this machine.
+fn bin_dir() -> Result<PathBuf, String> {
+    let missing = || {
+        "PostgreSQL is not installed: the tests need Debian's `postgresql` \
+         (`apt-get install postgresql`; scripts/test installs it)"
+            .to_owned()
+    };
+    let versions = std::fs::read_dir("/usr/lib/postgresql").map_err(|_| missing())?;
+    versions
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let version: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .max_by_key(|(version, _)| *version)
+        .map(|(_, bin)| bin)
+        .ok_or_else(missing)
+}
+
+/// The user and group the server runs as: this process's, unless that is
+/// root, which PostgreSQL refuses.
+fn server_user() -> Result<Option<(u32, u32)>, String> {
+    let me = std::fs::metadata("/proc/self").map_err(|err| format!("/proc/self: {err}"))?;
+    if me.uid() != 0 {
+        return Ok(None);
+    }
+    let passwd =
+        std::fs::read_to_string("/etc/passwd").map_err(|err| format!("/etc/passwd: {err}"))?;
+    let user = |wanted: &str| {
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&wanted))
+                .then(|| Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?)))?
+        })
+    };
+    user("postgres")
+        .or_else(|| user("nobody"))
+        .map(Some)
+        .ok_or_else(|| "running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as".to_owned())
+}
+
+/// A command run as the server's user.
+fn as_server(program: PathBuf, user: Option<(u32, u32)>) -> Command {
+    let mut command = Command::new(program);
+    if let Some((uid, gid)) = user {
+        command.uid(uid).gid(gid);
+    }
+    command
+}
+
+fn run(mut command: Command, what: &str) -> Result<(), String> {
+    let out = command
+        .output()
+        .map_err(|err| format!("cannot run {what}: {err}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn start() -> Result<Server, String> {
+    let bin = bin_dir()?;
+    let user = server_user()?;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-pg-")
+        .tempdir()
+        .map_err(|err| format!("a temporary directory: {err}"))?
+        .keep();
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .map_err(|err| format!("cannot give {} to the server's user: {err}", dir.display()))?;
+    }
+    let data = dir.join("data");
+    let mut initdb = as_server(bin.join("initdb"), user);
+    initdb.arg("-D").arg(&data).args([
+        "-U",
+        "ferry",
+        "-A",
+        "trust",
+        "-E",
+        "UTF8",
+        "--locale=C.UTF-8",
+        "--no-sync",
+    ]);
+    run(initdb, "initdb")?;
+    let watchdog = watchdog(&bin, &dir, user)?;
+    // A port can be taken between asking for it and the server binding it:
+    // then the next one is tried.
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map_err(|err| format!("a free port: {err}"))?
+            .port();
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+            dir.display()
+        );
+        let mut pg_ctl = as_server(bin.join("pg_ctl"), user);
+        pg_ctl
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "120", "-o", &options, "start"]);
+        match run(pg_ctl, "pg_ctl start") {
+            Ok(()) => {
+                return Ok(Server {
+                    port,
+                    bin,
+                    _watchdog: Mutex::new(watchdog),
+                })
+            }
+            Err(err) => {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                last = format!("{err}\n{log}");
+            }
+        }
+    }
+    Err(format!("PostgreSQL did not start: {last}"))
+}
+
+/// Starts the process that stops the server and removes `dir` once this
+/// process's end of its standard input closes.
+fn watchdog(bin: &Path, dir: &Path, user: Option<(u32, u32)>) -> Result<ChildStdin, String> {
+    let mut command = as_server("/bin/sh".into(), user);
+    command
+        .args([
+            "-c",
+            r#"cat > /dev/null; "$0/pg_ctl" -D "$1/data" -m immediate stop > /dev/null 2>&1; rm -rf "$1""#,
+        ])
+        .arg(bin)
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut child = command
+        .spawn()
+        .map_err(|err| format!("cannot start the server's watchdog: {err}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| "the watchdog has no standard input".to_owned())
+}
