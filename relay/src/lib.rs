@@ -104,6 +104,8 @@ pub(crate) struct State {
     names: Arc<dyn store::NameRegistry>,
     /// Records exchanges into the log.
     recorder: activity::capture::Recorder,
+    /// Whether the store answers, for `/healthz`.
+    store_health: api::StoreHealth,
     /// Everything the relay sends out passes it.
     egress: egress::Egress,
     /// Delivers webhooks.
@@ -265,6 +267,7 @@ async fn serve(
         (_, Some((listener, _))) => format!("https://{}", listener.local_addr()?),
         (None, None) => String::new(),
     };
+    let store_health = api::StoreHealth::new(store.clone());
     let (log, names, webhooks): (
         Arc<dyn store::ActivityLog>,
         Arc<dyn store::NameRegistry>,
@@ -329,6 +332,7 @@ async fn serve(
         log,
         names,
         recorder,
+        store_health,
         live_feeds: limits::PerIp::new(api::requests::LIVE_FEEDS_PER_IP),
         heavy_calls: limits::PerIp::new(api::HEAVY_CALLS_PER_IP),
         offline: (

@@ -898,6 +898,7 @@ async fn serve(args: Args) -> ExitCode {
         std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
     let open = config.tokens.is_empty() && config.tokens_file.is_none();
     let capture = config.capture;
+    let shared_database = config.database_url.is_some();
     let domain = config.domain.clone();
     // The data directory first: a relay that cannot keep its log says so
     // before it listens.
@@ -951,13 +952,15 @@ async fn serve(args: Args) -> ExitCode {
         )),
         _ => None,
     };
-    if capture {
-        say!("activity log in {}", data_dir.display());
+    let log_place = if shared_database {
+        "the PostgreSQL database".to_owned()
     } else {
-        say!(
-            "activity log in {} (capture off: requests through tunnels are not recorded)",
-            data_dir.display()
-        );
+        data_dir.display().to_string()
+    };
+    if capture {
+        say!("activity log in {log_place}");
+    } else {
+        say!("activity log in {log_place} (capture off: requests through tunnels are not recorded)");
     }
     if open && args.allow_anonymous {
         say!("warning: anonymous relay (--allow-anonymous): anyone who can reach it may open tunnels and read every log");

@@ -37,6 +37,10 @@ const BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// those writes. An entry after a quiet spell is written at once.
 const BATCH_GATHER: Duration = Duration::from_millis(10);
 
+/// How long a batch waits before it is written again while the database
+/// is unreachable.
+const RETRY_UNREACHABLE: Duration = Duration::from_secs(1);
+
 /// What capture has done, for `/metrics` and `/healthz`.
 #[derive(Debug, Default)]
 pub struct CaptureStats {
@@ -155,8 +159,8 @@ impl Recorder {
 }
 
 /// The writer: takes what is queued, up to a batch, and stores it in one
-/// transaction; a failed write is counted and reported, never retried
-/// without bound.
+/// transaction; a failed write is counted and reported, and retried only
+/// while the database is unreachable and the relay is not stopping.
 async fn write(
     log: Arc<dyn ActivityLog>,
     mut receiver: mpsc::Receiver<(Exchange, OwnedSemaphorePermit)>,
@@ -203,18 +207,35 @@ async fn write(
         // The permits go back only once the entries are stored, so the
         // budget bounds what the writer holds too.
         let (entries, permits): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        match log.append(entries).await {
-            Ok(()) => {
-                stats.written.fetch_add(count, Ordering::Relaxed);
-                stats.written_bytes.fetch_add(size, Ordering::Relaxed);
-                health.send_if_modified(|h| h.take().is_some());
-                committed.send_modify(|n| *n += 1);
+        loop {
+            match log.append(entries.clone()).await {
+                Ok(()) => {
+                    stats.written.fetch_add(count, Ordering::Relaxed);
+                    stats.written_bytes.fetch_add(size, Ordering::Relaxed);
+                    health.send_if_modified(|h| h.take().is_some());
+                    committed.send_modify(|n| *n += 1);
+                }
+                // An unreachable database may come back: the batch waits,
+                // holding its share of the queue's budget, so what arrives
+                // meanwhile queues until the budget is spent and is shed
+                // and dropped (counted) beyond it.
+                Err(err) if err.is_unreachable() && !stop.is_cancelled() => {
+                    tracing::warn!(%err, entries = count, "activity log unreachable; entries wait in memory, forwarding goes on");
+                    health.send_replace(Some(err.to_string()));
+                    // Cancel-safe: a sleep.
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY_UNREACHABLE) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, entries = count, "activity log write failed; forwarding goes on");
+                    stats.dropped.fetch_add(count, Ordering::Relaxed);
+                    health.send_replace(Some(err.to_string()));
+                }
             }
-            Err(err) => {
-                tracing::warn!(%err, entries = count, "activity log write failed; forwarding goes on");
-                stats.dropped.fetch_add(count, Ordering::Relaxed);
-                health.send_replace(Some(err.to_string()));
-            }
+            break;
         }
         drop(permits);
     }

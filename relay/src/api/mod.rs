@@ -510,7 +510,7 @@ async fn endpoint(
         Ok(account()?.map(|account| account.to_string()))
     };
     match route.endpoint {
-        Endpoint::Health => Ok(health(state)),
+        Endpoint::Health => Ok(health(state).await),
         Endpoint::Metrics => Ok(metrics(state)),
         Endpoint::Connect => session::connect(state, peer, connection.carry_tunnel(), req).await,
         Endpoint::Tunnels => tunnels(state, account()?.as_ref()).await,
@@ -743,15 +743,63 @@ async fn read_json_within<T: serde::de::DeserializeOwned + Default>(
     })
 }
 
-/// `/healthz`: 200 while the relay serves and capture works; 503 with the
-/// reason while the activity log cannot be written (forwarding goes on).
-fn health(state: &State) -> Response<Body> {
+/// `/healthz`: 200 while the relay serves, its store answers and capture
+/// works; 503 with the reason otherwise (forwarding goes on).
+async fn health(state: &State) -> Response<Body> {
+    if let Err(error) = state.store_health.check().await {
+        return crate::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store failing: {error}; tunnels still forward, captures wait in memory"),
+        );
+    }
     match state.recorder.health().borrow().as_deref() {
         Some(error) => crate::text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("capture failing: the activity log cannot be written ({error}); tunnels still forward"),
         ),
         None => crate::text(StatusCode::OK, "ok"),
+    }
+}
+
+/// The store's reachability for `/healthz`. Checks run one at a time, and a
+/// caller takes the result of a check that began after it arrived: a flood
+/// of health probes costs the database one trivial query at a time, and
+/// every probe still sees the store as it is now.
+pub struct StoreHealth {
+    store: Arc<dyn crate::store::Reachable>,
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+}
+
+/// How long one reachability check may take before it counts as failed.
+const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl StoreHealth {
+    /// Checks `store`.
+    pub fn new(store: Arc<dyn crate::store::Reachable>) -> Self {
+        Self {
+            store,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        let arrived = tokio::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((began, result)) = last.as_ref() {
+            if *began >= arrived {
+                return result.clone();
+            }
+        }
+        let began = tokio::time::Instant::now();
+        let result = match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, self.store.check()).await {
+            Ok(checked) => checked.map_err(|err| err.to_string()),
+            Err(_) => Err(format!(
+                "the database did not answer within {} s",
+                HEALTH_CHECK_TIMEOUT.as_secs()
+            )),
+        };
+        *last = Some((began, result.clone()));
+        result
     }
 }
 

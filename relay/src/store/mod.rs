@@ -386,6 +386,18 @@ pub struct Retention {
 #[error("{0}")]
 pub struct StoreError(pub String);
 
+/// The start of the error of a call that could not reach the database at
+/// all (as opposed to one the database refused): worth trying again later.
+pub const UNREACHABLE: &str = "the database is unreachable";
+
+impl StoreError {
+    /// Whether the database could not be reached: the same call may work
+    /// once it is back.
+    pub fn is_unreachable(&self) -> bool {
+        self.0.starts_with(UNREACHABLE)
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(err: rusqlite::Error) -> Self {
         Self(format!("the database failed: {err}"))
@@ -393,9 +405,16 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// Everything the relay keeps, in one store.
-pub trait Store: ActivityLog + NameRegistry + Webhooks {}
+pub trait Store: ActivityLog + NameRegistry + Webhooks + Reachable {}
 
-impl<T: ActivityLog + NameRegistry + Webhooks> Store for T {}
+impl<T: ActivityLog + NameRegistry + Webhooks + Reachable> Store for T {}
+
+/// Whether the store can be used at all, for `/healthz`.
+#[async_trait]
+pub trait Reachable: Send + Sync {
+    /// Succeeds while the store answers a trivial query.
+    async fn check(&self) -> Result<(), StoreError>;
+}
 
 /// The activity log.
 #[async_trait]

@@ -15,7 +15,9 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use super::StoreError;
+use async_trait::async_trait;
+
+use super::{Reachable, StoreError, UNREACHABLE};
 
 /// The schema, one migration per version, applied in order. Never edit a
 /// migration that shipped: add the next one.
@@ -35,13 +37,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        Self(format!("the database failed: {err}"))
+        // No answer from the server (a closed connection, a broken socket)
+        // is an outage; an error the server sent is not.
+        if err.as_db_error().is_none() {
+            Self(format!("{UNREACHABLE}: {err}"))
+        } else {
+            Self(format!("the database failed: {err}"))
+        }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        Self(format!("the database is unreachable: {err}"))
+        Self(format!("{UNREACHABLE}: {err}"))
     }
 }
 
@@ -129,6 +137,14 @@ impl Postgres {
         tx.execute("UPDATE ferry_schema SET version = $1", &[&known])
             .await?;
         tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Reachable for Postgres {
+    async fn check(&self) -> Result<(), StoreError> {
+        self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
     }
 }
