@@ -268,6 +268,7 @@ async fn serve(
         (None, None) => String::new(),
     };
     let store_health = api::StoreHealth::new(store.clone());
+    let foreign_commits = store.commits();
     let (log, names, webhooks): (
         Arc<dyn store::ActivityLog>,
         Arc<dyn store::NameRegistry>,
@@ -281,6 +282,21 @@ async fn serve(
         writer_stop.clone(),
     );
     let writer = tokio::spawn(writer);
+    if let Some(mut commits) = foreign_commits {
+        let (recorder, shutdown) = (recorder.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                // Cancel-safe: `changed` loses nothing.
+                tokio::select! {
+                    changed = commits.changed() => match changed {
+                        Ok(()) => recorder.note_foreign_commit(),
+                        Err(_) => return,
+                    },
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     let tunnels = Arc::new(tunnels::Tunnels::new(tunnels::RegistryLimits {
         max_in_flight: config.max_requests_per_tunnel,
         max_in_flight_per_ip: config.max_requests_per_ip,

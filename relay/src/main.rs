@@ -960,7 +960,9 @@ async fn serve(args: Args) -> ExitCode {
     if capture {
         say!("activity log in {log_place}");
     } else {
-        say!("activity log in {log_place} (capture off: requests through tunnels are not recorded)");
+        say!(
+            "activity log in {log_place} (capture off: requests through tunnels are not recorded)"
+        );
     }
     if open && args.allow_anonymous {
         say!("warning: anonymous relay (--allow-anonymous): anyone who can reach it may open tunnels and read every log");

@@ -1,6 +1,7 @@
 //! A PostgreSQL server for the tests: Debian's `postgresql`, started once
 //! per test process in a temporary directory on a free port, and a fresh
-//! database per test on it.
+//! database per test on it ([`fresh_database`]); or a server of one test's
+//! own that it can stop and start again ([`PgServer`]).
 //!
 //! `initdb` and `postgres` refuse to run as root, and CI runs as root: then
 //! the server runs as the `postgres` user the Debian package creates (or
@@ -15,15 +16,19 @@ use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-/// The server of this test process.
-struct Server {
+/// A PostgreSQL server in a temporary directory. It stops, and its
+/// directory goes, when it is dropped or the test process exits.
+pub struct PgServer {
     port: u16,
     bin: PathBuf,
-    /// Closed only when the process exits: the watchdog's signal.
+    dir: PathBuf,
+    user: Option<(u32, u32)>,
+    /// Closed when this is dropped or the process exits: the watchdog's
+    /// signal.
     _watchdog: Mutex<ChildStdin>,
 }
 
-static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
 
 /// The URL of a new, empty database on the test process's PostgreSQL
 /// server, which is started on first use. Fails the test when PostgreSQL
@@ -31,36 +36,125 @@ static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
 pub async fn fresh_database() -> String {
     let made = tokio::task::spawn_blocking(|| {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let server = SERVER.get_or_init(start).as_ref().map_err(Clone::clone)?;
-        let name = format!("ferry_{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        let out = Command::new(server.bin.join("createdb"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &server.port.to_string(),
-                "-U",
-                "ferry",
-                &name,
-            ])
-            .output()
-            .map_err(|err| format!("cannot run createdb: {err}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "createdb {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok::<_, String>(server.url(&name))
+        let server = SERVER
+            .get_or_init(PgServer::start)
+            .as_ref()
+            .map_err(Clone::clone)?;
+        server.create(&format!("ferry_{}", NEXT.fetch_add(1, Ordering::Relaxed)))
     })
     .await
     .expect("the createdb task");
     made.unwrap_or_else(|err| panic!("{err}"))
 }
 
-impl Server {
+impl PgServer {
+    /// A server of the caller's own, with one empty database; its URL.
+    /// Fails the test when PostgreSQL is not installed or does not start.
+    pub async fn own() -> (Self, String) {
+        let started = tokio::task::spawn_blocking(|| {
+            let server = Self::start()?;
+            let url = server.create("ferry")?;
+            Ok::<_, String>((server, url))
+        })
+        .await
+        .expect("the server's start");
+        started.unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// Stops the server at once, as an outage would; [`PgServer::resume`]
+    /// starts it again on the same port with the same data.
+    pub async fn pause(&self) {
+        let (bin, dir, user) = (self.bin.clone(), self.dir.clone(), self.user);
+        let stopped = tokio::task::spawn_blocking(move || {
+            let mut pg_ctl = as_server(bin.join("pg_ctl"), user);
+            pg_ctl
+                .arg("-D")
+                .arg(dir.join("data"))
+                .args(["-m", "immediate", "-w", "stop"]);
+            run(pg_ctl, "pg_ctl stop")
+        })
+        .await
+        .expect("the server's stop");
+        stopped.unwrap_or_else(|err| panic!("{err}"));
+    }
+
+    /// Starts a paused server again; returns once it accepts connections.
+    pub async fn resume(&self) {
+        let (bin, dir, user, port) = (self.bin.clone(), self.dir.clone(), self.user, self.port);
+        let started = tokio::task::spawn_blocking(move || start_on(&bin, &dir, user, port))
+            .await
+            .expect("the server's start");
+        started.unwrap_or_else(|err| panic!("{err}"));
+    }
+
     fn url(&self, database: &str) -> String {
         format!("postgres://ferry@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates database `name`; its URL.
+    fn create(&self, name: &str) -> Result<String, String> {
+        let mut createdb = Command::new(self.bin.join("createdb"));
+        createdb.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "ferry",
+            name,
+        ]);
+        run(createdb, "createdb")?;
+        Ok(self.url(name))
+    }
+
+    fn start() -> Result<Self, String> {
+        let bin = bin_dir()?;
+        let user = server_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-pg-")
+            .tempdir()
+            .map_err(|err| format!("a temporary directory: {err}"))?
+            .keep();
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|err| {
+                format!("cannot give {} to the server's user: {err}", dir.display())
+            })?;
+        }
+        let mut initdb = as_server(bin.join("initdb"), user);
+        initdb.arg("-D").arg(dir.join("data")).args([
+            "-U",
+            "ferry",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]);
+        run(initdb, "initdb")?;
+        let watchdog = watchdog(&bin, &dir, user)?;
+        // A port can be taken between asking for it and the server binding
+        // it: then the next one is tried.
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .map_err(|err| format!("a free port: {err}"))?
+                .port();
+            match start_on(&bin, &dir, user, port) {
+                Ok(()) => {
+                    return Ok(Self {
+                        port,
+                        bin,
+                        dir,
+                        user,
+                        _watchdog: Mutex::new(watchdog),
+                    })
+                }
+                Err(err) => last = err,
+            }
+        }
+        Err(format!("PostgreSQL did not start: {last}"))
     }
 }
 
@@ -130,67 +224,25 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
     }
 }
 
-fn start() -> Result<Server, String> {
-    let bin = bin_dir()?;
-    let user = server_user()?;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-pg-")
-        .tempdir()
-        .map_err(|err| format!("a temporary directory: {err}"))?
-        .keep();
-    if let Some((uid, gid)) = user {
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-            .map_err(|err| format!("cannot give {} to the server's user: {err}", dir.display()))?;
-    }
-    let data = dir.join("data");
-    let mut initdb = as_server(bin.join("initdb"), user);
-    initdb.arg("-D").arg(&data).args([
-        "-U",
-        "ferry",
-        "-A",
-        "trust",
-        "-E",
-        "UTF8",
-        "--locale=C.UTF-8",
-        "--no-sync",
-    ]);
-    run(initdb, "initdb")?;
-    let watchdog = watchdog(&bin, &dir, user)?;
-    // A port can be taken between asking for it and the server binding it:
-    // then the next one is tried.
-    let mut last = String::new();
-    for _ in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map_err(|err| format!("a free port: {err}"))?
-            .port();
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
-            dir.display()
-        );
-        let mut pg_ctl = as_server(bin.join("pg_ctl"), user);
-        pg_ctl
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "-t", "120", "-o", &options, "start"]);
-        match run(pg_ctl, "pg_ctl start") {
-            Ok(()) => {
-                return Ok(Server {
-                    port,
-                    bin,
-                    _watchdog: Mutex::new(watchdog),
-                })
-            }
-            Err(err) => {
-                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                last = format!("{err}\n{log}");
-            }
-        }
-    }
-    Err(format!("PostgreSQL did not start: {last}"))
+/// Starts the server in `dir` on `port`; returns once it accepts
+/// connections.
+fn start_on(bin: &Path, dir: &Path, user: Option<(u32, u32)>, port: u16) -> Result<(), String> {
+    let options = format!(
+        "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off \
+         -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
+        dir.display()
+    );
+    let mut pg_ctl = as_server(bin.join("pg_ctl"), user);
+    pg_ctl
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "120", "-o", &options, "start"]);
+    run(pg_ctl, "pg_ctl start").map_err(|err| {
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        format!("{err}\n{log}")
+    })
 }
 
 /// Starts the process that stops the server and removes `dir` once this

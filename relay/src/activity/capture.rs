@@ -106,6 +106,12 @@ impl Recorder {
         &self.stats
     }
 
+    /// Wakes live tails for entries another relay committed to a shared
+    /// store.
+    pub fn note_foreign_commit(&self) {
+        self.committed.send_modify(|n| *n += 1);
+    }
+
     /// Changes after each committed batch.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.subscribe()

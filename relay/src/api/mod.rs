@@ -766,7 +766,7 @@ async fn health(state: &State) -> Response<Body> {
 /// of health probes costs the database one trivial query at a time, and
 /// every probe still sees the store as it is now.
 pub struct StoreHealth {
-    store: Arc<dyn crate::store::Reachable>,
+    store: Arc<dyn crate::store::Database>,
     last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }
 
@@ -775,7 +775,7 @@ const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl StoreHealth {
     /// Checks `store`.
-    pub fn new(store: Arc<dyn crate::store::Reachable>) -> Self {
+    pub fn new(store: Arc<dyn crate::store::Database>) -> Self {
         Self {
             store,
             last: tokio::sync::Mutex::new(None),

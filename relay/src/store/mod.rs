@@ -405,15 +405,22 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 /// Everything the relay keeps, in one store.
-pub trait Store: ActivityLog + NameRegistry + Webhooks + Reachable {}
+pub trait Store: ActivityLog + NameRegistry + Webhooks + Database {}
 
-impl<T: ActivityLog + NameRegistry + Webhooks + Reachable> Store for T {}
+impl<T: ActivityLog + NameRegistry + Webhooks + Database> Store for T {}
 
-/// Whether the store can be used at all, for `/healthz`.
+/// What the relay asks of the database itself, beside its tables.
 #[async_trait]
-pub trait Reachable: Send + Sync {
-    /// Succeeds while the store answers a trivial query.
+pub trait Database: Send + Sync {
+    /// Succeeds while the store answers a trivial query: for `/healthz`.
     async fn check(&self) -> Result<(), StoreError>;
+
+    /// Changes when another relay sharing the database has committed
+    /// activity log entries, so that live tails here wake for them; `None`
+    /// when no other relay can write it.
+    fn commits(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The activity log.

@@ -13,11 +13,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
 
 use async_trait::async_trait;
 
-use super::{Reachable, StoreError, UNREACHABLE};
+use super::{Database, StoreError, UNREACHABLE};
 
 /// The schema, one migration per version, applied in order. Never edit a
 /// migration that shipped: add the next one.
@@ -53,10 +55,19 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
+/// The channel each activity log append notifies, so that every relay's
+/// live tails wake for entries another relay stored.
+pub(super) const LOG_CHANNEL: &str = "ferry_log";
+
+/// How long the follower of [`LOG_CHANNEL`] waits before connecting again.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
 /// The store on a PostgreSQL database shared by every relay of a fleet.
 #[derive(Clone)]
 pub struct Postgres {
     pool: Pool,
+    /// Bumped on each notification of [`LOG_CHANNEL`].
+    commits: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -79,6 +90,8 @@ impl Postgres {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("ferry-relay");
+        let (commits, following) = watch::channel(0);
+        tokio::spawn(follow_commits(config.clone(), commits));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -94,7 +107,10 @@ impl Postgres {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|err| StoreError(format!("cannot build the database pool: {err}")))?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            commits: following,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -142,9 +158,61 @@ impl Postgres {
 }
 
 #[async_trait]
-impl Reachable for Postgres {
+impl Database for Postgres {
     async fn check(&self) -> Result<(), StoreError> {
         self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
+    }
+
+    fn commits(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.commits.clone())
+    }
+}
+
+/// Follows [`LOG_CHANNEL`] on a connection of its own, bumping `commits` on
+/// each notification, until no one follows `commits`. A lost connection is
+/// made again, with one bump: commits may have been missed meanwhile.
+async fn follow_commits(config: tokio_postgres::Config, commits: watch::Sender<u64>) {
+    loop {
+        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            // The connection is driven by its own task, which passes
+            // notifications on; one waiting is enough, since a bump covers
+            // every commit before it.
+            let (notified, mut notifications) = mpsc::channel(1);
+            let driver = tokio::spawn(async move {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(message)) = messages.next().await {
+                    if let AsyncMessage::Notification(_) = message {
+                        let _ = notified.try_send(());
+                    }
+                }
+            });
+            if client
+                .batch_execute(&format!("LISTEN {LOG_CHANNEL}"))
+                .await
+                .is_ok()
+            {
+                commits.send_modify(|n| *n += 1);
+                loop {
+                    tokio::select! {
+                        got = notifications.recv() => match got {
+                            Some(()) => commits.send_modify(|n| *n += 1),
+                            None => break,
+                        },
+                        () = commits.closed() => {
+                            driver.abort();
+                            return;
+                        }
+                    }
+                }
+            }
+            driver.abort();
+        }
+        // Cancel-safe: a sleep.
+        tokio::select! {
+            () = tokio::time::sleep(LISTEN_RETRY) => {}
+            () = commits.closed() => return,
+        }
     }
 }

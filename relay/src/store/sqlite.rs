@@ -21,7 +21,7 @@ mod dispatch;
 
 use super::{
     ActivityLog, CapturedBody, CapturedResponse, DispatchRef, Exchange, Filter, Header, Logged,
-    Micros, NameRecord, NameRegistry, Pruned, Reachable, Retention, StatusFilter, StoreError,
+    Micros, NameRecord, NameRegistry, Pruned, Database, Retention, StatusFilter, StoreError,
     SEARCH_BODY_PREFIX, TOO_SLOW,
 };
 
@@ -809,7 +809,7 @@ fn query(
 /// The file is local: when it cannot be written, capture's own health says
 /// so.
 #[async_trait]
-impl Reachable for Sqlite {
+impl Database for Sqlite {
     async fn check(&self) -> Result<(), StoreError> {
         Ok(())
     }
