@@ -13,7 +13,9 @@
 //!   dead network link does.
 //! - [`postgres`]: a PostgreSQL server of the test process's own, and a
 //!   fresh database on it per test.
+//! - [`fleet`]: relays as processes, and HAProxy in front of them.
 
+pub mod fleet;
 pub mod postgres;
 
 use std::future::Future;

@@ -20,8 +20,8 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 mod dispatch;
 
 use super::{
-    ActivityLog, CapturedBody, CapturedResponse, DispatchRef, Exchange, Filter, Header, Logged,
-    Micros, NameRecord, NameRegistry, Pruned, Database, Retention, StatusFilter, StoreError,
+    ActivityLog, CapturedBody, CapturedResponse, Database, DispatchRef, Exchange, Filter, Header,
+    Logged, Micros, NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError,
     SEARCH_BODY_PREFIX, TOO_SLOW,
 };
 

@@ -20,6 +20,7 @@ mod isolation;
 mod limits;
 mod proxy;
 mod reconnect;
+mod shared_store;
 mod store_contract;
 mod streaming;
 mod tls;
