@@ -42,6 +42,10 @@ use crate::store::{now_micros, CapturedBody, Exchange, Kind, Outcome};
 use crate::tunnels::{Admission, SendError};
 use crate::{api, proxy, text, tls, Body, Listeners, State};
 
+mod peers;
+
+pub(crate) use peers::serve_peers;
+
 /// Pause after a failed `accept` (such as running out of file descriptors),
 /// so the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -87,6 +91,12 @@ enum IngressError {
     BadBody,
     #[error(transparent)]
     Send(#[from] SendError),
+    #[error(
+        "the relay of this fleet that serves the tunnel `{0}` did not answer: try again shortly"
+    )]
+    PeerUnreachable(Subdomain),
+    #[error("the tunnel `{0}` is served by another relay of this fleet, and WebSocket upgrades are not forwarded between relays: connect to the relay its client uses")]
+    UpgradeElsewhere(Subdomain),
 }
 
 fn error_status(err: &IngressError) -> StatusCode {
@@ -97,7 +107,8 @@ fn error_status(err: &IngressError) -> StatusCode {
         | IngressError::UnsupportedUpgrade(_)
         | IngressError::BadBody => StatusCode::BAD_REQUEST,
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
-        IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
+        IngressError::Connect | IngressError::UpgradeElsewhere(_) => StatusCode::NOT_IMPLEMENTED,
+        IngressError::PeerUnreachable(_) => StatusCode::BAD_GATEWAY,
         IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
         IngressError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         IngressError::Send(err) => match err {
@@ -284,6 +295,7 @@ pub(crate) async fn serve(
                 proxies: forwarded.then_some(proxies),
                 activity,
                 https: tls.is_some(),
+                forwarded: false,
             };
             let result = match tls {
                 None => serve_connection(link, &builder, watcher, TokioIo::new(stream)).await,
@@ -347,6 +359,9 @@ struct Link {
     activity: Arc<Activity>,
     /// Whether the caller came over TLS.
     https: bool,
+    /// Set when the request came from another relay of the fleet, which
+    /// records it: the answer keeps the client's outcome for that relay.
+    forwarded: bool,
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one accepted connection, plain or TLS.
@@ -415,11 +430,53 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
             let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
-            let capture = start_capture(link, &name, &host, exchange, &req);
-            match forward(link, name, host, exchange, req, capture.as_ref())
-                .instrument(span)
-                .await
-            {
+            // A name this relay does not serve may be another relay's.
+            let holder = match &state.cluster {
+                Some(cluster) if state.tunnels.get(&name).is_none() => {
+                    match cluster.holder(&name).await {
+                        Ok(holder) => holder.map(|holder| (cluster, holder)),
+                        Err(err) => {
+                            warn!(%err, tunnel = %name, "the fleet's registry did not answer");
+                            return peers::holder_unknown(&name);
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let (capture, result) = match holder {
+                Some((cluster, holder)) => {
+                    let owner = crate::tunnels::Owner::from_key(&holder.owner);
+                    let capture = capture_for(link, &name, &host, exchange, &req, owner);
+                    let result = peers::forward_to_holder(
+                        link,
+                        cluster,
+                        &holder,
+                        (&name, host, exchange),
+                        req,
+                        capture.as_ref(),
+                    )
+                    .instrument(span)
+                    .await;
+                    match result {
+                        Ok((response, true)) => {
+                            if let Some(capture) = capture {
+                                capture.discard();
+                            }
+                            return response;
+                        }
+                        Ok((response, false)) => (capture, Ok(response)),
+                        Err(err) => (capture, Err(err)),
+                    }
+                }
+                None => {
+                    let capture = start_capture(link, &name, &host, exchange, &req);
+                    let result = forward(link, name, host, exchange, req, capture.as_ref())
+                        .instrument(span)
+                        .await;
+                    (capture, result)
+                }
+            };
+            match result {
                 Ok(response) => response,
                 Err(err) => {
                     state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
@@ -463,6 +520,22 @@ fn start_capture(
         return None;
     }
     let owner = link.state.tunnels.owner_of(name)?;
+    capture_for(link, name, host, id, req, owner)
+}
+
+/// Starts recording an exchange with tunnel `name`, owned by `owner`, if
+/// capture is on.
+fn capture_for(
+    link: &Link,
+    name: &Subdomain,
+    host: &str,
+    id: ExchangeId,
+    req: &Request<Incoming>,
+    owner: crate::tunnels::Owner,
+) -> Option<Arc<Capture>> {
+    if !link.state.config.capture {
+        return None;
+    }
     let scheme = if link.https { "https" } else { "http" };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // A header list the tunnel refuses (431) is kept only up to what it
@@ -776,11 +849,14 @@ async fn forward(
         .then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let outcome = parts
-        .headers
-        .remove(meta::OUTCOME)
-        .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
-        .unwrap_or(Outcome::Answered);
+    // A forwarded request's outcome is the ingress relay's to record.
+    let outcome = if link.forwarded {
+        parts.headers.get(meta::OUTCOME).cloned()
+    } else {
+        parts.headers.remove(meta::OUTCOME)
+    }
+    .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
+    .unwrap_or(Outcome::Answered);
     let body = body.map_err(BodyError::Tunnel);
     let upgraded = websocket.is_some() && parts.status == StatusCode::OK;
     let body = match capture {
@@ -812,7 +888,10 @@ async fn forward(
             }
             Ok(Response::from_parts(parts, crate::full("")))
         }
-        _ if h2_caller => {
+        // The ingress relay of a forwarded request watches its caller's
+        // reading and resets the stream when it stalls; closing the pooled
+        // connection here would end every other request on it.
+        _ if h2_caller && !link.forwarded => {
             let body = relay_body(link, body, admission);
             Ok(Response::from_parts(parts, body))
         }

@@ -8,6 +8,11 @@
 
 mod activity;
 mod dispatch;
+mod sessions;
+
+pub use sessions::{
+    channel, parse_takeover, Listener, SessionClaim, SessionClaimed, SessionHolder,
+};
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -26,10 +31,11 @@ use super::{Database, StoreError, UNREACHABLE};
 const MIGRATIONS: &[&str] = &[
     include_str!("postgres/001_activity.sql"),
     include_str!("postgres/002_dispatch.sql"),
+    include_str!("postgres/003_sessions.sql"),
 ];
 
 /// The advisory lock key migrations run under ("ferry" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6665_7272_79;
+const MIGRATION_LOCK: i64 = 0x0066_6572_7279;
 
 /// Connections a relay keeps open at most.
 const POOL_SIZE: usize = 16;
