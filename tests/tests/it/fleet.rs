@@ -615,3 +615,31 @@ async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_lease
     origin.stop().await;
     survivor.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_upgrade_through_another_relay_is_refused_saying_where_it_works() {
+    let relays = fleet(2, ferry_relay::Config::default()).await;
+    let (origin, mut received) = recording_origin("never").await;
+    let client = TestClient::start(&relays[0], &origin.target(), ClientOptions::default()).await;
+    let upgrade = Request::get("/socket")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(empty())
+        .expect("request");
+    let response = send(relays[1].addr, &host_on(&client.name, &relays[1]), upgrade).await;
+    assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
+    let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
+    assert!(
+        body.contains("WebSocket upgrades are not forwarded between relays"),
+        "{body}"
+    );
+    assert!(received.try_recv().is_err(), "nothing reached the origin");
+
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+}
