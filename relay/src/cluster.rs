@@ -37,6 +37,10 @@ pub const UNRECORDED_HEADER: &str = "ferry-cluster-unrecorded";
 const PEER_KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long a connection to another relay may take to open.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a claim or a lookup in the fleet's registry may take: a
+/// database that hangs (a lost link, not a refused one) must not hold
+/// connects and public requests forever.
+const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a session taken over on another relay is closed here.
 const TAKEN_OVER: &str = "a new session with the same credentials on another relay of the fleet took over this subdomain";
 
@@ -190,7 +194,10 @@ impl Cluster {
             session: session_id(tunnel),
             lease: self.lease,
         };
-        match self.db.claim_session(&claim).await? {
+        let claimed = tokio::time::timeout(REGISTRY_TIMEOUT, self.db.claim_session(&claim))
+            .await
+            .map_err(|_| hung())??;
+        match claimed {
             SessionClaimed::Yes(replaced) => {
                 if let Some((relay, session)) = replaced {
                     info!(%relay, session, "tunnel taken over from another relay");
@@ -235,7 +242,12 @@ impl Cluster {
 
     /// The other relay whose live session holds `name`, if any.
     pub async fn holder(&self, name: &Subdomain) -> Result<Option<SessionHolder>, StoreError> {
-        self.db.session_holder(name.as_str(), &self.relay).await
+        tokio::time::timeout(
+            REGISTRY_TIMEOUT,
+            self.db.session_holder(name.as_str(), &self.relay),
+        )
+        .await
+        .map_err(|_| hung())?
     }
 
     /// Renews this relay's leases every third of a lease and closes the
@@ -333,6 +345,15 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The error of a registry call that took longer than [`REGISTRY_TIMEOUT`].
+fn hung() -> StoreError {
+    StoreError(format!(
+        "{}: no answer within {} s",
+        crate::store::UNREACHABLE,
+        REGISTRY_TIMEOUT.as_secs()
+    ))
 }
 
 /// The listener's next payload; never resolves without a listener.

@@ -643,3 +643,41 @@ async fn a_websocket_upgrade_through_another_relay_is_refused_saying_where_it_wo
         relay.stop().await;
     }
 }
+
+#[tokio::test]
+async fn while_the_database_is_down_each_relay_serves_its_own_tunnels_and_says_why_for_the_rest() {
+    let (server, url) = ferry_tests::postgres::PgServer::own().await;
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let config = ferry_relay::Config {
+            database_url: Some(url.clone()),
+            ..ferry_relay::Config::default()
+        };
+        relays.push(TestRelay::start_in_fleet(config, LEASE).await);
+    }
+    let (origin, _) = recording_origin("here").await;
+    let client = TestClient::start(&relays[0], &origin.target(), ClientOptions::default()).await;
+    let get = |relay: &TestRelay| {
+        let (addr, host) = (relay.addr, host_on(&client.name, relay));
+        async move { send(addr, &host, Request::new(empty())).await }
+    };
+    assert_eq!(get(&relays[1]).await.status(), StatusCode::OK);
+
+    server.pause().await;
+    assert_eq!(
+        get(&relays[0]).await.status(),
+        StatusCode::OK,
+        "a relay's own tunnels need no database"
+    );
+    let response = get(&relays[1]).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
+    assert!(body.contains("cannot reach the fleet's database"), "{body}");
+
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+}
