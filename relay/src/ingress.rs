@@ -36,10 +36,10 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::activity::capture::{headers_of, Capture, Side};
 use crate::body::{BodyError, BodyFailure, Holding, PacedBody};
-use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
+use crate::connection::{Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
 use crate::store::{now_micros, CapturedBody, Exchange, Kind, Outcome};
-use crate::tunnels::{Admission, SendError};
+use crate::tunnels::SendError;
 use crate::{api, proxy, text, tls, Body, Listeners, State};
 
 mod peers;
@@ -95,8 +95,6 @@ enum IngressError {
         "the relay of this fleet that serves the tunnel `{0}` did not answer: try again shortly"
     )]
     PeerUnreachable(Subdomain),
-    #[error("the tunnel `{0}` is served by another relay of this fleet, and WebSocket upgrades are not forwarded between relays: connect to the relay its client uses")]
-    UpgradeElsewhere(Subdomain),
 }
 
 fn error_status(err: &IngressError) -> StatusCode {
@@ -107,7 +105,7 @@ fn error_status(err: &IngressError) -> StatusCode {
         | IngressError::UnsupportedUpgrade(_)
         | IngressError::BadBody => StatusCode::BAD_REQUEST,
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
-        IngressError::Connect | IngressError::UpgradeElsewhere(_) => StatusCode::NOT_IMPLEMENTED,
+        IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
         IngressError::PeerUnreachable(_) => StatusCode::BAD_GATEWAY,
         IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
         IngressError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -761,10 +759,20 @@ async fn forward(
     capture: Option<&Arc<Capture>>,
 ) -> Result<Response<Body>, IngressError> {
     let state = &link.state;
-    if req.method() == Method::CONNECT {
+    // Another relay of the fleet forwards a caller's WebSocket upgrade as
+    // the tunnel carries it: an extended CONNECT (RFC 8441).
+    let forwarded_websocket = link.forwarded
+        && req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|protocol| protocol.as_str() == "websocket");
+    if req.method() == Method::CONNECT && !forwarded_websocket {
         return Err(IngressError::Connect);
     }
-    let websocket = if req.headers().contains_key(header::UPGRADE) {
+    let websocket = if forwarded_websocket {
+        Some(hyper::upgrade::on(&mut req))
+    } else if req.headers().contains_key(header::UPGRADE) {
         if !is_websocket_upgrade(req.method(), req.headers()) {
             let wanted = req
                 .headers()
@@ -871,6 +879,10 @@ async fn forward(
         Some((public, tunnel_side)) if upgraded => {
             let active = link.activity.begin();
             state.spawn(bridge(public, tunnel_side, (admission, active)).in_current_span());
+            if link.forwarded {
+                // The ingress relay answers its caller's upgrade itself.
+                return Ok(Response::from_parts(parts, crate::full("")));
+            }
             parts.status = StatusCode::SWITCHING_PROTOCOLS;
             parts
                 .headers
@@ -997,14 +1009,10 @@ impl http_body::Body for ChannelBody {
 }
 
 /// Copies bytes both ways between the public caller's upgraded connection
-/// and the tunnel stream, until either side closes; `_held` keeps the
-/// WebSocket counted as a request in flight (on its tunnel and on its
-/// connection) meanwhile.
-async fn bridge(
-    public: hyper::upgrade::OnUpgrade,
-    tunnel: hyper::upgrade::OnUpgrade,
-    _held: (Admission, ActiveGuard),
-) {
+/// and the tunnel stream (or the stream to the relay holding the tunnel),
+/// until either side closes; `_held` keeps the WebSocket counted as a
+/// request in flight (on its tunnel and on its connection) meanwhile.
+async fn bridge<H>(public: hyper::upgrade::OnUpgrade, tunnel: hyper::upgrade::OnUpgrade, _held: H) {
     let (public, tunnel) = match tokio::try_join!(public, tunnel) {
         Ok(both) => both,
         Err(err) => {

@@ -8,7 +8,9 @@
 //! it can (connections, declared size, body pacing) and records the
 //! exchange; the holder applies the tunnel's own limits to the caller's
 //! real address, which travels with the request, and records nothing. The
-//! fleet's secret authenticates every forwarded request.
+//! fleet's secret authenticates every forwarded request. A WebSocket
+//! upgrade travels as it does through a tunnel, an extended CONNECT, and
+//! the ingress relay answers its caller's upgrade.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -37,6 +40,7 @@ use crate::activity::capture::{Capture, Side};
 use crate::body::{BodyError, BodyFailure, PacedBody};
 use crate::cluster::{Cluster, HOST_HEADER, SECRET_HEADER, UNRECORDED_HEADER};
 use crate::connection::Activity;
+use crate::session::is_websocket_upgrade;
 use crate::store::postgres::SessionHolder;
 use crate::store::Outcome;
 use crate::tunnels::SendError;
@@ -57,16 +61,26 @@ pub(super) async fn forward_to_holder(
     cluster: &Cluster,
     holder: &SessionHolder,
     (name, host, exchange): (&Subdomain, String, ExchangeId),
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     capture: Option<&Arc<Capture>>,
 ) -> Result<(Response<Body>, bool), IngressError> {
     let state = &link.state;
     if req.method() == Method::CONNECT {
         return Err(IngressError::Connect);
     }
-    if req.headers().contains_key(header::UPGRADE) {
-        return Err(IngressError::UpgradeElsewhere(name.clone()));
-    }
+    let websocket = if req.headers().contains_key(header::UPGRADE) {
+        if !is_websocket_upgrade(req.method(), req.headers()) {
+            let wanted = req
+                .headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?");
+            return Err(IngressError::UnsupportedUpgrade(wanted.to_owned()));
+        }
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        None
+    };
     check_declared_size(req.headers(), state.config.max_body_size)?;
     let caller_version = req.version();
     let (mut parts, body) = req.into_parts();
@@ -75,6 +89,14 @@ pub(super) async fn forward_to_holder(
         .parse::<Uri>()
         .map_err(|_| IngressError::PeerUnreachable(name.clone()))?;
     parts.version = Version::HTTP_2;
+    let websocket_key = parts.headers.remove(header::SEC_WEBSOCKET_KEY);
+    if websocket.is_some() {
+        // As the tunnel carries it: an extended CONNECT (RFC 8441).
+        parts.method = Method::CONNECT;
+        parts
+            .extensions
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+    }
     remove_hop_by_hop(&mut parts.headers);
     remove_ferry_headers(&mut parts.headers);
     remove_forwarding_headers(&mut parts.headers);
@@ -111,7 +133,7 @@ pub(super) async fn forward_to_holder(
     )
     .await
     .map_err(|_| SendError::Timeout(name.clone(), wait.as_secs()))?;
-    let response = sent.map_err(|err| match watch.failure() {
+    let mut response = sent.map_err(|err| match watch.failure() {
         Some(BodyFailure::Stalled(pause)) => IngressError::SlowBody(BodyError::Stalled(pause)),
         Some(BodyFailure::TooSlow(rate)) => IngressError::SlowBody(BodyError::TooSlow(rate)),
         Some(BodyFailure::TooLarge(limit)) => IngressError::BodyTooLarge(limit),
@@ -121,6 +143,8 @@ pub(super) async fn forward_to_holder(
             IngressError::PeerUnreachable(name.clone())
         }
     })?;
+    let upgraded = websocket.is_some() && response.status() == StatusCode::OK;
+    let peer_side = upgraded.then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     let unrecorded = parts.headers.remove(UNRECORDED_HEADER).is_some();
@@ -129,6 +153,26 @@ pub(super) async fn forward_to_holder(
         .remove(meta::OUTCOME)
         .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
         .unwrap_or(Outcome::Answered);
+    if let Some((public, peer_side)) = websocket.zip(peer_side) {
+        let active = link.activity.begin();
+        state.spawn(super::bridge(public, peer_side, active).in_current_span());
+        parts.status = StatusCode::SWITCHING_PROTOCOLS;
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some(key) = websocket_key {
+            if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+                parts.headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
+        }
+        if let Some(capture) = capture {
+            capture.responded(parts.status.as_u16(), &parts.headers, outcome);
+        }
+        return Ok((Response::from_parts(parts, crate::full("")), false));
+    }
     let body = body.map_err(BodyError::Tunnel);
     let body = match capture {
         Some(capture) if !unrecorded => {

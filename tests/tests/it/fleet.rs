@@ -616,26 +616,88 @@ async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_lease
     survivor.stop().await;
 }
 
+/// An origin whose WebSockets echo every message.
+async fn echo_origin() -> Origin {
+    use futures_util::{SinkExt, StreamExt};
+    use hyper::header;
+    Origin::start(|mut req: Request<hyper::body::Incoming>| async move {
+        let key = req
+            .headers()
+            .get(header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .expect("a WebSocket handshake");
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(message)) = ws.next().await {
+                if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "Upgrade")
+            .header(
+                header::SEC_WEBSOCKET_ACCEPT,
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+            )
+            .body(empty())
+            .expect("response")
+    })
+    .await
+}
+
 #[tokio::test]
-async fn a_websocket_upgrade_through_another_relay_is_refused_saying_where_it_works() {
+async fn a_websocket_through_another_relay_reaches_the_tunnel_and_is_logged_there() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
     let relays = fleet(2, ferry_relay::Config::default()).await;
-    let (origin, mut received) = recording_origin("never").await;
+    let origin = echo_origin().await;
     let client = TestClient::start(&relays[0], &origin.target(), ClientOptions::default()).await;
-    let upgrade = Request::get("/socket")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .body(empty())
-        .expect("request");
-    let response = send(relays[1].addr, &host_on(&client.name, &relays[1]), upgrade).await;
-    assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
-    let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
-    assert!(
-        body.contains("WebSocket upgrades are not forwarded between relays"),
-        "{body}"
-    );
-    assert!(received.try_recv().is_err(), "nothing reached the origin");
+    let mut tail = Api::of(&relays[1]).tail("").await;
+
+    let stream = tokio::net::TcpStream::connect(relays[1].addr)
+        .await
+        .expect("the relay accepts");
+    let url = format!("ws://{}/socket", host_on(&client.name, &relays[1]));
+    let (mut ws, response) = within(
+        "the websocket handshake",
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .expect("a WebSocket through the other relay");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for text in ["hello", "across the fleet"] {
+        ws.send(Message::text(text)).await.expect("send");
+        let echoed = within("the echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("message");
+        assert_eq!(echoed, Message::text(text));
+    }
+    let binary: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    ws.send(Message::binary(binary.clone()))
+        .await
+        .expect("send");
+    let echoed = within("the binary echo", ws.next())
+        .await
+        .expect("a message")
+        .expect("message");
+    assert_eq!(echoed, Message::binary(binary));
+    let (_, item) = tail.next_item().await;
+    assert_eq!(item["path"], "/socket");
+    assert_eq!(item["status"], 101);
+    drop(ws);
 
     client.stop().await.expect("client stops");
     origin.stop().await;
