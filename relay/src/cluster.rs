@@ -41,6 +41,9 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// database that hangs (a lost link, not a refused one) must not hold
 /// connects and public requests forever.
 const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest heartbeat, whatever the lease: the database is not asked
+/// more often.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// Why a session taken over on another relay is closed here.
 const TAKEN_OVER: &str = "a new session with the same credentials on another relay of the fleet took over this subdomain";
 
@@ -254,7 +257,7 @@ impl Cluster {
     /// sessions other relays took over, as they say or as the renewal
     /// finds, until `shutdown`; then ends every claim of this relay.
     pub async fn run(self: Arc<Self>, tunnels: Arc<Tunnels>, shutdown: CancellationToken) {
-        let mut beats = tokio::time::interval(self.lease / 3);
+        let mut beats = tokio::time::interval((self.lease / 3).max(MIN_HEARTBEAT));
         beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listener = None;
         loop {
