@@ -467,7 +467,15 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
                     }
                 }
                 None => {
-                    let capture = start_capture(link, &name, &host, exchange, &req);
+                    let capture = match start_capture(link, &name, &host, exchange, &req) {
+                        Some(capture) => Some(capture),
+                        // Held for its owner by another relay of the fleet,
+                        // whose session ended there: recorded here as
+                        // that relay would.
+                        None => held_in_fleet(link, &name).await.and_then(|owner| {
+                            capture_for(link, &name, &host, exchange, &req, owner)
+                        }),
+                    };
                     let result = forward(link, name, host, exchange, req, capture.as_ref())
                         .instrument(span)
                         .await;
@@ -519,6 +527,25 @@ fn start_capture(
     }
     let owner = link.state.tunnels.owner_of(name)?;
     capture_for(link, name, host, id, req, owner)
+}
+
+/// The owner another relay of the fleet holds `name` for since its session
+/// ended there, as the shared name registry says; `None` off a fleet, or
+/// when the registry does not answer.
+async fn held_in_fleet(link: &Link, name: &Subdomain) -> Option<crate::tunnels::Owner> {
+    let state = &link.state;
+    if state.cluster.is_none() || !state.config.capture {
+        return None;
+    }
+    let record = match state.names.name(name.as_str()).await {
+        Ok(record) => record?,
+        Err(err) => {
+            debug!(%err, tunnel = %name, "name's hold not read");
+            return None;
+        }
+    };
+    let held = record.hold_until.is_some_and(|until| until > now_micros());
+    held.then(|| crate::tunnels::Owner::from_key(&record.owner))
 }
 
 /// Starts recording an exchange with tunnel `name`, owned by `owner`, if
@@ -664,6 +691,13 @@ async fn offline(
         header::RETRY_AFTER,
         HeaderValue::from_static(OFFLINE_RETRY_AFTER),
     );
+    if link.forwarded {
+        // For the ingress relay, which records it.
+        response.headers_mut().insert(
+            hyper::header::HeaderName::from_static(meta::OUTCOME),
+            HeaderValue::from_static(Outcome::ClientOffline.as_str()),
+        );
+    }
     if let Some(capture) = capture {
         capture.failed(
             Outcome::ClientOffline,

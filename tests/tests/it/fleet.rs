@@ -743,3 +743,70 @@ async fn while_the_database_is_down_each_relay_serves_its_own_tunnels_and_says_w
         relay.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_name_held_for_its_owner_is_kept_from_others_and_its_callers_recorded_on_every_relay() {
+    let relays = fleet(2, ferry_relay::Config::default()).await;
+    let (origin, _) = recording_origin("kept").await;
+    let owner = ClientOptions {
+        subdomain: Some("kept"),
+        client_key: Some("the-owners-key".to_owned()),
+        ..ClientOptions::default()
+    };
+    let client = TestClient::start(&relays[0], &origin.target(), owner.clone()).await;
+    client.stop().await.expect("client stops");
+
+    // A stranger on the other relay is refused: while the session's row
+    // lives because the name is in use, once it is gone because the name
+    // is held for its owner. Each refusal is an answer to wait on.
+    let stranger = ClientOptions {
+        client_key: Some("a-strangers-key".to_owned()),
+        ..owner.clone()
+    };
+    within("the refusal to say the name is held", async {
+        loop {
+            let mut attempt = TestClient::spawn(&relays[1], &origin.target(), stranger.clone());
+            while let Some(event) = attempt.next_event().await {
+                assert!(
+                    !matches!(event, ferry::Event::Connected { .. }),
+                    "the stranger got the name"
+                );
+            }
+            let refused = attempt
+                .finished()
+                .await
+                .expect_err("the stranger is refused")
+                .to_string();
+            assert!(refused.contains("409"), "{refused}");
+            if refused.contains("held for the client that used it last") {
+                break;
+            }
+        }
+    })
+    .await;
+
+    // Its callers get the offline answer at either relay, recorded.
+    let mut tail = Api::of(&relays[1]).tail("").await;
+    let response = send(
+        relays[1].addr,
+        &host_on("kept", &relays[1]),
+        Request::post("/while-away")
+            .body(full("missed"))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (_, item) = tail.next_item().await;
+    assert_eq!(item["path"], "/while-away");
+    assert_eq!(item["outcome"], "client_offline");
+
+    // The owner gets it back on the other relay.
+    let back = TestClient::start(&relays[1], &origin.target(), owner).await;
+    assert_eq!(back.name, "kept");
+
+    back.stop().await.expect("client stops");
+    origin.stop().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+}
