@@ -80,6 +80,9 @@ pub enum ClaimError {
     /// Another relay's live session holds it for somebody else.
     #[error("the subdomain `{0}` is in use by another client on another relay of this fleet: choose another name with --subdomain, or stop the other client")]
     InUse(Subdomain),
+    /// The account holds as many tunnels as it may, on all relays together.
+    #[error("this account already holds {0} tunnels on the relays of this fleet, its limit: stop one of them first")]
+    TooMany(usize),
     /// The database did not answer.
     #[error("the fleet's database did not answer ({0}): try again shortly")]
     Store(#[from] StoreError),
@@ -186,7 +189,11 @@ impl Cluster {
     /// registry granted it. Refused while another relay's live session
     /// holds it, unless that session has the same owner (a takeover, which
     /// the other relay is told of).
-    pub async fn claim(&self, tunnel: &Tunnel) -> Result<(), ClaimError> {
+    pub async fn claim(
+        &self,
+        tunnel: &Tunnel,
+        max_per_owner: Option<usize>,
+    ) -> Result<(), ClaimError> {
         let name = tunnel.name.to_string();
         let owner = tunnel.owner.key();
         let claim = SessionClaim {
@@ -196,6 +203,7 @@ impl Cluster {
             owner: &owner,
             session: session_id(tunnel),
             lease: self.lease,
+            max_per_owner,
         };
         let claimed = tokio::time::timeout(REGISTRY_TIMEOUT, self.db.claim_session(&claim))
             .await
@@ -209,6 +217,7 @@ impl Cluster {
                 Ok(())
             }
             SessionClaimed::InUse => Err(ClaimError::InUse(tunnel.name.clone())),
+            SessionClaimed::TooMany(max) => Err(ClaimError::TooMany(max)),
         }
     }
 

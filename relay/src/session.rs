@@ -215,7 +215,8 @@ async fn claim_in_fleet(
                 ClaimError::Held(tunnel.name.clone(), hold).to_string(),
             ));
         }
-        let err = match cluster.claim(&tunnel).await {
+        let max = state.tunnels.tunnel_limit(&tunnel.owner);
+        let err = match cluster.claim(&tunnel, max).await {
             Ok(()) => return Ok(tunnel),
             Err(err) => err,
         };
@@ -224,6 +225,11 @@ async fn claim_in_fleet(
             crate::cluster::ClaimError::InUse(_) => {
                 ApiError::new(StatusCode::CONFLICT, "name_taken", err.to_string())
             }
+            crate::cluster::ClaimError::TooMany(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_tunnels",
+                err.to_string(),
+            ),
             crate::cluster::ClaimError::Store(_) => {
                 warn!(%err, "tunnel refused: the fleet's database did not answer");
                 ApiError::new(

@@ -615,6 +615,21 @@ impl Tunnels {
         }
     }
 
+    /// How many tunnels `owner` may hold at once: its account's own limit
+    /// or the relay's; `None` for owners without an account (open relays).
+    pub fn tunnel_limit(&self, owner: &Owner) -> Option<usize> {
+        let Owner::Account(account) = owner else {
+            return None;
+        };
+        Some(
+            self.registry()
+                .max_per_account
+                .get(account)
+                .copied()
+                .unwrap_or(self.limits.max_per_account),
+        )
+    }
+
     /// Who owns `name` now: its live tunnel's owner, or the holder of an
     /// unexpired hold.
     pub fn owner_of(&self, name: &Subdomain) -> Option<Owner> {

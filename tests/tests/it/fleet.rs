@@ -810,3 +810,45 @@ async fn a_name_held_for_its_owner_is_kept_from_others_and_its_callers_recorded_
         relay.stop().await;
     }
 }
+
+#[tokio::test]
+async fn an_account_holds_no_more_tunnels_on_the_whole_fleet_than_on_one_relay() {
+    let relays = fleet(
+        2,
+        ferry_relay::Config {
+            tokens: vec![ferry_relay::Token::new("alices-token")],
+            max_tunnels_per_token: 1,
+            ..ferry_relay::Config::default()
+        },
+    )
+    .await;
+    let (origin, _) = recording_origin("one").await;
+    let alice = |subdomain| ClientOptions {
+        token: Some("alices-token".to_owned()),
+        subdomain: Some(subdomain),
+        ..ClientOptions::default()
+    };
+    let first = TestClient::start(&relays[0], &origin.target(), alice("first")).await;
+    // A second tunnel on the other relay, which holds none of hers, is
+    // still one too many.
+    let refused = within(
+        "the second tunnel to be refused",
+        TestClient::spawn(&relays[1], &origin.target(), alice("second")).finished(),
+    )
+    .await
+    .expect_err("one tunnel is the limit")
+    .to_string();
+    assert!(refused.contains("429"), "{refused}");
+    assert!(refused.contains("relays of this fleet"), "{refused}");
+    // Taking her own name over on the other relay adds none.
+    let moved = TestClient::start(&relays[1], &origin.target(), alice("first")).await;
+    assert_eq!(moved.name, "first");
+    let ended = within("the old session to end", first.finished()).await;
+    assert!(ended.is_err(), "closed by the takeover");
+
+    moved.stop().await.expect("client stops");
+    origin.stop().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+}

@@ -33,6 +33,9 @@ pub struct SessionClaim<'a> {
     pub session: i64,
     /// How long the claim lasts unless renewed.
     pub lease: Duration,
+    /// How many names the owner's live sessions may hold in the whole
+    /// fleet, a takeover aside; `None` for no limit.
+    pub max_per_owner: Option<usize>,
 }
 
 /// How a claim went.
@@ -44,6 +47,8 @@ pub enum SessionClaimed {
     /// Another relay's live session holds the name for another owner (or an
     /// anonymous one, whom nobody can take over).
     InUse,
+    /// The owner's live sessions hold as many names in the fleet as it may.
+    TooMany(usize),
 }
 
 /// The relay serving a name, as another relay sees it.
@@ -94,13 +99,42 @@ impl Postgres {
     ) -> Result<SessionClaimed, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        if claim.max_per_owner.is_some() {
+            // One claim of an owner at a time in the whole fleet, so that
+            // relays claiming at once cannot both pass the count below.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('ferry_owner:' || $1, 0))",
+                &[&claim.owner],
+            )
+            .await?;
+        }
         let before = tx
             .query_opt(
-                "SELECT relay, session, lease_until > clock_timestamp() FROM ferry_sessions
+                "SELECT relay, session, lease_until > clock_timestamp(), owner FROM ferry_sessions
                  WHERE name = $1 FOR UPDATE",
                 &[&claim.name],
             )
             .await?;
+        let takeover = match &before {
+            Some(row) => {
+                let (live, owner): (bool, String) = (row.try_get(2)?, row.try_get(3)?);
+                live && owner == claim.owner
+            }
+            None => false,
+        };
+        if let (Some(max), false) = (claim.max_per_owner, takeover) {
+            let held: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM ferry_sessions
+                     WHERE owner = $1 AND name <> $2 AND lease_until > clock_timestamp()",
+                    &[&claim.owner, &claim.name],
+                )
+                .await?
+                .try_get(0)?;
+            if usize::try_from(held).unwrap_or(usize::MAX) >= max {
+                return Ok(SessionClaimed::TooMany(max));
+            }
+        }
         // The update's own condition decides, so that two relays inserting
         // the same new name at once cannot both win.
         let granted = tx
