@@ -33,15 +33,34 @@ const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection of the pool, or for a new one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An error and its causes: the driver's own text ("db error", "error
+/// connecting to server") leaves out what the server or the socket said.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        // A pool error already shows the error it wraps.
+        let said = next.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(&format!(": {said}"));
+        }
+        cause = next.source();
+    }
+    text
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        Self(format!("the database failed: {err}"))
+        Self(format!("the database failed: {}", with_causes(&err)))
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        Self(format!("the database is unreachable: {err}"))
+        Self(format!(
+            "the database is unreachable: {}",
+            with_causes(&err)
+        ))
     }
 }
 
