@@ -395,6 +395,12 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
     // Characters that mean something to SQL patterns or search syntax.
     let mut literal = entry("acct_a", "t", T0 + 9);
     literal.url = "https://t.relay.test/sale?deal=100%_OFF\"*(NEAR)".to_owned();
+    // Text that holds NUL, which PostgreSQL's text type cannot.
+    let mut with_nul = entry("acct_a", "t", T0 + 10);
+    with_nul.request_body = body(&b"nul\0inside-the-body"[..]);
+    with_nul
+        .request_headers
+        .push(header("x-nul", &b"nul\0inside-a-header"[..]));
     let all = [
         &in_path,
         &in_header,
@@ -405,6 +411,7 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
         &binary,
         &short,
         &literal,
+        &with_nul,
     ];
     store
         .append(all.iter().map(|e| (*e).clone()).collect())
@@ -436,6 +443,8 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
         (search(a, "_"), vec![literal.id]),
         (search(a, "0%x"), vec![]),
         (search(a, "sale\0deal"), vec![]),
+        (search(a, "inside-the-body"), vec![with_nul.id]),
+        (search(a, "inside-a-header"), vec![with_nul.id]),
         (search(a, "nowhere-to-be-found"), vec![]),
         (
             Filter {
@@ -1204,13 +1213,13 @@ async fn postgres_connect_fails_clearly_when_the_server_is_unreachable_or_the_ur
         "postgres://ferry@{}/ferry",
         silent.local_addr().expect("its address")
     );
-    for url in [&closed, &silent_url] {
+    for (url, why) in [(&closed, "Connection refused"), (&silent_url, "Timeout")] {
         let Err(err) = ferry_tests::within("connect", Postgres::connect(url)).await else {
             panic!("connected to {url}");
         };
         let message = err.to_string();
         assert!(
-            message.contains("the database is unreachable"),
+            message.contains("the database is unreachable") && message.contains(why),
             "{url}: {message}"
         );
     }
