@@ -54,7 +54,7 @@ impl Embedded {
         };
         // Opened before serving, so that a data directory another relay
         // holds is an error here rather than a failed task later.
-        let relay = ferry_relay::Relay::open(config)?;
+        let relay = ferry_relay::Relay::open(config).await?;
         let task =
             tokio::spawn(relay.run(ferry_relay::Listeners::plain(listener), shutdown.clone()));
         Ok(Self {

@@ -29,7 +29,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The advisory lock key migrations run under ("ferry" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6665_7272_79;
+const MIGRATION_LOCK: i64 = 0x0066_6572_7279;
 
 /// Connections a relay keeps open at most.
 const POOL_SIZE: usize = 16;
@@ -37,21 +37,37 @@ const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection of the pool, or for a new one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An error and its causes: the driver's own text ("db error", "error
+/// connecting to server") leaves out what the server or the socket said.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        // A pool error already shows the error it wraps.
+        let said = next.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(&format!(": {said}"));
+        }
+        cause = next.source();
+    }
+    text
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
         // No answer from the server (a closed connection, a broken socket)
         // is an outage; an error the server sent is not.
         if err.as_db_error().is_none() {
-            Self(format!("{UNREACHABLE}: {err}"))
+            Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
         } else {
-            Self(format!("the database failed: {err}"))
+            Self(format!("the database failed: {}", with_causes(&err)))
         }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        Self(format!("{UNREACHABLE}: {err}"))
+        Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
     }
 }
 
