@@ -25,7 +25,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The advisory lock key migrations run under ("ferry" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6665_7272_79;
+const MIGRATION_LOCK: i64 = 0x0066_6572_7279;
 
 /// Connections a relay keeps open at most.
 const POOL_SIZE: usize = 16;
