@@ -736,11 +736,11 @@ impl Webhooks for Postgres {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<&str> = results.iter().map(|r| r.delivery.as_str()).collect();
+        let webhooks = tx
+            .prepare_cached("SELECT DISTINCT webhook_id FROM deliveries WHERE id = ANY($1::text[])")
+            .await?;
         let webhooks: Vec<String> = tx
-            .query(
-                "SELECT DISTINCT webhook_id FROM deliveries WHERE id = ANY($1::text[])",
-                &[&ids],
-            )
+            .query(&webhooks, &[&ids])
             .await?
             .iter()
             .map(|r| r.try_get(0))
@@ -854,18 +854,19 @@ impl Webhooks for Postgres {
     async fn prune_deliveries(&self, before: Micros) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "DELETE FROM delivery_attempts WHERE delivery IN (SELECT seq FROM deliveries
-                WHERE created_at < $1 AND state != 'pending')",
-            &[&before],
-        )
-        .await?;
-        let deleted = tx
-            .execute(
-                "DELETE FROM deliveries WHERE created_at < $1 AND state != 'pending'",
+        // The attempts go with the deliveries this statement removes, not
+        // with those it read: one queued again meanwhile keeps them.
+        let deleted: i64 = tx
+            .query_one(
+                "WITH gone AS (DELETE FROM deliveries WHERE created_at < $1 AND state != 'pending'
+                    RETURNING seq),
+                 attempts AS (DELETE FROM delivery_attempts
+                    WHERE delivery IN (SELECT seq FROM gone))
+                 SELECT COUNT(*) FROM gone",
                 &[&before],
             )
-            .await?;
+            .await?
+            .try_get(0)?;
         tx.execute(
             "DELETE FROM events WHERE created_at < $1
                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event = events.key)",
@@ -873,7 +874,7 @@ impl Webhooks for Postgres {
         )
         .await?;
         tx.commit().await?;
-        Ok(deleted)
+        Ok(u64::try_from(deleted).unwrap_or(0))
     }
 }
 
