@@ -765,10 +765,12 @@ mod postgres_only {
     use std::sync::{Arc, Mutex};
 
     use ferry_relay::store::postgres::Postgres;
-    use ferry_relay::store::{DeliveryState, Enqueued, Next, WebhookRecord, Webhooks};
+    use ferry_relay::store::{now_micros, DeliveryState, Enqueued, Next, WebhookRecord, Webhooks};
     use ferry_tests::within;
 
-    use super::{all_of, attempt, event, finished, hook, queue, save, DAY, LEASE, SECOND, T0};
+    use super::{
+        all_of, attempt, claim, event, finished, hook, ids, queue, save, DAY, LEASE, SECOND, T0,
+    };
 
     /// `count` stores, each with its own pool, on one fresh database: as
     /// many relays of a fleet.
@@ -930,6 +932,99 @@ mod postgres_only {
         for delivery in all_of(&*stores[1], "wh_ordered").await {
             assert_eq!(delivery.state, DeliveryState::Succeeded);
         }
+    }
+
+    /// A resend makes an older delivery of an ordered webhook pending
+    /// again, ahead of the one in flight: it waits for that one's result.
+    #[tokio::test]
+    async fn an_ordered_webhook_s_resent_delivery_waits_for_the_one_in_flight() {
+        let stores = fleet(2).await;
+        let ordered = WebhookRecord {
+            ordered: true,
+            ..hook("wh_ordered", "acct_a", &["*"], T0)
+        };
+        save(&*stores[0], &ordered).await;
+        for i in 0..2 {
+            queue(
+                &*stores[0],
+                event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+            )
+            .await;
+        }
+        let d = all_of(&*stores[0], "wh_ordered").await;
+        let now = T0 + SECOND;
+        assert_eq!(ids(&claim(&*stores[0], now, &[]).await), [d[0].id.as_str()]);
+        stores[0]
+            .finish(vec![finished(
+                &d[0].id,
+                attempt(1, now, Some(500)),
+                Next::Failed,
+            )])
+            .await
+            .expect("finish");
+        assert_eq!(ids(&claim(&*stores[0], now, &[]).await), [d[1].id.as_str()]);
+
+        assert!(stores[1].resend(&d[0].id, None, now).await.expect("resend"));
+        assert!(
+            claim(&*stores[1], now, &[]).await.is_empty(),
+            "the resent delivery waits while the newer one is in flight"
+        );
+        assert_eq!(
+            stores[1].next_due(now, Vec::new()).await.expect("next_due"),
+            None
+        );
+        stores[0]
+            .finish(vec![finished(
+                &d[1].id,
+                attempt(1, now, Some(200)),
+                Next::Succeeded,
+            )])
+            .await
+            .expect("finish");
+        assert_eq!(ids(&claim(&*stores[1], now, &[]).await), [d[0].id.as_str()]);
+    }
+
+    /// With several relays on one database, a relay that starts must not
+    /// give back the leases of another's attempts in flight; a dead
+    /// relay's deliveries are claimed again, under the same ids, once their
+    /// leases run out.
+    #[tokio::test]
+    async fn release_all_leaves_live_leases_and_a_dead_store_s_deliveries_return_after_theirs() {
+        let stores = fleet(2).await;
+        save(&*stores[0], &hook("wh_a", "acct_a", &["*"], T0)).await;
+        let now = now_micros();
+        queue(
+            &*stores[0],
+            event("acct_a", "evt_0", "document.create", now),
+        )
+        .await;
+        // As the dispatcher leases: the attempt's timeout and a margin.
+        let lease = now + 75 * SECOND;
+        let taken = stores[0]
+            .claim(now, 10, lease, Vec::new())
+            .await
+            .expect("claim");
+        assert_eq!(taken.len(), 1);
+        let id = taken[0].delivery.id.clone();
+        drop(taken);
+
+        // The other relay starts while the first one's attempt runs.
+        assert_eq!(stores[1].release_all().await.expect("release_all"), 0);
+        assert!(stores[1]
+            .claim(now, 10, lease, Vec::new())
+            .await
+            .expect("claim")
+            .is_empty());
+        // The first relay dies with its attempt; once the lease ran out
+        // the delivery is claimed again, the same delivery, no attempt
+        // stored.
+        let later = lease + 1;
+        let again = stores[1]
+            .claim(later, 10, later + 75 * SECOND, Vec::new())
+            .await
+            .expect("claim");
+        assert_eq!(ids(&again), [id.as_str()]);
+        assert_eq!(again[0].delivery.attempts, 0);
     }
 
     fn expected_len(events: i64) -> usize {
