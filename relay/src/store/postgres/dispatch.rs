@@ -352,7 +352,13 @@ async fn finish_one(tx: &Transaction<'_>, done: &Finished) -> Result<(), StoreEr
     match &done.next {
         Next::Succeeded => {
             let statement = tx
-                .prepare_cached("UPDATE webhooks SET failing_since = NULL WHERE id = $1")
+                .prepare_cached(
+                    // Written only when it changes: a row version per
+                    // success would leave the webhook's row thousands of
+                    // dead versions for every claim to step over.
+                    "UPDATE webhooks SET failing_since = NULL
+                     WHERE id = $1 AND failing_since IS NOT NULL",
+                )
                 .await?;
             tx.execute(&statement, &[&webhook]).await?;
         }
