@@ -13,8 +13,13 @@
 //!   ([`EVENT_LOCK`]), so two relays given one event id at once accept it
 //!   once.
 //!
-//! Rows are changed in one order (a webhook's row before its deliveries)
-//! so that transactions of several relays do not deadlock.
+//! Writers that change a webhook's deliveries in bulk or store attempts
+//! lock the webhook's row first (sorted by id), so that they take turns
+//! rather than wait on each other in a cycle. A claim locks no webhook
+//! row; should it still meet another transaction in a cycle (a webhook
+//! disabled while a claim holds its deliveries), PostgreSQL fails one of
+//! the two: a claim is tried again at the next round, and a finish's
+//! deliveries stay leased and are attempted again once the lease ends.
 
 use std::collections::BTreeMap;
 
