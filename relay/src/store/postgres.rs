@@ -55,9 +55,13 @@ fn with_causes(err: &dyn std::error::Error) -> String {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // No answer from the server (a closed connection, a broken socket)
-        // is an outage; an error the server sent is not.
-        if err.as_db_error().is_none() {
+        // No answer from the server (a closed connection, a broken socket),
+        // a connection error or a server shutting down is an outage; any
+        // other error the server sent is not.
+        let unreachable = err.code().is_none_or(|code| {
+            code.code().starts_with("08") || matches!(code.code(), "57P01" | "57P02" | "57P03")
+        });
+        if unreachable {
             Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
         } else {
             Self(format!("the database failed: {}", with_causes(&err)))

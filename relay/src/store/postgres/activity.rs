@@ -16,7 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::Postgres;
+use super::{Postgres, LOG_CHANNEL};
 use crate::store::{
     decode_headers, encode_headers, fold, search_text_of, ActivityLog, CapturedBody,
     CapturedResponse, DispatchRef, Exchange, Filter, Logged, Micros, NameRecord, NameRegistry,
@@ -423,6 +423,10 @@ impl ActivityLog for Postgres {
             async move { tx.execute(insert, &refs(values)).await }
         }))
         .await?;
+        // Delivered at commit, to every relay's follower of the channel:
+        // their live tails wake for these entries.
+        tx.execute("SELECT pg_notify($1, '')", &[&LOG_CHANNEL])
+            .await?;
         tx.commit().await?;
         Ok(())
     }
