@@ -110,6 +110,14 @@ impl Postgres {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("ferry-relay");
+        // The server's notices ("already exists, skipping" on every start)
+        // would reach the relay's log as noise; warnings still do.
+        let quiet = "-c client_min_messages=warning";
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {quiet}"),
+            None => quiet.to_owned(),
+        };
+        config.options(options);
         let (commits, following) = watch::channel(0);
         tokio::spawn(follow_commits(config.clone(), commits));
         let manager = Manager::from_config(

@@ -13,6 +13,7 @@ mod dispatch;
 mod dispatch_queue;
 mod dns;
 mod export;
+mod fleet_dispatch;
 mod forwarding;
 mod handshake;
 mod hosts;
