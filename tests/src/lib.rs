@@ -611,6 +611,11 @@ impl Api {
         }
     }
 
+    /// The API of the relay listening at `relay`, without a token.
+    pub fn at(relay: SocketAddr) -> Self {
+        Self { relay, token: None }
+    }
+
     /// The API of `relay` with `token`.
     pub fn with_token(relay: &TestRelay, token: &str) -> Self {
         Self {

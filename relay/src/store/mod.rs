@@ -273,6 +273,9 @@ impl Exchange {
 /// any webhook payload worth searching, without indexing uploads.
 pub const SEARCH_BODY_PREFIX: usize = 4096;
 
+/// Header bytes the search index reads of each message.
+const SEARCH_HEADERS_MAX: usize = 8 * 1024;
+
 /// The start of the error a query gets when it ran out of time.
 pub const TOO_SLOW: &str = "the query took too long";
 
@@ -280,6 +283,101 @@ pub const TOO_SLOW: &str = "the query took too long";
 pub fn path_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.find('/').map_or("/", |at| &rest[at..])
+}
+
+/// Header fields as one blob: for each, the name's and the value's lengths
+/// (u32, little-endian) and bytes. Exact for any bytes.
+pub(crate) fn encode_headers(headers: &[Header]) -> Vec<u8> {
+    let size = headers
+        .iter()
+        .map(|h| 8 + h.name.len() + h.value.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for header in headers {
+        for part in [header.name.as_bytes(), &header.value] {
+            out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    out
+}
+
+pub(crate) fn decode_headers(mut blob: &[u8]) -> Result<Vec<Header>, StoreError> {
+    let corrupt = || StoreError("a stored header list is corrupt".to_owned());
+    let take = |blob: &mut &[u8]| -> Result<Vec<u8>, StoreError> {
+        let (len, rest) = blob.split_first_chunk::<4>().ok_or_else(corrupt)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(corrupt());
+        }
+        let (part, rest) = rest.split_at(len);
+        *blob = rest;
+        Ok(part.to_vec())
+    };
+    let mut headers = Vec::new();
+    while !blob.is_empty() {
+        let name = String::from_utf8(take(&mut blob)?).map_err(|_| corrupt())?;
+        let value = take(&mut blob)?;
+        headers.push(Header { name, value });
+    }
+    Ok(headers)
+}
+
+/// What the search index holds of an entry, folded to lowercase (the
+/// query is folded the same way, so any case matches, beyond ASCII too).
+/// It starts with the owner, so a search narrowed to one owner finds its
+/// candidates among that owner's rows only, however large the log.
+pub(crate) fn search_text_of(
+    owner: &str,
+    url: &str,
+    request_headers: &[Header],
+    request_body: &[u8],
+    response_headers: &[Header],
+    response_body: &[u8],
+) -> String {
+    let mut text = String::with_capacity(256);
+    text.push_str(owner);
+    text.push('\n');
+    text.push_str(path_of(url));
+    let add_headers = |text: &mut String, headers: &[Header]| {
+        let start = text.len();
+        for header in headers {
+            if let Ok(value) = std::str::from_utf8(&header.value) {
+                if text.len() - start + value.len() > SEARCH_HEADERS_MAX {
+                    break;
+                }
+                text.push('\n');
+                text.push_str(value);
+            }
+        }
+    };
+    add_headers(&mut text, request_headers);
+    add_headers(&mut text, response_headers);
+    let add_body = |text: &mut String, body: &[u8]| {
+        let prefix = &body[..body.len().min(SEARCH_BODY_PREFIX)];
+        let valid = match std::str::from_utf8(prefix) {
+            Ok(valid) => valid,
+            // A prefix may cut a character in two: keep what is whole.
+            Err(err) if err.error_len().is_none() => {
+                std::str::from_utf8(&prefix[..err.valid_up_to()]).unwrap_or_default()
+            }
+            Err(_) => "",
+        };
+        if !valid.is_empty() {
+            text.push('\n');
+            text.push_str(valid);
+        }
+    };
+    add_body(&mut text, request_body);
+    add_body(&mut text, response_body);
+    fold(&text)
+}
+
+/// The case folding the index and the queries share: lowercase, and `ß`
+/// as `ss` (as full Unicode case folding has it), so `STRASSE` finds
+/// `Straße`.
+pub(crate) fn fold(text: &str) -> String {
+    text.to_lowercase().replace('ß', "ss")
 }
 
 /// The status filter: one code or a class (`4xx`).

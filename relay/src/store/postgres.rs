@@ -43,21 +43,41 @@ const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection of the pool, or for a new one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An error and its causes: the driver's own text ("db error", "error
+/// connecting to server") leaves out what the server or the socket said.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        // A pool error already shows the error it wraps.
+        let said = next.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(&format!(": {said}"));
+        }
+        cause = next.source();
+    }
+    text
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // No answer from the server (a closed connection, a broken socket)
-        // is an outage; an error the server sent is not.
-        if err.as_db_error().is_none() {
-            Self(format!("{UNREACHABLE}: {err}"))
+        // No answer from the server (a closed connection, a broken socket),
+        // a connection error or a server shutting down is an outage; any
+        // other error the server sent is not.
+        let unreachable = err.code().is_none_or(|code| {
+            code.code().starts_with("08") || matches!(code.code(), "57P01" | "57P02" | "57P03")
+        });
+        if unreachable {
+            Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
         } else {
-            Self(format!("the database failed: {err}"))
+            Self(format!("the database failed: {}", with_causes(&err)))
         }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        Self(format!("{UNREACHABLE}: {err}"))
+        Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
     }
 }
 
@@ -96,6 +116,14 @@ impl Postgres {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("ferry-relay");
+        // The server's notices ("already exists, skipping" on every start)
+        // would reach the relay's log as noise; warnings still do.
+        let quiet = "-c client_min_messages=warning";
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {quiet}"),
+            None => quiet.to_owned(),
+        };
+        config.options(options);
         let (commits, following) = watch::channel(0);
         tokio::spawn(follow_commits(config.clone(), commits));
         let manager = Manager::from_config(

@@ -20,9 +20,9 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 mod dispatch;
 
 use super::{
-    ActivityLog, CapturedBody, CapturedResponse, Database, DispatchRef, Exchange, Filter, Header,
-    Logged, Micros, NameRecord, NameRegistry, Pruned, Retention, StatusFilter, StoreError,
-    SEARCH_BODY_PREFIX, TOO_SLOW,
+    decode_headers, encode_headers, fold, search_text_of, ActivityLog, CapturedBody,
+    CapturedResponse, Database, DispatchRef, Exchange, Filter, Logged, Micros, NameRecord,
+    NameRegistry, Pruned, Retention, StatusFilter, StoreError, TOO_SLOW,
 };
 
 /// The schema, one migration per version, applied in order. Never edit a
@@ -150,8 +150,6 @@ const MIGRATIONS: &[&str] = &[
 const READERS: usize = 3;
 /// How long a connection waits for another's lock before failing.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Header bytes the search index reads of each message.
-const SEARCH_HEADERS_MAX: usize = 8 * 1024;
 /// How long one read may run before it is interrupted: a search over a
 /// large log must not hold a reader (there are few) for long.
 const READ_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -510,101 +508,6 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// when a read inside the transaction would have to become a write.
 fn immediate(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-}
-
-/// Header fields as one blob: for each, the name's and the value's lengths
-/// (u32, little-endian) and bytes. Exact for any bytes.
-fn encode_headers(headers: &[Header]) -> Vec<u8> {
-    let size = headers
-        .iter()
-        .map(|h| 8 + h.name.len() + h.value.len())
-        .sum();
-    let mut out = Vec::with_capacity(size);
-    for header in headers {
-        for part in [header.name.as_bytes(), &header.value] {
-            out.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_le_bytes());
-            out.extend_from_slice(part);
-        }
-    }
-    out
-}
-
-fn decode_headers(mut blob: &[u8]) -> Result<Vec<Header>, StoreError> {
-    let corrupt = || StoreError("a stored header list is corrupt".to_owned());
-    let take = |blob: &mut &[u8]| -> Result<Vec<u8>, StoreError> {
-        let (len, rest) = blob.split_first_chunk::<4>().ok_or_else(corrupt)?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if rest.len() < len {
-            return Err(corrupt());
-        }
-        let (part, rest) = rest.split_at(len);
-        *blob = rest;
-        Ok(part.to_vec())
-    };
-    let mut headers = Vec::new();
-    while !blob.is_empty() {
-        let name = String::from_utf8(take(&mut blob)?).map_err(|_| corrupt())?;
-        let value = take(&mut blob)?;
-        headers.push(Header { name, value });
-    }
-    Ok(headers)
-}
-
-/// What the search index holds of an entry, folded to lowercase (the
-/// query is folded the same way, so any case matches, beyond ASCII too).
-/// It starts with the owner, so a search narrowed to one owner finds its
-/// candidates among that owner's rows only, however large the log.
-fn search_text_of(
-    owner: &str,
-    url: &str,
-    request_headers: &[Header],
-    request_body: &[u8],
-    response_headers: &[Header],
-    response_body: &[u8],
-) -> String {
-    let mut text = String::with_capacity(256);
-    text.push_str(owner);
-    text.push('\n');
-    text.push_str(super::path_of(url));
-    let add_headers = |text: &mut String, headers: &[Header]| {
-        let start = text.len();
-        for header in headers {
-            if let Ok(value) = std::str::from_utf8(&header.value) {
-                if text.len() - start + value.len() > SEARCH_HEADERS_MAX {
-                    break;
-                }
-                text.push('\n');
-                text.push_str(value);
-            }
-        }
-    };
-    add_headers(&mut text, request_headers);
-    add_headers(&mut text, response_headers);
-    let add_body = |text: &mut String, body: &[u8]| {
-        let prefix = &body[..body.len().min(SEARCH_BODY_PREFIX)];
-        let valid = match std::str::from_utf8(prefix) {
-            Ok(valid) => valid,
-            // A prefix may cut a character in two: keep what is whole.
-            Err(err) if err.error_len().is_none() => {
-                std::str::from_utf8(&prefix[..err.valid_up_to()]).unwrap_or_default()
-            }
-            Err(_) => "",
-        };
-        if !valid.is_empty() {
-            text.push('\n');
-            text.push_str(valid);
-        }
-    };
-    add_body(&mut text, request_body);
-    add_body(&mut text, response_body);
-    fold(&text)
-}
-
-/// The case folding the index and the queries share: lowercase, and `ß`
-/// as `ss` (as full Unicode case folding has it), so `STRASSE` finds
-/// `Straße`.
-fn fold(text: &str) -> String {
-    text.to_lowercase().replace('ß', "ss")
 }
 
 fn insert(tx: &rusqlite::Transaction<'_>, entry: &Exchange) -> Result<(), StoreError> {

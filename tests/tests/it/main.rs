@@ -14,6 +14,7 @@ mod dispatch_queue;
 mod dns;
 mod export;
 mod fleet;
+mod fleet_dispatch;
 mod forwarding;
 mod handshake;
 mod hosts;

@@ -134,7 +134,7 @@ async fn events_posted_to_any_of_three_relays_are_delivered_exactly_once() {
     let webhook = webhook["id"].as_str().expect("an id").to_owned();
 
     for n in 0..EVENTS {
-        let event = json!({"type": "order.paid", "id": format!("ev-{n}"), "data": {"n": n}});
+        let event = json!({"type": "document.create", "id": format!("ev-{n}"), "data": {"n": n}});
         let (status, accepted) = apis[n % 3].post_json("/api/v1/events", &event).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
         assert_eq!(accepted["duplicate"], false);
@@ -207,12 +207,12 @@ async fn a_database_outage_fails_health_refuses_events_and_loses_no_capture() {
     let (status, refused) = api
         .post_json(
             "/api/v1/events",
-            &json!({"type": "order.paid", "id": "in-the-outage", "data": {}}),
+            &json!({"type": "document.create", "id": "in-the-outage", "data": {}}),
         )
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{refused}");
     assert!(
-        refused["message"]
+        refused["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("try again")),
         "{refused}"

@@ -3,7 +3,9 @@
 //! is a function generic over the traits, run below against a fresh SQLite
 //! file and against a fresh PostgreSQL database: both stores run the very
 //! same functions. The last cases are about each store itself: reopening
-//! it, reading it read-only, refusing a newer schema.
+//! it, reading it read-only, refusing a newer schema, and for PostgreSQL
+//! several relays on one database, its time limit and its connection
+//! errors.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -393,6 +395,12 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
     // Characters that mean something to SQL patterns or search syntax.
     let mut literal = entry("acct_a", "t", T0 + 9);
     literal.url = "https://t.relay.test/sale?deal=100%_OFF\"*(NEAR)".to_owned();
+    // Text that holds NUL, which PostgreSQL's text type cannot.
+    let mut with_nul = entry("acct_a", "t", T0 + 10);
+    with_nul.request_body = body(&b"nul\0inside-the-body"[..]);
+    with_nul
+        .request_headers
+        .push(header("x-nul", &b"nul\0inside-a-header"[..]));
     let all = [
         &in_path,
         &in_header,
@@ -403,6 +411,7 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
         &binary,
         &short,
         &literal,
+        &with_nul,
     ];
     store
         .append(all.iter().map(|e| (*e).clone()).collect())
@@ -434,6 +443,8 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
         (search(a, "_"), vec![literal.id]),
         (search(a, "0%x"), vec![]),
         (search(a, "sale\0deal"), vec![]),
+        (search(a, "inside-the-body"), vec![with_nul.id]),
+        (search(a, "inside-a-header"), vec![with_nul.id]),
         (search(a, "nowhere-to-be-found"), vec![]),
         (
             Filter {
@@ -1016,6 +1027,288 @@ async fn sqlite_refuses_a_database_from_a_newer_schema() {
         let message = err.to_string();
         assert!(message.contains("schema version 1000"), "{message}");
     }
+}
+
+/// A plain connection to the database at `url`, for what no store call
+/// does.
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("a raw connection");
+    tokio::spawn(connection);
+    client
+}
+
+async fn schema_version(url: &str) -> i32 {
+    raw(url)
+        .await
+        .query_one("SELECT version FROM ferry_schema", &[])
+        .await
+        .expect("the schema version")
+        .get(0)
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_database_from_a_newer_schema() {
+    let url = ferry_tests::postgres::fresh_database().await;
+    drop(Postgres::connect(&url).await.expect("connect"));
+    raw(&url)
+        .await
+        .execute("UPDATE ferry_schema SET version = 1000", &[])
+        .await
+        .expect("set the version");
+    let Err(err) = Postgres::connect(&url).await else {
+        panic!("a database from a newer Ferry was opened");
+    };
+    let message = err.to_string();
+    assert!(message.contains("schema version 1000"), "{message}");
+}
+
+#[tokio::test]
+async fn postgres_stores_on_one_database_see_each_others_entries_and_names() {
+    let url = ferry_tests::postgres::fresh_database().await;
+    let one = Postgres::connect(&url).await.expect("connect");
+    let first: Vec<Exchange> = (0..3).map(|i| entry("acct_a", "t", T0 + i)).collect();
+    one.append(first.clone()).await.expect("append");
+    let alpha = NameRecord {
+        name: "alpha".to_owned(),
+        owner: "acct_a".to_owned(),
+        last_seen: 1,
+        hold_until: None,
+        target: Some("http://localhost:3000".to_owned()),
+    };
+    one.save_name(alpha.clone()).await.expect("save");
+    let version = schema_version(&url).await;
+
+    // The second relay finds the schema current: its migration changes
+    // nothing and loses nothing.
+    let two = Postgres::connect(&url).await.expect("connect");
+    assert_eq!(schema_version(&url).await, version);
+    assert_eq!(
+        two.list(&Filter::default(), None, 10, true)
+            .await
+            .expect("list"),
+        first.iter().rev().cloned().collect::<Vec<_>>()
+    );
+    assert_eq!(tailed(&two, &Filter::default()).await, ids_of(&first));
+    assert_eq!(
+        two.get(first[0].id, Some("acct_a")).await.expect("get"),
+        Some(first[0].clone())
+    );
+    assert_eq!(two.name("alpha").await.expect("name"), Some(alpha.clone()));
+
+    // And the other way round.
+    let last_of_one = one.last_seq().await.expect("last_seq");
+    let second = entry("acct_b", "u", T0 + 10);
+    two.append(vec![second.clone()]).await.expect("append");
+    let beta = NameRecord {
+        name: "beta".to_owned(),
+        owner: "acct_b".to_owned(),
+        last_seen: 2,
+        hold_until: Some(T0),
+        target: None,
+    };
+    two.save_name(beta.clone()).await.expect("save");
+    let tail = one
+        .committed_after(&Filter::default(), last_of_one, 10)
+        .await
+        .expect("committed_after");
+    assert_eq!(
+        tail.iter().map(|l| l.exchange.id).collect::<Vec<_>>(),
+        vec![second.id]
+    );
+    assert_eq!(
+        one.last_seq().await.expect("last_seq"),
+        two.last_seq().await.expect("last_seq")
+    );
+    assert_eq!(one.names(0).await.expect("names"), vec![alpha, beta]);
+    assert!(one.mark_replayed(second.id, T0 + 11).await.expect("mark"));
+    assert!(!two.mark_replayed(second.id, T0 + 12).await.expect("mark"));
+    assert_eq!(
+        two.get(second.id, None)
+            .await
+            .expect("get")
+            .and_then(|e| e.replayed_at),
+        Some(T0 + 11)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_tail_never_skips_an_entry_committed_by_another_relay() {
+    const WRITERS_PER_RELAY: usize = 4;
+    const BATCHES: usize = 150;
+    const PER_BATCH: usize = 2;
+    let url = ferry_tests::postgres::fresh_database().await;
+    let relays = [
+        Postgres::connect(&url).await.expect("connect"),
+        Postgres::connect(&url).await.expect("connect"),
+    ];
+    let follower = Postgres::connect(&url).await.expect("connect");
+    let mut expected = std::collections::HashSet::new();
+    let mut writers = Vec::new();
+    for relay in &relays {
+        for _ in 0..WRITERS_PER_RELAY {
+            let batches: Vec<Vec<Exchange>> = (0..BATCHES)
+                .map(|_| (0..PER_BATCH).map(|_| entry("acct_a", "t", T0)).collect())
+                .collect();
+            expected.extend(batches.iter().flatten().map(|e| e.id));
+            let relay = relay.clone();
+            writers.push(tokio::spawn(async move {
+                for batch in batches {
+                    relay.append(batch).await.expect("append");
+                }
+            }));
+        }
+    }
+    let seen = ferry_tests::within("the tail to catch up", async {
+        let mut seen = Vec::new();
+        let mut last = 0;
+        loop {
+            // Read before the query: once every writer is done, one more
+            // empty page means nothing committed is left unseen.
+            let finished = writers.iter().all(|w| w.is_finished());
+            let page = follower
+                .committed_after(&Filter::default(), last, 10_000)
+                .await
+                .expect("committed_after");
+            if page.is_empty() && finished {
+                break seen;
+            }
+            for logged in page {
+                assert!(logged.seq > last, "the tail went back");
+                last = logged.seq;
+                seen.push(logged.exchange.id);
+            }
+        }
+    })
+    .await;
+    for writer in writers {
+        writer.await.expect("a writer");
+    }
+    let distinct: std::collections::HashSet<ExchangeId> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), seen.len(), "the tail saw an entry twice");
+    let skipped = expected.difference(&distinct).count();
+    assert_eq!(
+        skipped,
+        0,
+        "the tail skipped {skipped} of {} entries",
+        expected.len()
+    );
+    assert_eq!(distinct, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_relays_pruning_at_once_remove_the_excess_once() {
+    const KEEP: usize = 40;
+    let url = ferry_tests::postgres::fresh_database().await;
+    let relays = [
+        Postgres::connect(&url).await.expect("connect"),
+        Postgres::connect(&url).await.expect("connect"),
+    ];
+    let mut kept: Vec<Exchange> = Vec::new();
+    // A race is not lost every time: several rounds.
+    for round in 0..10 {
+        let entries: Vec<Exchange> = (0..100)
+            .map(|i| entry("acct_a", "t", T0 + round * 1000 + i))
+            .collect();
+        let size = entries[0].stored_size();
+        relays[0].append(entries.clone()).await.expect("append");
+        let excess = (kept.len() + entries.len() - KEEP) as u64;
+        kept.extend(entries);
+        kept.drain(..kept.len() - KEEP);
+        let retention = Retention {
+            max_bytes: KEEP as u64 * size,
+            ..keep_all()
+        };
+        let (one, two) = tokio::join!(
+            relays[0].prune(retention, T0),
+            relays[1].prune(retention, T0)
+        );
+        let (one, two) = (one.expect("prune"), two.expect("prune"));
+        assert_eq!(one.entries + two.entries, excess, "{one:?} {two:?}");
+        assert_eq!(one.bytes + two.bytes, excess * size);
+        assert_eq!(
+            listed(&relays[1], &Filter::default()).await,
+            ids_of(&kept).into_iter().rev().collect::<Vec<_>>()
+        );
+    }
+}
+
+#[tokio::test]
+async fn postgres_connect_fails_clearly_when_the_server_is_unreachable_or_the_url_malformed() {
+    // Nothing listens on a port just freed.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let closed = format!("postgres://ferry@127.0.0.1:{free}/ferry");
+    // Something accepts but never answers: the pool's timeouts end the wait.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a listener");
+    let silent_url = format!(
+        "postgres://ferry@{}/ferry",
+        silent.local_addr().expect("its address")
+    );
+    for (url, why) in [(&closed, "Connection refused"), (&silent_url, "Timeout")] {
+        let Err(err) = ferry_tests::within("connect", Postgres::connect(url)).await else {
+            panic!("connected to {url}");
+        };
+        let message = err.to_string();
+        assert!(
+            message.contains("the database is unreachable") && message.contains(why),
+            "{url}: {message}"
+        );
+    }
+    for url in [
+        "postgres://ferry@127.0.0.1:notaport/ferry",
+        "not a url at all",
+    ] {
+        let Err(err) = ferry_tests::within("connect", Postgres::connect(url)).await else {
+            panic!("connected to {url}");
+        };
+        let message = err.to_string();
+        assert!(
+            message.contains("not a PostgreSQL URL")
+                && message.contains("postgres://USER:PASSWORD@HOST:PORT/DATABASE"),
+            "{url}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn postgres_a_search_past_its_time_fails_as_too_slow() {
+    let url = ferry_tests::postgres::fresh_database().await;
+    let store = Postgres::connect(&url).await.expect("connect");
+    store
+        .append(vec![entry("acct_a", "t", T0)])
+        .await
+        .expect("append");
+    // A query stuck behind another session's lock runs as long as one
+    // scanning a huge log: both are cut off.
+    let mut blocker = raw(&url).await;
+    let lock = blocker.transaction().await.expect("a transaction");
+    lock.batch_execute("LOCK TABLE exchanges IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let search = Filter {
+        text: Some("/hook".to_owned()),
+        ..Filter::default()
+    };
+    let list = ferry_tests::within("list", store.list(&search, None, 10, false)).await;
+    let tail = ferry_tests::within("tail", store.committed_after(&search, 0, 10)).await;
+    for result in [list.map(|_| ()), tail.map(|_| ())] {
+        let Err(err) = result else {
+            panic!("a query ran past its time");
+        };
+        let message = err.to_string();
+        assert!(
+            message.starts_with(ferry_relay::store::TOO_SLOW),
+            "{message}"
+        );
+    }
+    lock.rollback().await.expect("rollback");
+    assert_eq!(listed(&store, &search).await.len(), 1);
 }
 
 mod webhooks;

@@ -755,3 +755,313 @@ on_both!(
     prune_forgets_finished_deliveries_and_keeps_pending_ones,
     another_owner_s_webhooks_and_deliveries_are_out_of_reach,
 );
+
+/// PostgreSQL only: several relays' stores on one database, claiming from
+/// one queue and accepting events at the same moment. (SQLite's store has
+/// one relay, and one writer.)
+mod postgres_only {
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use ferry_relay::store::postgres::Postgres;
+    use ferry_relay::store::{now_micros, DeliveryState, Enqueued, Next, WebhookRecord, Webhooks};
+    use ferry_tests::within;
+
+    use super::{
+        all_of, attempt, claim, event, finished, hook, ids, queue, save, DAY, LEASE, SECOND, T0,
+    };
+
+    /// `count` stores, each with its own pool, on one fresh database: as
+    /// many relays of a fleet.
+    async fn fleet(count: usize) -> Vec<Arc<Postgres>> {
+        let url = ferry_tests::postgres::fresh_database().await;
+        let mut stores = Vec::new();
+        for _ in 0..count {
+            stores.push(Arc::new(Postgres::connect(&url).await.expect("connect")));
+        }
+        stores
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn concurrent_claims_from_several_stores_never_take_one_delivery_twice() {
+        let stores = fleet(3).await;
+        let owners = ["acct_a", "acct_b"];
+        for (i, owner) in owners.iter().enumerate() {
+            for j in 0..2 {
+                let id = format!("wh_{owner}_{j}");
+                save(
+                    &*stores[0],
+                    &hook(&id, owner, &["*"], T0 + (i * 2 + j) as i64),
+                )
+                .await;
+            }
+        }
+        let events = 150;
+        let mut queued = 0;
+        for i in 0..events {
+            for owner in owners {
+                let at = T0 + i64::try_from(i).expect("small");
+                queued += queue(
+                    &*stores[0],
+                    event(owner, &format!("evt_{i}"), "document.create", at),
+                )
+                .await;
+            }
+        }
+        assert_eq!(queued, events * 4);
+
+        let now = T0 + DAY;
+        let claims: Vec<_> = stores
+            .iter()
+            .map(|store| {
+                let store = Arc::clone(store);
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let claimed = store.claim(now, 7, LEASE, Vec::new()).await.expect("claim");
+                        if claimed.is_empty() {
+                            // Done once nothing unleased is left; an empty claim
+                            // may also mean that another store held the rows.
+                            let next = store.next_due(now, Vec::new()).await.expect("next_due");
+                            if next.is_none() {
+                                return mine;
+                            }
+                        }
+                        mine.extend(claimed.into_iter().map(|c| c.delivery.id));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut per_store = Vec::new();
+        for claim in claims {
+            let mine = within("the stores' claims", claim)
+                .await
+                .expect("a claim loop");
+            per_store.push(mine.len());
+            all.extend(mine);
+        }
+        let distinct: HashSet<&String> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "a delivery was claimed twice");
+        assert_eq!(all.len(), queued, "every delivery was claimed");
+        assert!(
+            per_store.iter().filter(|n| **n > 0).count() > 1,
+            "the stores claimed side by side: {per_store:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn an_ordered_webhook_has_one_delivery_in_flight_across_stores() {
+        let stores = fleet(3).await;
+        let ordered = WebhookRecord {
+            ordered: true,
+            ..hook("wh_ordered", "acct_a", &["*"], T0)
+        };
+        save(&*stores[0], &ordered).await;
+        let events = 40;
+        for i in 0..events {
+            queue(
+                &*stores[0],
+                event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+            )
+            .await;
+        }
+        let expected: Vec<String> = all_of(&*stores[0], "wh_ordered")
+            .await
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+
+        let now = T0 + DAY;
+        // The delivery in flight, and every delivery attempted, in order.
+        let in_flight: Arc<Mutex<Option<String>>> = Arc::default();
+        let attempted: Arc<Mutex<Vec<String>>> = Arc::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = stores
+            .iter()
+            .map(|store| {
+                let (store, in_flight, attempted, done) = (
+                    Arc::clone(store),
+                    Arc::clone(&in_flight),
+                    Arc::clone(&attempted),
+                    Arc::clone(&done),
+                );
+                tokio::spawn(async move {
+                    while done.load(Ordering::SeqCst) < expected_len(events) {
+                        let claimed = store
+                            .claim(now, 10, LEASE, Vec::new())
+                            .await
+                            .expect("claim");
+                        assert!(claimed.len() <= 1, "{} claimed at once", claimed.len());
+                        let Some(claim) = claimed.into_iter().next() else {
+                            tokio::task::yield_now().await;
+                            continue;
+                        };
+                        let id = claim.delivery.id;
+                        {
+                            let mut slot = in_flight.lock().expect("the in-flight slot");
+                            assert_eq!(*slot, None, "{id} claimed beside another in flight");
+                            *slot = Some(id.clone());
+                        }
+                        attempted.lock().expect("the attempts").push(id.clone());
+                        tokio::task::yield_now().await;
+                        // Out of the slot before the result is stored: until
+                        // then the lease keeps the next delivery back.
+                        *in_flight.lock().expect("the in-flight slot") = None;
+                        store
+                            .finish(vec![finished(
+                                &id,
+                                attempt(1, now, Some(200)),
+                                Next::Succeeded,
+                            )])
+                            .await
+                            .expect("finish");
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            within("the ordered webhook's deliveries", worker)
+                .await
+                .expect("a worker");
+        }
+        let attempted = attempted.lock().expect("the attempts").clone();
+        assert_eq!(attempted, expected, "each once, oldest first");
+        for delivery in all_of(&*stores[1], "wh_ordered").await {
+            assert_eq!(delivery.state, DeliveryState::Succeeded);
+        }
+    }
+
+    /// A resend makes an older delivery of an ordered webhook pending
+    /// again, ahead of the one in flight: it waits for that one's result.
+    #[tokio::test]
+    async fn an_ordered_webhook_s_resent_delivery_waits_for_the_one_in_flight() {
+        let stores = fleet(2).await;
+        let ordered = WebhookRecord {
+            ordered: true,
+            ..hook("wh_ordered", "acct_a", &["*"], T0)
+        };
+        save(&*stores[0], &ordered).await;
+        for i in 0..2 {
+            queue(
+                &*stores[0],
+                event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+            )
+            .await;
+        }
+        let d = all_of(&*stores[0], "wh_ordered").await;
+        let now = T0 + SECOND;
+        assert_eq!(ids(&claim(&*stores[0], now, &[]).await), [d[0].id.as_str()]);
+        stores[0]
+            .finish(vec![finished(
+                &d[0].id,
+                attempt(1, now, Some(500)),
+                Next::Failed,
+            )])
+            .await
+            .expect("finish");
+        assert_eq!(ids(&claim(&*stores[0], now, &[]).await), [d[1].id.as_str()]);
+
+        assert!(stores[1].resend(&d[0].id, None, now).await.expect("resend"));
+        assert!(
+            claim(&*stores[1], now, &[]).await.is_empty(),
+            "the resent delivery waits while the newer one is in flight"
+        );
+        assert_eq!(
+            stores[1].next_due(now, Vec::new()).await.expect("next_due"),
+            None
+        );
+        stores[0]
+            .finish(vec![finished(
+                &d[1].id,
+                attempt(1, now, Some(200)),
+                Next::Succeeded,
+            )])
+            .await
+            .expect("finish");
+        assert_eq!(ids(&claim(&*stores[1], now, &[]).await), [d[0].id.as_str()]);
+    }
+
+    /// With several relays on one database, a relay that starts must not
+    /// give back the leases of another's attempts in flight; a dead
+    /// relay's deliveries are claimed again, under the same ids, once their
+    /// leases run out.
+    #[tokio::test]
+    async fn release_all_leaves_live_leases_and_a_dead_store_s_deliveries_return_after_theirs() {
+        let stores = fleet(2).await;
+        save(&*stores[0], &hook("wh_a", "acct_a", &["*"], T0)).await;
+        let now = now_micros();
+        queue(
+            &*stores[0],
+            event("acct_a", "evt_0", "document.create", now),
+        )
+        .await;
+        // As the dispatcher leases: the attempt's timeout and a margin.
+        let lease = now + 75 * SECOND;
+        let taken = stores[0]
+            .claim(now, 10, lease, Vec::new())
+            .await
+            .expect("claim");
+        assert_eq!(taken.len(), 1);
+        let id = taken[0].delivery.id.clone();
+        drop(taken);
+
+        // The other relay starts while the first one's attempt runs.
+        assert_eq!(stores[1].release_all().await.expect("release_all"), 0);
+        assert!(stores[1]
+            .claim(now, 10, lease, Vec::new())
+            .await
+            .expect("claim")
+            .is_empty());
+        // The first relay dies with its attempt; once the lease ran out
+        // the delivery is claimed again, the same delivery, no attempt
+        // stored.
+        let later = lease + 1;
+        let again = stores[1]
+            .claim(later, 10, later + 75 * SECOND, Vec::new())
+            .await
+            .expect("claim");
+        assert_eq!(ids(&again), [id.as_str()]);
+        assert_eq!(again[0].delivery.attempts, 0);
+    }
+
+    fn expected_len(events: i64) -> usize {
+        usize::try_from(events).expect("small")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_event_id_enqueued_by_two_stores_at_once_is_accepted_once() {
+        let stores = fleet(2).await;
+        save(&*stores[0], &hook("wh_a", "acct_a", &["*"], T0)).await;
+        let ids = 60;
+        for i in 0..ids {
+            let id = format!("evt_{i}");
+            let at = T0 + i * SECOND;
+            let (a, b) = (Arc::clone(&stores[0]), Arc::clone(&stores[1]));
+            let (first, second) = (
+                event("acct_a", &id, "document.create", at),
+                event("acct_a", &id, "document.create", at),
+            );
+            let (first, second) = tokio::join!(
+                tokio::spawn(async move { a.enqueue(first, DAY).await }),
+                tokio::spawn(async move { b.enqueue(second, DAY).await }),
+            );
+            let mut outcomes = [
+                first.expect("a task").expect("enqueue"),
+                second.expect("a task").expect("enqueue"),
+            ];
+            outcomes.sort_by_key(|o| matches!(o, Enqueued::Duplicate));
+            assert_eq!(
+                outcomes,
+                [Enqueued::Queued(1), Enqueued::Duplicate],
+                "event {id}"
+            );
+        }
+        assert_eq!(
+            all_of(&*stores[0], "wh_a").await.len(),
+            usize::try_from(ids).expect("small")
+        );
+    }
+}
