@@ -6,6 +6,7 @@
 //! the cluster listener, lives in [`crate::ingress`].
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use ring::hmac;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::limits::RateLimit;
 use crate::store::postgres::{self, Postgres, SessionClaim, SessionClaimed, SessionHolder};
 use crate::store::StoreError;
 use crate::tunnels::{Tunnel, Tunnels};
@@ -88,6 +90,18 @@ pub enum ClaimError {
     Store(#[from] StoreError),
 }
 
+/// Why the relay holding a name could not be looked up.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// The caller asked for names no relay serves too often; it may again
+    /// after the wait.
+    #[error("too many requests from your address for tunnels that no relay of this fleet serves: try again in {} s", .0.as_secs().max(1))]
+    Refused(Duration),
+    /// The database did not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// This relay in its fleet.
 pub struct Cluster {
     /// This relay's id, new at every start.
@@ -109,6 +123,8 @@ pub struct Cluster {
     held: Mutex<HashMap<Subdomain, i64>>,
     /// The pooled HTTP/2 connections to other relays.
     client: hyper_util::client::legacy::Client<HttpConnector, Body>,
+    /// Lookups per caller that found no relay serving the name.
+    unknown_names: RateLimit,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -163,6 +179,7 @@ impl Cluster {
             database_url,
             held: Mutex::default(),
             client,
+            unknown_names: RateLimit::per_minute(config.unknown_names_per_minute),
         })
     }
 
@@ -252,14 +269,28 @@ impl Cluster {
         }
     }
 
-    /// The other relay whose live session holds `name`, if any.
-    pub async fn holder(&self, name: &Subdomain) -> Result<Option<SessionHolder>, StoreError> {
-        tokio::time::timeout(
+    /// The other relay whose live session holds `name`, if any, looked up
+    /// for `caller`: `Err(Refused)` with the wait, without a query, once
+    /// the caller's lookups found nothing too often.
+    pub async fn holder(
+        &self,
+        name: &Subdomain,
+        caller: IpAddr,
+    ) -> Result<Option<SessionHolder>, LookupError> {
+        if let Some(wait) = self.unknown_names.blocked(caller) {
+            return Err(LookupError::Refused(wait));
+        }
+        let holder = tokio::time::timeout(
             REGISTRY_TIMEOUT,
             self.db.session_holder(name.as_str(), &self.relay),
         )
         .await
-        .map_err(|_| hung())?
+        .map_err(|_| hung())??;
+        if holder.is_none() {
+            // A refusal starts with the next lookup.
+            let _ = self.unknown_names.spend(caller);
+        }
+        Ok(holder)
     }
 
     /// Renews this relay's leases every third of a lease and closes the

@@ -187,6 +187,11 @@ pub struct Cluster {
     /// How long a relay's claim on a name lasts unless renewed: a relay
     /// that dies loses its tunnels' names after it. Renewed every third.
     pub lease: Duration,
+    /// Requests for names no relay of the fleet serves that one caller
+    /// address (an IPv6 /64) may make per minute, each costing a query on
+    /// the shared database; beyond it its requests for names this relay
+    /// does not serve get 429.
+    pub unknown_names_per_minute: u32,
 }
 
 impl Cluster {
@@ -197,6 +202,9 @@ impl Cluster {
     /// The shortest [`Cluster::lease`]: below it, a database that pauses
     /// (a checkpoint, a failover) would end leases of live relays.
     pub const MIN_LEASE: Duration = Duration::from_millis(300);
+    /// The default for [`Cluster::unknown_names_per_minute`]: ten a second
+    /// on average, far above a sender retrying a tunnel that went away.
+    pub const DEFAULT_UNKNOWN_NAMES_PER_MINUTE: u32 = 600;
     /// The fewest bytes a [`Cluster::secret`] may have.
     pub const MIN_SECRET_LEN: usize = 16;
 }

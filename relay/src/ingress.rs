@@ -431,8 +431,16 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
             // A name this relay does not serve may be another relay's.
             let holder = match &state.cluster {
                 Some(cluster) if state.tunnels.get(&name).is_none() => {
-                    match cluster.holder(&name).await {
+                    match cluster.holder(&name, link.peer.ip()).await {
                         Ok(holder) => holder.map(|holder| (cluster, holder)),
+                        Err(err @ crate::cluster::LookupError::Refused(wait)) => {
+                            let mut response = text(StatusCode::TOO_MANY_REQUESTS, err.to_string());
+                            response.headers_mut().insert(
+                                header::RETRY_AFTER,
+                                HeaderValue::from(wait.as_secs().max(1)),
+                            );
+                            return response;
+                        }
                         Err(err) => {
                             warn!(%err, tunnel = %name, "the fleet's registry did not answer");
                             return peers::holder_unknown(&name);

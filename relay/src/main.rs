@@ -201,6 +201,14 @@ struct Args {
     #[arg(long, env = "FERRY_RELAY_CLUSTER_LEASE", value_name = "DURATION",
           default_value = "10s", value_parser = duration)]
     cluster_lease: Duration,
+    /// Requests for tunnel names that no relay of the fleet serves one
+    /// caller address may make per minute (each costs a query on the
+    /// shared database); beyond it, its requests for names this relay does
+    /// not serve get 429.
+    #[arg(long, env = "FERRY_RELAY_UNKNOWN_NAMES_PER_MINUTE", value_name = "N",
+          default_value_t = ferry_relay::config::Cluster::DEFAULT_UNKNOWN_NAMES_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    unknown_names_per_minute: u32,
     /// Whether the activity log records the requests that pass through
     /// tunnels. `off` records none (a held name's callers still get 503,
     /// unrecorded; replays made through the API are still logged): for
@@ -898,6 +906,7 @@ fn cluster(args: &Args) -> Result<Option<ferry_relay::config::Cluster>, String> 
         advertise_url: url.trim_end_matches('/').to_owned(),
         secret: ferry_relay::cluster::Secret::new(secret.as_str()),
         lease: args.cluster_lease,
+        unknown_names_per_minute: args.unknown_names_per_minute,
     }))
 }
 

@@ -391,6 +391,10 @@ fn fleet_flags_go_together_and_only_with_a_database() {
             assert!(stderr.contains(part), "{args:?}: {stderr}");
         }
     };
+    fails_with(
+        &["--unknown-names-per-minute", "0"],
+        &["--unknown-names-per-minute"],
+    );
     let db = "postgres://ferry@127.0.0.1:1/ferry";
     let secret = "0123456789abcdef0123";
     fails_with(

@@ -120,21 +120,30 @@ impl TestRelay {
     /// port, its cluster listener on another, sharing [`FLEET_SECRET`] and
     /// holding names with leases of `lease`. It advertises its cluster
     /// listener's address, unless `config.cluster` names another URL (a
-    /// relay the others cannot reach).
+    /// relay the others cannot reach); a given `config.cluster` also sets
+    /// its limit on unknown names (with an empty URL, for that alone).
     pub async fn start_in_fleet(mut config: ferry_relay::Config, lease: Duration) -> Self {
         assert!(config.database_url.is_some(), "a fleet shares a database");
         let cluster = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("cluster listener should bind");
         let cluster_addr = cluster.local_addr().expect("bound listener has an address");
-        let advertise_url = config.cluster.as_ref().map_or_else(
-            || format!("http://{cluster_addr}"),
-            |c| c.advertise_url.clone(),
-        );
+        let advertise_url = config
+            .cluster
+            .as_ref()
+            .filter(|c| !c.advertise_url.is_empty())
+            .map_or_else(
+                || format!("http://{cluster_addr}"),
+                |c| c.advertise_url.clone(),
+            );
         config.cluster = Some(ferry_relay::config::Cluster {
             advertise_url,
             secret: ferry_relay::cluster::Secret::new(FLEET_SECRET),
             lease,
+            unknown_names_per_minute: config.cluster.as_ref().map_or(
+                ferry_relay::config::Cluster::DEFAULT_UNKNOWN_NAMES_PER_MINUTE,
+                |c| c.unknown_names_per_minute,
+            ),
         });
         let listener = TcpListener::bind("127.0.0.1:0")
             .await

@@ -424,6 +424,7 @@ async fn a_holder_that_does_not_answer_gets_the_caller_a_502_recorded_at_the_ing
                 advertise_url: format!("http://{nowhere}"),
                 secret: ferry_relay::cluster::Secret::new(FLEET_SECRET),
                 lease: LEASE,
+                unknown_names_per_minute: 600,
             }),
             ..ferry_relay::Config::default()
         },
@@ -847,6 +848,61 @@ async fn an_account_holds_no_more_tunnels_on_the_whole_fleet_than_on_one_relay()
     assert!(ended.is_err(), "closed by the takeover");
 
     moved.stop().await.expect("client stops");
+    origin.stop().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_caller_asking_for_names_no_relay_serves_stops_costing_database_queries() {
+    let relays = fleet(
+        2,
+        ferry_relay::Config {
+            cluster: Some(ferry_relay::config::Cluster {
+                advertise_url: String::new(),
+                secret: ferry_relay::cluster::Secret::new(FLEET_SECRET),
+                lease: LEASE,
+                unknown_names_per_minute: 3,
+            }),
+            ..ferry_relay::Config::default()
+        },
+    )
+    .await;
+    let (origin, _) = recording_origin("served").await;
+    let client = TestClient::start(&relays[0], &origin.target(), ClientOptions::default()).await;
+    let (scanner, other) = (Ipv4Addr::new(127, 0, 0, 8), Ipv4Addr::new(127, 0, 0, 9));
+    let get = |from: Ipv4Addr, name: String| {
+        let (addr, host) = (relays[1].addr, host_on(&name, &relays[1]));
+        async move { send_from(from, addr, &host, Request::new(empty())).await }
+    };
+    // A scanner trying made-up names: each is a lookup, until its share
+    // is spent.
+    for i in 0..3 {
+        let response = get(scanner, format!("made-up-{i}")).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+    let response = get(scanner, "made-up-3".to_owned()).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
+    assert!(body.contains("no relay of this fleet serves"), "{body}");
+    // Others are not refused, and neither are the scanner's requests to
+    // the relay's own tunnels, which need no lookup.
+    assert_eq!(
+        get(other, client.name.clone()).await.status(),
+        StatusCode::OK
+    );
+    let own = send_from(
+        scanner,
+        relays[0].addr,
+        &host_on(&client.name, &relays[0]),
+        Request::new(empty()),
+    )
+    .await;
+    assert_eq!(own.status(), StatusCode::OK);
+
+    client.stop().await.expect("client stops");
     origin.stop().await;
     for relay in relays {
         relay.stop().await;
