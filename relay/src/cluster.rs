@@ -82,6 +82,10 @@ pub enum ClaimError {
     /// Another relay's live session holds it for somebody else.
     #[error("the subdomain `{0}` is in use by another client on another relay of this fleet: choose another name with --subdomain, or stop the other client")]
     InUse(Subdomain),
+    /// The name is held for another owner since its session ended (on this
+    /// relay or another).
+    #[error("the subdomain `{0}` is held for the client that used it last: choose another name with --subdomain")]
+    Held(Subdomain),
     /// The account holds as many tunnels as it may, on all relays together.
     #[error("this account already holds {0} tunnels on the relays of this fleet, its limit: stop one of them first")]
     TooMany(usize),
@@ -210,6 +214,7 @@ impl Cluster {
         &self,
         tunnel: &Tunnel,
         max_per_owner: Option<usize>,
+        check_hold: bool,
     ) -> Result<(), ClaimError> {
         let name = tunnel.name.to_string();
         let owner = tunnel.owner.key();
@@ -221,6 +226,7 @@ impl Cluster {
             session: session_id(tunnel),
             lease: self.lease,
             max_per_owner,
+            check_hold,
         };
         let claimed = tokio::time::timeout(REGISTRY_TIMEOUT, self.db.claim_session(&claim))
             .await
@@ -235,6 +241,7 @@ impl Cluster {
             }
             SessionClaimed::InUse => Err(ClaimError::InUse(tunnel.name.clone())),
             SessionClaimed::TooMany(max) => Err(ClaimError::TooMany(max)),
+            SessionClaimed::Held => Err(ClaimError::Held(tunnel.name.clone())),
         }
     }
 

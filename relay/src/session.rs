@@ -195,8 +195,8 @@ fn refusal(err: ClaimError) -> ApiError {
 const FLEET_NAME_ATTEMPTS: usize = 3;
 
 /// Claims `tunnel`'s name (granted by this relay's registry) in the fleet's
-/// registry too. A random name that another relay serves is given back
-/// and `another` draws a new one, a few times.
+/// registry too. A random name that another relay serves or holds is given
+/// back and `another` draws a new one, a few times.
 async fn claim_in_fleet(
     state: &State,
     cluster: &crate::cluster::Cluster,
@@ -205,24 +205,17 @@ async fn claim_in_fleet(
 ) -> Result<Arc<Tunnel>, ApiError> {
     let mut attempts = 1;
     loop {
-        // A name another relay holds for its owner since that owner's
-        // session ended is theirs, as it would be on that relay.
-        if let Some(hold) = held_elsewhere(state, &tunnel).await {
-            state.tunnels.discard(&tunnel);
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "name_taken",
-                ClaimError::Held(tunnel.name.clone(), hold).to_string(),
-            ));
-        }
         let max = state.tunnels.tunnel_limit(&tunnel.owner);
-        let err = match cluster.claim(&tunnel, max).await {
+        // A name held for another owner since its session ended, here or on
+        // another relay, is theirs; unless it is reserved for this one.
+        let check_hold = !state.tunnels.reserved_for(&tunnel.name, &tunnel.owner);
+        let err = match cluster.claim(&tunnel, max, check_hold).await {
             Ok(()) => return Ok(tunnel),
             Err(err) => err,
         };
         state.tunnels.discard(&tunnel);
         let answer = match &err {
-            crate::cluster::ClaimError::InUse(_) => {
+            crate::cluster::ClaimError::InUse(_) | crate::cluster::ClaimError::Held(_) => {
                 ApiError::new(StatusCode::CONFLICT, "name_taken", err.to_string())
             }
             crate::cluster::ClaimError::TooMany(_) => ApiError::new(
@@ -239,7 +232,11 @@ async fn claim_in_fleet(
                 )
             }
         };
-        if attempts >= FLEET_NAME_ATTEMPTS || !matches!(err, crate::cluster::ClaimError::InUse(_)) {
+        let taken = matches!(
+            err,
+            crate::cluster::ClaimError::InUse(_) | crate::cluster::ClaimError::Held(_)
+        );
+        if attempts >= FLEET_NAME_ATTEMPTS || !taken {
             return Err(answer);
         }
         match another() {
@@ -249,22 +246,6 @@ async fn claim_in_fleet(
         }
         attempts += 1;
     }
-}
-
-/// The hold period, when the store says that `tunnel`'s name is held for
-/// another owner: what the fleet's other relays saved when its session
-/// ended. A store that does not answer holds nothing.
-async fn held_elsewhere(state: &State, tunnel: &Tunnel) -> Option<String> {
-    let record = match state.names.name(tunnel.name.as_str()).await {
-        Ok(record) => record?,
-        Err(err) => {
-            debug!(%err, "name's hold not checked");
-            return None;
-        }
-    };
-    let held = record.owner != tunnel.owner.key()
-        && record.hold_until.is_some_and(|until| until > now_micros());
-    held.then(|| ferry_common::units::format_duration(state.config.name_hold))
 }
 
 /// Runs one session: HTTP/2 over the upgraded WebSocket, until it ends.

@@ -12,7 +12,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::Postgres;
-use crate::store::{OwnerKey, StoreError};
+use crate::store::{now_micros, OwnerKey, StoreError};
 
 /// Notifications a listener keeps before it stops reading the connection:
 /// takeovers are rare, and the heartbeat catches any that were missed.
@@ -36,6 +36,10 @@ pub struct SessionClaim<'a> {
     /// How many names the owner's live sessions may hold in the whole
     /// fleet, a takeover aside; `None` for no limit.
     pub max_per_owner: Option<usize>,
+    /// Whether a hold of the name for another owner (saved in the name
+    /// registry when its session ended, on any relay) refuses the claim;
+    /// not for a name reserved for the claiming owner.
+    pub check_hold: bool,
 }
 
 /// How a claim went.
@@ -49,6 +53,8 @@ pub enum SessionClaimed {
     InUse,
     /// The owner's live sessions hold as many names in the fleet as it may.
     TooMany(usize),
+    /// The name is held for another owner since its session ended.
+    Held,
 }
 
 /// The relay serving a name, as another relay sees it.
@@ -115,13 +121,27 @@ impl Postgres {
                 &[&claim.name],
             )
             .await?;
-        let takeover = match &before {
+        let (live, takeover) = match &before {
             Some(row) => {
                 let (live, owner): (bool, String) = (row.try_get(2)?, row.try_get(3)?);
-                live && owner == claim.owner
+                (live, live && owner == claim.owner)
             }
-            None => false,
+            None => (false, false),
         };
+        // Read after the session row: the relay whose session ended saved
+        // the hold before it removed that row, so either the row or the
+        // hold is seen.
+        if claim.check_hold && !live {
+            let held = tx
+                .query_opt(
+                    "SELECT 1 FROM names WHERE name = $1 AND owner <> $2 AND hold_until > $3",
+                    &[&claim.name, &claim.owner, &now_micros()],
+                )
+                .await?;
+            if held.is_some() {
+                return Ok(SessionClaimed::Held);
+            }
+        }
         if let (Some(max), false) = (claim.max_per_owner, takeover) {
             let held: i64 = tx
                 .query_one(
