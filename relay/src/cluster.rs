@@ -401,7 +401,7 @@ impl Cluster {
 fn hung() -> StoreError {
     StoreError(format!(
         "{}: no answer within {} s",
-        crate::store::UNREACHABLE,
+        crate::store::UNAVAILABLE,
         REGISTRY_TIMEOUT.as_secs()
     ))
 }
