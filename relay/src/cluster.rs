@@ -413,3 +413,21 @@ async fn next(listener: &mut Option<postgres::Listener>) -> Option<String> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn the_secret_never_prints() {
+        let secret = Secret::new("s3cr3t-of-the-fleet");
+        assert_eq!(format!("{secret:?}"), "Secret(MASKED)");
+        let config = crate::config::Cluster {
+            advertise_url: "http://10.0.0.2:7070".to_owned(),
+            secret,
+            lease: crate::config::Cluster::DEFAULT_LEASE,
+            unknown_names_per_minute: 1,
+        };
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+    }
+}
