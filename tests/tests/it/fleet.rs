@@ -708,7 +708,8 @@ async fn a_websocket_through_another_relay_reaches_the_tunnel_and_is_logged_ther
 }
 
 #[tokio::test]
-async fn while_the_database_is_down_each_relay_serves_its_own_tunnels_and_says_why_for_the_rest() {
+async fn while_the_database_is_down_each_relay_serves_its_own_tunnels_and_says_why_for_the_rest_until_it_is_back(
+) {
     let (server, url) = ferry_tests::postgres::PgServer::own().await;
     let mut relays = Vec::new();
     for _ in 0..2 {
@@ -737,6 +738,20 @@ async fn while_the_database_is_down_each_relay_serves_its_own_tunnels_and_says_w
     assert!(response.headers().contains_key("retry-after"));
     let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
     assert!(body.contains("cannot reach the fleet's database"), "{body}");
+
+    // Back up, the pool finds its connections broken and makes new ones;
+    // each answer until then is the same 503.
+    server.resume().await;
+    within("forwarding to work again", async {
+        loop {
+            let status = get(&relays[1]).await.status();
+            if status == StatusCode::OK {
+                break;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    })
+    .await;
 
     client.stop().await.expect("client stops");
     origin.stop().await;
