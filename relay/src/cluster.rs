@@ -11,8 +11,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ferry_common::byte_stream::CloseReason;
+use ferry_common::handshake::meta::RequestMeta;
+use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
 use ferry_common::subdomain::Subdomain;
-use hyper::header::HeaderValue;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ring::hmac;
@@ -298,6 +302,62 @@ impl Cluster {
             let _ = self.unknown_names.spend(caller);
         }
         Ok(holder)
+    }
+
+    /// The other relay whose live session holds `name`, for this relay's
+    /// own requests (webhook deliveries): no per-caller limit applies.
+    pub async fn holder_of(&self, name: &Subdomain) -> Result<Option<SessionHolder>, StoreError> {
+        tokio::time::timeout(
+            REGISTRY_TIMEOUT,
+            self.db.session_holder(name.as_str(), &self.relay),
+        )
+        .await
+        .map_err(|_| hung())?
+    }
+
+    /// Sends this relay's own `request` for tunnel `name`, reached as
+    /// `host`, to the relay `holder` that serves it, which passes it through
+    /// the tunnel and records nothing (this relay records it). The answer
+    /// carries the client's outcome header, as a tunnel's does.
+    pub async fn send_to_holder(
+        &self,
+        holder: &SessionHolder,
+        (name, host): (&Subdomain, &str),
+        mut request: Request<Body>,
+        meta: &RequestMeta,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, String> {
+        let unreachable = |why: String| {
+            format!("the relay serving the tunnel {name} could not be reached ({why}); the attempt is retried")
+        };
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *request.uri_mut() = format!("{}{path}", holder.url)
+            .parse::<Uri>()
+            .map_err(|err| unreachable(err.to_string()))?;
+        *request.version_mut() = Version::HTTP_2;
+        let headers = request.headers_mut();
+        remove_hop_by_hop(headers);
+        remove_ferry_headers(headers);
+        headers.remove(header::HOST);
+        let host = HeaderValue::from_str(host).map_err(|err| unreachable(err.to_string()))?;
+        headers.insert(HeaderName::from_static(HOST_HEADER), host);
+        headers.insert(HeaderName::from_static(SECRET_HEADER), self.secret.clone());
+        meta.insert(headers);
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(mut response)) => {
+                response.headers_mut().remove(UNRECORDED_HEADER);
+                Ok(response)
+            }
+            Ok(Err(err)) => Err(unreachable(err.to_string())),
+            Err(_) => Err(format!(
+                "the tunnel {name} did not answer within {} s",
+                timeout.as_secs()
+            )),
+        }
     }
 
     /// Renews this relay's leases every third of a lease and closes the

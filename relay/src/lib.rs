@@ -385,7 +385,10 @@ async fn serve(
         webhooks,
         egress.clone(),
         recorder.clone(),
-        Arc::clone(&tunnels),
+        (
+            Arc::clone(&tunnels),
+            cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
+        ),
         &config.domain,
         config.dispatch.clone(),
     );

@@ -219,7 +219,7 @@ async fn apply(
         webhook.method = upper;
     }
     if let Some(url) = input.url {
-        webhook.url = check_url(dispatcher, owner, &url)?;
+        webhook.url = check_url(dispatcher, owner, &url).await?;
     }
     if let Some(actions) = input.actions {
         if actions.len() > MAX_ACTIONS {
@@ -259,7 +259,11 @@ async fn apply(
     Ok(())
 }
 
-fn check_url(dispatcher: &Dispatcher, owner: Option<&str>, url: &str) -> Result<String, ApiError> {
+async fn check_url(
+    dispatcher: &Dispatcher,
+    owner: Option<&str>,
+    url: &str,
+) -> Result<String, ApiError> {
     let bad = || {
         invalid(
             "invalid_url",
@@ -290,6 +294,7 @@ fn check_url(dispatcher: &Dispatcher, owner: Option<&str>, url: &str) -> Result<
     if let Target::Tunnel(name) = dispatcher.target_of(&uri) {
         let mine = dispatcher
             .tunnel_owner(&name)
+            .await
             .is_some_and(|holder| may_use(owner.unwrap_or_default(), &holder));
         if !mine {
             return Err(invalid(

@@ -36,8 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::activity::capture::{headers_of, Capture, Recorder, Side};
 use crate::activity::replay::{failure_of_egress, failure_of_send, record_response};
+use crate::cluster::Cluster;
 use crate::egress::Egress;
 use crate::full;
+use crate::store::postgres::SessionHolder;
 use crate::store::{
     now_micros, AttemptRecord, CapturedBody, Claimed, DispatchRef, Exchange, Finished, Kind,
     Micros, Next, Outcome, WebhookRecord, Webhooks,
@@ -257,6 +259,9 @@ pub struct Dispatcher {
     recorder: Recorder,
     /// Tunnels, for deliveries into them.
     tunnels: Arc<Tunnels>,
+    /// The fleet this relay belongs to, for deliveries into tunnels another
+    /// relay serves.
+    cluster: Option<Arc<Cluster>>,
     /// The relay's domain: `NAME.DOMAIN` URLs are tunnels.
     domain: String,
     /// Limits and schedule.
@@ -290,7 +295,7 @@ impl Dispatcher {
         store: Arc<dyn Webhooks>,
         egress: Egress,
         recorder: Recorder,
-        tunnels: Arc<Tunnels>,
+        (tunnels, cluster): (Arc<Tunnels>, Option<Arc<Cluster>>),
         domain: &str,
         settings: Settings,
     ) -> Arc<Self> {
@@ -300,6 +305,7 @@ impl Dispatcher {
             egress,
             recorder,
             tunnels,
+            cluster,
             domain: domain.to_ascii_lowercase(),
             catalogue: catalogue::Catalogue::new(settings.event_types.clone()),
             permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
@@ -369,9 +375,21 @@ impl Dispatcher {
             .map_or(Target::Url, Target::Tunnel)
     }
 
-    /// The owner of tunnel `name` now, live or held.
-    pub fn tunnel_owner(&self, name: &Subdomain) -> Option<Owner> {
-        self.tunnels.owner_of(name)
+    /// The owner of tunnel `name` now, live or held here, or live on another
+    /// relay of the fleet.
+    pub async fn tunnel_owner(&self, name: &Subdomain) -> Option<Owner> {
+        if let Some(owner) = self.tunnels.owner_of(name) {
+            return Some(owner);
+        }
+        // Served by another relay of the fleet; a registry that does not
+        // answer knows of no owner.
+        match self.elsewhere(name).await {
+            Ok(holder) => holder.map(|holder| Owner::from_key(&holder.owner)),
+            Err(err) => {
+                tracing::warn!(%err, tunnel = %name, "the fleet's registry did not answer");
+                None
+            }
+        }
     }
 
     fn busy(&self) -> std::sync::MutexGuard<'_, Busy> {
@@ -726,6 +744,7 @@ impl Dispatcher {
         let url = Uri::from_str(&webhook.url).ok();
         let target = url.as_ref().map_or(Target::Url, |url| self.target_of(url));
         let mut tunnel = None;
+        let mut remote = None;
         let mut refusal = None;
         if let Target::Tunnel(name) = &target {
             match self.tunnels.get(name) {
@@ -737,23 +756,46 @@ impl Dispatcher {
                         false,
                     ));
                 }
-                None => match self.tunnels.owner_of(name) {
-                    Some(holder) if may_use(&webhook.owner, &holder) => {
-                        return Done::Deferred {
-                            delivery: delivery.id,
-                            webhook: webhook.id,
-                            tunnel: name.clone(),
-                            _permit: permit,
-                        };
-                    }
-                    _ => {
-                        refusal = Some((
-                            Outcome::ClientOffline,
-                            format!("not sent: the tunnel {name} is offline and no hold keeps it for this webhook's owner"),
-                            true,
+                None => {
+                    match self.elsewhere(name).await {
+                        Ok(Some(holder))
+                            if may_use(&webhook.owner, &Owner::from_key(&holder.owner)) =>
+                        {
+                            remote = Some(holder);
+                        }
+                        Ok(Some(_)) => {
+                            refusal = Some((
+                            Outcome::EgressRefused,
+                            format!("the tunnel {name} belongs to another account now; only its owner's webhooks deliver into it"),
+                            false,
                         ));
+                        }
+                        Err(err) => {
+                            refusal = Some((
+                            Outcome::Failed,
+                            format!("not sent: the fleet's registry of tunnels did not answer ({err})"),
+                            false,
+                        ));
+                        }
+                        Ok(None) => match self.tunnels.owner_of(name) {
+                            Some(holder) if may_use(&webhook.owner, &holder) => {
+                                return Done::Deferred {
+                                    delivery: delivery.id,
+                                    webhook: webhook.id,
+                                    tunnel: name.clone(),
+                                    _permit: permit,
+                                };
+                            }
+                            _ => {
+                                refusal = Some((
+                                Outcome::ClientOffline,
+                                format!("not sent: the tunnel {name} is offline and no hold keeps it for this webhook's owner"),
+                                true,
+                            ));
+                            }
+                        },
                     }
-                },
+                }
             }
         }
         let number = delivery.attempts + 1;
@@ -783,7 +825,7 @@ impl Dispatcher {
                 received_at: now_micros(),
                 method: method.to_string(),
                 url: webhook.url.clone(),
-                http_version: if tunnel.is_some() {
+                http_version: if tunnel.is_some() || remote.is_some() {
                     "HTTP/2.0"
                 } else {
                     "HTTP/1.1"
@@ -826,7 +868,12 @@ impl Dispatcher {
             }
             (None, Some(url)) => {
                 *request.uri_mut() = url;
-                let (status, error) = self.exchange(request, tunnel, &capture, id).await;
+                let via = match (tunnel, remote, &target) {
+                    (Some(tunnel), _, _) => Via::Tunnel(tunnel),
+                    (None, Some(holder), Target::Tunnel(name)) => Via::Relay(holder, name.clone()),
+                    _ => Via::Egress,
+                };
+                let (status, error) = self.exchange(request, via, &capture, id).await;
                 (status, error, false)
             }
         };
@@ -906,45 +953,72 @@ impl Dispatcher {
         headers
     }
 
-    /// Sends `request` into `tunnel` or through the egress guard, reads the
-    /// response to its end (capturing it) within the timeout, and returns
-    /// the status with the `Retry-After` wait it asked for, and the error.
+    /// The relay of the fleet whose client serves tunnel `name`, when it is
+    /// not this one.
+    async fn elsewhere(
+        &self,
+        name: &Subdomain,
+    ) -> Result<Option<SessionHolder>, crate::store::StoreError> {
+        match &self.cluster {
+            Some(cluster) => cluster.holder_of(name).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Sends `request` the way `via` says, reads the response to its end
+    /// (capturing it) within the timeout, and returns the status with the
+    /// `Retry-After` wait it asked for, and the error.
     async fn exchange(
         &self,
         request: Request<crate::Body>,
-        tunnel: Option<Arc<crate::tunnels::Tunnel>>,
+        via: Via,
         capture: &Arc<Capture>,
         id: ExchangeId,
     ) -> (Option<(u16, Option<Duration>)>, Option<String>) {
         let timeout = self.settings.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let from_client = tunnel.is_some();
-        let sent = match tunnel {
-            Some(tunnel) => match tunnel.admit(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) {
-                Ok(admission) => {
-                    let meta = RequestMeta {
-                        exchange: id,
-                        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-                        https: request.uri().scheme_str() == Some("https"),
-                    };
-                    tunnel
-                        .send(request, &meta, timeout)
+        let from_client = !matches!(via, Via::Egress);
+        let meta = RequestMeta {
+            exchange: id,
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            https: request.uri().scheme_str() == Some("https"),
+        };
+        let sent = match via {
+            Via::Relay(holder, name) => {
+                let host = request
+                    .uri()
+                    .authority()
+                    .map_or_else(|| name.to_string(), |a| a.as_str().to_owned());
+                match &self.cluster {
+                    Some(cluster) => cluster
+                        .send_to_holder(&holder, (&name, &host), request, &meta, timeout)
                         .await
-                        .map(|response| (response, Some(admission)))
-                        .map_err(|err| failure_of_send(&err))
+                        .map(|response| (response, None))
+                        .map_err(|message| (Outcome::TargetUnreachable, message)),
+                    None => Err((
+                        Outcome::Failed,
+                        format!("the tunnel {name} is served by another relay, and this one is not in a fleet"),
+                    )),
                 }
-                Err(err) => Err(failure_of_send(&err)),
+            }
+            Via::Tunnel(tunnel) => match tunnel.admit(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) {
+                Ok(admission) => tunnel
+                    .send(request, &meta, timeout)
+                    .await
+                    .map(|response| (response, Some(admission)))
+                    .map_err(|err| unstatused(failure_of_send(&err))),
+                Err(err) => Err(unstatused(failure_of_send(&err))),
             },
-            None => self
+            Via::Egress => self
                 .egress
                 .send(request, timeout)
                 .await
                 .map(|response| (response, None))
-                .map_err(|err| failure_of_egress(&err)),
+                .map_err(|err| unstatused(failure_of_egress(&err))),
         };
         let (response, _admission) = match sent {
             Ok(sent) => sent,
-            Err((outcome, _, message)) => {
+            Err((outcome, message)) => {
                 capture.failed(outcome, message.clone(), None);
                 return (None, Some(message));
             }
@@ -968,6 +1042,22 @@ impl Dispatcher {
         }
         (Some((status, wait)), error)
     }
+}
+
+/// How an attempt reaches its receiver.
+enum Via {
+    /// Into a tunnel this relay serves.
+    Tunnel(Arc<crate::tunnels::Tunnel>),
+    /// Into a tunnel another relay of the fleet serves, through that relay.
+    Relay(SessionHolder, Subdomain),
+    /// To a URL, through the egress guard.
+    Egress,
+}
+
+/// A failure's outcome and message; the API status it would have is the
+/// replay endpoint's business, not an attempt's.
+fn unstatused((outcome, _, message): (Outcome, hyper::StatusCode, String)) -> (Outcome, String) {
+    (outcome, message)
 }
 
 fn micros(wait: Duration) -> Micros {

@@ -158,7 +158,7 @@ impl Rig {
             Arc::clone(&store) as Arc<dyn Webhooks>,
             egress,
             recorder,
-            tunnels,
+            (tunnels, None),
             "relay.test",
             Settings::default(),
         );

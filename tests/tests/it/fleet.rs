@@ -923,3 +923,87 @@ async fn a_caller_asking_for_names_no_relay_serves_stops_costing_database_querie
         relay.stop().await;
     }
 }
+
+#[tokio::test]
+async fn deliveries_into_a_tunnel_another_relay_serves_arrive_through_that_relay_once() {
+    const EVENTS: usize = 30;
+    let relays = fleet(3, ferry_relay::Config::default()).await;
+    let (origin, mut received) = recording_origin("ok").await;
+    let client = TestClient::start(&relays[0], &origin.target(), ClientOptions::default()).await;
+    let name = client
+        .public_url
+        .trim_start_matches("http://")
+        .split('.')
+        .next()
+        .expect("a name")
+        .to_owned();
+    let apis: Vec<Api> = relays.iter().map(Api::of).collect();
+    let (status, webhook) = apis[1]
+        .post_json(
+            "/api/v1/webhooks",
+            &serde_json::json!({
+                "name": "into the tunnel",
+                "url": format!("http://{}/hook", host_on(&name, &relays[0])),
+                "actions": ["*"],
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{webhook}");
+    let webhook = webhook["id"].as_str().expect("an id").to_owned();
+    // Posted to the relays that do not serve the tunnel: their workers
+    // take most of the deliveries.
+    for n in 0..EVENTS {
+        let event = serde_json::json!({"type": "document.create", "id": format!("ev-{n}"), "data": {"n": n}});
+        let (status, accepted) = apis[1 + n % 2].post_json("/api/v1/events", &event).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    }
+
+    let mut ids = HashSet::new();
+    for _ in 0..EVENTS {
+        let (headers, _) = within("a delivery through the tunnel", received.recv())
+            .await
+            .expect("the origin runs");
+        let id = headers
+            .get("webhook-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("a webhook-id")
+            .to_owned();
+        assert!(ids.insert(id.clone()), "{id} arrived twice");
+    }
+    let path = format!("/api/v1/webhooks/{webhook}/deliveries?limit=100");
+    let deliveries = within("every delivery succeeded", async {
+        loop {
+            let page = apis[2].get_json(&path).await;
+            let items = page["items"].as_array().cloned().unwrap_or_default();
+            if items.len() == EVENTS && items.iter().all(|d| d["state"] == "succeeded") {
+                return items;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        deliveries.iter().all(|d| d["attempts"] == 1),
+        "{deliveries:?}"
+    );
+    assert!(received.try_recv().is_err(), "nothing arrived twice");
+    // Each relay's /metrics shows its share of the attempts.
+    let mut shares = Vec::new();
+    for api in &apis {
+        let (_, metrics) = api.get("/metrics").await;
+        let metrics = String::from_utf8_lossy(&metrics).into_owned();
+        let attempts: u64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("ferry_dispatch_attempts_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("ferry_dispatch_attempts_total");
+        shares.push(attempts);
+    }
+    assert_eq!(shares.iter().sum::<u64>(), EVENTS as u64, "{shares:?}");
+
+    client.stop().await.expect("client stops");
+    origin.stop().await;
+    for relay in relays {
+        relay.stop().await;
+    }
+}
