@@ -306,46 +306,37 @@ async fn disable(
 }
 
 /// Stores one attempt and what follows it; the webhook's row is locked.
+/// The attempt is numbered after the delivery's last one, so a late
+/// attempt and the one that claimed the delivery after it both keep their
+/// row. What follows is applied only while the delivery holds the
+/// finish's lease: a lease that ran out may have been claimed again, and
+/// that claim's attempt is in flight.
 async fn finish_one(tx: &Transaction<'_>, done: &Finished) -> Result<(), StoreError> {
     let attempt = &done.attempt;
-    let (state, next_at) = match &done.next {
-        Next::Succeeded => (DeliveryState::Succeeded, None),
-        Next::RetryAt(at) => (DeliveryState::Pending, Some(*at)),
-        Next::Failed | Next::DisableWebhook(_) => (DeliveryState::Failed, None),
-    };
-    let statement = tx
+    let record = tx
         .prepare_cached(
-            // A delivery failed while its attempt ran (its webhook was
-            // disabled) stays failed, unless the attempt delivered it.
-            "WITH d AS (SELECT seq FROM deliveries WHERE id = $1),
+            "WITH d AS (
+                UPDATE deliveries SET attempts = attempts + 1 WHERE id = $1
+                RETURNING seq, attempts, webhook_id, COALESCE(leased_until = $7, FALSE) AS mine),
              attempt AS (
                 INSERT INTO delivery_attempts
                     (delivery, number, at, status, error, duration_ms, exchange_id)
-                SELECT seq, $2::bigint, $3::bigint, $4::integer, $5::text, $6::bigint, $7::text FROM d
-                ON CONFLICT (delivery, number) DO UPDATE SET at = EXCLUDED.at,
-                    status = EXCLUDED.status, error = EXCLUDED.error,
-                    duration_ms = EXCLUDED.duration_ms, exchange_id = EXCLUDED.exchange_id)
-             UPDATE deliveries SET
-                state = CASE WHEN state = 'pending' OR $8::text = 'succeeded' THEN $8::text ELSE state END,
-                attempts = GREATEST(attempts, $2), leased_until = NULL,
-                next_at = COALESCE($9, next_at), last_status = $4, last_error = $5
-             FROM d WHERE deliveries.seq = d.seq
-             RETURNING deliveries.webhook_id",
+                SELECT seq, attempts, $2::bigint, $3::integer, $4::text, $5::bigint, $6::text
+                FROM d)
+             SELECT seq, webhook_id, mine FROM d",
         )
         .await?;
     let found = tx
         .query_opt(
-            &statement,
+            &record,
             &[
                 &done.delivery,
-                &i64::from(attempt.number),
                 &attempt.at,
                 &attempt.status.map(i32::from),
                 &attempt.error,
                 &i64::try_from(attempt.duration_ms).unwrap_or(i64::MAX),
                 &attempt.exchange.to_string(),
-                &state.as_str(),
-                &next_at,
+                &done.lease,
             ],
         )
         .await?;
@@ -353,7 +344,38 @@ async fn finish_one(tx: &Transaction<'_>, done: &Finished) -> Result<(), StoreEr
     let Some(found) = found else {
         return Ok(());
     };
-    let webhook: String = found.try_get(0)?;
+    let (seq, webhook, mine): (i64, String, bool) =
+        (found.try_get(0)?, found.try_get(1)?, found.try_get(2)?);
+    if !mine {
+        return Ok(());
+    }
+    let (state, next_at) = match &done.next {
+        Next::Succeeded => (DeliveryState::Succeeded, None),
+        Next::RetryAt(at) => (DeliveryState::Pending, Some(*at)),
+        Next::Failed | Next::DisableWebhook(_) => (DeliveryState::Failed, None),
+    };
+    let follow = tx
+        .prepare_cached(
+            // A delivery failed while its attempt ran (its webhook was
+            // disabled) stays failed, unless the attempt delivered it.
+            "UPDATE deliveries SET
+                state = CASE WHEN state = 'pending' OR $2::text = 'succeeded' THEN $2::text ELSE state END,
+                leased_until = NULL, next_at = COALESCE($3, next_at), last_status = $4,
+                last_error = $5
+             WHERE seq = $1",
+        )
+        .await?;
+    tx.execute(
+        &follow,
+        &[
+            &seq,
+            &state.as_str(),
+            &next_at,
+            &attempt.status.map(i32::from),
+            &attempt.error,
+        ],
+    )
+    .await?;
     match &done.next {
         Next::Succeeded => {
             let statement = tx
@@ -696,6 +718,7 @@ impl Webhooks for Postgres {
                 claimed.push(Claimed {
                     delivery: delivery_of(&row)?,
                     webhook: webhook_of(&row, 14)?,
+                    lease: lease_until,
                 });
             }
         }
@@ -703,15 +726,21 @@ impl Webhooks for Postgres {
         Ok(claimed)
     }
 
-    async fn release(&self, ids: Vec<String>, due: Option<Micros>) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        leases: Vec<(String, Micros)>,
+        due: Option<Micros>,
+    ) -> Result<(), StoreError> {
+        let (ids, leases): (Vec<String>, Vec<Micros>) = leases.into_iter().unzip();
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE deliveries SET leased_until = NULL, next_at = COALESCE($2, next_at)
-                 WHERE id = ANY($1::text[])",
+                "UPDATE deliveries d SET leased_until = NULL, next_at = COALESCE($3, d.next_at)
+                 FROM unnest($1::text[], $2::bigint[]) AS l (id, lease)
+                 WHERE d.id = l.id AND d.leased_until = l.lease",
             )
             .await?;
-        client.execute(&statement, &[&ids, &due]).await?;
+        client.execute(&statement, &[&ids, &leases, &due]).await?;
         Ok(())
     }
 
