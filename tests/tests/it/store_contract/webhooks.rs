@@ -1131,6 +1131,121 @@ mod postgres_only {
         assert_eq!(again[0].delivery.attempts, 0);
     }
 
+    /// A claim of `n` locks O(n): thousands of ordered webhooks with a
+    /// pending delivery, and one account's 200 unordered webhooks with a
+    /// backlog each, used to make every claim take an advisory lock per
+    /// ordered webhook (the shared lock table, ~6,400 slots by default,
+    /// then fails every claim with "out of shared memory") and lock up to
+    /// `n` rows of each unordered webhook to keep `n` in all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_locks_as_many_rows_and_webhooks_as_it_may_take_however_many_wait() {
+        const ORDERED: i64 = 3_000;
+        const UNORDERED: i64 = 200;
+        const BACKLOG: i64 = 100;
+        const TAKE: usize = 256;
+        let url = ferry_tests::postgres::fresh_database().await;
+        let store = Arc::new(Postgres::connect(&url).await.expect("connect"));
+        let admin = super::super::raw(&url).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE EXTENSION pgrowlocks;
+                 INSERT INTO webhooks (id, owner, name, method, url, actions, headers, enabled,
+                    ordered, secret, created_at, updated_at)
+                 SELECT 'wh_o' || i, 'acct_o' || (i % 50), 'o', 'POST', 'https://o.example.com',
+                    '[\"*\"]'::jsonb, '[]'::jsonb, TRUE, TRUE, 'whsec_x', {T0}, {T0}
+                 FROM generate_series(1, {ORDERED}) i
+                 UNION ALL
+                 SELECT 'wh_u' || i, 'acct_u', 'u', 'POST', 'https://u.example.com',
+                    '[\"*\"]'::jsonb, '[]'::jsonb, TRUE, FALSE, 'whsec_x', {T0}, {T0}
+                 FROM generate_series(1, {UNORDERED}) i;
+                 INSERT INTO events (owner, id, type, payload, created_at)
+                 SELECT 'acct', 'evt_' || i, 'document.create', convert_to('{{}}', 'UTF8'), {T0}
+                 FROM generate_series(1, {ORDERED} + {UNORDERED} * {BACKLOG}) i;
+                 INSERT INTO deliveries (id, webhook_id, event, state, attempts, max_attempts,
+                    next_at, created_at)
+                 SELECT 'msg_' || k, CASE WHEN k <= {ORDERED} THEN 'wh_o' || k
+                    ELSE 'wh_u' || ((k - {ORDERED}) % {UNORDERED} + 1) END,
+                    k, 'pending', 0, 3, {T0}, {T0}
+                 FROM generate_series(1, {ORDERED} + {UNORDERED} * {BACKLOG}) k;
+                 ANALYZE;"
+            ))
+            .await
+            .expect("the webhooks and their queues");
+
+        // Holds the claim at its last statement (the lease, which reads
+        // the events), with everything it locked before held.
+        admin
+            .batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock the events");
+        let now = T0 + SECOND;
+        let claim = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.claim(now, TAKE, LEASE, Vec::new()).await }
+        });
+        let watcher = super::super::raw(&url).await;
+        let pid: i32 = within("the claim waits on the events", async {
+            loop {
+                let waiting = watcher
+                    .query_opt(
+                        "SELECT pid FROM pg_locks WHERE relation = 'events'::regclass
+                         AND NOT granted",
+                        &[],
+                    )
+                    .await
+                    .expect("pg_locks");
+                if let Some(row) = waiting {
+                    break row.get(0);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        let advisory: i64 = watcher
+            .query_one(
+                "SELECT COUNT(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory'",
+                &[&pid],
+            )
+            .await
+            .expect("advisory locks")
+            .get(0);
+        let rows: i64 = watcher
+            .query_one(
+                "SELECT COUNT(*) FROM pgrowlocks('deliveries') WHERE $1 = ANY(pids)",
+                &[&pid],
+            )
+            .await
+            .expect("row locks")
+            .get(0);
+        admin.batch_execute("ROLLBACK").await.expect("unlock");
+        let claimed = within("the claim", claim)
+            .await
+            .expect("a task")
+            .expect("the claim succeeds");
+
+        // A row locked and left as it was keeps the locker in `xmax`: the
+        // rows the whole claim locked and did not take.
+        let locked_not_taken: i64 = watcher
+            .query_one(
+                "SELECT COUNT(*) FROM deliveries WHERE xmax::text <> '0' AND leased_until IS NULL",
+                &[],
+            )
+            .await
+            .expect("rows locked")
+            .get(0);
+
+        assert_eq!(claimed.len(), TAKE);
+        assert_eq!(
+            locked_not_taken, 0,
+            "rows the claim locked and did not take"
+        );
+        let take = i64::try_from(TAKE).expect("small");
+        assert!(
+            advisory <= take && rows <= take,
+            "{advisory} advisory locks and {rows} rows locked for a claim of {TAKE}"
+        );
+    }
+
     fn expected_len(events: i64) -> usize {
         usize::try_from(events).expect("small")
     }
