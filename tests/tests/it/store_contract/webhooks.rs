@@ -784,7 +784,7 @@ pub(super) async fn a_finish_or_release_after_its_lease_ran_out_leaves_the_new_c
         DeliveryState::Pending,
         "B's attempt decides what follows"
     );
-    assert_eq!(attempts, [by_a.clone()], "A's attempt is kept");
+    assert_eq!(attempts, std::slice::from_ref(&by_a), "A's attempt is kept");
     assert!(
         store
             .claim(late, 10, late + 75 * SECOND, Vec::new())
