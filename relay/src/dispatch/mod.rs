@@ -220,8 +220,8 @@ enum Done {
     },
     /// The tunnel it goes into is offline but held: no attempt.
     Deferred {
-        /// The delivery.
-        delivery: String,
+        /// The delivery and its claim's lease.
+        delivery: (String, Micros),
         /// The webhook, paused until the tunnel is back.
         webhook: String,
         /// The tunnel.
@@ -599,7 +599,7 @@ impl Dispatcher {
                         let _ = dispatcher.done.send(done);
                     });
                 }
-                None => give_back.push(claim.delivery.id),
+                None => give_back.push((claim.delivery.id, claim.lease)),
             }
         }
         if !give_back.is_empty() {
@@ -740,7 +740,11 @@ impl Dispatcher {
 
     /// Makes one attempt of `claim`.
     async fn attempt(self: &Arc<Self>, claim: Claimed, permit: OwnedSemaphorePermit) -> Done {
-        let Claimed { delivery, webhook } = claim;
+        let Claimed {
+            delivery,
+            webhook,
+            lease,
+        } = claim;
         let url = Uri::from_str(&webhook.url).ok();
         let target = url.as_ref().map_or(Target::Url, |url| self.target_of(url));
         let mut tunnel = None;
@@ -780,7 +784,7 @@ impl Dispatcher {
                         Ok(None) => match self.tunnels.owner_of(name) {
                             Some(holder) if may_use(&webhook.owner, &holder) => {
                                 return Done::Deferred {
-                                    delivery: delivery.id,
+                                    delivery: (delivery.id, lease),
                                     webhook: webhook.id,
                                     tunnel: name.clone(),
                                     _permit: permit,
@@ -893,6 +897,7 @@ impl Dispatcher {
         Done::Attempted {
             finished: Finished {
                 delivery: delivery.id,
+                lease,
                 attempt: AttemptRecord {
                     number,
                     at: started,

@@ -787,6 +787,11 @@ pub struct Claimed {
     pub delivery: DeliveryRecord,
     /// Its webhook.
     pub webhook: WebhookRecord,
+    /// The lease the claim wrote (its `lease_until`): the token that
+    /// [`Webhooks::finish`] and [`Webhooks::release`] present, so that an
+    /// attempt whose lease ran out and was claimed again cannot end the
+    /// new holder's lease.
+    pub lease: Micros,
 }
 
 /// What comes after an attempt.
@@ -807,7 +812,9 @@ pub enum Next {
 pub struct Finished {
     /// The delivery.
     pub delivery: String,
-    /// The attempt.
+    /// The lease its claim handed out ([`Claimed::lease`]).
+    pub lease: Micros,
+    /// The attempt; the store numbers it after the delivery's last one.
     pub attempt: AttemptRecord,
     /// What comes next.
     pub next: Next,
@@ -865,8 +872,14 @@ pub trait Webhooks: Send + Sync {
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Gives claimed deliveries back without an attempt, due at `due`
-    /// (unchanged when `None`).
-    async fn release(&self, ids: Vec<String>, due: Option<Micros>) -> Result<(), StoreError>;
+    /// (unchanged when `None`): each delivery id with its claim's lease
+    /// ([`Claimed::lease`]). A delivery whose lease is no longer that one
+    /// (it ran out and another claim took the delivery) is left alone.
+    async fn release(
+        &self,
+        leases: Vec<(String, Micros)>,
+        due: Option<Micros>,
+    ) -> Result<(), StoreError>;
 
     /// Gives back every lease: at start, nothing is in flight.
     async fn release_all(&self) -> Result<u64, StoreError>;
@@ -875,7 +888,12 @@ pub trait Webhooks: Send + Sync {
     /// later) is due.
     async fn next_due(&self, now: Micros, skip: Vec<String>) -> Result<Option<Micros>, StoreError>;
 
-    /// Stores attempts' results and what follows each.
+    /// Stores attempts' results and what follows each. Every attempt is
+    /// kept, numbered after the delivery's last one; what follows it
+    /// (state, next attempt, the webhook's failing) is applied only if the
+    /// delivery still holds the finish's lease: otherwise the lease ran
+    /// out, another claim took the delivery, and that claim's attempt
+    /// decides.
     async fn finish(&self, results: Vec<Finished>) -> Result<(), StoreError>;
 
     /// Fails every pending delivery of `webhook` with `reason`.

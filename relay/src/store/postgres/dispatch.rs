@@ -2,11 +2,13 @@
 //! each relay's dispatcher claims from the one queue.
 //!
 //! What SQLite gets from its single writer is here made explicit:
-//! - a claim locks the deliveries it reads `FOR UPDATE SKIP LOCKED`, so
+//! - a claim chooses up to as many deliveries as it may take, without
+//!   locks, then locks those it chose `FOR UPDATE SKIP LOCKED`, so
 //!   concurrent claims take disjoint deliveries without waiting, and leases
 //!   only those still pending and unleased when it writes;
-//! - an ordered webhook is claimed under a transaction-scoped advisory lock
-//!   on its id ([`ORDERED_LOCK`]), and only while none of its deliveries
+//! - an ordered webhook whose oldest delivery is due is claimed under a
+//!   transaction-scoped advisory lock on its id ([`ORDERED_LOCK`]), taken
+//!   for as many webhooks as the claim may take, and only while none of its deliveries
 //!   holds a live lease, so one of its deliveries is in flight across the
 //!   fleet, the oldest;
 //! - an event is accepted under an advisory lock on its (owner, id)
@@ -55,16 +57,26 @@ const WEBHOOK_COLUMNS: &str = "w.id, w.owner, w.name, w.method, w.url, w.actions
 const DELIVERY_COLUMNS: &str = "d.id, d.seq, d.webhook_id, e.owner, e.id, e.type, e.payload, \
      d.state, d.attempts, d.max_attempts, d.next_at, d.last_status, d.last_error, d.created_at";
 
-/// Takes the advisory locks of the ordered webhooks not skipped (`$1`)
-/// that have pending deliveries, each if no other claim holds it; returns
-/// those taken. Whether a webhook may be claimed is read by a later
-/// statement: one that began before a concurrent claim committed would
-/// not see its lease.
+/// Takes the advisory locks of up to `$4` ordered webhooks not skipped
+/// (`$1`) whose oldest pending delivery is due at `$3` and none of whose
+/// deliveries holds a lease live then, each if no other claim holds it;
+/// returns those taken. They are chosen without locks, in turns across
+/// owners, oldest first: a claim takes as many advisory locks as it may
+/// claim deliveries, not one per ordered webhook with a queue (thousands
+/// of those filled the shared lock table, and every claim failed). The
+/// subquery's `LIMIT` comes before the lock is tried. Whether a webhook
+/// may be claimed is read again by a later statement: one that began
+/// before a concurrent claim committed would not see its lease.
 const LOCK_ORDERED: &str = "SELECT id FROM (
-        SELECT w.id FROM webhooks w
-        WHERE w.ordered AND w.enabled AND NOT (w.id = ANY($1::text[]))
-          AND EXISTS (SELECT 1 FROM deliveries p WHERE p.webhook_id = w.id AND p.state = 'pending')
-        OFFSET 0) o
+        SELECT w.id FROM (
+            SELECT w.id, h.seq, ROW_NUMBER() OVER (PARTITION BY w.owner ORDER BY h.seq) AS turn
+            FROM webhooks w
+            CROSS JOIN LATERAL (SELECT d.seq, d.next_at FROM deliveries d
+                WHERE d.webhook_id = w.id AND d.state = 'pending' ORDER BY d.seq LIMIT 1) h
+            WHERE w.ordered AND w.enabled AND NOT (w.id = ANY($1::text[])) AND h.next_at <= $3
+              AND NOT EXISTS (SELECT 1 FROM deliveries l
+                  WHERE l.webhook_id = w.id AND l.state = 'pending' AND l.leased_until >= $3)) w
+        ORDER BY w.turn, w.seq LIMIT $4) o
      WHERE pg_try_advisory_xact_lock($2, hashtext(o.id))";
 
 /// The oldest pending delivery of each ordered webhook of `$2`, if none of
@@ -79,24 +91,32 @@ const ORDERED_HEADS: &str = "SELECT h.seq, h.next_at, w.owner FROM webhooks w
        AND NOT EXISTS (SELECT 1 FROM deliveries l
           WHERE l.webhook_id = w.id AND l.state = 'pending' AND l.leased_until >= $1)";
 
-/// Up to `$3` deliveries of each unordered webhook not skipped (`$2`), due
-/// and unleased at `$1`, oldest first, locked; rows another claim has
-/// locked are passed over, not waited for.
-const UNORDERED_DUE: &str = "SELECT d.seq, w.owner FROM webhooks w
-     CROSS JOIN LATERAL (SELECT seq FROM deliveries
-          WHERE webhook_id = w.id AND state = 'pending'
-            AND (leased_until IS NULL OR leased_until < $1) AND next_at <= $1
-          ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) d
-     WHERE NOT w.ordered AND w.enabled AND NOT (w.id = ANY($2::text[]))";
+/// Up to `$3` deliveries of the unordered webhooks not skipped (`$2`), due
+/// and unleased at `$1`, in turns across owners, oldest first. Read
+/// without locks: locking each webhook's first `$3` to keep `$3` in all
+/// locked tens of thousands of rows per claim when one account had
+/// hundreds of webhooks with a backlog. The lease locks what is chosen.
+const UNORDERED_DUE: &str = "SELECT seq, owner FROM (
+        SELECT d.seq, w.owner, ROW_NUMBER() OVER (PARTITION BY w.owner ORDER BY d.seq) AS turn
+        FROM webhooks w
+        CROSS JOIN LATERAL (SELECT seq FROM deliveries
+            WHERE webhook_id = w.id AND state = 'pending'
+              AND (leased_until IS NULL OR leased_until < $1) AND next_at <= $1
+            ORDER BY seq LIMIT $3) d
+        WHERE NOT w.ordered AND w.enabled AND NOT (w.id = ANY($2::text[]))) c
+     ORDER BY turn, seq LIMIT $3";
 
 /// Leases deliveries `$1` until `$2` if they are still pending and
 /// unleased at `$3` (a concurrent change since they were read is seen
-/// here), and reads them with their event and webhook.
+/// here), and reads them with their event and webhook. Rows another
+/// claim has locked (it chose them too) are passed over, not waited for.
 fn lease_sql() -> String {
     format!(
-        "WITH taken AS (
-            UPDATE deliveries d SET leased_until = $2
-            WHERE d.seq = ANY($1::bigint[]) AND d.state = 'pending'
+        "WITH free AS (
+            SELECT seq FROM deliveries WHERE seq = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED),
+         taken AS (
+            UPDATE deliveries d SET leased_until = $2 FROM free
+            WHERE d.seq = free.seq AND d.state = 'pending'
               AND (d.leased_until IS NULL OR d.leased_until < $3)
             RETURNING d.*)
          SELECT {DELIVERY_COLUMNS}, {WEBHOOK_COLUMNS} FROM taken d
@@ -306,46 +326,37 @@ async fn disable(
 }
 
 /// Stores one attempt and what follows it; the webhook's row is locked.
+/// The attempt is numbered after the delivery's last one, so a late
+/// attempt and the one that claimed the delivery after it both keep their
+/// row. What follows is applied only while the delivery holds the
+/// finish's lease: a lease that ran out may have been claimed again, and
+/// that claim's attempt is in flight.
 async fn finish_one(tx: &Transaction<'_>, done: &Finished) -> Result<(), StoreError> {
     let attempt = &done.attempt;
-    let (state, next_at) = match &done.next {
-        Next::Succeeded => (DeliveryState::Succeeded, None),
-        Next::RetryAt(at) => (DeliveryState::Pending, Some(*at)),
-        Next::Failed | Next::DisableWebhook(_) => (DeliveryState::Failed, None),
-    };
-    let statement = tx
+    let record = tx
         .prepare_cached(
-            // A delivery failed while its attempt ran (its webhook was
-            // disabled) stays failed, unless the attempt delivered it.
-            "WITH d AS (SELECT seq FROM deliveries WHERE id = $1),
+            "WITH d AS (
+                UPDATE deliveries SET attempts = attempts + 1 WHERE id = $1
+                RETURNING seq, attempts, webhook_id, COALESCE(leased_until = $7, FALSE) AS mine),
              attempt AS (
                 INSERT INTO delivery_attempts
                     (delivery, number, at, status, error, duration_ms, exchange_id)
-                SELECT seq, $2::bigint, $3::bigint, $4::integer, $5::text, $6::bigint, $7::text FROM d
-                ON CONFLICT (delivery, number) DO UPDATE SET at = EXCLUDED.at,
-                    status = EXCLUDED.status, error = EXCLUDED.error,
-                    duration_ms = EXCLUDED.duration_ms, exchange_id = EXCLUDED.exchange_id)
-             UPDATE deliveries SET
-                state = CASE WHEN state = 'pending' OR $8::text = 'succeeded' THEN $8::text ELSE state END,
-                attempts = GREATEST(attempts, $2), leased_until = NULL,
-                next_at = COALESCE($9, next_at), last_status = $4, last_error = $5
-             FROM d WHERE deliveries.seq = d.seq
-             RETURNING deliveries.webhook_id",
+                SELECT seq, attempts, $2::bigint, $3::integer, $4::text, $5::bigint, $6::text
+                FROM d)
+             SELECT seq, webhook_id, mine FROM d",
         )
         .await?;
     let found = tx
         .query_opt(
-            &statement,
+            &record,
             &[
                 &done.delivery,
-                &i64::from(attempt.number),
                 &attempt.at,
                 &attempt.status.map(i32::from),
                 &attempt.error,
                 &i64::try_from(attempt.duration_ms).unwrap_or(i64::MAX),
                 &attempt.exchange.to_string(),
-                &state.as_str(),
-                &next_at,
+                &done.lease,
             ],
         )
         .await?;
@@ -353,7 +364,38 @@ async fn finish_one(tx: &Transaction<'_>, done: &Finished) -> Result<(), StoreEr
     let Some(found) = found else {
         return Ok(());
     };
-    let webhook: String = found.try_get(0)?;
+    let (seq, webhook, mine): (i64, String, bool) =
+        (found.try_get(0)?, found.try_get(1)?, found.try_get(2)?);
+    if !mine {
+        return Ok(());
+    }
+    let (state, next_at) = match &done.next {
+        Next::Succeeded => (DeliveryState::Succeeded, None),
+        Next::RetryAt(at) => (DeliveryState::Pending, Some(*at)),
+        Next::Failed | Next::DisableWebhook(_) => (DeliveryState::Failed, None),
+    };
+    let follow = tx
+        .prepare_cached(
+            // A delivery failed while its attempt ran (its webhook was
+            // disabled) stays failed, unless the attempt delivered it.
+            "UPDATE deliveries SET
+                state = CASE WHEN state = 'pending' OR $2::text = 'succeeded' THEN $2::text ELSE state END,
+                leased_until = NULL, next_at = COALESCE($3, next_at), last_status = $4,
+                last_error = $5
+             WHERE seq = $1",
+        )
+        .await?;
+    tx.execute(
+        &follow,
+        &[
+            &seq,
+            &state.as_str(),
+            &next_at,
+            &attempt.status.map(i32::from),
+            &attempt.error,
+        ],
+    )
+    .await?;
     match &done.next {
         Next::Succeeded => {
             let statement = tx
@@ -667,7 +709,7 @@ impl Webhooks for Postgres {
         let mut candidates: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         let lock = tx.prepare_cached(LOCK_ORDERED).await?;
         let locked: Vec<String> = tx
-            .query(&lock, &[&skip, &ORDERED_LOCK])
+            .query(&lock, &[&skip, &ORDERED_LOCK, &now, &sql_count(limit)])
             .await?
             .iter()
             .map(|r| r.try_get(0))
@@ -696,6 +738,7 @@ impl Webhooks for Postgres {
                 claimed.push(Claimed {
                     delivery: delivery_of(&row)?,
                     webhook: webhook_of(&row, 14)?,
+                    lease: lease_until,
                 });
             }
         }
@@ -703,15 +746,21 @@ impl Webhooks for Postgres {
         Ok(claimed)
     }
 
-    async fn release(&self, ids: Vec<String>, due: Option<Micros>) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        leases: Vec<(String, Micros)>,
+        due: Option<Micros>,
+    ) -> Result<(), StoreError> {
+        let (ids, leases): (Vec<String>, Vec<Micros>) = leases.into_iter().unzip();
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "UPDATE deliveries SET leased_until = NULL, next_at = COALESCE($2, next_at)
-                 WHERE id = ANY($1::text[])",
+                "UPDATE deliveries d SET leased_until = NULL, next_at = COALESCE($3, d.next_at)
+                 FROM unnest($1::text[], $2::bigint[]) AS l (id, lease)
+                 WHERE d.id = l.id AND d.leased_until = l.lease",
             )
             .await?;
-        client.execute(&statement, &[&ids, &due]).await?;
+        client.execute(&statement, &[&ids, &leases, &due]).await?;
         Ok(())
     }
 

@@ -192,31 +192,43 @@ fn disable(conn: &Connection, webhook: &str, reason: &str, now: Micros) -> Resul
     Ok(())
 }
 
-/// Stores one attempt and what follows it.
+/// Stores one attempt and what follows it. The attempt is numbered after
+/// the delivery's last one, so a late attempt and the one that claimed the
+/// delivery after it both keep their row. What follows is applied only
+/// while the delivery holds the finish's lease: one relay can outlive a
+/// lease too (a long pause), and then a new claim's attempt is in flight.
 fn finish_one(conn: &Connection, done: &Finished) -> Result<(), StoreError> {
-    let found: Option<(i64, String)> = conn
-        .prepare_cached("SELECT seq, webhook_id FROM deliveries WHERE id = ?1")?
-        .query_row([&done.delivery], |r| Ok((r.get(0)?, r.get(1)?)))
+    let found: Option<(i64, String, i64, bool)> = conn
+        .prepare_cached(
+            "UPDATE deliveries SET attempts = attempts + 1 WHERE id = ?1
+             RETURNING seq, webhook_id, attempts, COALESCE(leased_until = ?2, 0)",
+        )?
+        .query_row(params![done.delivery, done.lease], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     // The webhook was deleted while the attempt ran.
-    let Some((seq, webhook)) = found else {
+    let Some((seq, webhook, number, mine)) = found else {
         return Ok(());
     };
     let attempt = &done.attempt;
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO delivery_attempts
+        "INSERT INTO delivery_attempts
             (delivery, number, at, status, error, duration_ms, exchange_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         seq,
-        attempt.number,
+        number,
         attempt.at,
         attempt.status,
         attempt.error,
         i64::try_from(attempt.duration_ms).unwrap_or(i64::MAX),
         attempt.exchange.to_string(),
     ])?;
+    if !mine {
+        return Ok(());
+    }
     let (state, next_at) = match &done.next {
         Next::Succeeded => (DeliveryState::Succeeded, None),
         Next::RetryAt(at) => (DeliveryState::Pending, Some(*at)),
@@ -227,14 +239,13 @@ fn finish_one(conn: &Connection, done: &Finished) -> Result<(), StoreError> {
         // stays failed, unless the attempt delivered it.
         "UPDATE deliveries SET
             state = CASE WHEN state = 'pending' OR ?2 = 'succeeded' THEN ?2 ELSE state END,
-            attempts = MAX(attempts, ?3), leased_until = NULL,
-            next_at = COALESCE(?4, next_at), last_status = ?5, last_error = ?6
+            leased_until = NULL, next_at = COALESCE(?3, next_at), last_status = ?4,
+            last_error = ?5
          WHERE seq = ?1",
     )?
     .execute(params![
         seq,
         state.as_str(),
-        attempt.number,
         next_at,
         attempt.status,
         attempt.error,
@@ -532,6 +543,7 @@ impl Webhooks for Sqlite {
                     claimed.push(Claimed {
                         delivery: delivery_of(row)?,
                         webhook: webhook_of(row, 14)?,
+                        lease: lease_until,
                     });
                 }
             }
@@ -541,15 +553,19 @@ impl Webhooks for Sqlite {
         .await
     }
 
-    async fn release(&self, ids: Vec<String>, due: Option<Micros>) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        leases: Vec<(String, Micros)>,
+        due: Option<Micros>,
+    ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let tx = immediate(conn)?;
-            for id in &ids {
+            for (id, lease) in &leases {
                 tx.prepare_cached(
                     "UPDATE deliveries SET leased_until = NULL, next_at = COALESCE(?2, next_at)
-                     WHERE id = ?1",
+                     WHERE id = ?1 AND leased_until = ?3",
                 )?
-                .execute(params![id, due])?;
+                .execute(params![id, due, lease])?;
             }
             tx.commit()?;
             Ok(())

@@ -111,6 +111,7 @@ fn attempt(number: u32, at: Micros, status: Option<u16>) -> AttemptRecord {
 fn finished(delivery: &str, attempt: AttemptRecord, next: Next) -> Finished {
     Finished {
         delivery: delivery.to_owned(),
+        lease: LEASE,
         attempt,
         next,
         disable_after: 5 * DAY,
@@ -309,11 +310,11 @@ pub(super) async fn release_gives_deliveries_back_without_an_attempt(store: &imp
     assert_eq!(claim(store, now, &[]).await.len(), 3);
 
     store
-        .release(vec![d[0].id.clone()], Some(T0 + 50 * SECOND))
+        .release(vec![(d[0].id.clone(), LEASE)], Some(T0 + 50 * SECOND))
         .await
         .expect("release");
     store
-        .release(vec![d[1].id.clone()], None)
+        .release(vec![(d[1].id.clone(), LEASE)], None)
         .await
         .expect("release");
     assert_eq!(
@@ -721,6 +722,108 @@ pub(super) async fn another_owner_s_webhooks_and_deliveries_are_out_of_reach(
     assert!(store.webhooks(None).await.expect("webhooks").is_empty());
 }
 
+/// Relay A's attempt outlives its lease; relay B claims the delivery
+/// again and sends it (at least once). A's late finish, or a late release,
+/// must not end B's lease: an ordered webhook would start its next
+/// delivery beside B's attempt, and a third claim would send it again.
+/// A's attempt is kept beside B's, neither overwriting the other.
+pub(super) async fn a_finish_or_release_after_its_lease_ran_out_leaves_the_new_claim_alone(
+    store: &impl Webhooks,
+) {
+    let ordered = WebhookRecord {
+        ordered: true,
+        ..hook("wh_ordered", "acct_a", &["*"], T0)
+    };
+    save(store, &ordered).await;
+    for i in 0..2 {
+        queue(
+            store,
+            event("acct_a", &format!("evt_{i}"), "document.create", T0 + i),
+        )
+        .await;
+    }
+    let d = all_of(store, "wh_ordered").await;
+    let first = T0 + SECOND;
+    let lease_a = first + 75 * SECOND;
+    let a = store
+        .claim(first, 10, lease_a, Vec::new())
+        .await
+        .expect("claim");
+    assert_eq!(ids(&a), [d[0].id.as_str()]);
+    assert_eq!(a[0].lease, lease_a);
+
+    let second = lease_a + 1;
+    let lease_b = second + 75 * SECOND;
+    let b = store
+        .claim(second, 10, lease_b, Vec::new())
+        .await
+        .expect("claim");
+    assert_eq!(
+        ids(&b),
+        [d[0].id.as_str()],
+        "claimed again once A's lease ran out"
+    );
+    assert_eq!(b[0].lease, lease_b);
+
+    let late = second + SECOND;
+    let by_a = attempt(1, first, Some(200));
+    store
+        .finish(vec![Finished {
+            lease: lease_a,
+            ..finished(&d[0].id, by_a.clone(), Next::Succeeded)
+        }])
+        .await
+        .expect("A's late finish");
+    store
+        .release(vec![(d[0].id.clone(), lease_a)], Some(late))
+        .await
+        .expect("A's late release");
+    let (stored, attempts) = one(store, &d[0].id).await;
+    assert_eq!(
+        stored.state,
+        DeliveryState::Pending,
+        "B's attempt decides what follows"
+    );
+    assert_eq!(attempts, std::slice::from_ref(&by_a), "A's attempt is kept");
+    assert!(
+        store
+            .claim(late, 10, late + 75 * SECOND, Vec::new())
+            .await
+            .expect("claim")
+            .is_empty(),
+        "B's lease holds: neither its delivery nor the next one is claimed"
+    );
+
+    // B numbered its attempt as A did; it is stored after A's.
+    let by_b = attempt(1, second, Some(204));
+    store
+        .finish(vec![Finished {
+            lease: lease_b,
+            ..finished(&d[0].id, by_b.clone(), Next::Succeeded)
+        }])
+        .await
+        .expect("B's finish");
+    let (stored, attempts) = one(store, &d[0].id).await;
+    assert_eq!(
+        (stored.state, stored.attempts),
+        (DeliveryState::Succeeded, 2)
+    );
+    assert_eq!(stored.last_status, Some(204));
+    assert_eq!(
+        attempts,
+        [by_a, AttemptRecord { number: 2, ..by_b }],
+        "both attempts are kept, in the order they were stored"
+    );
+    assert_eq!(
+        ids(&store
+            .claim(late, 10, late + 75 * SECOND, Vec::new())
+            .await
+            .expect("claim")),
+        [d[1].id.as_str()],
+        "the next delivery starts once B's result is stored"
+    );
+}
+
 /// One test per case, each on a fresh SQLite file and on a fresh
 /// PostgreSQL database.
 macro_rules! on_both {
@@ -754,6 +857,7 @@ on_both!(
     resend_and_recover_queue_finished_deliveries_for_one_more_attempt,
     prune_forgets_finished_deliveries_and_keeps_pending_ones,
     another_owner_s_webhooks_and_deliveries_are_out_of_reach,
+    a_finish_or_release_after_its_lease_ran_out_leaves_the_new_claim_alone,
 );
 
 /// PostgreSQL only: several relays' stores on one database, claiming from
@@ -1025,6 +1129,121 @@ mod postgres_only {
             .expect("claim");
         assert_eq!(ids(&again), [id.as_str()]);
         assert_eq!(again[0].delivery.attempts, 0);
+    }
+
+    /// A claim of `n` locks O(n): thousands of ordered webhooks with a
+    /// pending delivery, and one account's 200 unordered webhooks with a
+    /// backlog each, used to make every claim take an advisory lock per
+    /// ordered webhook (the shared lock table, ~6,400 slots by default,
+    /// then fails every claim with "out of shared memory") and lock up to
+    /// `n` rows of each unordered webhook to keep `n` in all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_locks_as_many_rows_and_webhooks_as_it_may_take_however_many_wait() {
+        const ORDERED: i64 = 3_000;
+        const UNORDERED: i64 = 200;
+        const BACKLOG: i64 = 100;
+        const TAKE: usize = 256;
+        let url = ferry_tests::postgres::fresh_database().await;
+        let store = Arc::new(Postgres::connect(&url).await.expect("connect"));
+        let admin = super::super::raw(&url).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE EXTENSION pgrowlocks;
+                 INSERT INTO webhooks (id, owner, name, method, url, actions, headers, enabled,
+                    ordered, secret, created_at, updated_at)
+                 SELECT 'wh_o' || i, 'acct_o' || (i % 50), 'o', 'POST', 'https://o.example.com',
+                    '[\"*\"]'::jsonb, '[]'::jsonb, TRUE, TRUE, 'whsec_x', {T0}, {T0}
+                 FROM generate_series(1, {ORDERED}) i
+                 UNION ALL
+                 SELECT 'wh_u' || i, 'acct_u', 'u', 'POST', 'https://u.example.com',
+                    '[\"*\"]'::jsonb, '[]'::jsonb, TRUE, FALSE, 'whsec_x', {T0}, {T0}
+                 FROM generate_series(1, {UNORDERED}) i;
+                 INSERT INTO events (owner, id, type, payload, created_at)
+                 SELECT 'acct', 'evt_' || i, 'document.create', convert_to('{{}}', 'UTF8'), {T0}
+                 FROM generate_series(1, {ORDERED} + {UNORDERED} * {BACKLOG}) i;
+                 INSERT INTO deliveries (id, webhook_id, event, state, attempts, max_attempts,
+                    next_at, created_at)
+                 SELECT 'msg_' || k, CASE WHEN k <= {ORDERED} THEN 'wh_o' || k
+                    ELSE 'wh_u' || ((k - {ORDERED}) % {UNORDERED} + 1) END,
+                    k, 'pending', 0, 3, {T0}, {T0}
+                 FROM generate_series(1, {ORDERED} + {UNORDERED} * {BACKLOG}) k;
+                 ANALYZE;"
+            ))
+            .await
+            .expect("the webhooks and their queues");
+
+        // Holds the claim at its last statement (the lease, which reads
+        // the events), with everything it locked before held.
+        admin
+            .batch_execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock the events");
+        let now = T0 + SECOND;
+        let claim = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.claim(now, TAKE, LEASE, Vec::new()).await }
+        });
+        let watcher = super::super::raw(&url).await;
+        let pid: i32 = within("the claim waits on the events", async {
+            loop {
+                let waiting = watcher
+                    .query_opt(
+                        "SELECT pid FROM pg_locks WHERE relation = 'events'::regclass
+                         AND NOT granted",
+                        &[],
+                    )
+                    .await
+                    .expect("pg_locks");
+                if let Some(row) = waiting {
+                    break row.get(0);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        let advisory: i64 = watcher
+            .query_one(
+                "SELECT COUNT(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory'",
+                &[&pid],
+            )
+            .await
+            .expect("advisory locks")
+            .get(0);
+        let rows: i64 = watcher
+            .query_one(
+                "SELECT COUNT(*) FROM pgrowlocks('deliveries') WHERE $1 = ANY(pids)",
+                &[&pid],
+            )
+            .await
+            .expect("row locks")
+            .get(0);
+        admin.batch_execute("ROLLBACK").await.expect("unlock");
+        let claimed = within("the claim", claim)
+            .await
+            .expect("a task")
+            .expect("the claim succeeds");
+
+        // A row locked and left as it was keeps the locker in `xmax`: the
+        // rows the whole claim locked and did not take.
+        let locked_not_taken: i64 = watcher
+            .query_one(
+                "SELECT COUNT(*) FROM deliveries WHERE xmax::text <> '0' AND leased_until IS NULL",
+                &[],
+            )
+            .await
+            .expect("rows locked")
+            .get(0);
+
+        assert_eq!(claimed.len(), TAKE);
+        assert_eq!(
+            locked_not_taken, 0,
+            "rows the claim locked and did not take"
+        );
+        let take = i64::try_from(TAKE).expect("small");
+        assert!(
+            advisory <= take && rows <= take,
+            "{advisory} advisory locks and {rows} rows locked for a claim of {TAKE}"
+        );
     }
 
     fn expected_len(events: i64) -> usize {
