@@ -375,9 +375,12 @@ pub(crate) fn search_text_of(
 
 /// The case folding the index and the queries share: lowercase, and `ß`
 /// as `ss` (as full Unicode case folding has it), so `STRASSE` finds
-/// `Straße`.
+/// `Straße`. NUL becomes U+FFFD: SQLite's text functions stop at a NUL and
+/// PostgreSQL's text cannot hold one, so text after it would never match.
 pub(crate) fn fold(text: &str) -> String {
-    text.to_lowercase().replace('ß', "ss")
+    text.to_lowercase()
+        .replace('ß', "ss")
+        .replace('\0', "\u{FFFD}")
 }
 
 /// The status filter: one code or a class (`4xx`).
