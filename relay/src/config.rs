@@ -90,6 +90,9 @@ pub struct Config {
     /// A PostgreSQL database shared with the fleet's other relays; `None`
     /// keeps everything in the SQLite file in [`Config::data_dir`].
     pub database_url: Option<String>,
+    /// How this relay routes requests to the fleet's other relays on the
+    /// same database; `None` serves only the tunnels it holds itself.
+    pub cluster: Option<Cluster>,
     /// Whether requests through tunnels are recorded in the activity log.
     /// Off, none is (held names still answer 503, unrecorded); for
     /// measuring what capture costs, and for operators who want no log.
@@ -171,6 +174,41 @@ impl Config {
     pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 }
 
+/// A relay's place in a fleet of relays sharing one database: where the
+/// others reach it, what they must present, and how long its hold on a
+/// tunnel name lasts without a heartbeat.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The `http://HOST:PORT` URL at which the fleet's other relays reach
+    /// this relay's cluster listener.
+    pub advertise_url: String,
+    /// The secret every relay of the fleet shares.
+    pub secret: crate::cluster::Secret,
+    /// How long a relay's claim on a name lasts unless renewed: a relay
+    /// that dies loses its tunnels' names after it. Renewed every third.
+    pub lease: Duration,
+    /// Requests for names no relay of the fleet serves that one caller
+    /// address (an IPv6 /64) may make per minute, each costing a query on
+    /// the shared database; beyond it its requests for names this relay
+    /// does not serve get 429.
+    pub unknown_names_per_minute: u32,
+}
+
+impl Cluster {
+    /// The default for [`Cluster::lease`]: a dead relay's names are free
+    /// again within 10 s, and the database sees one renewal per relay
+    /// every 3⅓ s, whatever the number of tunnels.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+    /// The shortest [`Cluster::lease`]: below it, a database that pauses
+    /// (a checkpoint, a failover) would end leases of live relays.
+    pub const MIN_LEASE: Duration = Duration::from_millis(300);
+    /// The default for [`Cluster::unknown_names_per_minute`]: ten a second
+    /// on average, far above a sender retrying a tunnel that went away.
+    pub const DEFAULT_UNKNOWN_NAMES_PER_MINUTE: u32 = 600;
+    /// The fewest bytes a [`Cluster::secret`] may have.
+    pub const MIN_SECRET_LEN: usize = 16;
+}
+
 /// How many seconds of [`Config::max_requests_per_second`] a tunnel may take
 /// at once: a dev server's page load (hundreds of module requests at once)
 /// or a webhook sender catching up after an outage comes in bursts.
@@ -221,6 +259,7 @@ impl Default for Config {
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
             database_url: None,
+            cluster: None,
             capture: true,
             capture_body_limit: Self::DEFAULT_CAPTURE_BODY_LIMIT,
             retention: Self::DEFAULT_RETENTION,

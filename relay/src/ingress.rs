@@ -36,11 +36,15 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::activity::capture::{headers_of, Capture, Side};
 use crate::body::{BodyError, BodyFailure, Holding, PacedBody};
-use crate::connection::{ActiveGuard, Activity, GuardedIo, Timeouts};
+use crate::connection::{Activity, GuardedIo, Timeouts};
 use crate::session::is_websocket_upgrade;
 use crate::store::{now_micros, CapturedBody, Exchange, Kind, Outcome};
-use crate::tunnels::{Admission, SendError};
+use crate::tunnels::SendError;
 use crate::{api, proxy, text, tls, Body, Listeners, State};
+
+mod peers;
+
+pub(crate) use peers::serve_peers;
 
 /// Pause after a failed `accept` (such as running out of file descriptors),
 /// so the loop does not spin while the condition lasts.
@@ -87,6 +91,10 @@ enum IngressError {
     BadBody,
     #[error(transparent)]
     Send(#[from] SendError),
+    #[error(
+        "the relay of this fleet that serves the tunnel `{0}` did not answer: try again shortly"
+    )]
+    PeerUnreachable(Subdomain),
 }
 
 fn error_status(err: &IngressError) -> StatusCode {
@@ -98,6 +106,7 @@ fn error_status(err: &IngressError) -> StatusCode {
         | IngressError::BadBody => StatusCode::BAD_REQUEST,
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
         IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
+        IngressError::PeerUnreachable(_) => StatusCode::BAD_GATEWAY,
         IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
         IngressError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         IngressError::Send(err) => match err {
@@ -284,6 +293,7 @@ pub(crate) async fn serve(
                 proxies: forwarded.then_some(proxies),
                 activity,
                 https: tls.is_some(),
+                forwarded: false,
             };
             let result = match tls {
                 None => serve_connection(link, &builder, watcher, TokioIo::new(stream)).await,
@@ -347,6 +357,9 @@ struct Link {
     activity: Arc<Activity>,
     /// Whether the caller came over TLS.
     https: bool,
+    /// Set when the request came from another relay of the fleet, which
+    /// records it: the answer keeps the client's outcome for that relay.
+    forwarded: bool,
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one accepted connection, plain or TLS.
@@ -415,11 +428,69 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
             let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
-            let capture = start_capture(link, &name, &host, exchange, &req);
-            match forward(link, name, host, exchange, req, capture.as_ref())
-                .instrument(span)
-                .await
-            {
+            // A name this relay does not serve may be another relay's.
+            let holder = match &state.cluster {
+                Some(cluster) if state.tunnels.get(&name).is_none() => {
+                    match cluster.holder(&name, link.peer.ip()).await {
+                        Ok(holder) => holder.map(|holder| (cluster, holder)),
+                        Err(err @ crate::cluster::LookupError::Refused(wait)) => {
+                            let mut response = text(StatusCode::TOO_MANY_REQUESTS, err.to_string());
+                            response.headers_mut().insert(
+                                header::RETRY_AFTER,
+                                HeaderValue::from(wait.as_secs().max(1)),
+                            );
+                            return response;
+                        }
+                        Err(err) => {
+                            warn!(%err, tunnel = %name, "the fleet's registry did not answer");
+                            return peers::holder_unknown(&name);
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let (capture, result) = match holder {
+                Some((cluster, holder)) => {
+                    let owner = crate::tunnels::Owner::from_key(&holder.owner);
+                    let capture = capture_for(link, &name, &host, exchange, &req, owner);
+                    let result = peers::forward_to_holder(
+                        link,
+                        cluster,
+                        &holder,
+                        (&name, host, exchange),
+                        req,
+                        capture.as_ref(),
+                    )
+                    .instrument(span)
+                    .await;
+                    match result {
+                        Ok((response, true)) => {
+                            if let Some(capture) = capture {
+                                capture.discard();
+                            }
+                            return response;
+                        }
+                        Ok((response, false)) => (capture, Ok(response)),
+                        Err(err) => (capture, Err(err)),
+                    }
+                }
+                None => {
+                    let capture = match start_capture(link, &name, &host, exchange, &req) {
+                        Some(capture) => Some(capture),
+                        // Held for its owner by another relay of the fleet,
+                        // whose session ended there: recorded here as
+                        // that relay would.
+                        None => held_in_fleet(link, &name).await.and_then(|owner| {
+                            capture_for(link, &name, &host, exchange, &req, owner)
+                        }),
+                    };
+                    let result = forward(link, name, host, exchange, req, capture.as_ref())
+                        .instrument(span)
+                        .await;
+                    (capture, result)
+                }
+            };
+            match result {
                 Ok(response) => response,
                 Err(err) => {
                     state.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
@@ -463,6 +534,41 @@ fn start_capture(
         return None;
     }
     let owner = link.state.tunnels.owner_of(name)?;
+    capture_for(link, name, host, id, req, owner)
+}
+
+/// The owner another relay of the fleet holds `name` for since its session
+/// ended there, as the shared name registry says; `None` off a fleet, or
+/// when the registry does not answer.
+async fn held_in_fleet(link: &Link, name: &Subdomain) -> Option<crate::tunnels::Owner> {
+    let state = &link.state;
+    if state.cluster.is_none() || !state.config.capture {
+        return None;
+    }
+    let record = match state.names.name(name.as_str()).await {
+        Ok(record) => record?,
+        Err(err) => {
+            debug!(%err, tunnel = %name, "name's hold not read");
+            return None;
+        }
+    };
+    let held = record.hold_until.is_some_and(|until| until > now_micros());
+    held.then(|| crate::tunnels::Owner::from_key(&record.owner))
+}
+
+/// Starts recording an exchange with tunnel `name`, owned by `owner`, if
+/// capture is on.
+fn capture_for(
+    link: &Link,
+    name: &Subdomain,
+    host: &str,
+    id: ExchangeId,
+    req: &Request<Incoming>,
+    owner: crate::tunnels::Owner,
+) -> Option<Arc<Capture>> {
+    if !link.state.config.capture {
+        return None;
+    }
     let scheme = if link.https { "https" } else { "http" };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // A header list the tunnel refuses (431) is kept only up to what it
@@ -593,6 +699,13 @@ async fn offline(
         header::RETRY_AFTER,
         HeaderValue::from_static(OFFLINE_RETRY_AFTER),
     );
+    if link.forwarded {
+        // For the ingress relay, which records it.
+        response.headers_mut().insert(
+            hyper::header::HeaderName::from_static(meta::OUTCOME),
+            HeaderValue::from_static(Outcome::ClientOffline.as_str()),
+        );
+    }
     if let Some(capture) = capture {
         capture.failed(
             Outcome::ClientOffline,
@@ -688,10 +801,20 @@ async fn forward(
     capture: Option<&Arc<Capture>>,
 ) -> Result<Response<Body>, IngressError> {
     let state = &link.state;
-    if req.method() == Method::CONNECT {
+    // Another relay of the fleet forwards a caller's WebSocket upgrade as
+    // the tunnel carries it: an extended CONNECT (RFC 8441).
+    let forwarded_websocket = link.forwarded
+        && req.method() == Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|protocol| protocol.as_str() == "websocket");
+    if req.method() == Method::CONNECT && !forwarded_websocket {
         return Err(IngressError::Connect);
     }
-    let websocket = if req.headers().contains_key(header::UPGRADE) {
+    let websocket = if forwarded_websocket {
+        Some(hyper::upgrade::on(&mut req))
+    } else if req.headers().contains_key(header::UPGRADE) {
         if !is_websocket_upgrade(req.method(), req.headers()) {
             let wanted = req
                 .headers()
@@ -776,11 +899,14 @@ async fn forward(
         .then(|| hyper::upgrade::on(&mut response));
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    let outcome = parts
-        .headers
-        .remove(meta::OUTCOME)
-        .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
-        .unwrap_or(Outcome::Answered);
+    // A forwarded request's outcome is the ingress relay's to record.
+    let outcome = if link.forwarded {
+        parts.headers.get(meta::OUTCOME).cloned()
+    } else {
+        parts.headers.remove(meta::OUTCOME)
+    }
+    .and_then(|v| v.to_str().ok().and_then(|v| v.parse().ok()))
+    .unwrap_or(Outcome::Answered);
     let body = body.map_err(BodyError::Tunnel);
     let upgraded = websocket.is_some() && parts.status == StatusCode::OK;
     let body = match capture {
@@ -795,6 +921,10 @@ async fn forward(
         Some((public, tunnel_side)) if upgraded => {
             let active = link.activity.begin();
             state.spawn(bridge(public, tunnel_side, (admission, active)).in_current_span());
+            if link.forwarded {
+                // The ingress relay answers its caller's upgrade itself.
+                return Ok(Response::from_parts(parts, crate::full("")));
+            }
             parts.status = StatusCode::SWITCHING_PROTOCOLS;
             parts
                 .headers
@@ -812,7 +942,10 @@ async fn forward(
             }
             Ok(Response::from_parts(parts, crate::full("")))
         }
-        _ if h2_caller => {
+        // The ingress relay of a forwarded request watches its caller's
+        // reading and resets the stream when it stalls; closing the pooled
+        // connection here would end every other request on it.
+        _ if h2_caller && !link.forwarded => {
             let body = relay_body(link, body, admission);
             Ok(Response::from_parts(parts, body))
         }
@@ -918,14 +1051,10 @@ impl http_body::Body for ChannelBody {
 }
 
 /// Copies bytes both ways between the public caller's upgraded connection
-/// and the tunnel stream, until either side closes; `_held` keeps the
-/// WebSocket counted as a request in flight (on its tunnel and on its
-/// connection) meanwhile.
-async fn bridge(
-    public: hyper::upgrade::OnUpgrade,
-    tunnel: hyper::upgrade::OnUpgrade,
-    _held: (Admission, ActiveGuard),
-) {
+/// and the tunnel stream (or the stream to the relay holding the tunnel),
+/// until either side closes; `_held` keeps the WebSocket counted as a
+/// request in flight (on its tunnel and on its connection) meanwhile.
+async fn bridge<H>(public: hyper::upgrade::OnUpgrade, tunnel: hyper::upgrade::OnUpgrade, _held: H) {
     let (public, tunnel) = match tokio::try_join!(public, tunnel) {
         Ok(both) => both,
         Err(err) => {

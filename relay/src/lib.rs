@@ -23,6 +23,9 @@
 //!   ACME challenge records.
 //! - [`egress`]: the guard every request the relay sends out passes, which
 //!   refuses private and local targets unless the operator allows them.
+//! - [`cluster`]: the relay's place in a fleet sharing one PostgreSQL
+//!   database: leases on tunnel names, takeovers between relays, and the
+//!   client that forwards requests to the relay holding their tunnel.
 //! - [`store`]: what the relay keeps on disk: the activity log and the
 //!   name registry.
 //! - [`shutdown`]: the signals that stop the process gracefully.
@@ -36,6 +39,7 @@ pub mod accounts;
 pub mod activity;
 pub mod api;
 pub mod body;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod data_dir;
@@ -119,6 +123,8 @@ pub(crate) struct State {
     offline: (Arc<limits::PerIp>, Arc<tokio::sync::Semaphore>),
     /// Cancelled when shutdown starts: no new tunnel is accepted after it.
     shutdown: CancellationToken,
+    /// The fleet this relay routes requests within, if any.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl State {
@@ -182,6 +188,10 @@ pub struct Relay {
     store: Arc<dyn store::Store>,
     /// The accounts of the tokens file, as read at start.
     file_accounts: Vec<accounts::Account>,
+    /// The shared database, when the store is one.
+    postgres: Option<store::postgres::Postgres>,
+    /// Where the fleet's other relays forward requests to this one.
+    cluster_listener: Option<TcpListener>,
 }
 
 impl Relay {
@@ -196,10 +206,15 @@ impl Relay {
             None => Vec::new(),
         };
         let data_dir = data_dir::DataDir::open(&config.data_dir)?;
-        let store: Arc<dyn store::Store> = match &config.database_url {
-            Some(url) => Arc::new(store::postgres::Postgres::connect(url).await.map_err(
-                |err| std::io::Error::other(format!("cannot open the PostgreSQL store: {err}")),
-            )?),
+        let postgres =
+            match &config.database_url {
+                Some(url) => Some(store::postgres::Postgres::connect(url).await.map_err(
+                    |err| std::io::Error::other(format!("cannot open the PostgreSQL store: {err}")),
+                )?),
+                None => None,
+            };
+        let store: Arc<dyn store::Store> = match &postgres {
+            Some(postgres) => Arc::new(postgres.clone()),
             None => Arc::new(
                 store::sqlite::Sqlite::open(&data_dir.database()).map_err(|err| {
                     std::io::Error::other(format!(
@@ -214,7 +229,16 @@ impl Relay {
             data_dir,
             store,
             file_accounts,
+            postgres,
+            cluster_listener: None,
         })
+    }
+
+    /// Serves the fleet's forwarded requests on `listener`, which
+    /// [`Config::cluster`] advertises to the other relays.
+    pub fn with_cluster_listener(mut self, listener: TcpListener) -> Self {
+        self.cluster_listener = Some(listener);
+        self
     }
 
     /// Serves on `listeners` until `shutdown` is cancelled, then stops
@@ -232,13 +256,49 @@ impl Relay {
             mut data_dir,
             store,
             file_accounts,
+            postgres,
+            cluster_listener,
         } = self;
+        let cluster = match (&config.cluster, postgres, cluster_listener) {
+            (None, _, None) => None,
+            (Some(settings), Some(postgres), Some(listener)) => {
+                let url = config.database_url.clone().unwrap_or_default();
+                let cluster = cluster::Cluster::new(settings, postgres, url)
+                    .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
+                Some((Arc::new(cluster), listener))
+            }
+            (Some(_), None, _) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a relay of a fleet needs the fleet's PostgreSQL database (--database-url)",
+                ))
+            }
+            (_, _, listener) => {
+                let missing = if listener.is_some() {
+                    "a cluster listener without the fleet's settings (--advertise-url, --cluster-secret)"
+                } else {
+                    "the fleet's settings without a cluster listener (--cluster-listen)"
+                };
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("the relay was given {missing}"),
+                ));
+            }
+        };
         let accounts =
             accounts::Accounts::new(config.tokens.clone(), config.failed_auths_per_minute);
         accounts
             .set_file(file_accounts)
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
-        serve(config, accounts, &mut data_dir, store, listeners, shutdown).await
+        serve(
+            config,
+            accounts,
+            &mut data_dir,
+            store,
+            (listeners, cluster),
+            shutdown,
+        )
+        .await
     }
 }
 
@@ -247,7 +307,7 @@ async fn serve(
     accounts: accounts::Accounts,
     data_dir: &mut data_dir::DataDir,
     store: Arc<dyn store::Store>,
-    listeners: Listeners,
+    (listeners, cluster): (Listeners, Option<(Arc<cluster::Cluster>, TcpListener)>),
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let (url_scheme, port, default_port) = match (&listeners.tls, &listeners.plain) {
@@ -357,6 +417,7 @@ async fn serve(
         ),
         egress,
         dispatcher: Arc::clone(&dispatcher),
+        cluster: cluster.as_ref().map(|(cluster, _)| Arc::clone(cluster)),
         config,
     });
     restore_holds(&state).await.map_err(std::io::Error::other)?;
@@ -378,7 +439,25 @@ async fn serve(
     if let Some((_, resolver)) = &listeners.tls {
         state.spawn(reload_certificates(Arc::clone(resolver), shutdown.clone()));
     }
-    ingress::serve(Arc::clone(&state), listeners, shutdown, SHUTDOWN_GRACE).await;
+    let cluster_stop = CancellationToken::new();
+    let (peers, heartbeat) = match cluster {
+        Some((cluster, listener)) => (
+            Some(listener),
+            Some(tokio::spawn(
+                cluster.run(Arc::clone(&state.tunnels), cluster_stop.clone()),
+            )),
+        ),
+        None => (None, None),
+    };
+    tokio::join!(
+        ingress::serve(
+            Arc::clone(&state),
+            listeners,
+            shutdown.clone(),
+            SHUTDOWN_GRACE
+        ),
+        ingress::serve_peers(Arc::clone(&state), peers, shutdown, SHUTDOWN_GRACE),
+    );
     state
         .tunnels
         .close_all(&CloseReason::going_away("the relay is shutting down"));
@@ -390,6 +469,15 @@ async fn serve(
         tracing::warn!("tunnel sessions still open after the shutdown wait; ending them");
         state.abort_tasks.cancel();
         state.tasks.wait().await;
+    }
+    // The sessions have ended: the fleet's registry loses what is left of
+    // this relay's claims.
+    cluster_stop.cancel();
+    if let Some(Err(err)) = match heartbeat {
+        Some(heartbeat) => Some(heartbeat.await),
+        None => None,
+    } {
+        tracing::warn!(%err, "fleet heartbeat failed");
     }
     // Attempts in flight end within their timeout and store their results.
     dispatch_stop.cancel();

@@ -176,6 +176,39 @@ struct Args {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// Where this relay takes the requests that the other relays of its
+    /// fleet (relays sharing --database-url) forward to the tunnels it
+    /// serves: HTTP/2 without TLS, for the fleet's private network only.
+    /// Needs --advertise-url and --cluster-secret.
+    #[arg(long, env = "FERRY_RELAY_CLUSTER_LISTEN", value_name = "ADDR")]
+    cluster_listen: Option<SocketAddr>,
+    /// The URL at which the fleet's other relays reach --cluster-listen,
+    /// such as http://10.0.0.2:7070.
+    #[arg(long, env = "FERRY_RELAY_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
+    /// The secret every relay of the fleet shares (at least 16 characters):
+    /// a forwarded request without it gets 401.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_CLUSTER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
+    /// How long a relay's hold on its tunnels' names lasts without a
+    /// heartbeat (renewed every third of it): a relay that dies loses its
+    /// names, and its clients may reconnect elsewhere, after it.
+    #[arg(long, env = "FERRY_RELAY_CLUSTER_LEASE", value_name = "DURATION",
+          default_value = "10s", value_parser = duration)]
+    cluster_lease: Duration,
+    /// Requests for tunnel names that no relay of the fleet serves one
+    /// caller address may make per minute (each costs a query on the
+    /// shared database); beyond it, its requests for names this relay does
+    /// not serve get 429.
+    #[arg(long, env = "FERRY_RELAY_UNKNOWN_NAMES_PER_MINUTE", value_name = "N",
+          default_value_t = ferry_relay::config::Cluster::DEFAULT_UNKNOWN_NAMES_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    unknown_names_per_minute: u32,
     /// Whether the activity log records the requests that pass through
     /// tunnels. `off` records none (a held name's callers still get 503,
     /// unrecorded; replays made through the API are still logged): for
@@ -794,6 +827,7 @@ fn config(args: &Args) -> Result<Config, String> {
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
         database_url: args.database_url.clone(),
+        cluster: cluster(args)?,
         capture: args.capture,
         capture_body_limit: usize::try_from(args.capture_body_limit)
             .ok()
@@ -823,6 +857,57 @@ fn config(args: &Args) -> Result<Config, String> {
             event_types: args.event_types.clone(),
         },
     })
+}
+
+/// The fleet settings of `args`: --cluster-listen, --advertise-url and
+/// --cluster-secret all or none, and only with --database-url.
+fn cluster(args: &Args) -> Result<Option<ferry_relay::config::Cluster>, String> {
+    let (listen, url, secret) = match (&args.cluster_listen, &args.advertise_url, &args.cluster_secret) {
+        (None, None, None) => return Ok(None),
+        (Some(listen), Some(url), Some(secret)) => (listen, url, secret),
+        _ => {
+            return Err(
+                "--cluster-listen, --advertise-url and --cluster-secret go together: give all three to route requests within a fleet, or none"
+                    .to_owned(),
+            )
+        }
+    };
+    if args.database_url.is_none() {
+        return Err(format!(
+            "--cluster-listen {listen} needs --database-url: the relays of a fleet share one PostgreSQL database"
+        ));
+    }
+    let parsed: hyper::Uri = url
+        .parse()
+        .map_err(|_| format!("--advertise-url `{url}` is not a URL: use http://HOST:PORT"))?;
+    if parsed.scheme_str() != Some("http")
+        || parsed.port_u16().is_none()
+        || parsed.path_and_query().is_some_and(|p| p.as_str() != "/")
+    {
+        return Err(format!(
+            "--advertise-url `{url}` must be http://HOST:PORT, the address of --cluster-listen as the other relays reach it"
+        ));
+    }
+    if secret.len() < ferry_relay::config::Cluster::MIN_SECRET_LEN
+        || !secret.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "--cluster-secret must be at least {} printable characters without spaces: generate one with `openssl rand -hex 32`",
+            ferry_relay::config::Cluster::MIN_SECRET_LEN
+        ));
+    }
+    if args.cluster_lease < ferry_relay::config::Cluster::MIN_LEASE {
+        return Err(format!(
+            "--cluster-lease must be at least {} ms: a shorter lease would end live relays' leases whenever the database pauses",
+            ferry_relay::config::Cluster::MIN_LEASE.as_millis()
+        ));
+    }
+    Ok(Some(ferry_relay::config::Cluster {
+        advertise_url: url.trim_end_matches('/').to_owned(),
+        secret: ferry_relay::cluster::Secret::new(secret.as_str()),
+        lease: args.cluster_lease,
+        unknown_names_per_minute: args.unknown_names_per_minute,
+    }))
 }
 
 /// How often the relay looks for memory to give back.
@@ -945,6 +1030,20 @@ async fn serve(args: Args) -> ExitCode {
             eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
+    };
+    let relay = match (args.cluster_listen, &args.advertise_url) {
+        (Some(addr), Some(url)) => match bind(addr, "cluster-listen").await {
+            Ok(listener) => {
+                let bound = listener.local_addr().map_or(addr, |a| a);
+                say!("cluster listener on {bound}, advertised to the fleet as {url}");
+                relay.with_cluster_listener(listener)
+            }
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => relay,
     };
     let renewing = match (acme, &listeners.tls) {
         (Some(acme), Some((_, resolver))) => Some(tokio::spawn(

@@ -119,29 +119,30 @@ pub(crate) async fn connect(
         target: request.target,
         token,
     };
-    let tunnel = state
-        .tunnels
-        .claim(request.subdomain, owner, client, |name| {
-            state.public_url(name)
-        })
-        .map_err(|err| {
-            let (status, code) = match err {
-                ClaimError::InUse(_) | ClaimError::Held(..) => (StatusCode::CONFLICT, "name_taken"),
-                ClaimError::Reserved(_) => (StatusCode::FORBIDDEN, "name_reserved"),
-                ClaimError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_tunnels"),
-                ClaimError::Full(_) | ClaimError::Exhausted => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "relay_full")
-                }
-                ClaimError::TokenRemoved => return AuthError::Wrong.into(),
-            };
-            ApiError::new(status, code, err.to_string())
-        })?;
+    let claim = |owner, client| {
+        state
+            .tunnels
+            .claim(request.subdomain.clone(), owner, client, |name| {
+                state.public_url(name)
+            })
+    };
+    let tunnel = claim(owner.clone(), client.clone()).map_err(refusal)?;
     // A reload of the tokens file may have removed the token since it was
     // checked, after the reload ended the tunnels that token had opened.
     if token.is_some_and(|token| state.accounts.principal(&token).is_none()) {
         state.tunnels.discard(&tunnel);
         return Err(AuthError::Wrong.into());
     }
+    let tunnel = match &state.cluster {
+        Some(cluster) => {
+            claim_in_fleet(state, cluster, tunnel, || {
+                // A random name another relay serves: draw another.
+                (request.subdomain.is_none()).then(|| claim(owner.clone(), client.clone()))
+            })
+            .await?
+        }
+        None => tunnel,
+    };
     let accept = req
         .headers()
         .get(header::SEC_WEBSOCKET_KEY)
@@ -175,6 +176,78 @@ pub(crate) async fn connect(
     Ok(response)
 }
 
+/// The answer to a connect whose name this relay's registry refused.
+fn refusal(err: ClaimError) -> ApiError {
+    let (status, code) = match err {
+        ClaimError::InUse(_) | ClaimError::Held(..) => (StatusCode::CONFLICT, "name_taken"),
+        ClaimError::Reserved(_) => (StatusCode::FORBIDDEN, "name_reserved"),
+        ClaimError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_tunnels"),
+        ClaimError::Full(_) | ClaimError::Exhausted => {
+            (StatusCode::SERVICE_UNAVAILABLE, "relay_full")
+        }
+        ClaimError::TokenRemoved => return AuthError::Wrong.into(),
+    };
+    ApiError::new(status, code, err.to_string())
+}
+
+/// How many random names a relay of a fleet tries when the ones it drew
+/// are served by other relays.
+const FLEET_NAME_ATTEMPTS: usize = 3;
+
+/// Claims `tunnel`'s name (granted by this relay's registry) in the fleet's
+/// registry too. A random name that another relay serves or holds is given
+/// back and `another` draws a new one, a few times.
+async fn claim_in_fleet(
+    state: &State,
+    cluster: &crate::cluster::Cluster,
+    mut tunnel: Arc<Tunnel>,
+    another: impl Fn() -> Option<Result<Arc<Tunnel>, ClaimError>>,
+) -> Result<Arc<Tunnel>, ApiError> {
+    let mut attempts = 1;
+    loop {
+        let max = state.tunnels.tunnel_limit(&tunnel.owner);
+        // A name held for another owner since its session ended, here or on
+        // another relay, is theirs; unless it is reserved for this one.
+        let check_hold = !state.tunnels.reserved_for(&tunnel.name, &tunnel.owner);
+        let err = match cluster.claim(&tunnel, max, check_hold).await {
+            Ok(()) => return Ok(tunnel),
+            Err(err) => err,
+        };
+        state.tunnels.discard(&tunnel);
+        let answer = match &err {
+            crate::cluster::ClaimError::InUse(_) | crate::cluster::ClaimError::Held(_) => {
+                ApiError::new(StatusCode::CONFLICT, "name_taken", err.to_string())
+            }
+            crate::cluster::ClaimError::TooMany(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_tunnels",
+                err.to_string(),
+            ),
+            crate::cluster::ClaimError::Store(_) => {
+                warn!(%err, "tunnel refused: the fleet's database did not answer");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    err.to_string(),
+                )
+            }
+        };
+        let taken = matches!(
+            err,
+            crate::cluster::ClaimError::InUse(_) | crate::cluster::ClaimError::Held(_)
+        );
+        if attempts >= FLEET_NAME_ATTEMPTS || !taken {
+            return Err(answer);
+        }
+        match another() {
+            Some(Ok(next)) => tunnel = next,
+            Some(Err(err)) => return Err(refusal(err)),
+            None => return Err(answer),
+        }
+        attempts += 1;
+    }
+}
+
 /// Runs one session: HTTP/2 over the upgraded WebSocket, until it ends.
 async fn run(
     state: Arc<State>,
@@ -187,13 +260,23 @@ async fn run(
         debug!(%err, "tunnel connection ended with an error");
     }
     state.tunnels.release(&tunnel);
+    // A name another relay of the fleet took over is that relay's to save.
+    let ours = state
+        .cluster
+        .as_ref()
+        .is_none_or(|cluster| cluster.holds(&tunnel.name));
     // The hold is saved after the session's start was, never before.
     if let Some(saved) = saved {
         let _ = saved.await;
     }
-    if state.tunnels.get(&tunnel.name).is_none() {
+    if ours && state.tunnels.get(&tunnel.name).is_none() {
         let hold = i64::try_from(state.config.name_hold.as_micros()).unwrap_or(i64::MAX);
         remember(&state, &tunnel, Some(now_micros().saturating_add(hold))).await;
+    }
+    // Only then is the name free in the fleet: another relay's claim finds
+    // the hold.
+    if let Some(cluster) = &state.cluster {
+        cluster.end(&state.tunnels, &tunnel).await;
     }
     let reason = tunnel.close.remote_reason().map(|r| r.reason);
     info!(

@@ -615,6 +615,28 @@ impl Tunnels {
         }
     }
 
+    /// Whether `name` is reserved for `owner`'s account: then no hold of
+    /// anybody else's counts.
+    pub fn reserved_for(&self, name: &Subdomain, owner: &Owner) -> bool {
+        let registry = self.registry();
+        registry.reserved.contains_key(name) && !registry.reserved_against(name, owner)
+    }
+
+    /// How many tunnels `owner` may hold at once: its account's own limit
+    /// or the relay's; `None` for owners without an account (open relays).
+    pub fn tunnel_limit(&self, owner: &Owner) -> Option<usize> {
+        let Owner::Account(account) = owner else {
+            return None;
+        };
+        Some(
+            self.registry()
+                .max_per_account
+                .get(account)
+                .copied()
+                .unwrap_or(self.limits.max_per_account),
+        )
+    }
+
     /// Who owns `name` now: its live tunnel's owner, or the holder of an
     /// unexpired hold.
     pub fn owner_of(&self, name: &Subdomain) -> Option<Owner> {

@@ -380,3 +380,80 @@ fn a_token_listed_twice_is_a_warning_not_a_stop() {
     }
     assert!(said.contains("ferry-relay listening on"), "{said}");
 }
+
+#[test]
+fn fleet_flags_go_together_and_only_with_a_database() {
+    let fails_with = |args: &[&str], says: &[&str]| {
+        let output = relay(args).output().expect("ferry-relay runs");
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for part in says {
+            assert!(stderr.contains(part), "{args:?}: {stderr}");
+        }
+    };
+    fails_with(
+        &["--unknown-names-per-minute", "0"],
+        &["--unknown-names-per-minute"],
+    );
+    let db = "postgres://ferry@127.0.0.1:1/ferry";
+    let secret = "0123456789abcdef0123";
+    fails_with(
+        &["--cluster-listen", "127.0.0.1:0"],
+        &["--cluster-listen, --advertise-url and --cluster-secret go together"],
+    );
+    fails_with(
+        &[
+            "--cluster-listen",
+            "127.0.0.1:0",
+            "--advertise-url",
+            "http://127.0.0.1:7070",
+            "--cluster-secret",
+            secret,
+        ],
+        &["needs --database-url"],
+    );
+    let cases = [
+        (
+            "https://10.0.0.2:7070",
+            secret,
+            "10s",
+            "must be http://HOST:PORT",
+        ),
+        ("http://10.0.0.2", secret, "10s", "must be http://HOST:PORT"),
+        (
+            "http://10.0.0.2:7070/x",
+            secret,
+            "10s",
+            "must be http://HOST:PORT",
+        ),
+        (
+            "http://10.0.0.2:7070",
+            "short",
+            "10s",
+            "at least 16 printable characters",
+        ),
+        (
+            "http://10.0.0.2:7070",
+            secret,
+            "100ms",
+            "--cluster-lease must be at least",
+        ),
+    ];
+    for (url, secret, lease, says) in cases {
+        fails_with(
+            &[
+                "--database-url",
+                db,
+                "--cluster-listen",
+                "127.0.0.1:0",
+                "--advertise-url",
+                url,
+                "--cluster-secret",
+                secret,
+                "--cluster-lease",
+                lease,
+            ],
+            &[says],
+        );
+    }
+}

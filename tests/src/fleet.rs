@@ -58,15 +58,23 @@ impl RelayProcess {
             .expect("ferry-relay starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let first = within("the relay's banner", lines.next_line())
-            .await
-            .expect("stdout reads")
-            .expect("a banner line");
-        let addr = first
-            .strip_prefix("ferry-relay listening on http://")
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no bound address in `{first}`"));
+        let addr = within("the relay's banner", async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .expect("stdout reads")
+                    .expect("the relay printed its banner before it ended");
+                if let Some(rest) = line.strip_prefix("ferry-relay listening on http://") {
+                    break rest
+                        .split(' ')
+                        .next()
+                        .and_then(|addr| addr.parse::<SocketAddr>().ok())
+                        .unwrap_or_else(|| panic!("no bound address in `{line}`"));
+                }
+            }
+        })
+        .await;
         // The rest of its output is read and dropped, so it never blocks on
         // a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });

@@ -74,10 +74,16 @@ pub async fn read_body(body: Incoming) -> Vec<u8> {
         .to_vec()
 }
 
+/// The secret of the fleets [`TestRelay::start_in_fleet`] starts.
+pub const FLEET_SECRET: &str = "the-test-fleet-secret";
+
 /// A relay running in this process.
 pub struct TestRelay {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its cluster listener takes requests from the fleet's other
+    /// relays, for a relay of a fleet.
+    pub cluster_addr: Option<SocketAddr>,
     /// Shuts the relay down when cancelled, or when the handle drops (a
     /// test that panics stops its relay too).
     shutdown: DropGuard,
@@ -107,6 +113,54 @@ impl TestRelay {
         listeners: ferry_relay::Listeners,
         config: ferry_relay::Config,
     ) -> Self {
+        Self::launch(listeners, config, None).await
+    }
+
+    /// Starts a relay of the fleet on `config.database_url` on a free
+    /// port, its cluster listener on another, sharing [`FLEET_SECRET`] and
+    /// holding names with leases of `lease`. It advertises its cluster
+    /// listener's address, unless `config.cluster` names another URL (a
+    /// relay the others cannot reach); a given `config.cluster` also sets
+    /// its limit on unknown names (with an empty URL, for that alone).
+    pub async fn start_in_fleet(mut config: ferry_relay::Config, lease: Duration) -> Self {
+        assert!(config.database_url.is_some(), "a fleet shares a database");
+        let cluster = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("cluster listener should bind");
+        let cluster_addr = cluster.local_addr().expect("bound listener has an address");
+        let advertise_url = config
+            .cluster
+            .as_ref()
+            .filter(|c| !c.advertise_url.is_empty())
+            .map_or_else(
+                || format!("http://{cluster_addr}"),
+                |c| c.advertise_url.clone(),
+            );
+        config.cluster = Some(ferry_relay::config::Cluster {
+            advertise_url,
+            secret: ferry_relay::cluster::Secret::new(FLEET_SECRET),
+            lease,
+            unknown_names_per_minute: config.cluster.as_ref().map_or(
+                ferry_relay::config::Cluster::DEFAULT_UNKNOWN_NAMES_PER_MINUTE,
+                |c| c.unknown_names_per_minute,
+            ),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("relay should bind");
+        Self::launch(
+            ferry_relay::Listeners::plain(listener),
+            config,
+            Some(cluster),
+        )
+        .await
+    }
+
+    async fn launch(
+        listeners: ferry_relay::Listeners,
+        config: ferry_relay::Config,
+        cluster: Option<TcpListener>,
+    ) -> Self {
         let bound = match (&listeners.plain, &listeners.tls) {
             (Some(listener), _) | (None, Some((listener, _))) => listener,
             (None, None) => panic!("a test relay needs a listener"),
@@ -121,9 +175,23 @@ impl TestRelay {
         }
         let data_dir = config.data_dir.clone();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ferry_relay::run(config, listeners, shutdown.clone()));
+        let cluster_addr = cluster.as_ref().map(|listener| {
+            listener
+                .local_addr()
+                .expect("bound listener has an address")
+        });
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let relay = ferry_relay::Relay::open(config).await?;
+            let relay = match cluster {
+                Some(listener) => relay.with_cluster_listener(listener),
+                None => relay,
+            };
+            relay.run(listeners, stop).await
+        });
         Self {
             addr,
+            cluster_addr,
             shutdown: shutdown.drop_guard(),
             task,
             data_dir,
@@ -550,6 +618,11 @@ impl Api {
             relay: relay.addr,
             token: None,
         }
+    }
+
+    /// The API of the relay listening at `relay`, without a token.
+    pub fn at(relay: SocketAddr) -> Self {
+        Self { relay, token: None }
     }
 
     /// The API of `relay` with `token`.

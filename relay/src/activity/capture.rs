@@ -39,7 +39,7 @@ const BATCH_GATHER: Duration = Duration::from_millis(10);
 
 /// How long a batch waits before it is written again while the database
 /// is unreachable.
-const RETRY_UNREACHABLE: Duration = Duration::from_secs(1);
+const RETRY_UNAVAILABLE: Duration = Duration::from_secs(1);
 
 /// What capture has done, for `/metrics` and `/healthz`.
 #[derive(Debug, Default)]
@@ -166,7 +166,7 @@ impl Recorder {
 
 /// The writer: takes what is queued, up to a batch, and stores it in one
 /// transaction; a failed write is counted and reported, and retried only
-/// while the database is unreachable and the relay is not stopping.
+/// while the database is unavailable and the relay is not stopping.
 async fn write(
     log: Arc<dyn ActivityLog>,
     mut receiver: mpsc::Receiver<(Exchange, OwnedSemaphorePermit)>,
@@ -221,16 +221,16 @@ async fn write(
                     health.send_if_modified(|h| h.take().is_some());
                     committed.send_modify(|n| *n += 1);
                 }
-                // An unreachable database may come back: the batch waits,
+                // A database unavailable for now may come back: the batch waits,
                 // holding its share of the queue's budget, so what arrives
                 // meanwhile queues until the budget is spent and is shed
                 // and dropped (counted) beyond it.
-                Err(err) if err.is_unreachable() && !stop.is_cancelled() => {
-                    tracing::warn!(%err, entries = count, "activity log unreachable; entries wait in memory, forwarding goes on");
+                Err(err) if err.is_unavailable() && !stop.is_cancelled() => {
+                    tracing::warn!(%err, entries = count, "activity log unavailable; entries wait in memory, forwarding goes on");
                     health.send_replace(Some(err.to_string()));
                     // Cancel-safe: a sleep.
                     tokio::select! {
-                        () = tokio::time::sleep(RETRY_UNREACHABLE) => {}
+                        () = tokio::time::sleep(RETRY_UNAVAILABLE) => {}
                         () = stop.cancelled() => {}
                     }
                     continue;

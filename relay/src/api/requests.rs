@@ -660,7 +660,7 @@ impl Tail {
                 // A shared database that is down comes back with a commit
                 // (the follower of other relays' commits signals one when
                 // it reconnects): the feed waits for it below.
-                Err(err) if err.is_unreachable() => Vec::new(),
+                Err(err) if err.is_unavailable() => Vec::new(),
                 Err(err) => {
                     tracing::warn!(%err, "live tail ended: the log could not be read");
                     return None;

@@ -873,10 +873,13 @@ pub(crate) async fn add_event_type(
 ) -> Result<Response<Body>, ApiError> {
     catalogue::check_name(&input.name).map_err(|m| invalid("invalid_event_type", m))?;
     let description = input.description.trim().to_owned();
-    if description.is_empty() || description.chars().count() > MAX_DESCRIPTION {
+    if description.is_empty()
+        || description.chars().count() > MAX_DESCRIPTION
+        || description.chars().any(char::is_control)
+    {
         return Err(invalid(
             "invalid_event_type",
-            format!("`description` must be 1 to {MAX_DESCRIPTION} characters"),
+            format!("`description` must be 1 to {MAX_DESCRIPTION} characters without control characters"),
         ));
     }
     let example = input.example.unwrap_or_else(|| serde_json::json!({}));

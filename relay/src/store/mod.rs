@@ -484,15 +484,16 @@ pub struct Retention {
 #[error("{0}")]
 pub struct StoreError(pub String);
 
-/// The start of the error of a call that could not reach the database at
-/// all (as opposed to one the database refused): worth trying again later.
-pub const UNREACHABLE: &str = "the database is unreachable";
+/// The start of the error of a call the database could not serve for now:
+/// it is unreachable or shutting down, or the call met a conflict that
+/// clears by itself (a deadlock, a lock wait cut short, a read-only server
+/// after a failover). The same call may work later.
+pub const UNAVAILABLE: &str = "the database is unavailable";
 
 impl StoreError {
-    /// Whether the database could not be reached: the same call may work
-    /// once it is back.
-    pub fn is_unreachable(&self) -> bool {
-        self.0.starts_with(UNREACHABLE)
+    /// Whether the same call may work later: see [`UNAVAILABLE`].
+    pub fn is_unavailable(&self) -> bool {
+        self.0.starts_with(UNAVAILABLE)
     }
 }
 

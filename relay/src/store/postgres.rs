@@ -8,24 +8,32 @@
 
 mod activity;
 mod dispatch;
+mod sessions;
+
+pub use sessions::{
+    channel, parse_takeover, Listener, SessionClaim, SessionClaimed, SessionHolder,
+};
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use async_trait::async_trait;
 
-use super::{Database, StoreError, UNREACHABLE};
+use super::{Database, StoreError, UNAVAILABLE};
 
 /// The schema, one migration per version, applied in order. Never edit a
 /// migration that shipped: add the next one.
 const MIGRATIONS: &[&str] = &[
     include_str!("postgres/001_activity.sql"),
     include_str!("postgres/002_dispatch.sql"),
+    include_str!("postgres/003_sessions.sql"),
 ];
 
 /// The advisory lock key migrations run under ("ferry" in ASCII).
@@ -34,8 +42,28 @@ const MIGRATION_LOCK: i64 = 0x0066_6572_7279;
 /// Connections a relay keeps open at most.
 const POOL_SIZE: usize = 16;
 
+/// Connections of the pool that the API's reads (lists, searches, live
+/// feeds, deliveries) may hold at once: the rest stay free for capture, the
+/// dispatcher and health checks, so a flood of slow searches cannot stall
+/// them.
+const READ_SLOTS: usize = POOL_SIZE - 6;
+
 /// How long a call waits for a connection of the pool, or for a new one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a statement waits for a lock another relay holds.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest any statement runs (lists and searches have a shorter
+/// limit of their own).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the server keeps a transaction whose relay went silent.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(30);
+
+/// How long a silent connection is kept before TCP probes it, and how long
+/// unacknowledged data may wait before the connection counts as lost.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// An error and its causes: the driver's own text ("db error", "error
 /// connecting to server") leaves out what the server or the socket said.
@@ -53,16 +81,44 @@ fn with_causes(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Whether the same call may work later ([`UNAVAILABLE`]): the server could
+/// not be reached, is shutting down, or refused for a reason that clears
+/// by itself. Any other error (a constraint, a bad value) would fail again.
+fn transient(err: &tokio_postgres::Error) -> bool {
+    match err.code() {
+        Some(code) => {
+            let code = code.code();
+            // 08: connection; 40: deadlock, serialization; 53: resources.
+            ["08", "40", "53"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || matches!(
+                    code,
+                    // A lock wait cut short, a statement that ran out of
+                    // time, a server shutting down or starting, a
+                    // read-only server after a failover.
+                    "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "25006"
+                )
+        }
+        // No answer: the driver's own errors about the connection.
+        None => {
+            let text = err.to_string();
+            err.is_closed()
+                || [
+                    "error connecting to server",
+                    "error communicating with the server",
+                    "timeout waiting for server",
+                ]
+                .iter()
+                .any(|prefix| text.starts_with(prefix))
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // No answer from the server (a closed connection, a broken socket),
-        // a connection error or a server shutting down is an outage; any
-        // other error the server sent is not.
-        let unreachable = err.code().is_none_or(|code| {
-            code.code().starts_with("08") || matches!(code.code(), "57P01" | "57P02" | "57P03")
-        });
-        if unreachable {
-            Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
+        if transient(&err) {
+            Self(format!("{UNAVAILABLE}: {}", with_causes(&err)))
         } else {
             Self(format!("the database failed: {}", with_causes(&err)))
         }
@@ -71,7 +127,7 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
-        Self(format!("{UNREACHABLE}: {}", with_causes(&err)))
+        Self(format!("{UNAVAILABLE}: {}", with_causes(&err)))
     }
 }
 
@@ -82,10 +138,32 @@ pub(super) const LOG_CHANNEL: &str = "ferry_log";
 /// How long the follower of [`LOG_CHANNEL`] waits before connecting again.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
+/// A pool connection held for one of the API's reads, with its slot.
+struct Reader {
+    client: deadpool_postgres::Object,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Reader {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Reader {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.client
+    }
+}
+
 /// The store on a PostgreSQL database shared by every relay of a fleet.
 #[derive(Clone)]
 pub struct Postgres {
     pool: Pool,
+    /// [`READ_SLOTS`] permits.
+    reads: Arc<Semaphore>,
     /// Bumped on each notification of [`LOG_CHANNEL`].
     commits: watch::Receiver<u64>,
 }
@@ -110,6 +188,25 @@ impl Postgres {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("ferry-relay");
+        // The server's notices ("already exists, skipping" on every start)
+        // would reach the relay's log as noise; warnings still do. No wait
+        // is unbounded: a relay that froze holding a lock, or a transaction
+        // left open by a lost connection, stalls the others for seconds,
+        // not until TCP gives up on it (hours).
+        let settings = format!(
+            "-c client_min_messages=warning -c lock_timeout={} \
+             -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            LOCK_TIMEOUT.as_millis(),
+            STATEMENT_TIMEOUT.as_millis(),
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {settings}"),
+            None => settings,
+        };
+        config.options(options);
+        config.keepalives_idle(KEEPALIVE_IDLE);
+        config.tcp_user_timeout(KEEPALIVE_IDLE);
         let (commits, following) = watch::channel(0);
         tokio::spawn(follow_commits(config.clone(), commits));
         let manager = Manager::from_config(
@@ -129,6 +226,7 @@ impl Postgres {
             .map_err(|err| StoreError(format!("cannot build the database pool: {err}")))?;
         let store = Self {
             pool,
+            reads: Arc::new(Semaphore::new(READ_SLOTS)),
             commits: following,
         };
         store.migrate().await?;
@@ -140,9 +238,31 @@ impl Postgres {
         Ok(self.pool.get().await?)
     }
 
+    /// A connection of the pool for one of the API's reads, within
+    /// [`READ_SLOTS`].
+    async fn reader(&self) -> Result<Reader, StoreError> {
+        let slot = tokio::time::timeout(CONNECT_TIMEOUT, Arc::clone(&self.reads).acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                StoreError(format!(
+                    "{UNAVAILABLE}: {READ_SLOTS} reads are running; try again shortly"
+                ))
+            })?;
+        Ok(Reader {
+            client: self.client().await?,
+            _slot: slot,
+        })
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // Relays starting together wait for the first one's migrations,
+        // however long they take.
+        tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS ferry_schema (version INTEGER NOT NULL)")

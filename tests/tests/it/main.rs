@@ -13,6 +13,8 @@ mod dispatch;
 mod dispatch_queue;
 mod dns;
 mod export;
+mod fleet;
+mod fleet_dispatch;
 mod forwarding;
 mod handshake;
 mod hosts;

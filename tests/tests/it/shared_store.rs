@@ -197,7 +197,7 @@ async fn a_database_outage_fails_health_refuses_events_and_loses_no_capture() {
     let (status, text) = api.get("/healthz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let text = String::from_utf8_lossy(&text).into_owned();
-    assert!(text.contains("database is unreachable"), "{text}");
+    assert!(text.contains("database is unavailable"), "{text}");
     // The tunnel forwards on.
     assert_eq!(
         get_through(&relay, &client, "/during").await,

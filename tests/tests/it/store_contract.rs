@@ -1256,7 +1256,7 @@ async fn postgres_connect_fails_clearly_when_the_server_is_unreachable_or_the_ur
         };
         let message = err.to_string();
         assert!(
-            message.contains("the database is unreachable") && message.contains(why),
+            message.contains("the database is unavailable") && message.contains(why),
             "{url}: {message}"
         );
     }
@@ -1312,3 +1312,38 @@ async fn postgres_a_search_past_its_time_fails_as_too_slow() {
 }
 
 mod webhooks;
+
+#[tokio::test]
+async fn postgres_a_nul_in_a_text_field_is_stored_as_a_replacement_not_a_failed_batch() {
+    let store = fresh_postgres().await;
+    let mut odd = entry("acct_a", "t", T0);
+    odd.error = Some("the target said \0 and hung up".to_owned());
+    let plain = entry("acct_a", "t", T0 + 1);
+    store
+        .append(vec![odd.clone(), plain.clone()])
+        .await
+        .expect("a NUL does not fail the batch");
+    let got = store.get(odd.id, None).await.expect("get").expect("stored");
+    assert_eq!(
+        got.error.as_deref(),
+        Some("the target said \u{FFFD} and hung up")
+    );
+    assert_eq!(store.get(plain.id, None).await.expect("get"), Some(plain));
+
+    let name = NameRecord {
+        name: "alpha".to_owned(),
+        owner: "acct_a".to_owned(),
+        last_seen: 1,
+        hold_until: None,
+        target: Some("http://localhost:3000/\0".to_owned()),
+    };
+    store
+        .save_name(name)
+        .await
+        .expect("a NUL does not fail the save");
+    let saved = store.name("alpha").await.expect("name").expect("saved");
+    assert_eq!(
+        saved.target.as_deref(),
+        Some("http://localhost:3000/\u{FFFD}")
+    );
+}

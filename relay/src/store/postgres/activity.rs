@@ -82,7 +82,9 @@ fn refs(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 /// PostgreSQL's text cannot hold NUL, which bodies and header values may:
-/// the search text holds U+FFFD in its place, and so does the query.
+/// the search text holds U+FFFD in its place, and so does the query. So do
+/// the text columns a caller or a client could put one in (method, URL,
+/// error, a name's target): one NUL would fail a whole batch.
 fn without_nul(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
@@ -252,8 +254,8 @@ fn insert_values(entry: &Exchange) -> Vec<Value> {
         Box::new(entry.kind.as_str()),
         Box::new(entry.replay_of.map(|r| r.to_string())),
         Box::new(entry.received_at),
-        Box::new(entry.method.clone()),
-        Box::new(entry.url.clone()),
+        Box::new(without_nul(&entry.method)),
+        Box::new(without_nul(&entry.url)),
         Box::new(entry.http_version.clone()),
         Box::new(entry.remote_addr.clone()),
         Box::new(encode_headers(&entry.request_headers)),
@@ -268,7 +270,7 @@ fn insert_values(entry: &Exchange) -> Vec<Value> {
         Box::new(entry.responded_at),
         Box::new(entry.done_at),
         Box::new(entry.outcome.as_str()),
-        Box::new(entry.error.clone()),
+        Box::new(entry.error.as_deref().map(without_nul)),
         Box::new(entry.incomplete),
         Box::new(entry.replayed_at),
         Box::new(clamp(entry.stored_size())),
@@ -294,7 +296,7 @@ impl Postgres {
     /// Runs a list or search query in a read-only transaction that cancels
     /// it past [`READ_TIME_LIMIT`].
     async fn read_timed(&self, sql: &str, values: &[Value]) -> Result<Vec<Logged>, StoreError> {
-        let mut client = self.client().await?;
+        let mut client = self.reader().await?;
         let tx = client.build_transaction().read_only(true).start().await?;
         tx.batch_execute(&format!(
             "SET LOCAL statement_timeout = {}",
@@ -478,7 +480,7 @@ impl ActivityLog for Postgres {
     }
 
     async fn seq_of(&self, id: ExchangeId, owner: Option<&str>) -> Result<Option<i64>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let statement = client
             .prepare_cached(
                 "SELECT seq FROM exchanges WHERE id = $1 AND ($2::text IS NULL OR owner = $2)",
@@ -503,7 +505,7 @@ impl ActivityLog for Postgres {
         id: ExchangeId,
         owner: Option<&str>,
     ) -> Result<Option<Exchange>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM exchanges WHERE id = $1 AND ($2::text IS NULL OR owner = $2)"
@@ -613,7 +615,7 @@ impl NameRegistry for Postgres {
                     &record.owner,
                     &record.last_seen,
                     &record.hold_until,
-                    &record.target,
+                    &record.target.as_deref().map(without_nul),
                 ],
             )
             .await?;

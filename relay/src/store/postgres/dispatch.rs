@@ -476,7 +476,7 @@ impl Webhooks for Postgres {
         &self,
         owner: Option<&str>,
     ) -> Result<Vec<(WebhookRecord, Option<DeliveryState>)>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {WEBHOOK_COLUMNS},
@@ -545,7 +545,7 @@ impl Webhooks for Postgres {
     }
 
     async fn event_types(&self, owner: Option<&str>) -> Result<Vec<EventTypeRecord>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let statement = client
             .prepare_cached(
                 "SELECT owner, name, description, example FROM event_types
@@ -780,7 +780,7 @@ impl Webhooks for Postgres {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event
@@ -808,7 +808,7 @@ impl Webhooks for Postgres {
         id: &str,
         owner: Option<&str>,
     ) -> Result<Option<(DeliveryRecord, Vec<AttemptRecord>)>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.key = d.event
