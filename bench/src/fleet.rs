@@ -1,8 +1,13 @@
 //! A fleet on PostgreSQL (`--fleet`), on a PostgreSQL server of the
-//! bench's own ([`crate::pg`]): the dispatcher's durable deliveries per
-//! second with one relay on SQLite (the baseline), one relay on
-//! PostgreSQL, and three relays whose workers drain one PostgreSQL
-//! database's queue.
+//! bench's own ([`crate::pg`]):
+//!
+//! - requests/s of a 1 KiB GET straight to the origin, through the relay
+//!   holding the tunnel, through another relay of the fleet (which hands
+//!   each request to the holder over the cluster link), and spread over
+//!   all three; with every relay's CPU per request;
+//! - the dispatcher's durable deliveries per second with one relay on
+//!   SQLite (the baseline), one relay on PostgreSQL, and three relays
+//!   whose workers drain one PostgreSQL database's queue.
 //!
 //! Each round runs every setup once, so that what else the machine does
 //! falls on all of them alike.
@@ -17,7 +22,7 @@ use crate::receiver::Receiver;
 use crate::scenarios::{median, start_relay, Capture, Row, Settings, DISPATCH_FLAGS, PRODUCERS};
 
 /// Relays in the fleet.
-const FLEET: usize = 3;
+pub(crate) const FLEET: usize = 3;
 
 /// The dispatcher runs measured on each setup: (webhooks, backlog), as in
 /// [`crate::scenarios::dispatcher`]: four webhooks end to end (intake and
@@ -74,7 +79,12 @@ pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     let server = tokio::task::spawn_blocking(PgServer::start)
         .await
         .map_err(|err| format!("starting PostgreSQL: {err}"))??;
-    let rows = deliveries(bin, settings, &server).await;
+    let rows = async {
+        let mut rows = crate::routing::requests(bin, settings, &server).await?;
+        rows.extend(deliveries(bin, settings, &server).await?);
+        Ok::<_, String>(rows)
+    }
+    .await;
     let stopped = tokio::task::spawn_blocking(move || server.stop())
         .await
         .map_err(|err| format!("stopping PostgreSQL: {err}"))?;

@@ -16,7 +16,8 @@
 //! - [`log_writes`]: the activity log's write rate, on the relay's store
 //!   in this process.
 //! - [`fleet`]: a fleet of relays on one PostgreSQL database
-//!   (`--fleet`), on a server of its own from [`pg`]: the dispatcher on
+//!   (`--fleet`), on a server of its own from [`pg`]: requests through
+//!   another relay than the tunnel's ([`routing`]), and the dispatcher on
 //!   one relay on SQLite, one on PostgreSQL and three sharing a database.
 //! - [`framing_bench`]: a lighter tunnel framing against HTTP/2, through
 //!   the prototypes in [`proto`] ([`light`] over the wire format in
@@ -41,6 +42,7 @@ mod pg;
 mod procs;
 mod proto;
 mod receiver;
+mod routing;
 mod scenarios;
 mod side_by_side;
 
