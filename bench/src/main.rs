@@ -75,10 +75,12 @@ struct Cli {
     /// and the relay at --threads 1 and 2.
     #[arg(long, conflicts_with = "fleet")]
     peers: bool,
-    /// Run the fleet's scenarios instead: the dispatcher with one relay on
-    /// SQLite, one on PostgreSQL and three sharing one PostgreSQL database,
-    /// on a PostgreSQL server of the bench's own in a temporary folder
-    /// (Debian's `postgresql` must be installed).
+    /// Run the fleet's scenarios instead: a 1 KiB GET at the relay holding
+    /// the tunnel and at another of three relays sharing one PostgreSQL
+    /// database, and the dispatcher with one relay on SQLite, one on
+    /// PostgreSQL and three on one database; on a PostgreSQL server of the
+    /// bench's own in a temporary folder (Debian's `postgresql` must be
+    /// installed).
     #[arg(long)]
     fleet: bool,
     /// The origin every tunnel forwards to: the builtin one, or Debian's

@@ -283,7 +283,7 @@ fn request_rows(runs: &[Vec<Served>; 4]) -> Vec<Row> {
             cpu(holder, Served::database_us),
             cpu(forwarded, Served::database_us),
         )
-        .note("the activity log's writes"),
+        .note("log writes; at another relay also a holder lookup per request"),
     ]
 }
 
