@@ -201,17 +201,22 @@ struct Run {
     duplicates: usize,
 }
 
-/// Sends events as `how` says to a relay whose `webhooks` webhooks point at
-/// `receiver`, and waits until every delivery has arrived once.
+/// Sends events as `how` says to `relays`, round-robin (relays sharing one
+/// database, whose `webhooks` webhooks point at `receiver`), and waits
+/// until every delivery has arrived once.
 async fn run(
-    relay: SocketAddr,
+    relays: &[SocketAddr],
     receiver: &mut Receiver,
     webhooks: usize,
     how: Sending,
 ) -> Result<Run, String> {
     let mut connections = Vec::with_capacity(how.producers);
     for _ in 0..how.producers {
-        connections.push(Api::connect(relay).await?);
+        let mut apis = Vec::with_capacity(relays.len());
+        for &relay in relays {
+            apis.push(Api::connect(relay).await?);
+        }
+        connections.push(apis);
     }
     if how.backlog {
         receiver.hold();
@@ -286,10 +291,11 @@ async fn run(
     })
 }
 
-/// Producer `p`: sends events `p`, `p + producers`, … and checks that
-/// each was accepted with a delivery for every webhook.
+/// Producer `p`: sends events `p`, `p + producers`, …, event `seq` to
+/// relay `seq % relays`, and checks that each was accepted with a delivery
+/// for every webhook.
 async fn produce(
-    mut api: Api,
+    mut apis: Vec<Api>,
     p: usize,
     how: Sending,
     start: Instant,
@@ -306,6 +312,10 @@ async fn produce(
             data: serde_json::json!({ "seq": seq, "document_id": format!("doc_{seq}") }),
             id: None,
         };
+        let relays = apis.len();
+        let api = apis
+            .get_mut(seq % relays.max(1))
+            .ok_or("a producer with no relay to send to")?;
         let at = Instant::now();
         let answer: EventAccepted = api
             .post("/api/v1/events", &event, StatusCode::ACCEPTED)
@@ -338,14 +348,15 @@ pub struct Throughput {
     pub duplicates: usize,
 }
 
-/// Posts `events` events as fast as `producers` producers can, to a relay
-/// whose `webhooks` webhooks point at `receiver`, and times them until
+/// Posts `events` events as fast as `producers` producers can, to
+/// `relays` round-robin, whose `webhooks` webhooks point at `receiver`
+/// (one relay, or several on one database), and times them until
 /// every delivery has arrived. With `backlog`, the receiver holds every
 /// delivery until the last event was accepted, and deliveries are timed
 /// from its first answer: the dispatcher draining its queue with no
 /// intake beside it.
 pub async fn throughput(
-    relay: SocketAddr,
+    relays: &[SocketAddr],
     receiver: &mut Receiver,
     webhooks: usize,
     events: usize,
@@ -358,7 +369,7 @@ pub async fn throughput(
         period: Duration::ZERO,
         backlog,
     };
-    let run = run(relay, receiver, webhooks, how).await?;
+    let run = run(relays, receiver, webhooks, how).await?;
     let last_accepted = run
         .sent
         .iter()
@@ -409,7 +420,7 @@ pub async fn queue_delay(
         period: Duration::from_secs(1) / rate.max(1),
         backlog: false,
     };
-    let run = run(relay, receiver, 1, how).await?;
+    let run = run(&[relay], receiver, 1, how).await?;
     let (mut from_accepted, mut from_sent, mut post) = (Vec::new(), Vec::new(), Vec::new());
     for (sent, arrived) in run.sent.iter().zip(&run.arrived[0]) {
         let (Some(sent), Some(arrived)) = (sent, arrived) else {
@@ -450,27 +461,32 @@ pub struct Stored {
     pub catch_up_secs: f64,
 }
 
-/// Waits until the relay has stored `deliveries` succeeded deliveries (its
-/// `/metrics` counts them once their transaction commits), then counts them
-/// again page by page through the API for each of `webhooks`.
+/// Waits until `relays` have stored `deliveries` succeeded deliveries
+/// between them (each one's `/metrics` counts those it made once their
+/// transaction commits), then counts them again page by page through the
+/// first one's API for each of `webhooks`.
 pub async fn stored(
-    relay: SocketAddr,
+    relays: &[SocketAddr],
     webhooks: &[String],
     deliveries: usize,
 ) -> Result<Stored, String> {
     let started = Instant::now();
     let attempts = loop {
-        let metrics = Metrics::read(relay).await?;
-        let succeeded = metrics.value("ferry_dispatch_succeeded_total")?;
-        let failed = metrics.value("ferry_dispatch_failed_total")?;
-        let errors = metrics.value("ferry_dispatch_store_errors_total")?;
+        let (mut succeeded, mut failed, mut errors, mut attempts) = (0, 0, 0, 0);
+        for &relay in relays {
+            let metrics = Metrics::read(relay).await?;
+            succeeded += metrics.value("ferry_dispatch_succeeded_total")?;
+            failed += metrics.value("ferry_dispatch_failed_total")?;
+            errors += metrics.value("ferry_dispatch_store_errors_total")?;
+            attempts += metrics.value("ferry_dispatch_attempts_total")?;
+        }
         if failed > 0 || errors > 0 {
             return Err(format!(
                 "the relay counted {failed} failed deliveries and {errors} store errors"
             ));
         }
         if succeeded >= deliveries as u64 {
-            break metrics.value("ferry_dispatch_attempts_total")?;
+            break attempts;
         }
         if started.elapsed() > STORED_WAIT {
             return Err(format!(
@@ -480,7 +496,8 @@ pub async fn stored(
         tokio::time::sleep(POLL).await;
     };
     let catch_up_secs = started.elapsed().as_secs_f64();
-    let mut api = Api::connect(relay).await?;
+    let first = relays.first().ok_or("no relay to count deliveries on")?;
+    let mut api = Api::connect(*first).await?;
     let mut listed = 0;
     for id in webhooks {
         let mut before = None;

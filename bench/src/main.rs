@@ -15,6 +15,10 @@
 //! - [`receiver`]: the loopback webhook receiver deliveries go to.
 //! - [`log_writes`]: the activity log's write rate, on the relay's store
 //!   in this process.
+//! - [`fleet`]: a fleet of relays on one PostgreSQL database
+//!   (`--fleet`), on a server of its own from [`pg`]: requests through
+//!   another relay than the tunnel's ([`routing`]), and the dispatcher on
+//!   one relay on SQLite, one on PostgreSQL and three sharing a database.
 //! - [`framing_bench`]: a lighter tunnel framing against HTTP/2, through
 //!   the prototypes in [`proto`] ([`light`] over the wire format in
 //!   [`framing`]).
@@ -24,6 +28,7 @@
 //! dispatcher's scenario alone.
 
 mod dispatch;
+mod fleet;
 mod framing;
 mod framing_bench;
 mod light;
@@ -33,9 +38,11 @@ mod metrics;
 mod nginx;
 mod origin;
 mod peers;
+mod pg;
 mod procs;
 mod proto;
 mod receiver;
+mod routing;
 mod scenarios;
 mod side_by_side;
 
@@ -66,8 +73,16 @@ struct Cli {
     /// instead (installed once with cargo into $FERRY_BENCH_CACHE, else
     /// $XDG_CACHE_HOME/ferry-bench/peers, else ~/.cache/ferry-bench/peers),
     /// and the relay at --threads 1 and 2.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fleet")]
     peers: bool,
+    /// Run the fleet's scenarios instead: a 1 KiB GET at the relay holding
+    /// the tunnel and at another of three relays sharing one PostgreSQL
+    /// database, and the dispatcher with one relay on SQLite, one on
+    /// PostgreSQL and three on one database; on a PostgreSQL server of the
+    /// bench's own in a temporary folder (Debian's `postgresql` must be
+    /// installed).
+    #[arg(long)]
+    fleet: bool,
     /// The origin every tunnel forwards to: the builtin one, or Debian's
     /// nginx (`apt-get install nginx-light`).
     #[arg(long, value_enum, default_value = "builtin")]
@@ -166,7 +181,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         None => {
-            let only = if cli.peers { Only::Peers } else { Only::All };
+            let only = if cli.peers {
+                Only::Peers
+            } else if cli.fleet {
+                Only::Fleet
+            } else {
+                Only::All
+            };
             bench(cli.quick, cli.json, !cli.no_wrk, cli.origin, only).await
         }
         Some(Command::Dispatch) => {
@@ -260,6 +281,8 @@ enum Only {
     Dispatcher,
     /// The plain HTTP ones with bore and rathole.
     Peers,
+    /// The fleet's, on PostgreSQL.
+    Fleet,
 }
 
 async fn bench(
@@ -286,6 +309,7 @@ async fn bench(
         Only::All => scenarios::run(&bin, &settings).await?,
         Only::Dispatcher => scenarios::dispatcher(&bin, &settings).await?,
         Only::Peers => side_by_side::run(&bin, &settings).await?,
+        Only::Fleet => fleet::run(&bin, &settings).await?,
     };
     let machine = machine();
     if json {

@@ -79,6 +79,16 @@ impl CaptureCounts {
     }
 
     /// Every forwarded request has been stored or counted as lost.
+    /// The counts of several relays added up.
+    fn total(counts: &[Self]) -> Self {
+        counts.iter().fold(Self::default(), |sum, c| Self {
+            forwarded: sum.forwarded + c.forwarded,
+            written: sum.written + c.written,
+            shed: sum.shed + c.shed,
+            dropped: sum.dropped + c.dropped,
+        })
+    }
+
     fn caught_up(&self) -> bool {
         self.written + self.dropped >= self.forwarded
     }
@@ -105,6 +115,31 @@ pub async fn capture_caught_up(relay: SocketAddr) -> Result<(CaptureCounts, Dura
     }
 }
 
+/// [`capture_caught_up`] for relays of one fleet: a request is counted as
+/// forwarded by the relay holding its tunnel but stored by the relay its
+/// caller reached, so only the fleet's sums match.
+pub async fn fleet_caught_up(relays: &[SocketAddr]) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        let mut counts = Vec::with_capacity(relays.len());
+        for &relay in relays {
+            counts.push(CaptureCounts::read(relay).await?);
+        }
+        let fleet = CaptureCounts::total(&counts);
+        if fleet.caught_up() {
+            return Ok(());
+        }
+        if started.elapsed() > CATCH_UP_WAIT {
+            return Err(format!(
+                "the fleet's activity log had stored {} of {} requests {CATCH_UP_WAIT:?} after the load",
+                fleet.written + fleet.dropped,
+                fleet.forwarded
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits until the relay reports no tunnel (a bench, not a test: polling is
 /// how it watches another process).
 pub async fn no_tunnels(relay: SocketAddr) -> Result<(), String> {
@@ -124,7 +159,28 @@ pub async fn no_tunnels(relay: SocketAddr) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::Metrics;
+    use super::{CaptureCounts, Metrics};
+
+    #[test]
+    fn a_fleet_has_caught_up_when_its_sums_match_though_no_relay_alone_does() {
+        let counts = |forwarded, written| CaptureCounts {
+            forwarded,
+            written,
+            shed: 0,
+            dropped: 0,
+        };
+        // The holder forwarded all 10; the relay the callers reached stored them.
+        let (holder, ingress) = (counts(10, 0), counts(0, 9));
+        let dropped = CaptureCounts {
+            dropped: 1,
+            ..counts(0, 0)
+        };
+        assert!(!holder.caught_up());
+        assert!(!CaptureCounts::total(&[holder, ingress]).caught_up());
+        let fleet = CaptureCounts::total(&[holder, ingress, dropped]);
+        assert_eq!((fleet.forwarded, fleet.written, fleet.dropped), (10, 9, 1));
+        assert!(fleet.caught_up());
+    }
 
     #[test]
     fn reads_a_sample_by_its_exact_name() {

@@ -785,12 +785,12 @@ const RELEASE_SETTLE: Duration = Duration::from_secs(6);
 /// Events per second of the dispatcher's steady-rate run.
 const STEADY_RATE: u32 = 100;
 /// Producers posting events in a throughput run.
-const PRODUCERS: usize = 4;
+pub(crate) const PRODUCERS: usize = 4;
 /// What a dispatching relay needs beyond [`start_relay`]'s flags: the
 /// receiver is on loopback, which the egress guard refuses by default, and
 /// while it holds deliveries for a backlog, their attempts must not time
 /// out.
-const DISPATCH_FLAGS: &[&str] = &[
+pub(crate) const DISPATCH_FLAGS: &[&str] = &[
     "--egress-allow",
     "127.0.0.0/8",
     "--dispatch-timeout",
@@ -898,9 +898,9 @@ async fn dispatch_round(
     let ids = dispatch::create_webhooks(addr, &receiver, webhooks).await?;
     let before = relay.cpu_secs().unwrap_or(0.0);
     let throughput =
-        dispatch::throughput(addr, &mut receiver, webhooks, events, PRODUCERS, backlog).await?;
+        dispatch::throughput(&[addr], &mut receiver, webhooks, events, PRODUCERS, backlog).await?;
     let cpu = relay.cpu_secs().unwrap_or(0.0) - before;
-    let stored = dispatch::stored(addr, &ids, events * webhooks).await?;
+    let stored = dispatch::stored(&[addr], &ids, events * webhooks).await?;
     relay.terminate().await?;
     Ok((throughput, cpu, stored))
 }
