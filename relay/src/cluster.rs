@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ferry_common::byte_stream::CloseReason;
 use ferry_common::handshake::meta::RequestMeta;
+use ferry_common::handshake::{CONNECTION_WINDOW, STREAM_WINDOW};
 use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
 use ferry_common::subdomain::Subdomain;
 use hyper::body::Incoming;
@@ -176,6 +177,10 @@ impl Cluster {
             .http2_keep_alive_interval(PEER_KEEPALIVE)
             .http2_keep_alive_timeout(PEER_KEEPALIVE)
             .http2_keep_alive_while_idle(true)
+            // The tunnel's windows: one caller that stops reading holds at
+            // most a stream's window, never the whole link between relays.
+            .http2_initial_stream_window_size(STREAM_WINDOW)
+            .http2_initial_connection_window_size(CONNECTION_WINDOW)
             .build(connector);
         Ok(Self {
             relay: uuid::Uuid::now_v7().simple().to_string(),
@@ -388,7 +393,13 @@ impl Cluster {
                 () = shutdown.cancelled() => break,
             }
         }
-        if let Err(err) = self.db.end_relay_sessions(&self.relay).await {
+        // A hung database does not hold the shutdown: the leases end on
+        // their own.
+        let ended = tokio::time::timeout(REGISTRY_TIMEOUT, self.db.end_relay_sessions(&self.relay))
+            .await
+            .map_err(|_| hung())
+            .and_then(|ended| ended);
+        if let Err(err) = ended {
             warn!(%err, "this relay's sessions not removed from the fleet's registry; their leases end on their own");
         }
     }
@@ -413,10 +424,15 @@ impl Cluster {
             .map(|(name, session)| (name.clone(), *session))
             .collect();
         let names: Vec<String> = claimed.iter().map(|(name, _)| name.to_string()).collect();
-        let renewed = match self
-            .db
-            .renew_sessions(&self.relay, &names, self.lease)
-            .await
+        // Bounded, so that a hung database does not stop the loop from
+        // hearing takeovers or shutting down.
+        let renewed = match tokio::time::timeout(
+            REGISTRY_TIMEOUT,
+            self.db.renew_sessions(&self.relay, &names, self.lease),
+        )
+        .await
+        .map_err(|_| hung())
+        .and_then(|renewed| renewed)
         {
             Ok(renewed) => renewed,
             Err(err) => {

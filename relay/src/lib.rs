@@ -381,6 +381,9 @@ async fn serve(
         config.egress_allow.clone(),
         Arc::new(egress::SystemResolver),
     );
+    if cluster.is_some() {
+        tunnels.join_fleet();
+    }
     let dispatcher = dispatch::Dispatcher::new(
         webhooks,
         egress.clone(),

@@ -210,7 +210,10 @@ async fn claim_in_fleet(
         // another relay, is theirs; unless it is reserved for this one.
         let check_hold = !state.tunnels.reserved_for(&tunnel.name, &tunnel.owner);
         let err = match cluster.claim(&tunnel, max, check_hold).await {
-            Ok(()) => return Ok(tunnel),
+            Ok(()) => {
+                tunnel.confirm();
+                return Ok(tunnel);
+            }
             Err(err) => err,
         };
         state.tunnels.discard(&tunnel);

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -115,6 +115,10 @@ pub struct Tunnel {
     pub close: CloseSignal,
     /// The session it takes over once it is up, if any.
     replaces: Mutex<Option<Arc<Tunnel>>>,
+    /// Claimed here but not yet granted by the fleet's registry: until
+    /// then requests for its name are not its (they may be another
+    /// owner's, served by another relay).
+    pending: AtomicBool,
     /// The HTTP/2 handle to the client, set once the WebSocket is up.
     sender: watch::Sender<Option<SendRequest<Body>>>,
     /// Public requests in flight may not exceed the relay's per-tunnel limit.
@@ -179,6 +183,17 @@ pub enum SendError {
 }
 
 impl Tunnel {
+    /// Marks a tunnel claimed in a fleet as granted by the fleet's
+    /// registry: from now on its name's requests are its.
+    pub fn confirm(&self) {
+        self.pending.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the fleet's registry has yet to grant this tunnel its name.
+    pub fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed)
+    }
+
     /// A handle for sending requests to the client, waiting briefly for a
     /// session that is still completing its handshake.
     async fn sender(&self) -> Option<SendRequest<Body>> {
@@ -405,6 +420,9 @@ pub struct Tunnels {
     next_id: AtomicU64,
     /// What the registry enforces.
     limits: RegistryLimits,
+    /// Whether the relay is in a fleet: then a claimed tunnel serves no one
+    /// until the fleet's registry granted it too ([`Tunnel::confirm`]).
+    in_fleet: AtomicBool,
 }
 
 impl Tunnels {
@@ -414,7 +432,13 @@ impl Tunnels {
             registry: Mutex::default(),
             next_id: AtomicU64::new(0),
             limits,
+            in_fleet: AtomicBool::new(false),
         }
+    }
+
+    /// Makes every later claim wait for the fleet's registry.
+    pub fn join_fleet(&self) {
+        self.in_fleet.store(true, Ordering::Relaxed);
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -506,6 +530,7 @@ impl Tunnels {
             ),
             per_ip: PerIp::new(self.limits.max_in_flight_per_ip),
             replaces: Mutex::new(None),
+            pending: AtomicBool::new(self.in_fleet.load(Ordering::Relaxed)),
         });
         registry.held.remove(&name);
         match replaces {
@@ -641,7 +666,11 @@ impl Tunnels {
     /// unexpired hold.
     pub fn owner_of(&self, name: &Subdomain) -> Option<Owner> {
         let registry = self.registry();
-        match registry.live.get(name) {
+        match registry
+            .live
+            .get(name)
+            .filter(|tunnel| !tunnel.is_pending())
+        {
             Some(tunnel) => Some(tunnel.owner.clone()),
             None => registry.holder(name, Instant::now()).cloned(),
         }
@@ -666,7 +695,11 @@ impl Tunnels {
 
     /// The tunnel serving `name`.
     pub fn get(&self, name: &Subdomain) -> Option<Arc<Tunnel>> {
-        self.registry().live.get(name).cloned()
+        self.registry()
+            .live
+            .get(name)
+            .filter(|tunnel| !tunnel.is_pending())
+            .cloned()
     }
 
     /// Ends `tunnel`'s registration: removes it if it is still the one
@@ -931,6 +964,23 @@ mod tests {
         );
         tunnels.release(&anonymous);
         assert!(claim(&tunnels, "anon", account("b")).is_ok());
+    }
+
+    #[test]
+    fn in_a_fleet_a_claimed_tunnel_serves_its_name_only_once_the_fleet_granted_it() {
+        let tunnels = registry(3, 5);
+        tunnels.join_fleet();
+        let name: Subdomain = "shop".parse().unwrap();
+        let tunnel = claim(&tunnels, "shop", account("y")).unwrap();
+        // Until the fleet's registry grants it, the name may be another
+        // owner's on another relay: nothing here is routed to it, and its
+        // requests are not recorded as this owner's.
+        assert!(tunnel.is_pending());
+        assert!(tunnels.get(&name).is_none());
+        assert_eq!(tunnels.owner_of(&name), None);
+        tunnel.confirm();
+        assert!(tunnels.get(&name).is_some());
+        assert_eq!(tunnels.owner_of(&name), Some(account("y")));
     }
 
     #[test]

@@ -346,7 +346,11 @@ async fn answer_peer(
         .instrument(span)
         .await
     {
-        Ok(response) => response,
+        // Only this relay says what goes unrecorded, never the client.
+        Ok(mut response) => {
+            response.headers_mut().remove(UNRECORDED_HEADER);
+            response
+        }
         Err(err) => {
             let mut response = error_response(&err);
             let outcome = error_outcome(&err);
