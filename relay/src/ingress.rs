@@ -925,18 +925,7 @@ async fn forward(
                 // The ingress relay answers its caller's upgrade itself.
                 return Ok(Response::from_parts(parts, crate::full("")));
             }
-            parts.status = StatusCode::SWITCHING_PROTOCOLS;
-            parts
-                .headers
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-            if let Some(key) = websocket_key {
-                if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-                    parts.headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-                }
-            }
+            switching_protocols(&mut parts, websocket_key);
             if let Some(capture) = capture {
                 capture.responded(parts.status.as_u16(), &parts.headers, outcome);
             }
@@ -962,6 +951,23 @@ async fn forward(
 /// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`,
 /// `X-Real-IP` or `Forwarded` would otherwise reach the origin as if a proxy
 /// had said it. Replays drop them from the captured request too.
+/// Turns the head of a WebSocket stream's answer into the caller's `101`,
+/// with the accept key for the key the caller sent.
+fn switching_protocols(parts: &mut http::response::Parts, websocket_key: Option<HeaderValue>) {
+    parts.status = StatusCode::SWITCHING_PROTOCOLS;
+    parts
+        .headers
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Some(key) = websocket_key {
+        if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+            parts.headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+    }
+}
+
 pub(crate) fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
     for name in [
         "x-forwarded-for",

@@ -28,7 +28,6 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -156,18 +155,7 @@ pub(super) async fn forward_to_holder(
     if let Some((public, peer_side)) = websocket.zip(peer_side) {
         let active = link.activity.begin();
         state.spawn(super::bridge(public, peer_side, active).in_current_span());
-        parts.status = StatusCode::SWITCHING_PROTOCOLS;
-        parts
-            .headers
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Some(key) = websocket_key {
-            if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-                parts.headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-            }
-        }
+        super::switching_protocols(&mut parts, websocket_key);
         if let Some(capture) = capture {
             capture.responded(parts.status.as_u16(), &parts.headers, outcome);
         }
