@@ -78,16 +78,27 @@ pub struct ZoneConfig {
 }
 
 /// The ACME challenge values currently published as TXT records at
-/// `_acme-challenge.DOMAIN`. Cloning shares the table.
+/// `_acme-challenge.DOMAIN`: this relay's own, and in a fleet those open
+/// in the shared database, loaded by [`crate::tls::acme::mirror`].
+/// Cloning shares the table.
 #[derive(Debug, Clone, Default)]
-pub struct Challenges(Arc<Mutex<Vec<String>>>);
+pub struct Challenges(Arc<Mutex<Published>>);
+
+/// The two sets of values.
+#[derive(Debug, Default)]
+struct Published {
+    /// Published by this relay's ACME client.
+    own: Vec<String>,
+    /// Open in the fleet's database when last loaded.
+    fleet: Vec<String>,
+}
 
 impl Challenges {
     /// Publishes `value`.
     pub fn add(&self, value: String) {
-        let mut values = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if !values.contains(&value) {
-            values.push(value);
+        let mut published = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !published.own.contains(&value) {
+            published.own.push(value);
         }
     }
 
@@ -96,15 +107,25 @@ impl Challenges {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .own
             .retain(|v| v != value);
     }
 
-    /// The values published now.
+    /// Replaces the values open in the fleet's database.
+    pub fn set_fleet(&self, values: Vec<String>) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).fleet = values;
+    }
+
+    /// The values published now, each once.
     pub fn values(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        let published = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut values = published.own.clone();
+        for value in &published.fleet {
+            if !values.contains(value) {
+                values.push(value.clone());
+            }
+        }
+        values
     }
 }
 

@@ -234,6 +234,11 @@ impl Relay {
         })
     }
 
+    /// The fleet's database, with `--database-url`.
+    pub fn postgres(&self) -> Option<&store::postgres::Postgres> {
+        self.postgres.as_ref()
+    }
+
     /// Serves the fleet's forwarded requests on `listener`, which
     /// [`Config::cluster`] advertises to the other relays.
     pub fn with_cluster_listener(mut self, listener: TcpListener) -> Self {

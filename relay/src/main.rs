@@ -11,6 +11,7 @@ use clap::Parser;
 use ferry_relay::dns::{Challenges, Zone, ZoneConfig};
 use ferry_relay::egress::Allow;
 use ferry_relay::proxy::ProxyProtocol;
+use ferry_relay::store::postgres::Postgres;
 use ferry_relay::tls::acme::{Acme, AcmeConfig};
 use ferry_relay::tls::{CertResolver, TlsFiles};
 use ferry_relay::{Config, Listeners, Token};
@@ -265,8 +266,10 @@ struct Args {
     /// Encrypt unless --acme-directory says otherwise), registering an
     /// account with this contact address. Needs --tls-listen and
     /// --dns-listen: the wildcard is proven by DNS-01, which the relay
-    /// answers itself. Account, certificate and key live in DATA_DIR/acme;
-    /// the certificate is renewed before it expires.
+    /// answers itself. Account, certificate and key live in DATA_DIR/acme,
+    /// or with --database-url in the fleet's database, where one relay
+    /// orders at a time and any relay's --dns-listen answers the CA; the
+    /// certificate is renewed before it expires.
     #[arg(long, env = "FERRY_RELAY_ACME_EMAIL", value_name = "EMAIL",
           requires_all = ["tls_listen", "dns_listen"],
           conflicts_with_all = ["tls_cert", "tls_key", "dev_tls"])]
@@ -598,6 +601,10 @@ async fn listeners(
         }
         _ => match acme {
             Some(acme) => {
+                // In a fleet, the certificate another relay got comes first.
+                if let Err(err) = acme.pull().await {
+                    say!("warning: {err}; ordering one if none is on disk");
+                }
                 // A stored certificate that has not expired is served even
                 // when due: renewal happens in the background.
                 let files = if acme.servable() {
@@ -658,6 +665,7 @@ fn acme(
     domain: &str,
     data_dir: &Path,
     challenges: Challenges,
+    fleet: Option<&Postgres>,
 ) -> Result<Option<Acme>, String> {
     let Some(email) = &args.acme_email else {
         return Ok(None);
@@ -674,9 +682,11 @@ fn acme(
         ca_file: args.acme_ca.clone(),
         renew_before: args.acme_renew_before,
     };
-    Acme::new(config, data_dir, challenges)
-        .map(Some)
-        .map_err(|err| err.to_string())
+    let acme = Acme::new(config, data_dir, challenges).map_err(|err| err.to_string())?;
+    Ok(Some(match fleet {
+        Some(store) => acme.with_fleet(store.clone()),
+        None => acme,
+    }))
 }
 
 /// Binds `--dns-listen` (UDP and TCP) and builds the zone it serves.
@@ -1016,7 +1026,21 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let acme = match acme(&args, &domain, &data_dir, challenges) {
+    // In a fleet the DNS server also answers the challenges other relays
+    // open, so the CA may ask any relay.
+    let mirror = match (&dns_server, relay.postgres()) {
+        (Some(_), Some(store)) => Some(
+            ferry_relay::tls::acme::mirror(
+                store.clone(),
+                domain.clone(),
+                challenges.clone(),
+                shutdown.clone(),
+            )
+            .await,
+        ),
+        _ => None,
+    };
+    let acme = match acme(&args, &domain, &data_dir, challenges, relay.postgres()) {
         Ok(acme) => acme,
         Err(message) => {
             eprintln!("error: {message}");
@@ -1072,7 +1096,7 @@ async fn serve(args: Args) -> ExitCode {
     tokio::spawn(return_free_memory(shutdown.clone()));
     let result = relay.run(listeners, shutdown.clone()).await;
     shutdown.cancel();
-    for task in [dns_server, renewing].into_iter().flatten() {
+    for task in [dns_server, renewing, mirror].into_iter().flatten() {
         if let Err(err) = task.await {
             tracing::warn!(%err, "a dns or certificate task failed");
         }

@@ -36,6 +36,8 @@ pub struct RelayProcess {
     child: Child,
     /// Where its public listener is.
     pub addr: SocketAddr,
+    /// Where its HTTPS listener is, when it has one.
+    pub tls_addr: Option<SocketAddr>,
     /// Its data directory.
     _data_dir: tempfile::TempDir,
 }
@@ -58,7 +60,16 @@ impl RelayProcess {
             .expect("ferry-relay starts");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let addr = within("the relay's banner", async {
+        let bound = |line: &str, rest: &str| {
+            rest.split(' ')
+                .next()
+                .and_then(|addr| addr.parse::<SocketAddr>().ok())
+                .unwrap_or_else(|| panic!("no bound address in `{line}`"))
+        };
+        // The HTTPS line, when there is one, comes next, before the line
+        // that names the tunnels' URLs.
+        let (addr, tls_addr) = within("the relay's banner", async {
+            let mut addr = None;
             loop {
                 let line = lines
                     .next_line()
@@ -66,21 +77,23 @@ impl RelayProcess {
                     .expect("stdout reads")
                     .expect("the relay printed its banner before it ended");
                 if let Some(rest) = line.strip_prefix("ferry-relay listening on http://") {
-                    break rest
-                        .split(' ')
-                        .next()
-                        .and_then(|addr| addr.parse::<SocketAddr>().ok())
-                        .unwrap_or_else(|| panic!("no bound address in `{line}`"));
+                    addr = Some(bound(&line, rest));
+                } else if let Some(rest) = line.strip_prefix("ferry-relay listening on https://") {
+                    break (addr, Some(bound(&line, rest)));
+                } else if addr.is_some() {
+                    break (addr, None);
                 }
             }
         })
         .await;
+        let addr = addr.expect("the plain listener's line comes first");
         // The rest of its output is read and dropped, so it never blocks on
         // a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
             child,
             addr,
+            tls_addr,
             _data_dir: data_dir,
         }
     }

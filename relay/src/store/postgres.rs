@@ -6,9 +6,12 @@
 //! `ferry_schema`, under an advisory lock so that relays starting together
 //! apply each migration once.
 
+mod acme;
 mod activity;
 mod dispatch;
 mod sessions;
+
+pub use acme::{AcmeOrderLock, ACME_CHANNEL};
 
 pub use sessions::{
     channel, parse_takeover, Listener, SessionClaim, SessionClaimed, SessionHolder,
@@ -34,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("postgres/001_activity.sql"),
     include_str!("postgres/002_dispatch.sql"),
     include_str!("postgres/003_sessions.sql"),
+    include_str!("postgres/004_acme.sql"),
 ];
 
 /// The advisory lock key migrations run under ("ferry" in ASCII).
@@ -135,7 +139,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 /// live tails wake for entries another relay stored.
 pub(super) const LOG_CHANNEL: &str = "ferry_log";
 
-/// How long the follower of [`LOG_CHANNEL`] waits before connecting again.
+/// How long a follower of a channel waits before connecting again.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// A pool connection held for one of the API's reads, with its slot.
@@ -166,6 +170,8 @@ pub struct Postgres {
     reads: Arc<Semaphore>,
     /// Bumped on each notification of [`LOG_CHANNEL`].
     commits: watch::Receiver<u64>,
+    /// How to connect, for the followers of channels.
+    config: tokio_postgres::Config,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -208,9 +214,9 @@ impl Postgres {
         config.keepalives_idle(KEEPALIVE_IDLE);
         config.tcp_user_timeout(KEEPALIVE_IDLE);
         let (commits, following) = watch::channel(0);
-        tokio::spawn(follow_commits(config.clone(), commits));
+        tokio::spawn(follow_channel(config.clone(), LOG_CHANNEL, commits));
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -228,9 +234,19 @@ impl Postgres {
             pool,
             reads: Arc::new(Semaphore::new(READ_SLOTS)),
             commits: following,
+            config,
         };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Bumps the returned counter on each notification of `channel`, and
+    /// once each time the connection listening to it is made again, until
+    /// no one follows the counter.
+    fn follow(&self, channel: &'static str) -> watch::Receiver<u64> {
+        let (sender, receiver) = watch::channel(0);
+        tokio::spawn(follow_channel(self.config.clone(), channel, sender));
+        receiver
     }
 
     /// A connection of the pool.
@@ -309,10 +325,14 @@ impl Database for Postgres {
     }
 }
 
-/// Follows [`LOG_CHANNEL`] on a connection of its own, bumping `commits` on
-/// each notification, until no one follows `commits`. A lost connection is
-/// made again, with one bump: commits may have been missed meanwhile.
-async fn follow_commits(config: tokio_postgres::Config, commits: watch::Sender<u64>) {
+/// Follows `channel` on a connection of its own, bumping `commits` on each
+/// notification, until no one follows `commits`. A lost connection is made
+/// again, with one bump: notifications may have been missed meanwhile.
+async fn follow_channel(
+    config: tokio_postgres::Config,
+    channel: &str,
+    commits: watch::Sender<u64>,
+) {
     loop {
         if let Ok((client, mut connection)) = config.connect(NoTls).await {
             // The connection is driven by its own task, which passes
@@ -329,7 +349,7 @@ async fn follow_commits(config: tokio_postgres::Config, commits: watch::Sender<u
                 }
             });
             if client
-                .batch_execute(&format!("LISTEN {LOG_CHANNEL}"))
+                .batch_execute(&format!("LISTEN {channel}"))
                 .await
                 .is_ok()
             {

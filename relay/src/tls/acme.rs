@@ -7,6 +7,12 @@
 //! renewed certificate is written over them and handed to the
 //! [`CertResolver`] at once, so new handshakes get it while open
 //! connections and tunnels carry on.
+//!
+//! In a fleet (`--database-url`, [`Acme::with_fleet`]) the account and the
+//! certificate live in the shared database, and the files are this relay's
+//! copy: one relay orders at a time, under the database's lock, and the
+//! others take what it stored. Its challenges are opened in the database
+//! too, and every relay's DNS server answers them ([`mirror`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,10 +28,13 @@ use instant_acme::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{private_dir, write_synced, CertResolver, TlsFiles};
 use crate::dns::Challenges;
+use crate::store::postgres::Postgres;
+use crate::store::StoreError;
 
 /// The folder inside the data directory.
 pub const DIR: &str = "acme";
@@ -66,6 +75,18 @@ const SKEWED_RETRY: Duration = Duration::from_secs(2 * 24 * 3600);
 /// The longest the renewal task sleeps before looking again, so that a
 /// suspended machine or a changed clock does not postpone a renewal.
 const RENEW_CHECK: Duration = Duration::from_secs(3600);
+/// How often a fleet relay's DNS server loads the open challenges even
+/// without a notification, and says it is still running.
+const MIRROR_BEAT: Duration = Duration::from_secs(10);
+/// How long a DNS server counts as running after it last said so: an order
+/// waits for it that long at most once it stopped.
+const MIRROR_ALIVE: Duration = Duration::from_secs(30);
+/// How long an order waits for every running DNS server of the fleet to
+/// load a challenge before it gives up (and tries again later) rather than
+/// have the CA ask one that cannot answer.
+const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(45);
+/// How often an order looks whether the DNS servers loaded its challenge.
+const PROPAGATION_POLL: Duration = Duration::from_millis(50);
 
 /// What the ACME client needs.
 #[derive(Debug, Clone)]
@@ -135,6 +156,20 @@ pub enum AcmeError {
     /// The whole issuance took too long.
     #[error("no certificate within {0:?}")]
     Timeout(Duration),
+    /// The fleet's database failed.
+    #[error("the fleet's database failed while {step}: {source}")]
+    Fleet {
+        /// What was being done.
+        step: &'static str,
+        /// What it said.
+        source: StoreError,
+    },
+    /// Some relays' DNS servers did not load a challenge in time.
+    #[error("the DNS servers of relays {relays} did not load the challenge within {PROPAGATION_TIMEOUT:?}: check their connection to the database")]
+    Propagation {
+        /// Their ids, comma-separated.
+        relays: String,
+    },
     /// A key or a certificate signing request could not be made.
     #[error("cannot make the certificate's key: {0}")]
     Generate(#[from] rcgen::Error),
@@ -155,6 +190,19 @@ pub struct Acme {
     renewed: tokio::sync::watch::Sender<u64>,
     /// The first wait after a failure ([`retry_first`]).
     retry_first: Duration,
+    /// In a fleet, the shared database.
+    fleet: Option<Fleet>,
+}
+
+/// The fleet's database, and a counter bumped when its ACME state changes.
+struct Fleet {
+    store: Postgres,
+    changes: watch::Receiver<u64>,
+}
+
+/// Maps a database error to [`AcmeError::Fleet`] for `step`.
+fn fleet_error(step: &'static str) -> impl Fn(StoreError) -> AcmeError {
+    move |source| AcmeError::Fleet { step, source }
 }
 
 impl std::fmt::Debug for Acme {
@@ -214,6 +262,7 @@ impl Acme {
             dir,
             challenges,
             renewed: tokio::sync::watch::Sender::new(0),
+            fleet: None,
         };
         acme.finish_interrupted_write()?;
         Ok(acme)
@@ -233,6 +282,45 @@ impl Acme {
             rename(&pending, &files.cert)?;
         }
         Ok(())
+    }
+
+    /// Shares the account and the certificate with the relays of a fleet
+    /// through `store`.
+    pub fn with_fleet(mut self, store: Postgres) -> Self {
+        self.fleet = Some(Fleet {
+            changes: store.follow_acme(),
+            store,
+        });
+        self
+    }
+
+    /// In a fleet, takes the certificate in the database when it is usable
+    /// and lasts longer than the copy on disk; returns whether it did.
+    pub async fn pull(&self) -> Result<bool, AcmeError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(false);
+        };
+        let Some((cert, key)) = fleet
+            .store
+            .acme_certificate(&self.config.domain)
+            .await
+            .map_err(fleet_error("reading the certificate"))?
+        else {
+            return Ok(false);
+        };
+        let (cert, key) = (cert.into_bytes(), key.into_bytes());
+        let Some((_, shared_until)) = self.validity(&cert, &key) else {
+            return Ok(false);
+        };
+        if self
+            .stored()
+            .is_some_and(|(_, until)| until >= shared_until)
+        {
+            return Ok(false);
+        }
+        self.write_pair(&cert, &key)?;
+        tracing::info!(domain = %self.config.domain, "tls certificate taken from the fleet's database");
+        Ok(true)
     }
 
     /// Sees the count of renewed certificates served by [`Self::renew_until`]
@@ -255,9 +343,15 @@ impl Acme {
         let files = self.files();
         let pem = std::fs::read(&files.cert).ok()?;
         let key = std::fs::read(&files.key).ok()?;
+        self.validity(&pem, &key)
+    }
+
+    /// The validity (not before, not after) of the certificate `pem`, if
+    /// it is for the domain and its wildcard and `key` matches it.
+    fn validity(&self, pem: &[u8], key: &[u8]) -> Option<(SystemTime, SystemTime)> {
         // A pair that cannot be served (an interrupted write) is replaced.
-        super::certified_key(&files, &(pem.clone(), key)).ok()?;
-        let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+        super::certified_key(&self.files(), &(pem.to_vec(), key.to_vec())).ok()?;
+        let leaf = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
         let wildcard = format!("*.{}", self.config.domain);
         let names: Vec<String> = cert
@@ -312,13 +406,16 @@ impl Acme {
     pub async fn ensure(&self, shutdown: &CancellationToken) -> Option<TlsFiles> {
         let mut failures = 0;
         loop {
+            if let Err(err) = self.pull().await {
+                tracing::warn!(%err, "the fleet's certificate could not be read");
+            }
             if self.renewal_time().is_some_and(|at| at > SystemTime::now()) {
                 return Some(self.files());
             }
             // Shutdown drops the issuance mid-way; its challenge values are
-            // withdrawn as it is dropped (`Published`).
+            // withdrawn as it is dropped (`Published`), and its turn ends.
             let issued = tokio::select! {
-                issued = self.issue() => issued,
+                issued = self.issue_in_turn() => issued,
                 () = shutdown.cancelled() => return None,
             };
             match issued {
@@ -341,7 +438,10 @@ impl Acme {
     /// Renews the certificate when it is due, hands each new one to
     /// `resolver`, until `shutdown`. A failed renewal is retried with
     /// backoff while the old certificate is served.
+    /// In a fleet, a certificate another relay stored is served as soon as
+    /// the database says so.
     pub async fn renew_until(self, resolver: Arc<CertResolver>, shutdown: CancellationToken) {
+        let mut changes = self.fleet.as_ref().map(|fleet| fleet.changes.clone());
         loop {
             let wait = self.renewal_time().map_or(Duration::ZERO, |at| {
                 at.duration_since(SystemTime::now())
@@ -349,21 +449,22 @@ impl Acme {
             });
             if !wait.is_zero() {
                 tokio::select! {
-                    () = tokio::time::sleep(wait.min(RENEW_CHECK)) => continue,
+                    () = tokio::time::sleep(wait.min(RENEW_CHECK)) => {}
+                    () = changed(&mut changes) => {}
                     () = shutdown.cancelled() => return,
                 }
+                match self.pull().await {
+                    Ok(true) => self.serve_renewed(&resolver),
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(%err, "the fleet's certificate could not be read"),
+                }
+                continue;
             }
             tracing::info!(domain = %self.config.domain, "renewing the tls certificate");
             if self.ensure(&shutdown).await.is_none() {
                 return;
             }
-            match resolver.reload_if_changed() {
-                Ok(_) => {
-                    tracing::info!("renewed tls certificate now served");
-                    self.renewed.send_modify(|count| *count += 1);
-                }
-                Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
-            }
+            self.serve_renewed(&resolver);
             let renew_at = self.renewal_time();
             let Some(wait) = wait_after_issue(renew_at, SystemTime::now(), rand::random()) else {
                 continue;
@@ -381,6 +482,46 @@ impl Acme {
         }
     }
 
+    /// Hands the certificate on disk to `resolver`.
+    fn serve_renewed(&self, resolver: &CertResolver) {
+        match resolver.reload_if_changed() {
+            Ok(_) => {
+                tracing::info!("renewed tls certificate now served");
+                self.renewed.send_modify(|count| *count += 1);
+            }
+            Err(err) => tracing::error!(%err, "renewed tls certificate not loaded"),
+        }
+    }
+
+    /// One issuance; in a fleet, in this relay's turn, and only when no
+    /// other relay stored a certificate meanwhile, which is then kept.
+    async fn issue_in_turn(&self) -> Result<(), AcmeError> {
+        let Some(fleet) = &self.fleet else {
+            return self.issue().await;
+        };
+        let _turn = fleet
+            .store
+            .acme_order_lock(&self.config.domain)
+            .await
+            .map_err(fleet_error("waiting for its turn to order"))?;
+        if self.pull().await? && self.renewal_time().is_some_and(|at| at > SystemTime::now()) {
+            return Ok(());
+        }
+        self.issue().await?;
+        let files = self.files();
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| AcmeError::Write {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        fleet
+            .store
+            .save_acme_certificate(&self.config.domain, &read(&files.cert)?, &read(&files.key)?)
+            .await
+            .map_err(fleet_error("storing the certificate"))
+    }
+
     /// One issuance: account, order, challenges, finalization; writes the
     /// certificate and key. Challenge records are withdrawn whatever the
     /// outcome.
@@ -388,6 +529,10 @@ impl Acme {
         let mut published = Published {
             challenges: &self.challenges,
             values: Vec::new(),
+            fleet: self
+                .fleet
+                .as_ref()
+                .map(|fleet| (fleet.store.clone(), self.config.domain.clone())),
         };
         tokio::time::timeout(ISSUE_TIMEOUT, self.issue_with(&mut published))
             .await
@@ -436,9 +581,10 @@ impl Acme {
                     cause: format!("no dns-01 challenge for {name}"),
                 })?;
             let value = challenge.key_authorization().dns_value();
-            // The DNS server answers from this table in-process: the record
-            // is live before the CA is told to look.
-            published.add(value);
+            // The DNS server answers from this table in-process, and in a
+            // fleet every relay's has loaded it: the record is live before
+            // the CA is told to look.
+            published.add(value).await?;
             challenge
                 .set_ready()
                 .await
@@ -493,21 +639,93 @@ impl Acme {
             .poll_certificate(&retries)
             .await
             .map_err(ca("downloading the certificate"))?;
-        // Both new files are written in full before either is renamed into
-        // place, the key first: a crash before the renames keeps the old
-        // pair, and one between them leaves the new certificate in its
-        // temporary file, which `Acme::new` renames into place at the next
-        // start (`finish_interrupted_write`).
-        let key_new = write_temporary(&self.dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
-        let cert_new = write_temporary(&self.dir.join(CERT), chain.as_bytes(), false)?;
-        rename(&key_new, &self.dir.join(KEY))?;
-        rename(&cert_new, &self.dir.join(CERT))?;
+        self.write_pair(chain.as_bytes(), key.serialize_pem().as_bytes())?;
         tracing::info!(domain = %domain, took = ?started.elapsed(), "tls certificate issued by the ACME server");
         Ok(())
     }
 
-    /// The stored account for this directory, or a new one, stored.
+    /// Puts a certificate and its key in place. Both new files are written
+    /// in full before either is renamed into place, the key first: a crash
+    /// before the renames keeps the old pair, and one between them leaves
+    /// the new certificate in its temporary file, which `Acme::new` renames
+    /// into place at the next start (`finish_interrupted_write`).
+    fn write_pair(&self, cert: &[u8], key: &[u8]) -> Result<(), AcmeError> {
+        let key_new = write_temporary(&self.dir.join(KEY), key, true)?;
+        let cert_new = write_temporary(&self.dir.join(CERT), cert, false)?;
+        rename(&key_new, &self.dir.join(KEY))?;
+        rename(&cert_new, &self.dir.join(CERT))
+    }
+
+    /// The account for this directory, or a new one, stored: in the
+    /// fleet's database, or in [`ACCOUNT`].
     async fn account(&self) -> Result<Account, AcmeError> {
+        let Some(fleet) = &self.fleet else {
+            return self.file_account().await;
+        };
+        let directory = &self.config.directory;
+        let stored = fleet
+            .store
+            .acme_account(directory)
+            .await
+            .map_err(fleet_error("reading the ACME account"))?;
+        if let Some(json) = stored {
+            let credentials = serde_json::from_str(&json).map_err(|err| AcmeError::Fleet {
+                step: "reading the ACME account",
+                source: StoreError(format!("the stored credentials are not valid: {err}")),
+            })?;
+            return Account::builder_with_http(Box::new(self.http.clone()))
+                .from_credentials(credentials)
+                .await
+                .map_err(|err| AcmeError::Ca {
+                    directory: directory.clone(),
+                    step: "loading the account",
+                    cause: err.to_string(),
+                });
+        }
+        let (account, credentials) = self.register().await?;
+        let json = serde_json::to_string(&credentials).map_err(|err| AcmeError::Fleet {
+            step: "storing the ACME account",
+            source: StoreError(err.to_string()),
+        })?;
+        fleet
+            .store
+            .save_acme_account(directory, &json)
+            .await
+            .map_err(fleet_error("storing the ACME account"))?;
+        Ok(account)
+    }
+
+    /// Registers a new account with the directory.
+    async fn register(&self) -> Result<(Account, AccountCredentials), AcmeError> {
+        let contact = self
+            .config
+            .email
+            .as_ref()
+            .map(|email| format!("mailto:{email}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
+            .create(
+                &NewAccount {
+                    contact: &contacts,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.config.directory.clone(),
+                None,
+            )
+            .await
+            .map_err(|err| AcmeError::Ca {
+                directory: self.config.directory.clone(),
+                step: "registering the account",
+                cause: err.to_string(),
+            })?;
+        tracing::info!(id = %account.id(), "acme account registered");
+        Ok((account, credentials))
+    }
+
+    /// The account in [`ACCOUNT`] for this directory, or a new one, stored
+    /// there.
+    async fn file_account(&self) -> Result<Account, AcmeError> {
         let path = self.dir.join(ACCOUNT);
         let ca = |step: &'static str| {
             let directory = self.config.directory.clone();
@@ -540,24 +758,7 @@ impl Acme {
                 })
             }
         }
-        let contact = self
-            .config
-            .email
-            .as_ref()
-            .map(|email| format!("mailto:{email}"));
-        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-        let (account, credentials) = Account::builder_with_http(Box::new(self.http.clone()))
-            .create(
-                &NewAccount {
-                    contact: &contacts,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                },
-                self.config.directory.clone(),
-                None,
-            )
-            .await
-            .map_err(ca("registering the account"))?;
+        let (account, credentials) = self.register().await?;
         let stored = StoredAccount {
             directory: self.config.directory.clone(),
             credentials,
@@ -567,7 +768,6 @@ impl Acme {
             cause: err.to_string(),
         })?;
         write(&path, &json, true)?;
-        tracing::info!(id = %account.id(), "acme account registered");
         Ok(account)
     }
 }
@@ -579,13 +779,39 @@ struct Published<'a> {
     challenges: &'a Challenges,
     /// What this issuance added to it.
     values: Vec<String>,
+    /// In a fleet, the database where they are opened too, and the domain.
+    fleet: Option<(Postgres, String)>,
 }
 
 impl Published<'_> {
-    /// Publishes `value` until the issuance ends.
-    fn add(&mut self, value: String) {
+    /// Publishes `value` until the issuance ends; in a fleet, returns once
+    /// every running relay's DNS server has loaded it.
+    async fn add(&mut self, value: String) -> Result<(), AcmeError> {
         self.challenges.add(value.clone());
-        self.values.push(value);
+        self.values.push(value.clone());
+        let Some((store, domain)) = &self.fleet else {
+            return Ok(());
+        };
+        let id = store
+            .publish_acme_challenge(domain, &value, ISSUE_TIMEOUT)
+            .await
+            .map_err(fleet_error("opening a challenge"))?;
+        let deadline = tokio::time::Instant::now() + PROPAGATION_TIMEOUT;
+        loop {
+            let behind = store
+                .acme_mirrors_behind(domain, id)
+                .await
+                .map_err(fleet_error("waiting for the DNS servers"))?;
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AcmeError::Propagation {
+                    relays: behind.join(", "),
+                });
+            }
+            tokio::time::sleep(PROPAGATION_POLL).await;
+        }
     }
 }
 
@@ -594,6 +820,72 @@ impl Drop for Published<'_> {
         for value in &self.values {
             self.challenges.remove(value);
         }
+        // Withdrawn from the database in the background; should that fail,
+        // the rows expire with the issuance's timeout.
+        if let (Some((store, domain)), Ok(runtime)) =
+            (self.fleet.take(), tokio::runtime::Handle::try_current())
+        {
+            let values = std::mem::take(&mut self.values);
+            if !values.is_empty() {
+                runtime.spawn(async move {
+                    if let Err(err) = store.withdraw_acme_challenges(&domain, &values).await {
+                        tracing::warn!(%err, "acme challenges left to expire in the database");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Waits until `changes` is bumped; forever when there is nothing to
+/// follow.
+async fn changed(changes: &mut Option<watch::Receiver<u64>>) {
+    if let Some(receiver) = changes {
+        if receiver.changed().await.is_ok() {
+            return;
+        }
+        *changes = None;
+    }
+    std::future::pending().await
+}
+
+/// In a fleet, keeps `challenges` (what this relay's DNS server answers)
+/// in step with the challenges open in the database for `domain`, and
+/// records that this DNS server is running and what it loaded, so that
+/// orders wait for it. Loads once before it returns; the returned task
+/// goes on until `shutdown`, then says the DNS server stopped.
+pub async fn mirror(
+    store: Postgres,
+    domain: String,
+    challenges: Challenges,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let relay = format!("{:016x}", rand::random::<u64>());
+    let mut changes = Some(store.follow_acme());
+    load_challenges(&store, &relay, &domain, &challenges).await;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = changed(&mut changes) => {}
+                () = tokio::time::sleep(MIRROR_BEAT) => {}
+                () = shutdown.cancelled() => break,
+            }
+            load_challenges(&store, &relay, &domain, &challenges).await;
+        }
+        if let Err(err) = store.forget_acme_mirror(&relay).await {
+            tracing::warn!(%err, "this dns server stays on the fleet's list until its time runs out");
+        }
+    })
+}
+
+/// One load of [`mirror`]'s.
+async fn load_challenges(store: &Postgres, relay: &str, domain: &str, challenges: &Challenges) {
+    match store
+        .mirror_acme_challenges(relay, domain, MIRROR_ALIVE)
+        .await
+    {
+        Ok(values) => challenges.set_fleet(values),
+        Err(err) => tracing::warn!(%err, "the fleet's acme challenges could not be loaded"),
     }
 }
 

@@ -464,3 +464,93 @@ async fn shutdown_during_an_issuance_stops_it_at_once_and_withdraws_the_challeng
     assert!(challenges.values().is_empty(), "withdrawn when stopped");
     pebble.stop().await;
 }
+
+/// An address free now over both UDP and TCP, for a relay's `--dns-listen`.
+fn free_dns_addr() -> SocketAddr {
+    (0..20)
+        .find_map(|_| {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+            let addr = udp.local_addr().ok()?;
+            std::net::TcpListener::bind(addr).ok().map(|_| addr)
+        })
+        .expect("a port free over both UDP and TCP")
+}
+
+#[tokio::test]
+async fn a_fleet_orders_one_certificate_that_any_relays_dns_proves_and_every_relay_serves() {
+    use ferry_tests::fleet::RelayProcess;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = ferry_tests::postgres::fresh_database().await;
+    let fleet = |dns: SocketAddr| {
+        vec![
+            "--database-url".to_owned(),
+            database.clone(),
+            "--domain".to_owned(),
+            DOMAIN.to_owned(),
+            "--dns-listen".to_owned(),
+            dns.to_string(),
+            "--public-ip".to_owned(),
+            "127.0.0.1".to_owned(),
+        ]
+    };
+    // The CA asks this relay's DNS server, and this relay orders nothing:
+    // it answers the challenges the others open in the database.
+    let answering_dns = free_dns_addr();
+    let _answering = RelayProcess::start(&fleet(answering_dns)).await;
+    let pebble = Pebble::start(dir.path(), answering_dns, None).await;
+    let (directory, https_ca) = (pebble.directory.clone(), pebble.https_ca.clone());
+    let ordering = |dns: SocketAddr| {
+        let mut args = fleet(dns);
+        args.extend([
+            "--tls-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--acme-email".to_owned(),
+            "ops@example.com".to_owned(),
+            "--acme-directory".to_owned(),
+            directory.clone(),
+            "--acme-ca".to_owned(),
+            https_ca.display().to_string(),
+        ]);
+        args
+    };
+
+    // Two relays that need a certificate start together: one orders, the
+    // other waits its turn and takes the certificate the first stored.
+    let (args_one, args_two) = (ordering(free_dns_addr()), ordering(free_dns_addr()));
+    let (one, two) = tokio::join!(
+        RelayProcess::start(&args_one),
+        RelayProcess::start(&args_two)
+    );
+    let root = pebble.root(dir.path()).await;
+    let tls_port = |relay: &RelayProcess| relay.tls_addr.expect("an https listener").port();
+    let (_, first) = tls_connect(&root, "one", tls_port(&one)).await;
+    let (_, second) = tls_connect(&root, "two", tls_port(&two)).await;
+    assert_eq!(first, second, "one order, one certificate for the fleet");
+
+    let (client, connection) = tokio_postgres::connect(&database, tokio_postgres::NoTls)
+        .await
+        .expect("the test connects to the database");
+    tokio::spawn(connection);
+    within("the challenges withdrawn", async {
+        loop {
+            let open: i64 = client
+                .query_one("SELECT count(*) FROM ferry_acme_challenges", &[])
+                .await
+                .expect("the challenges are counted")
+                .get(0);
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // With the CA gone, a relay joining the fleet serves its certificate
+    // at once.
+    pebble.stop().await;
+    let three = RelayProcess::start(&ordering(free_dns_addr())).await;
+    let (_, third) = tls_connect(&root, "three", tls_port(&three)).await;
+    assert_eq!(third, first, "the fleet's certificate, no order of its own");
+}

@@ -1347,3 +1347,99 @@ async fn postgres_a_nul_in_a_text_field_is_stored_as_a_replacement_not_a_failed_
         Some("http://localhost:3000/\u{FFFD}")
     );
 }
+
+#[tokio::test]
+async fn postgres_an_acme_order_waits_its_turn_and_for_every_running_dns_server_of_its_domain() {
+    let url = ferry_tests::postgres::fresh_database().await;
+    let store = Postgres::connect(&url).await.expect("connect");
+    let domain = "relay.test";
+    let alive = Duration::from_secs(30);
+    for relay in ["a", "b"] {
+        assert!(store
+            .mirror_acme_challenges(relay, domain, alive)
+            .await
+            .expect("load")
+            .is_empty());
+    }
+    // One whose time ran out, and one of another domain: not waited for.
+    store
+        .mirror_acme_challenges("stopped", domain, Duration::ZERO)
+        .await
+        .expect("load");
+    store
+        .mirror_acme_challenges("other", "other.test", alive)
+        .await
+        .expect("load");
+
+    let id = store
+        .publish_acme_challenge(domain, "v1", Duration::from_secs(60))
+        .await
+        .expect("publish");
+    assert_eq!(
+        store.acme_mirrors_behind(domain, id).await.expect("behind"),
+        ["a", "b"]
+    );
+    assert_eq!(
+        store
+            .mirror_acme_challenges("a", domain, alive)
+            .await
+            .expect("load"),
+        ["v1"]
+    );
+    assert_eq!(
+        store.acme_mirrors_behind(domain, id).await.expect("behind"),
+        ["b"]
+    );
+    store.forget_acme_mirror("b").await.expect("forget");
+    assert!(store
+        .acme_mirrors_behind(domain, id)
+        .await
+        .expect("behind")
+        .is_empty());
+
+    // An expired challenge (its relay died mid-order) is not answered.
+    store
+        .publish_acme_challenge(domain, "stale", Duration::ZERO)
+        .await
+        .expect("publish");
+    store
+        .withdraw_acme_challenges(domain, &["v1".to_owned()])
+        .await
+        .expect("withdraw");
+    assert!(store
+        .mirror_acme_challenges("a", domain, alive)
+        .await
+        .expect("load")
+        .is_empty());
+
+    // One order at a time: the second waits until the first lock is gone.
+    let first = store.acme_order_lock(domain).await.expect("the first turn");
+    let second = tokio::spawn({
+        let store = store.clone();
+        async move { store.acme_order_lock(domain).await.map(drop) }
+    });
+    let db = raw(&url).await;
+    ferry_tests::within("the second order to wait", async {
+        loop {
+            let waiting: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await
+                .expect("the locks")
+                .get(0);
+            if waiting == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!second.is_finished());
+    drop(first);
+    ferry_tests::within("the second turn", second)
+        .await
+        .expect("the task")
+        .expect("the second turn");
+}
