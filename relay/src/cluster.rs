@@ -223,7 +223,7 @@ impl Cluster {
         &self,
         tunnel: &Tunnel,
         max_per_owner: Option<usize>,
-        check_hold: bool,
+        hold: Option<Duration>,
     ) -> Result<(), ClaimError> {
         let name = tunnel.name.to_string();
         let owner = tunnel.owner.key();
@@ -235,7 +235,7 @@ impl Cluster {
             session: session_id(tunnel),
             lease: self.lease,
             max_per_owner,
-            check_hold,
+            hold,
         };
         let claimed = tokio::time::timeout(REGISTRY_TIMEOUT, self.db.claim_session(&claim))
             .await
@@ -315,6 +315,21 @@ impl Cluster {
         tokio::time::timeout(
             REGISTRY_TIMEOUT,
             self.db.session_holder(name.as_str(), &self.relay),
+        )
+        .await
+        .map_err(|_| hung())?
+    }
+
+    /// The owner `name` is held for because the relay that served it died
+    /// less than `hold` ago.
+    pub async fn held_after_crash(
+        &self,
+        name: &Subdomain,
+        hold: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        tokio::time::timeout(
+            REGISTRY_TIMEOUT,
+            self.db.held_after_crash(name.as_str(), hold),
         )
         .await
         .map_err(|_| hung())?

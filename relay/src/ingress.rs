@@ -538,22 +538,35 @@ fn start_capture(
 }
 
 /// The owner another relay of the fleet holds `name` for since its session
-/// ended there, as the shared name registry says; `None` off a fleet, or
-/// when the registry does not answer.
+/// ended there, as the shared name registry says, or since that relay died,
+/// as its last session's row says; `None` off a fleet, or when the
+/// registry does not answer.
 async fn held_in_fleet(link: &Link, name: &Subdomain) -> Option<crate::tunnels::Owner> {
     let state = &link.state;
-    if state.cluster.is_none() || !state.config.capture {
+    let cluster = state.cluster.as_ref()?;
+    if !state.config.capture {
         return None;
     }
-    let record = match state.names.name(name.as_str()).await {
-        Ok(record) => record?,
+    let unread = |err: crate::store::StoreError| {
+        debug!(%err, tunnel = %name, "name's hold not read");
+    };
+    match state.names.name(name.as_str()).await {
+        Ok(Some(record)) if record.hold_until.is_some_and(|until| until > now_micros()) => {
+            return Some(crate::tunnels::Owner::from_key(&record.owner));
+        }
+        Ok(_) => {}
         Err(err) => {
-            debug!(%err, tunnel = %name, "name's hold not read");
+            unread(err);
             return None;
         }
-    };
-    let held = record.hold_until.is_some_and(|until| until > now_micros());
-    held.then(|| crate::tunnels::Owner::from_key(&record.owner))
+    }
+    match cluster.held_after_crash(name, state.config.name_hold).await {
+        Ok(owner) => owner.map(|owner| crate::tunnels::Owner::from_key(&owner)),
+        Err(err) => {
+            unread(err);
+            None
+        }
+    }
 }
 
 /// Starts recording an exchange with tunnel `name`, owned by `owner`, if

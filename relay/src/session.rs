@@ -208,8 +208,9 @@ async fn claim_in_fleet(
         let max = state.tunnels.tunnel_limit(&tunnel.owner);
         // A name held for another owner since its session ended, here or on
         // another relay, is theirs; unless it is reserved for this one.
-        let check_hold = !state.tunnels.reserved_for(&tunnel.name, &tunnel.owner);
-        let err = match cluster.claim(&tunnel, max, check_hold).await {
+        let hold = (!state.tunnels.reserved_for(&tunnel.name, &tunnel.owner))
+            .then_some(state.config.name_hold);
+        let err = match cluster.claim(&tunnel, max, hold).await {
             Ok(()) => {
                 tunnel.confirm();
                 return Ok(tunnel);

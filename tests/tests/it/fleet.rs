@@ -570,7 +570,9 @@ async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_lease
         "served by the survivor"
     );
     // Until the lease ends the survivor still sends `stranded`'s requests
-    // to the dead relay (502); then nobody serves the name (404).
+    // to the dead relay (502); then its callers get the offline answer
+    // (503): the name is held for its owner, as a relay restarted after a
+    // crash holds what it served.
     let mut statuses = Vec::new();
     within("the dead relay's lease to end", async {
         loop {
@@ -578,41 +580,137 @@ async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_lease
             if statuses.last() != Some(&status) {
                 statuses.push(status);
             }
-            if status == StatusCode::NOT_FOUND {
+            if status == StatusCode::SERVICE_UNAVAILABLE {
                 break;
             }
         }
     })
     .await;
     let freed = killed.elapsed();
-    assert_eq!(
-        statuses.last(),
-        Some(&StatusCode::NOT_FOUND),
-        "{statuses:?}"
-    );
     assert!(
         statuses
             .iter()
-            .all(|s| [StatusCode::BAD_GATEWAY, StatusCode::NOT_FOUND].contains(s)),
+            .all(|s| [StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE].contains(s)),
         "{statuses:?}"
     );
     assert!(freed <= SHORT_LEASE * 3, "freed {freed:?} after the kill");
-    println!("the dead relay's names were free {freed:?} after SIGKILL (lease {SHORT_LEASE:?})");
-    let other = TestClient::start(
-        &survivor,
-        &origin.target(),
-        ClientOptions {
-            subdomain: Some("stranded"),
-            ..ClientOptions::default()
-        },
-    )
-    .await;
-    assert_eq!(other.name, "stranded");
-    assert_eq!(get("stranded").await, StatusCode::OK);
+    println!("the dead relay's leases ended {freed:?} after SIGKILL (lease {SHORT_LEASE:?})");
 
     drop(stranded);
     keyed.stop().await.expect("client stops");
-    other.stop().await.expect("client stops");
+    origin.stop().await;
+    survivor.stop().await;
+}
+
+#[tokio::test]
+async fn a_name_whose_relay_died_stays_held_for_its_owner_and_its_callers_are_recorded_for_them() {
+    let url = ferry_tests::postgres::fresh_database().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let cluster = format!("127.0.0.1:{port}");
+    let doomed = ferry_tests::fleet::RelayProcess::start(
+        &[
+            "--database-url",
+            &url,
+            "--cluster-listen",
+            &cluster,
+            "--advertise-url",
+            &format!("http://{cluster}"),
+            "--cluster-secret",
+            FLEET_SECRET,
+            "--cluster-lease",
+            "1s",
+        ]
+        .map(str::to_owned),
+    )
+    .await;
+    let survivor = TestRelay::start_in_fleet(
+        ferry_relay::Config {
+            database_url: Some(url),
+            ..ferry_relay::Config::default()
+        },
+        Duration::from_secs(1),
+    )
+    .await;
+    let (origin, _) = recording_origin("back").await;
+    let owner = ClientOptions {
+        subdomain: Some("crashed"),
+        client_key: Some("the-owners-key".to_owned()),
+        relay_url: Some(ferry_common::handshake::connect_url(doomed.addr)),
+        ..ClientOptions::default()
+    };
+    let client = TestClient::start(&survivor, &origin.target(), owner.clone()).await;
+    doomed.kill().await;
+
+    // The dead relay saved no hold: its session's row says whose the name
+    // was. Callers get 502 while the lease lasts, then the offline answer
+    // (not 404), recorded for the owner.
+    let mut tail = Api::of(&survivor).tail("").await;
+    let host = host_on("crashed", &survivor);
+    let status = within("the dead relay's lease to end", async {
+        loop {
+            let status = send(survivor.addr, &host, Request::new(empty()))
+                .await
+                .status();
+            if status != StatusCode::BAD_GATEWAY {
+                break status;
+            }
+        }
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let offline = within("the offline answer recorded", async {
+        loop {
+            let (_, item) = tail.next_item().await;
+            if item["outcome"] != "relay_unreachable" && item["status"] != 502 {
+                break item;
+            }
+        }
+    })
+    .await;
+    assert_eq!(offline["outcome"], "client_offline", "{offline}");
+    assert_eq!(offline["tunnel"], "crashed");
+
+    // A stranger is refused; the owner gets its name back.
+    let mut attempt = TestClient::spawn(
+        &survivor,
+        &origin.target(),
+        ClientOptions {
+            client_key: Some("a-strangers-key".to_owned()),
+            relay_url: None,
+            ..owner.clone()
+        },
+    );
+    while let Some(event) = attempt.next_event().await {
+        assert!(
+            !matches!(event, ferry::Event::Connected { .. }),
+            "the stranger got a dead relay's name"
+        );
+    }
+    let refused = attempt
+        .finished()
+        .await
+        .expect_err("the stranger is refused")
+        .to_string();
+    assert!(
+        refused.contains("held for the client that used it last"),
+        "{refused}"
+    );
+    let back = TestClient::start(
+        &survivor,
+        &origin.target(),
+        ClientOptions {
+            relay_url: None,
+            ..owner
+        },
+    )
+    .await;
+    assert_eq!(back.name, "crashed");
+
+    drop(client);
+    back.stop().await.expect("client stops");
     origin.stop().await;
     survivor.stop().await;
 }

@@ -36,10 +36,12 @@ pub struct SessionClaim<'a> {
     /// How many names the owner's live sessions may hold in the whole
     /// fleet, a takeover aside; `None` for no limit.
     pub max_per_owner: Option<usize>,
-    /// Whether a hold of the name for another owner (saved in the name
-    /// registry when its session ended, on any relay) refuses the claim;
-    /// not for a name reserved for the claiming owner.
-    pub check_hold: bool,
+    /// How long a name stays held for its owner after its session ended,
+    /// when a hold for another owner refuses the claim; `None` for a name
+    /// reserved for the claiming owner. A hold is saved in the name
+    /// registry when a session ends; a session whose relay died saved none,
+    /// and its lease's end starts the hold.
+    pub hold: Option<Duration>,
 }
 
 /// How a claim went.
@@ -114,16 +116,30 @@ impl Postgres {
             )
             .await?;
         }
+        let hold = claim.hold.unwrap_or_default();
         let before = tx
             .query_opt(
-                "SELECT relay, session, lease_until > clock_timestamp(), owner FROM ferry_sessions
-                 WHERE name = $1 FOR UPDATE",
-                &[&claim.name],
+                "SELECT relay, session, lease_until > clock_timestamp(), owner,
+                        lease_until + make_interval(secs => $2) > clock_timestamp()
+                 FROM ferry_sessions WHERE name = $1 FOR UPDATE",
+                &[&claim.name, &seconds(hold)],
             )
             .await?;
         let (live, takeover) = match &before {
             Some(row) => {
                 let (live, owner): (bool, String) = (row.try_get(2)?, row.try_get(3)?);
+                // A session that ended cleanly removed its row: this one's
+                // relay died, so its owner's hold runs from the lease's end,
+                // as a relay restarted after a crash holds what it served.
+                let held_since_crash: bool = row.try_get(4)?;
+                if claim.hold.is_some()
+                    && !live
+                    && held_since_crash
+                    && owner != claim.owner
+                    && !owner.is_empty()
+                {
+                    return Ok(SessionClaimed::Held);
+                }
                 (live, live && owner == claim.owner)
             }
             None => (false, false),
@@ -131,7 +147,7 @@ impl Postgres {
         // Read after the session row: the relay whose session ended saved
         // the hold before it removed that row, so either the row or the
         // hold is seen.
-        if claim.check_hold && !live {
+        if claim.hold.is_some() && !live {
             let held = tx
                 .query_opt(
                     "SELECT 1 FROM names WHERE name = $1 AND owner <> $2 AND hold_until > $3",
@@ -274,6 +290,27 @@ impl Postgres {
             })
         })
         .transpose()
+    }
+
+    /// The owner of `name`'s last session when its relay died less than
+    /// `hold` ago and nobody has claimed the name since: the name is held
+    /// for them ([`SessionClaim::hold`]). Anonymous sessions hold nothing.
+    pub async fn held_after_crash(
+        &self,
+        name: &str,
+        hold: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT owner FROM ferry_sessions
+                 WHERE name = $1 AND owner <> '' AND lease_until <= clock_timestamp()
+                   AND lease_until + make_interval(secs => $2) > clock_timestamp()",
+                &[&name, &seconds(hold)],
+            )
+            .await?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?)
     }
 }
 
