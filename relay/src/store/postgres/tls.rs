@@ -20,7 +20,7 @@ pub(super) fn connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, Sto
     if let Some(path) = ca_file {
         let ca_error = |cause: String| {
             StoreError(format!(
-                "--database-ca {}: {cause}: give a PEM file with the certificate of the CA that signed the database's",
+                "--database-ca {}: {cause}: give a PEM file with the certificate of the CA that signed the database's certificate",
                 path.display()
             ))
         };
@@ -75,7 +75,10 @@ pub(super) fn hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static s
         });
         if let Some(rustls::Error::InvalidCertificate(problem)) = rustls {
             return Some(match problem {
-                rustls::CertificateError::UnknownIssuer => {
+                // A CA of the same name as a trusted one fails the
+                // signature rather than the issuer.
+                rustls::CertificateError::UnknownIssuer
+                | rustls::CertificateError::BadSignature => {
                     "the database's certificate is not signed by a CA this relay trusts: \
                      pass --database-ca with the PEM certificate of the CA that signed it"
                 }
