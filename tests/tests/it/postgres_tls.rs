@@ -165,6 +165,32 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_and_names_database_ca() {
 }
 
 #[tokio::test]
+async fn a_self_signed_certificate_is_trusted_when_passed_as_database_ca() {
+    // As Debian's "snakeoil" certificate is.
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("a self-signed certificate");
+    let dir = tempfile::tempdir().expect("a directory");
+    let ca = ca_file(dir.path(), &certified.cert.pem());
+    let (server, url) = PgServer::own_with_tls(PgTls {
+        cert_pem: certified.cert.pem(),
+        key_pem: certified.signing_key.serialize_pem(),
+        only: false,
+    })
+    .await;
+    let message = refused(&url, None).await;
+    assert!(
+        message.contains("(a self-signed certificate itself)"),
+        "{message}"
+    );
+    let _store = Postgres::connect_trusting(&url, Some(&ca))
+        .await
+        .expect("the store connects over TLS");
+    let (encrypted, plain) = relay_connections(&server).await;
+    assert_eq!((plain, encrypted > 0), (0, true));
+}
+
+#[tokio::test]
 async fn a_certificate_for_another_name_is_refused() {
     let pki = pki(&["db.example.com"], false);
     let dir = tempfile::tempdir().expect("a directory");

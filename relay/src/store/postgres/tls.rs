@@ -80,7 +80,8 @@ pub(super) fn hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static s
                 rustls::CertificateError::UnknownIssuer
                 | rustls::CertificateError::BadSignature => {
                     "the database's certificate is not signed by a CA this relay trusts: \
-                     pass --database-ca with the PEM certificate of the CA that signed it"
+                     pass --database-ca with the PEM certificate of the CA that signed it \
+                     (a self-signed certificate itself)"
                 }
                 rustls::CertificateError::NotValidForName
                 | rustls::CertificateError::NotValidForNameContext { .. } => {
