@@ -126,8 +126,6 @@ pub struct Cluster {
     lease: Duration,
     /// The shared database.
     db: Postgres,
-    /// Its URL, for the listening connection.
-    database_url: String,
     /// The names this relay's rows hold, with the session that claimed each.
     held: Mutex<HashMap<Subdomain, i64>>,
     /// The pooled HTTP/2 connections to other relays.
@@ -151,13 +149,8 @@ fn session_id(tunnel: &Tunnel) -> i64 {
 }
 
 impl Cluster {
-    /// This relay in the fleet of `config`, on the shared database `db`
-    /// at `database_url`.
-    pub fn new(
-        config: &crate::config::Cluster,
-        db: Postgres,
-        database_url: String,
-    ) -> Result<Self, String> {
+    /// This relay in the fleet of `config`, on the shared database `db`.
+    pub fn new(config: &crate::config::Cluster, db: Postgres) -> Result<Self, String> {
         let secret = HeaderValue::from_str(&config.secret.0)
             .map_err(|_| "the cluster secret must be printable ASCII".to_owned())
             .map(|mut value| {
@@ -189,7 +182,6 @@ impl Cluster {
             verifier: (key, tag),
             lease: config.lease,
             db,
-            database_url,
             held: Mutex::default(),
             client,
             unknown_names: RateLimit::per_minute(config.unknown_names_per_minute),
@@ -423,7 +415,7 @@ impl Cluster {
     /// cannot be reached: the heartbeat still finds takeovers.
     async fn listen(&self) -> Option<postgres::Listener> {
         let channel = postgres::channel(&self.relay);
-        match postgres::Listener::start(&self.database_url, &channel).await {
+        match self.db.listen(&channel).await {
             Ok(listener) => Some(listener),
             Err(err) => {
                 warn!(%err, "cannot listen for takeovers on the fleet's database");

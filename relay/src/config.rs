@@ -90,6 +90,9 @@ pub struct Config {
     /// A PostgreSQL database shared with the fleet's other relays; `None`
     /// keeps everything in the SQLite file in [`Config::data_dir`].
     pub database_url: Option<String>,
+    /// A PEM file of CA certificates trusted for TLS to
+    /// [`Config::database_url`] besides the public roots (a private CA).
+    pub database_ca: Option<std::path::PathBuf>,
     /// How this relay routes requests to the fleet's other relays on the
     /// same database; `None` serves only the tunnels it holds itself.
     pub cluster: Option<Cluster>,
@@ -259,6 +262,7 @@ impl Default for Config {
             egress_allow: Vec::new(),
             data_dir: Self::DEFAULT_DATA_DIR.into(),
             database_url: None,
+            database_ca: None,
             cluster: None,
             capture: true,
             capture_body_limit: Self::DEFAULT_CAPTURE_BODY_LIMIT,

@@ -206,13 +206,16 @@ impl Relay {
             None => Vec::new(),
         };
         let data_dir = data_dir::DataDir::open(&config.data_dir)?;
-        let postgres =
-            match &config.database_url {
-                Some(url) => Some(store::postgres::Postgres::connect(url).await.map_err(
-                    |err| std::io::Error::other(format!("cannot open the PostgreSQL store: {err}")),
-                )?),
-                None => None,
-            };
+        let postgres = match &config.database_url {
+            Some(url) => Some(
+                store::postgres::Postgres::connect_trusting(url, config.database_ca.as_deref())
+                    .await
+                    .map_err(|err| {
+                        std::io::Error::other(format!("cannot open the PostgreSQL store: {err}"))
+                    })?,
+            ),
+            None => None,
+        };
         let store: Arc<dyn store::Store> = match &postgres {
             Some(postgres) => Arc::new(postgres.clone()),
             None => Arc::new(
@@ -267,8 +270,7 @@ impl Relay {
         let cluster = match (&config.cluster, postgres, cluster_listener) {
             (None, _, None) => None,
             (Some(settings), Some(postgres), Some(listener)) => {
-                let url = config.database_url.clone().unwrap_or_default();
-                let cluster = cluster::Cluster::new(settings, postgres, url)
+                let cluster = cluster::Cluster::new(settings, postgres)
                     .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
                 Some((Arc::new(cluster), listener))
             }

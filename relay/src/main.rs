@@ -177,6 +177,17 @@ struct Args {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// A PEM file of CA certificates to trust for TLS to --database-url,
+    /// besides the public roots: for a database whose certificate a
+    /// private CA signed. TLS is used as the URL's sslmode says (prefer by
+    /// default); the certificate is always verified.
+    #[arg(
+        long,
+        env = "FERRY_RELAY_DATABASE_CA",
+        value_name = "FILE",
+        requires = "database_url"
+    )]
+    database_ca: Option<PathBuf>,
     /// Where this relay takes the requests that the other relays of its
     /// fleet (relays sharing --database-url) forward to the tunnels it
     /// serves: HTTP/2 without TLS, for the fleet's private network only.
@@ -837,6 +848,7 @@ fn config(args: &Args) -> Result<Config, String> {
         egress_allow: args.egress_allow.clone(),
         data_dir: args.data_dir.clone(),
         database_url: args.database_url.clone(),
+        database_ca: args.database_ca.clone(),
         cluster: cluster(args)?,
         capture: args.capture,
         capture_body_limit: usize::try_from(args.capture_body_limit)

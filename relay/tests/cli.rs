@@ -169,6 +169,43 @@ fn a_data_directory_that_cannot_be_written_or_is_taken_is_a_clear_error_at_start
 }
 
 #[test]
+fn database_ca_needs_a_database_url_and_a_file_of_certificates() {
+    let dir = tempfile::tempdir().expect("a directory");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").expect("the file is written");
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let output = relay(&["--listen", "127.0.0.1:0", "--database-ca", ca])
+        .output()
+        .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--database-url"), "{stderr}");
+
+    // The file is read before the database is reached (nothing listens on
+    // port 1).
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().expect("UTF-8 temp path");
+    let output = relay(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+        "--database-url",
+        "postgres://ferry@127.0.0.1:1/ferry?sslmode=require",
+        "--database-ca",
+        ca,
+    ])
+    .output()
+    .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("--database-ca {ca}: no CERTIFICATE block")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_relay_whose_stdout_reader_left_keeps_running() {
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().expect("UTF-8 temp path");

@@ -1,7 +1,8 @@
 //! A PostgreSQL server for the tests: Debian's `postgresql`, started once
 //! per test process in a temporary directory on a free port, and a fresh
 //! database per test on it ([`fresh_database`]); or a server of one test's
-//! own that it can stop and start again ([`PgServer`]).
+//! own that it can stop and start again ([`PgServer`]), with TLS if the
+//! test asks ([`PgServer::own_with_tls`]).
 //!
 //! `initdb` and `postgres` refuse to run as root, and CI runs as root: then
 //! the server runs as the `postgres` user the Debian package creates (or
@@ -26,6 +27,17 @@ pub struct PgServer {
     /// Closed when this is dropped or the process exits: the watchdog's
     /// signal.
     _watchdog: Mutex<ChildStdin>,
+}
+
+/// TLS for a server of a test's own.
+pub struct PgTls {
+    /// The server's certificate chain, PEM, leaf first.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// Whether connections over TCP without TLS are refused (`hostssl`
+    /// only in `pg_hba.conf`).
+    pub only: bool,
 }
 
 static SERVER: OnceLock<Result<PgServer, String>> = OnceLock::new();
@@ -59,6 +71,30 @@ impl PgServer {
         .await
         .expect("the server's start");
         started.unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// [`PgServer::own`] with `ssl = on` and the certificate of `tls`. The
+    /// URL names no `sslmode`.
+    pub async fn own_with_tls(tls: PgTls) -> (Self, String) {
+        let started = tokio::task::spawn_blocking(move || {
+            let server = Self::start_with(Some(&tls))?;
+            let url = server.create("ferry")?;
+            Ok::<_, String>((server, url))
+        })
+        .await
+        .expect("the server's start");
+        started.unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// The `key=value` connection string of `database` over the server's
+    /// Unix socket, which needs no TLS: for the test's own look at what
+    /// the server sees.
+    pub fn local_url(&self, database: &str) -> String {
+        format!(
+            "host={} port={} user=ferry dbname={database}",
+            self.dir.display(),
+            self.port
+        )
     }
 
     /// Stops the server at once, as an outage would; [`PgServer::resume`]
@@ -108,6 +144,10 @@ impl PgServer {
     }
 
     fn start() -> Result<Self, String> {
+        Self::start_with(None)
+    }
+
+    fn start_with(tls: Option<&PgTls>) -> Result<Self, String> {
         let bin = bin_dir()?;
         let user = server_user()?;
         let dir = tempfile::Builder::new()
@@ -132,6 +172,9 @@ impl PgServer {
             "--no-sync",
         ]);
         run(initdb, "initdb")?;
+        if let Some(tls) = tls {
+            configure_tls(&dir.join("data"), user, tls)?;
+        }
         let watchdog = watchdog(&bin, &dir, user)?;
         // A port can be taken between asking for it and the server binding
         // it: then the next one is tried.
@@ -156,6 +199,49 @@ impl PgServer {
         }
         Err(format!("PostgreSQL did not start: {last}"))
     }
+}
+
+/// Writes `tls`'s certificate and key into the data directory `data`,
+/// owned by the server's user (the key readable by it alone, as the server
+/// demands), and turns TLS on.
+fn configure_tls(data: &Path, user: Option<(u32, u32)>, tls: &PgTls) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    let write = |name: &str, contents: &str, mode: u32| {
+        let path = data.join(name);
+        std::fs::write(&path, contents)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|err| {
+                format!("cannot give {} to the server's user: {err}", path.display())
+            })?;
+        }
+        Ok::<_, String>(())
+    };
+    write("server.crt", &tls.cert_pem, 0o644)?;
+    write("server.key", &tls.key_pem, 0o600)?;
+    let conf = data.join("postgresql.conf");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .and_then(|mut file| {
+            file.write_all(
+                b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            )
+        })
+        .map_err(|err| format!("cannot turn TLS on in {}: {err}", conf.display()))?;
+    if tls.only {
+        // The Unix socket stays open without TLS for the test's own checks
+        // ([`PgServer::local_url`]).
+        write(
+            "pg_hba.conf",
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            0o600,
+        )?;
+    }
+    Ok(())
 }
 
 /// The newest PostgreSQL's programs on this machine.

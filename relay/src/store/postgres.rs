@@ -5,11 +5,16 @@
 //! The schema is applied in numbered migrations like SQLite's, recorded in
 //! `ferry_schema`, under an advisory lock so that relays starting together
 //! apply each migration once.
+//!
+//! Every connection (the pool's, the followers of channels, the session
+//! listeners) honours the URL's `sslmode` with the same TLS connector
+//! ([`tls`]).
 
 mod acme;
 mod activity;
 mod dispatch;
 mod sessions;
+mod tls;
 
 pub use acme::{AcmeOrderLock, ACME_CHANNEL};
 
@@ -17,6 +22,7 @@ pub use sessions::{
     channel, parse_takeover, Listener, SessionClaim, SessionClaimed, SessionHolder,
 };
 
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -25,7 +31,8 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use async_trait::async_trait;
 
@@ -71,7 +78,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// An error and its causes: the driver's own text ("db error", "error
 /// connecting to server") leaves out what the server or the socket said.
-fn with_causes(err: &dyn std::error::Error) -> String {
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut cause = err.source();
     while let Some(next) = cause {
@@ -81,6 +88,9 @@ fn with_causes(err: &dyn std::error::Error) -> String {
             text.push_str(&format!(": {said}"));
         }
         cause = next.source();
+    }
+    if let Some(hint) = tls::hint(err) {
+        text.push_str(&format!("; {hint}"));
     }
     text
 }
@@ -170,8 +180,10 @@ pub struct Postgres {
     reads: Arc<Semaphore>,
     /// Bumped on each notification of [`LOG_CHANNEL`].
     commits: watch::Receiver<u64>,
-    /// How to connect, for the followers of channels.
+    /// How to connect, for the followers of channels and the listeners.
     config: tokio_postgres::Config,
+    /// The TLS every connection uses, per the URL's `sslmode`.
+    tls: MakeRustlsConnect,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -183,11 +195,24 @@ impl std::fmt::Debug for Postgres {
 impl Postgres {
     /// Connects to the database at `url` (`postgres://user:password@host:port/db`)
     /// and brings its schema up to date. Fails when the database cannot be
-    /// reached or holds a schema from a newer Ferry.
+    /// reached or holds a schema from a newer Ferry. TLS, when used, trusts
+    /// the public roots only: see [`Postgres::connect_trusting`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|err| {
+        Self::connect_trusting(url, None).await
+    }
+
+    /// [`Postgres::connect`], trusting the CA certificates in the PEM file
+    /// `ca_file` (`--database-ca`) besides the public roots for TLS. TLS is
+    /// used as the URL's `sslmode` says: `disable` never, `prefer` (the
+    /// default) when the server offers it, `require` (and `verify-ca`,
+    /// `verify-full`) always; the certificate's chain and name are always
+    /// verified.
+    pub async fn connect_trusting(url: &str, ca_file: Option<&Path>) -> Result<Self, StoreError> {
+        let tls = tls::connector(ca_file)?;
+        let mut config = tokio_postgres::Config::from_str(&tls::libpq_modes(url)).map_err(|err| {
             StoreError(format!(
-                "`--database-url` is not a PostgreSQL URL ({err}): use postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+                "`--database-url` is not a PostgreSQL URL ({err}): use postgres://USER:PASSWORD@HOST:PORT/DATABASE, \
+                 with sslmode=disable, prefer, require, verify-ca or verify-full if any"
             ))
         })?;
         if config.get_connect_timeout().is_none() {
@@ -214,10 +239,15 @@ impl Postgres {
         config.keepalives_idle(KEEPALIVE_IDLE);
         config.tcp_user_timeout(KEEPALIVE_IDLE);
         let (commits, following) = watch::channel(0);
-        tokio::spawn(follow_channel(config.clone(), LOG_CHANNEL, commits));
+        tokio::spawn(follow_channel(
+            config.clone(),
+            tls.clone(),
+            LOG_CHANNEL,
+            commits,
+        ));
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -235,6 +265,7 @@ impl Postgres {
             reads: Arc::new(Semaphore::new(READ_SLOTS)),
             commits: following,
             config,
+            tls,
         };
         store.migrate().await?;
         Ok(store)
@@ -245,8 +276,18 @@ impl Postgres {
     /// no one follows the counter.
     fn follow(&self, channel: &'static str) -> watch::Receiver<u64> {
         let (sender, receiver) = watch::channel(0);
-        tokio::spawn(follow_channel(self.config.clone(), channel, sender));
+        tokio::spawn(follow_channel(
+            self.config.clone(),
+            self.tls.clone(),
+            channel,
+            sender,
+        ));
         receiver
+    }
+
+    /// Listens on `channel` on a connection of its own.
+    pub async fn listen(&self, channel: &str) -> Result<Listener, StoreError> {
+        Listener::start(&self.config, self.tls.clone(), channel).await
     }
 
     /// A connection of the pool.
@@ -330,11 +371,12 @@ impl Database for Postgres {
 /// again, with one bump: notifications may have been missed meanwhile.
 async fn follow_channel(
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     channel: &str,
     commits: watch::Sender<u64>,
 ) {
     loop {
-        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+        if let Ok((client, mut connection)) = config.connect(tls.clone()).await {
             // The connection is driven by its own task, which passes
             // notifications on; one waiting is enough, since a bump covers
             // every commit before it.

@@ -20,6 +20,7 @@ mod handshake;
 mod hosts;
 mod isolation;
 mod limits;
+mod postgres_tls;
 mod proxy;
 mod reconnect;
 mod shared_store;

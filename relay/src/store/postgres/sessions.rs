@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::Postgres;
@@ -326,9 +327,14 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Connects to the database at `url` and listens on `channel`.
-    pub async fn start(url: &str, channel: &str) -> Result<Self, StoreError> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    /// Connects to the database as `config` and `tls` say, and listens on
+    /// `channel`.
+    pub(super) async fn start(
+        config: &tokio_postgres::Config,
+        tls: MakeRustlsConnect,
+        channel: &str,
+    ) -> Result<Self, StoreError> {
+        let (client, mut connection) = config.connect(tls).await?;
         let (sender, payloads) = mpsc::channel(NOTIFICATIONS_QUEUED);
         let driver = tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
