@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -38,6 +39,10 @@ pub const HOST_HEADER: &str = "ferry-cluster-host";
 /// way the ingress relay must not record (a flood's refusals beyond one a
 /// second).
 pub const UNRECORDED_HEADER: &str = "ferry-cluster-unrecorded";
+/// The header naming the owner the ingress relay found holding the tunnel
+/// (and records the exchange for): the holder sends the request into its
+/// tunnel only if that tunnel is still this owner's.
+pub const OWNER_HEADER: &str = "ferry-cluster-owner";
 
 /// How often the pooled connections to other relays are pinged, and how
 /// long a ping may go unanswered before the connection is dropped.
@@ -111,6 +116,35 @@ pub enum LookupError {
     Store(#[from] StoreError),
 }
 
+/// What the link between the relays of the fleet carried and refused, for
+/// `/metrics`.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Requests this relay sent to the relay holding their tunnel: public
+    /// requests it took as the ingress relay, and webhook deliveries.
+    pub forwarded: AtomicU64,
+    /// Requests from other relays that this relay sent into its tunnels.
+    pub served: AtomicU64,
+    /// Requests to the cluster listener without the fleet's secret.
+    pub refused_secret: AtomicU64,
+    /// Connections to the cluster listener closed at accept: their address
+    /// held its limit.
+    pub refused_connections: AtomicU64,
+    /// Connections to the cluster listener closed for sending no request
+    /// with the fleet's secret in time.
+    pub refused_silent: AtomicU64,
+    /// Forwarded requests refused because the tunnel serving the name here
+    /// belongs to another owner than the one the ingress relay found.
+    pub refused_moved: AtomicU64,
+}
+
+impl LinkStats {
+    /// Adds one to `counter`.
+    pub(crate) fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// This relay in its fleet.
 pub struct Cluster {
     /// This relay's id, new at every start.
@@ -132,6 +166,8 @@ pub struct Cluster {
     client: hyper_util::client::legacy::Client<HttpConnector, Body>,
     /// Lookups per caller that found no relay serving the name.
     unknown_names: RateLimit,
+    /// What the link to the other relays carried and refused.
+    stats: LinkStats,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -185,6 +221,7 @@ impl Cluster {
             held: Mutex::default(),
             client,
             unknown_names: RateLimit::per_minute(config.unknown_names_per_minute),
+            stats: LinkStats::default(),
         })
     }
 
@@ -200,6 +237,11 @@ impl Cluster {
     /// The secret to present to another relay.
     pub(crate) fn secret(&self) -> &HeaderValue {
         &self.secret
+    }
+
+    /// What the link to the other relays carried and refused.
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
     }
 
     /// The pooled client to other relays.
@@ -358,7 +400,11 @@ impl Cluster {
         let host = HeaderValue::from_str(host).map_err(|err| unreachable(err.to_string()))?;
         headers.insert(HeaderName::from_static(HOST_HEADER), host);
         headers.insert(HeaderName::from_static(SECRET_HEADER), self.secret.clone());
+        let owner =
+            HeaderValue::from_str(&holder.owner).map_err(|err| unreachable(err.to_string()))?;
+        headers.insert(HeaderName::from_static(OWNER_HEADER), owner);
         meta.insert(headers);
+        LinkStats::count(&self.stats.forwarded);
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(mut response)) => {
                 response.headers_mut().remove(UNRECORDED_HEADER);
@@ -510,6 +556,8 @@ mod tests {
             secret,
             lease: crate::config::Cluster::DEFAULT_LEASE,
             unknown_names_per_minute: 1,
+            max_connections_per_ip: crate::config::Cluster::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            first_request_timeout: crate::config::Cluster::DEFAULT_FIRST_REQUEST_TIMEOUT,
         };
         assert!(!format!("{config:?}").contains("s3cr3t"));
     }

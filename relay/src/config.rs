@@ -195,6 +195,12 @@ pub struct Cluster {
     /// the shared database; beyond it its requests for names this relay
     /// does not serve get 429.
     pub unknown_names_per_minute: u32,
+    /// Connections one address (an IPv6 /64) may hold open at once on the
+    /// cluster listener; more are closed at accept.
+    pub max_connections_per_ip: usize,
+    /// How long a new connection to the cluster listener may take to send
+    /// its first request carrying the fleet's secret before it is closed.
+    pub first_request_timeout: Duration,
 }
 
 impl Cluster {
@@ -208,6 +214,17 @@ impl Cluster {
     /// The default for [`Cluster::unknown_names_per_minute`]: ten a second
     /// on average, far above a sender retrying a tunnel that went away.
     pub const DEFAULT_UNKNOWN_NAMES_PER_MINUTE: u32 = 600;
+    /// The default for [`Cluster::max_connections_per_ip`]. Another relay
+    /// keeps one pooled HTTP/2 connection here (a few while a burst races
+    /// to open it, or while a dead one is replaced); 16 leaves room for
+    /// that and for relays sharing one address behind NAT, while a
+    /// stranger on the fleet's network holds at most 16 of the 1024
+    /// places instead of all of them.
+    pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
+    /// The default for [`Cluster::first_request_timeout`]: another relay
+    /// sends its request as soon as it connects (its connect timeout is
+    /// 5 s), so a connection silent for 10 s is not one of the fleet's.
+    pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
     /// The fewest bytes a [`Cluster::secret`] may have.
     pub const MIN_SECRET_LEN: usize = 16;
 }

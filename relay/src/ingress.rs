@@ -95,6 +95,10 @@ enum IngressError {
         "the relay of this fleet that serves the tunnel `{0}` did not answer: try again shortly"
     )]
     PeerUnreachable(Subdomain),
+    #[error(
+        "the tunnel `{0}` moved to another client while this request was on its way: try again"
+    )]
+    Moved(Subdomain),
 }
 
 fn error_status(err: &IngressError) -> StatusCode {
@@ -107,6 +111,7 @@ fn error_status(err: &IngressError) -> StatusCode {
         IngressError::UnknownHost { .. } | IngressError::BadName { .. } => StatusCode::NOT_FOUND,
         IngressError::Connect => StatusCode::NOT_IMPLEMENTED,
         IngressError::PeerUnreachable(_) => StatusCode::BAD_GATEWAY,
+        IngressError::Moved(_) => StatusCode::SERVICE_UNAVAILABLE,
         IngressError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
         IngressError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         IngressError::Send(err) => match err {
@@ -147,6 +152,12 @@ fn error_response(err: &IngressError) -> Response<Body> {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+    }
+    if let IngressError::Moved(_) = err {
+        // The next lookup finds the name's new holder.
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
 }
@@ -294,6 +305,7 @@ pub(crate) async fn serve(
                 activity,
                 https: tls.is_some(),
                 forwarded: false,
+                owner: None,
             };
             let result = match tls {
                 None => serve_connection(link, &builder, watcher, TokioIo::new(stream)).await,
@@ -360,6 +372,10 @@ struct Link {
     /// Set when the request came from another relay of the fleet, which
     /// records it: the answer keeps the client's outcome for that relay.
     forwarded: bool,
+    /// For a request from another relay of the fleet: the owner that relay
+    /// found holding the tunnel, and records the exchange for. Only a
+    /// tunnel of that owner may take it.
+    owner: Option<crate::store::OwnerKey>,
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one accepted connection, plain or TLS.
@@ -848,6 +864,15 @@ async fn forward(
         }
         None => return Err(SendError::NotConnected(name.clone()).into()),
     };
+    // Checked on the very tunnel the request goes into: the name may have
+    // changed hands here since the ingress relay looked it up.
+    if link
+        .owner
+        .as_ref()
+        .is_some_and(|owner| tunnel.owner.key() != *owner)
+    {
+        return Err(IngressError::Moved(name));
+    }
     // Refused before anything reaches the client: a flood costs the tunnel
     // nothing, and a body announced too large is never read.
     tunnel.spend_rate(link.peer.ip())?;

@@ -221,6 +221,19 @@ struct Args {
           default_value_t = ferry_relay::config::Cluster::DEFAULT_UNKNOWN_NAMES_PER_MINUTE,
           value_parser = clap::value_parser!(u32).range(1..))]
     unknown_names_per_minute: u32,
+    /// Connections one address (an IPv6 /64) may hold open at once on
+    /// --cluster-listen (which holds 1024 in all); more are closed at once.
+    /// Each other relay needs one or a few: raise it when many relays reach
+    /// this one from one address (behind NAT, or in one IPv6 /64).
+    #[arg(long, env = "FERRY_RELAY_CLUSTER_CONNECTIONS_PER_IP", value_name = "N",
+          default_value_t = ferry_relay::config::Cluster::DEFAULT_MAX_CONNECTIONS_PER_IP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    cluster_connections_per_ip: usize,
+    /// How long a new connection to --cluster-listen may take to send a
+    /// request with the fleet's secret before it is closed.
+    #[arg(long, env = "FERRY_RELAY_CLUSTER_FIRST_REQUEST_TIMEOUT", value_name = "DURATION",
+          default_value = "10s", value_parser = duration)]
+    cluster_first_request_timeout: Duration,
     /// Whether the activity log records the requests that pass through
     /// tunnels. `off` records none (a held name's callers still get 503,
     /// unrecorded; replays made through the API are still logged): for
@@ -929,6 +942,8 @@ fn cluster(args: &Args) -> Result<Option<ferry_relay::config::Cluster>, String> 
         secret: ferry_relay::cluster::Secret::new(secret.as_str()),
         lease: args.cluster_lease,
         unknown_names_per_minute: args.unknown_names_per_minute,
+        max_connections_per_ip: args.cluster_connections_per_ip,
+        first_request_timeout: args.cluster_first_request_timeout,
     }))
 }
 

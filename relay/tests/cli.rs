@@ -432,6 +432,14 @@ fn fleet_flags_go_together_and_only_with_a_database() {
         &["--unknown-names-per-minute", "0"],
         &["--unknown-names-per-minute"],
     );
+    fails_with(
+        &["--cluster-connections-per-ip", "0"],
+        &["--cluster-connections-per-ip"],
+    );
+    fails_with(
+        &["--cluster-first-request-timeout", "0s"],
+        &["--cluster-first-request-timeout"],
+    );
     let db = "postgres://ferry@127.0.0.1:1/ferry";
     let secret = "0123456789abcdef0123";
     fails_with(

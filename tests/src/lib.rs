@@ -121,7 +121,8 @@ impl TestRelay {
     /// holding names with leases of `lease`. It advertises its cluster
     /// listener's address, unless `config.cluster` names another URL (a
     /// relay the others cannot reach); a given `config.cluster` also sets
-    /// its limit on unknown names (with an empty URL, for that alone).
+    /// its limit on unknown names and its cluster listener's limits (with
+    /// an empty URL, for those alone).
     pub async fn start_in_fleet(mut config: ferry_relay::Config, lease: Duration) -> Self {
         assert!(config.database_url.is_some(), "a fleet shares a database");
         let cluster = TcpListener::bind("127.0.0.1:0")
@@ -143,6 +144,14 @@ impl TestRelay {
             unknown_names_per_minute: config.cluster.as_ref().map_or(
                 ferry_relay::config::Cluster::DEFAULT_UNKNOWN_NAMES_PER_MINUTE,
                 |c| c.unknown_names_per_minute,
+            ),
+            max_connections_per_ip: config.cluster.as_ref().map_or(
+                ferry_relay::config::Cluster::DEFAULT_MAX_CONNECTIONS_PER_IP,
+                |c| c.max_connections_per_ip,
+            ),
+            first_request_timeout: config.cluster.as_ref().map_or(
+                ferry_relay::config::Cluster::DEFAULT_FIRST_REQUEST_TIMEOUT,
+                |c| c.first_request_timeout,
             ),
         });
         let listener = TcpListener::bind("127.0.0.1:0")

@@ -858,7 +858,7 @@ async fn tunnels(state: &State, account: Option<&AccountId>) -> Result<Response<
 
 fn metrics(state: &State) -> Response<Body> {
     let m = &state.metrics;
-    let body = format!(
+    let mut body = format!(
         "# HELP ferry_tunnels Connected tunnels.\n# TYPE ferry_tunnels gauge\nferry_tunnels {}\n\
          # HELP ferry_sessions_total Tunnel sessions accepted.\n# TYPE ferry_sessions_total counter\nferry_sessions_total {}\n\
          # HELP ferry_requests_total Public requests sent through a tunnel.\n# TYPE ferry_requests_total counter\nferry_requests_total {}\n\
@@ -888,12 +888,34 @@ fn metrics(state: &State) -> Response<Body> {
         state.dispatcher.stats().store_errors.load(Ordering::Relaxed),
         m.tokens_file_errors.load(Ordering::Relaxed),
     );
+    if let Some(cluster) = &state.cluster {
+        body.push_str(&cluster_metrics(cluster.stats()));
+    }
     let mut response = Response::new(full(body));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     response
+}
+
+/// The counters of the link between the relays of a fleet.
+fn cluster_metrics(stats: &crate::cluster::LinkStats) -> String {
+    format!(
+        "# HELP ferry_cluster_forwarded_total Requests sent to the relay of the fleet that holds their tunnel.\n# TYPE ferry_cluster_forwarded_total counter\nferry_cluster_forwarded_total {}\n\
+         # HELP ferry_cluster_served_total Requests from other relays of the fleet taken for this relay's tunnels.\n# TYPE ferry_cluster_served_total counter\nferry_cluster_served_total {}\n\
+         # HELP ferry_cluster_refused_total Connections and requests the cluster listener refused, by reason.\n# TYPE ferry_cluster_refused_total counter\n\
+         ferry_cluster_refused_total{{reason=\"secret\"}} {}\n\
+         ferry_cluster_refused_total{{reason=\"connections_per_ip\"}} {}\n\
+         ferry_cluster_refused_total{{reason=\"first_request_timeout\"}} {}\n\
+         ferry_cluster_refused_total{{reason=\"tunnel_moved\"}} {}\n",
+        stats.forwarded.load(Ordering::Relaxed),
+        stats.served.load(Ordering::Relaxed),
+        stats.refused_secret.load(Ordering::Relaxed),
+        stats.refused_connections.load(Ordering::Relaxed),
+        stats.refused_silent.load(Ordering::Relaxed),
+        stats.refused_moved.load(Ordering::Relaxed),
+    )
 }
 
 /// A JSON answer.

@@ -8,9 +8,12 @@
 //! it can (connections, declared size, body pacing) and records the
 //! exchange; the holder applies the tunnel's own limits to the caller's
 //! real address, which travels with the request, and records nothing. The
-//! fleet's secret authenticates every forwarded request. A WebSocket
-//! upgrade travels as it does through a tunnel, an extended CONNECT, and
-//! the ingress relay answers its caller's upgrade.
+//! fleet's secret authenticates every forwarded request, and the owner the
+//! ingress relay found travels with it: the holder sends it only into a
+//! tunnel of that owner. The cluster listener holds a few connections per
+//! address, and drops those that send no request with the secret in time.
+//! A WebSocket upgrade travels as it does through a tunnel, an extended
+//! CONNECT, and the ingress relay answers its caller's upgrade.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,8 +40,11 @@ use super::{
 };
 use crate::activity::capture::{Capture, Side};
 use crate::body::{BodyError, BodyFailure, PacedBody};
-use crate::cluster::{Cluster, HOST_HEADER, SECRET_HEADER, UNRECORDED_HEADER};
+use crate::cluster::{
+    Cluster, LinkStats, HOST_HEADER, OWNER_HEADER, SECRET_HEADER, UNRECORDED_HEADER,
+};
 use crate::connection::Activity;
+use crate::limits::PerIp;
 use crate::session::is_websocket_upgrade;
 use crate::store::postgres::SessionHolder;
 use crate::store::Outcome;
@@ -46,7 +52,8 @@ use crate::tunnels::SendError;
 use crate::{text, Body, State};
 
 /// Connections the cluster listener holds open at once: a fleet needs one
-/// per other relay, so this only bounds what strangers can open.
+/// per other relay, so this only bounds what strangers can open, together
+/// with the per-address limit and the deadline for the first request.
 const MAX_PEER_CONNECTIONS: usize = 1024;
 /// How much longer than the holder's own request timeout the ingress relay
 /// waits for its answer, so that the holder's 504 arrives first.
@@ -109,6 +116,11 @@ pub(super) async fn forward_to_holder(
         HeaderName::from_static(SECRET_HEADER),
         cluster.secret().clone(),
     );
+    let owner = HeaderValue::from_str(&holder.owner)
+        .map_err(|_| IngressError::PeerUnreachable(name.clone()))?;
+    parts
+        .headers
+        .insert(HeaderName::from_static(OWNER_HEADER), owner);
     RequestMeta {
         exchange,
         client_ip: link.peer.ip(),
@@ -126,6 +138,7 @@ pub(super) async fn forward_to_holder(
         None => body.boxed_unsync(),
     };
     let wait = state.config.request_timeout + PEER_ANSWER_MARGIN;
+    LinkStats::count(&cluster.stats().forwarded);
     let sent = tokio::time::timeout(
         wait,
         cluster.client().request(Request::from_parts(parts, body)),
@@ -185,11 +198,17 @@ pub(crate) async fn serve_peers(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let (Some(listener), Some(cluster)) = (listener, state.cluster.clone()) else {
+    let (Some(listener), Some(cluster), Some(settings)) = (
+        listener,
+        state.cluster.clone(),
+        state.config.cluster.as_ref(),
+    ) else {
         return;
     };
+    let first_request_timeout = settings.first_request_timeout;
     let builder = Arc::new(ferry_common::link::http2_server(state.config.keepalive));
     let capacity = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    let per_ip = PerIp::new(settings.max_connections_per_ip);
     // Owns the connection tasks: those still open after the grace period
     // are aborted when it drops.
     let mut connections = tokio::task::JoinSet::new();
@@ -215,6 +234,13 @@ pub(crate) async fn serve_peers(
             },
             () = shutdown.cancelled() => break,
         };
+        // Dropped at once: one address on the fleet's network cannot take
+        // the places the other relays need.
+        let Some(place) = per_ip.acquire(peer.ip()) else {
+            LinkStats::count(&cluster.stats().refused_connections);
+            debug!(%peer, "cluster connection refused: its address holds its limit");
+            continue;
+        };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
@@ -226,44 +252,68 @@ pub(crate) async fn serve_peers(
         );
         connections.spawn(
             async move {
-                let _permit = permit;
+                let _held = (permit, place);
                 // A wrong secret closes the connection: a stranger gets one
                 // guess per connection, and holds none open.
                 let refused = CancellationToken::new();
+                // Set by the first request with the fleet's secret; a
+                // connection without one by the deadline is closed.
+                let trusted = CancellationToken::new();
                 let activity = Activity::new();
                 let service = {
-                    let refused = refused.clone();
+                    let signals = (refused.clone(), trusted.clone());
+                    let cluster = Arc::clone(&cluster);
                     service_fn(move |req| {
-                        let (state, cluster, activity, refused) = (
+                        let (state, cluster, activity, signals) = (
                             Arc::clone(&state),
                             Arc::clone(&cluster),
                             Arc::clone(&activity),
-                            refused.clone(),
+                            signals.clone(),
                         );
                         async move {
                             Ok::<_, std::convert::Infallible>(
-                                answer_peer(state, &cluster, activity, &refused, req).await,
+                                answer_peer(state, &cluster, activity, &signals, req).await,
                             )
                         }
                     })
                 };
+                let deadline = async {
+                    tokio::select! {
+                        () = trusted.cancelled() => std::future::pending().await,
+                        () = tokio::time::sleep(first_request_timeout) => {}
+                    }
+                };
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let mut connection = std::pin::pin!(connection);
-                // Cancel-safe: the connection is pinned outside and polled
-                // on to its end after either signal.
+                let mut deadline = std::pin::pin!(deadline);
+                // Cancel-safe: the connection and the deadline are pinned
+                // outside and polled on after any signal. At the deadline
+                // the connection is dropped, not closed gracefully, which a
+                // peer that does not read could hold open.
                 let ended = tokio::select! {
-                    ended = connection.as_mut() => ended,
+                    ended = connection.as_mut() => Some(ended),
+                    () = deadline.as_mut() => None,
                     () = refused.cancelled() => {
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        tokio::select! {
+                            ended = connection.as_mut() => Some(ended),
+                            () = deadline.as_mut() => None,
+                        }
                     }
                     () = shutdown.cancelled() => {
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        Some(connection.await)
                     }
                 };
-                if let Err(err) = ended {
-                    debug!(%err, "cluster connection ended with an error");
+                match ended {
+                    None => {
+                        LinkStats::count(&cluster.stats().refused_silent);
+                        debug!(
+                            "cluster connection closed: no request with the fleet's secret in time"
+                        );
+                    }
+                    Some(Err(err)) => debug!(%err, "cluster connection ended with an error"),
+                    Some(Ok(())) => {}
                 }
             }
             .instrument(info_span!("peer", %peer)),
@@ -279,13 +329,15 @@ pub(crate) async fn serve_peers(
     }
 }
 
-/// Answers one forwarded request: checks the fleet's secret, then sends the
-/// request through the local tunnel as the ingress relay described it.
+/// Answers one forwarded request: checks the fleet's secret (cancelling
+/// `refused` when it is wrong, `trusted` when it is right), then sends the
+/// request through the local tunnel as the ingress relay described it, if
+/// that tunnel is the named owner's.
 async fn answer_peer(
     state: Arc<State>,
     cluster: &Cluster,
     activity: Arc<Activity>,
-    refused: &CancellationToken,
+    (refused, trusted): &(CancellationToken, CancellationToken),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let presented = req
@@ -294,22 +346,26 @@ async fn answer_peer(
         .map_or(&b""[..], HeaderValue::as_bytes);
     if !cluster.verify(presented) {
         refused.cancel();
+        LinkStats::count(&cluster.stats().refused_secret);
         debug!("forwarded request without the fleet's secret refused");
         return text(
             StatusCode::UNAUTHORIZED,
             "this is a relay's cluster listener: only the relays of its fleet, which send the fleet's secret, may use it",
         );
     }
-    let host = req
-        .headers()
-        .get(HOST_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    trusted.cancel();
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (host, owner) = (header(HOST_HEADER), header(OWNER_HEADER));
     let meta = RequestMeta::take(req.headers_mut());
-    let (Some(host), Some(meta)) = (host, meta) else {
+    let (Some(host), Some(owner), Some(meta)) = (host, owner, meta) else {
         return text(
             StatusCode::BAD_REQUEST,
-            "a forwarded request names its host, exchange, caller and scheme",
+            "a forwarded request names its host, the tunnel's owner, exchange, caller and scheme",
         );
     };
     let name = match route(&host, &state.config.domain) {
@@ -327,13 +383,19 @@ async fn answer_peer(
         activity,
         https: meta.https,
         forwarded: true,
+        owner: Some(owner),
         state,
     };
     let span = info_span!("forwarded", exchange = %meta.exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
-    match forward(&link, name, host, meta.exchange, req, None)
+    let result = forward(&link, name, host, meta.exchange, req, None)
         .instrument(span)
-        .await
-    {
+        .await;
+    let counter = match &result {
+        Err(IngressError::Moved(_)) => &cluster.stats().refused_moved,
+        _ => &cluster.stats().served,
+    };
+    LinkStats::count(counter);
+    match result {
         // Only this relay says what goes unrecorded, never the client.
         Ok(mut response) => {
             response.headers_mut().remove(UNRECORDED_HEADER);

@@ -17,10 +17,10 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Mutex};
 
 /// Long enough that no lease ends during a test unless a test wants it to.
-const LEASE: Duration = Duration::from_secs(30);
+pub(crate) const LEASE: Duration = Duration::from_secs(30);
 
 /// `n` relays on one fresh database, with `config` otherwise.
-async fn fleet(n: usize, config: ferry_relay::Config) -> Vec<TestRelay> {
+pub(crate) async fn fleet(n: usize, config: ferry_relay::Config) -> Vec<TestRelay> {
     let url = ferry_tests::postgres::fresh_database().await;
     let mut relays = Vec::new();
     for _ in 0..n {
@@ -34,15 +34,17 @@ async fn fleet(n: usize, config: ferry_relay::Config) -> Vec<TestRelay> {
 }
 
 /// The host of tunnel `name` on `relay`.
-fn host_on(name: &str, relay: &TestRelay) -> String {
+pub(crate) fn host_on(name: &str, relay: &TestRelay) -> String {
     format!("{name}.localhost:{}", relay.addr.port())
 }
 
 /// What an origin received: the headers and the body.
-type Received = (hyper::HeaderMap, Vec<u8>);
+pub(crate) type Received = (hyper::HeaderMap, Vec<u8>);
 
 /// An origin that reports what it receives and answers `answer`.
-async fn recording_origin(answer: &'static str) -> (Origin, mpsc::UnboundedReceiver<Received>) {
+pub(crate) async fn recording_origin(
+    answer: &'static str,
+) -> (Origin, mpsc::UnboundedReceiver<Received>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let origin = Origin::start(move |req: Request<hyper::body::Incoming>| {
         let tx = tx.clone();
@@ -58,7 +60,7 @@ async fn recording_origin(answer: &'static str) -> (Origin, mpsc::UnboundedRecei
 }
 
 /// The ids `GET /api/v1/requests` lists on `relay`.
-async fn listed(relay: &TestRelay) -> Vec<String> {
+pub(crate) async fn listed(relay: &TestRelay) -> Vec<String> {
     let page = Api::of(relay).get_json("/api/v1/requests").await;
     page["items"]
         .as_array()
@@ -184,7 +186,7 @@ async fn a_name_no_relay_serves_gets_the_usual_404() {
 
 /// Sends `request` to the cluster listener at `addr` over HTTP/2, as
 /// another relay would.
-async fn send_to_cluster(
+pub(crate) async fn send_to_cluster(
     addr: SocketAddr,
     request: Request<Body>,
 ) -> Response<hyper::body::Incoming> {
@@ -204,11 +206,17 @@ async fn send_to_cluster(
     .expect("an answer")
 }
 
-/// A request as the relays of a fleet forward them, to tunnel `name`, with
-/// `secret` if any.
-fn forwarded(addr: SocketAddr, name: &str, secret: Option<&str>, body: &str) -> Request<Body> {
+/// A request as the relays of a fleet forward them, to tunnel `name` of
+/// `owner` (as its owner key), with `secret` if any.
+pub(crate) fn forwarded(
+    addr: SocketAddr,
+    (name, owner): (&str, &str),
+    secret: Option<&str>,
+    body: &str,
+) -> Request<Body> {
     let mut request = Request::post(format!("http://{addr}/from-a-peer"))
         .header("ferry-cluster-host", format!("{name}.localhost"))
+        .header("ferry-cluster-owner", owner)
         .header(
             "ferry-exchange-id",
             ferry_common::ids::ExchangeId::new().to_string(),
@@ -232,11 +240,21 @@ async fn the_cluster_listener_forwards_nothing_without_the_fleets_secret() {
     let relay = &relays[0];
     let cluster = relay.cluster_addr.expect("a relay of a fleet");
     let (origin, mut received) = recording_origin("reached").await;
-    let client = TestClient::start(relay, &origin.target(), ClientOptions::default()).await;
+    let key = "the-clients-key";
+    let client = TestClient::start(
+        relay,
+        &origin.target(),
+        ClientOptions {
+            client_key: Some(key.to_owned()),
+            ..ClientOptions::default()
+        },
+    )
+    .await;
+    let owner = ferry_relay::tunnels::Owner::of_key(Some(key)).key();
+    let tunnel = (client.name.as_str(), owner.as_str());
 
     for secret in [None, Some("not-the-fleet-secret"), Some("")] {
-        let response =
-            send_to_cluster(cluster, forwarded(cluster, &client.name, secret, "forged")).await;
+        let response = send_to_cluster(cluster, forwarded(cluster, tunnel, secret, "forged")).await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{secret:?}");
         let body = String::from_utf8(read_body(response.into_body()).await).expect("text");
         assert!(body.contains("fleet's secret"), "{body}");
@@ -263,7 +281,7 @@ async fn the_cluster_listener_forwards_nothing_without_the_fleets_secret() {
     // The fleet's own request, with the secret, is the first to arrive.
     let response = send_to_cluster(
         cluster,
-        forwarded(cluster, &client.name, Some(FLEET_SECRET), "from the fleet"),
+        forwarded(cluster, tunnel, Some(FLEET_SECRET), "from the fleet"),
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -425,6 +443,9 @@ async fn a_holder_that_does_not_answer_gets_the_caller_a_502_recorded_at_the_ing
                 secret: ferry_relay::cluster::Secret::new(FLEET_SECRET),
                 lease: LEASE,
                 unknown_names_per_minute: 600,
+                max_connections_per_ip:
+                    ferry_relay::config::Cluster::DEFAULT_MAX_CONNECTIONS_PER_IP,
+                first_request_timeout: ferry_relay::config::Cluster::DEFAULT_FIRST_REQUEST_TIMEOUT,
             }),
             ..ferry_relay::Config::default()
         },
@@ -977,6 +998,9 @@ async fn a_caller_asking_for_names_no_relay_serves_stops_costing_database_querie
                 secret: ferry_relay::cluster::Secret::new(FLEET_SECRET),
                 lease: LEASE,
                 unknown_names_per_minute: 3,
+                max_connections_per_ip:
+                    ferry_relay::config::Cluster::DEFAULT_MAX_CONNECTIONS_PER_IP,
+                first_request_timeout: ferry_relay::config::Cluster::DEFAULT_FIRST_REQUEST_TIMEOUT,
             }),
             ..ferry_relay::Config::default()
         },

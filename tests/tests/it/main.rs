@@ -15,6 +15,7 @@ mod dns;
 mod export;
 mod fleet;
 mod fleet_dispatch;
+mod fleet_link;
 mod forwarding;
 mod handshake;
 mod hosts;
