@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ferry_common::coalesce::Coalesce;
 use ferry_common::handshake::meta::RequestMeta;
 use ferry_common::handshake::MAX_RESPONSE_HEADER_LIST;
-use ferry_common::headers::{header_list_size, remove_ferry_headers, remove_hop_by_hop};
+use ferry_common::headers::{header_list_size, remove_hop_by_hop, remove_relay_headers};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -302,7 +302,9 @@ impl Forwarder {
             })?;
         parts.version = Version::HTTP_11;
         remove_hop_by_hop(&mut parts.headers);
-        remove_ferry_headers(&mut parts.headers);
+        // The relay removed its caller's `ferry-*` headers; a webhook
+        // delivery's event type is for the local server.
+        remove_relay_headers(&mut parts.headers);
         self.set_host(&mut parts.headers, &public_host);
         add_forwarded(&mut parts.headers, meta, &public_host);
 

@@ -56,12 +56,28 @@ pub fn header_list_size(pseudo: &[(&str, &str)], headers: &HeaderMap) -> usize {
     pseudo + fields
 }
 
+/// The header in which a webhook delivery names its event type: the
+/// relay's dispatcher sets it for the receiver, so it passes where the
+/// relay's other `ferry-*` headers are removed.
+pub const EVENT_TYPE: &str = "ferry-event-type";
+
 /// Removes every `ferry-*` header, so a public caller cannot forge the
 /// metadata the relay adds.
 pub fn remove_ferry_headers(headers: &mut HeaderMap) {
+    remove_ferry_headers_but(headers, None);
+}
+
+/// Removes the `ferry-*` headers but [`EVENT_TYPE`], from a request only a
+/// relay wrote (it removed its caller's): the relay's metadata goes, the
+/// delivery's event type reaches the receiver.
+pub fn remove_relay_headers(headers: &mut HeaderMap) {
+    remove_ferry_headers_but(headers, Some(EVENT_TYPE));
+}
+
+fn remove_ferry_headers_but(headers: &mut HeaderMap, kept: Option<&str>) {
     let ours: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with(meta::PREFIX))
+        .filter(|name| name.as_str().starts_with(meta::PREFIX) && Some(name.as_str()) != kept)
         .cloned()
         .collect();
     for name in ours {
@@ -113,7 +129,13 @@ mod tests {
         headers.append("ferry-client-ip", HeaderValue::from_static("6.6.6.6"));
         headers.append("ferry-anything", HeaderValue::from_static("x"));
         headers.append("ferryman", HeaderValue::from_static("kept"));
+        headers.append(super::EVENT_TYPE, HeaderValue::from_static("a.b"));
+        let mut from_a_relay = headers.clone();
         remove_ferry_headers(&mut headers);
         assert_eq!(headers.len(), 1);
+        super::remove_relay_headers(&mut from_a_relay);
+        let mut kept: Vec<&str> = from_a_relay.keys().map(|name| name.as_str()).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [super::EVENT_TYPE, "ferryman"]);
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use ferry_common::byte_stream::CloseReason;
 use ferry_common::handshake::meta::RequestMeta;
 use ferry_common::handshake::{CONNECTION_WINDOW, STREAM_WINDOW};
-use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
+use ferry_common::headers::{remove_hop_by_hop, remove_relay_headers};
 use ferry_common::subdomain::Subdomain;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -395,7 +395,7 @@ impl Cluster {
         *request.version_mut() = Version::HTTP_2;
         let headers = request.headers_mut();
         remove_hop_by_hop(headers);
-        remove_ferry_headers(headers);
+        remove_relay_headers(headers);
         headers.remove(header::HOST);
         let host = HeaderValue::from_str(host).map_err(|err| unreachable(err.to_string()))?;
         headers.insert(HeaderName::from_static(HOST_HEADER), host);

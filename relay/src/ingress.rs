@@ -15,7 +15,7 @@ use bytes::Bytes;
 use ferry_common::coalesce::Coalesce;
 use ferry_common::handshake::meta::{self, RequestMeta};
 use ferry_common::handshake::MAX_REQUEST_HEADER_LIST;
-use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop};
+use ferry_common::headers::{remove_ferry_headers, remove_hop_by_hop, remove_relay_headers};
 use ferry_common::ids::ExchangeId;
 use ferry_common::subdomain::Subdomain;
 use http_body_util::BodyExt;
@@ -891,7 +891,13 @@ async fn forward(
         .map_err(|_| IngressError::BadHost(state.config.domain.clone()))?;
     let websocket_key = parts.headers.remove(header::SEC_WEBSOCKET_KEY);
     remove_hop_by_hop(&mut parts.headers);
-    remove_ferry_headers(&mut parts.headers);
+    if link.forwarded {
+        // Written by another relay of the fleet, which removed its
+        // caller's `ferry-*` headers: a webhook delivery keeps its type.
+        remove_relay_headers(&mut parts.headers);
+    } else {
+        remove_ferry_headers(&mut parts.headers);
+    }
     remove_forwarding_headers(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if websocket.is_some() {

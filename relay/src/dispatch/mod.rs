@@ -76,7 +76,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
-    "ferry-event-type",
+    ferry_common::headers::EVENT_TYPE,
     "content-type",
     "content-length",
     "transfer-encoding",
@@ -954,7 +954,7 @@ impl Dispatcher {
         if let Ok(signature) = sign::header(webhook, id, timestamp, body, now) {
             set("webhook-signature", &signature);
         }
-        set("ferry-event-type", kind);
+        set(ferry_common::headers::EVENT_TYPE, kind);
         headers
     }
 

@@ -1091,6 +1091,11 @@ async fn deliveries_into_a_tunnel_another_relay_serves_arrive_through_that_relay
             .expect("a webhook-id")
             .to_owned();
         assert!(ids.insert(id.clone()), "{id} arrived twice");
+        assert_eq!(
+            headers.get("ferry-event-type").and_then(|v| v.to_str().ok()),
+            Some("document.create"),
+            "a delivery through another relay keeps its event type, as one through a tunnel of its own"
+        );
     }
     let path = format!("/api/v1/webhooks/{webhook}/deliveries?limit=100");
     let deliveries = within("every delivery succeeded", async {
