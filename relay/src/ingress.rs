@@ -570,6 +570,8 @@ async fn held_in_fleet(link: &Link, name: &Subdomain) -> Option<crate::tunnels::
         Ok(Some(record)) if record.hold_until.is_some_and(|until| until > now_micros()) => {
             return Some(crate::tunnels::Owner::from_key(&record.owner));
         }
+        // The name registry is saved beside a session as it starts, so a
+        // relay that died at once may have left only its session's row.
         Ok(_) => {}
         Err(err) => {
             unread(err);

@@ -798,6 +798,11 @@ fn trust_instructions(dev: &ferry_relay::tls::dev::DevTls, domain: &str, port: u
 }
 
 fn config(args: &Args) -> Result<Config, String> {
+    if let (Some(_), Some(url)) = (&args.acme_email, &args.database_url) {
+        if !ferry_relay::store::postgres::private_link(url) {
+            return Err("--acme-email with --database-url keeps the certificate's private key in the database: ask for TLS to it with sslmode=require in --database-url (Ferry always verifies the database's certificate; see --database-ca), or reach it over a Unix socket or loopback".to_owned());
+        }
+    }
     let domain = args
         .domain
         .trim()

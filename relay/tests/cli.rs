@@ -206,6 +206,33 @@ fn database_ca_needs_a_database_url_and_a_file_of_certificates() {
 }
 
 #[test]
+fn acme_in_a_fleet_needs_a_database_link_no_one_can_read() {
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_str().expect("UTF-8 temp path");
+    let output = relay(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--public-ip",
+        "192.0.2.1",
+        "--acme-email",
+        "ops@example.com",
+        "--database-url",
+        "postgres://ferry@db.example/ferry",
+    ])
+    .output()
+    .expect("ferry-relay runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sslmode=require"), "{stderr}");
+}
+
+#[test]
 fn a_relay_whose_stdout_reader_left_keeps_running() {
     let data = tempfile::tempdir().expect("data dir");
     let data_dir = data.path().to_str().expect("UTF-8 temp path");

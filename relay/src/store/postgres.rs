@@ -17,6 +17,7 @@ mod sessions;
 mod tls;
 
 pub use acme::{AcmeOrderLock, ACME_CHANNEL};
+pub use tls::private_link;
 
 pub use sessions::{
     channel, parse_takeover, Listener, SessionClaim, SessionClaimed, SessionHolder,

@@ -164,6 +164,9 @@ pub enum AcmeError {
         /// What it said.
         source: StoreError,
     },
+    /// Another relay's order failed lately: the fleet waits before the next.
+    #[error("an order of the fleet failed lately (see that relay's log); the next is made in {} s", .0.as_secs())]
+    Deferred(Duration),
     /// Some relays' DNS servers did not load a challenge in time.
     #[error("the DNS servers of relays {relays} did not load the challenge within {PROPAGATION_TIMEOUT:?}: check their connection to the database")]
     Propagation {
@@ -295,32 +298,56 @@ impl Acme {
     }
 
     /// In a fleet, takes the certificate in the database when it is usable
-    /// and lasts longer than the copy on disk; returns whether it did.
+    /// and lasts longer than the copy on disk; returns whether it did. A
+    /// copy on disk that lasts longer (one whose storing failed, or one from
+    /// before the relay joined the fleet) is stored for the others.
     pub async fn pull(&self) -> Result<bool, AcmeError> {
         let Some(fleet) = &self.fleet else {
             return Ok(false);
         };
-        let Some((cert, key)) = fleet
+        let shared = fleet
             .store
             .acme_certificate(&self.config.domain)
             .await
             .map_err(fleet_error("reading the certificate"))?
-        else {
-            return Ok(false);
-        };
-        let (cert, key) = (cert.into_bytes(), key.into_bytes());
-        let Some((_, shared_until)) = self.validity(&cert, &key) else {
-            return Ok(false);
-        };
-        if self
-            .stored()
-            .is_some_and(|(_, until)| until >= shared_until)
-        {
-            return Ok(false);
+            .map(|(cert, key)| (cert.into_bytes(), key.into_bytes()));
+        let shared_until = shared
+            .as_ref()
+            .and_then(|(cert, key)| self.validity(cert, key))
+            .map(|(_, until)| until);
+        let local_until = self.stored().map(|(_, until)| until);
+        match (shared, shared_until, local_until) {
+            (Some((cert, key)), Some(shared), local)
+                if local.is_none_or(|local| shared > local) =>
+            {
+                self.write_pair(&cert, &key)?;
+                tracing::info!(domain = %self.config.domain, "tls certificate taken from the fleet's database");
+                Ok(true)
+            }
+            (_, shared, Some(local)) if shared.is_none_or(|shared| local > shared) => {
+                self.push(fleet).await?;
+                Ok(false)
+            }
+            _ => Ok(false),
         }
-        self.write_pair(&cert, &key)?;
-        tracing::info!(domain = %self.config.domain, "tls certificate taken from the fleet's database");
-        Ok(true)
+    }
+
+    /// Stores the certificate on disk in the fleet's database.
+    async fn push(&self, fleet: &Fleet) -> Result<(), AcmeError> {
+        let files = self.files();
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| AcmeError::Write {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        fleet
+            .store
+            .save_acme_certificate(&self.config.domain, &read(&files.cert)?, &read(&files.key)?)
+            .await
+            .map_err(fleet_error("storing the certificate"))?;
+        tracing::info!(domain = %self.config.domain, "tls certificate stored for the fleet");
+        Ok(())
     }
 
     /// Sees the count of renewed certificates served by [`Self::renew_until`]
@@ -422,6 +449,14 @@ impl Acme {
                 // Served as it is even if already "due" (a clock ahead of
                 // the CA's): asking again at once would only repeat it.
                 Ok(()) => return Some(self.files()),
+                // The fleet's backoff, not a failure of this relay's.
+                Err(AcmeError::Deferred(wait)) => {
+                    tracing::info!(retry_in = ?wait, "waiting for the fleet's next acme order");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait.min(RETRY_MAX)) => {}
+                        () = shutdown.cancelled() => return None,
+                    }
+                }
                 Err(err) => {
                     let wait = retry_delay(self.retry_first, failures, rand::random());
                     failures += 1;
@@ -507,19 +542,37 @@ impl Acme {
         if self.pull().await? && self.renewal_time().is_some_and(|at| at > SystemTime::now()) {
             return Ok(());
         }
-        self.issue().await?;
-        let files = self.files();
-        let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| AcmeError::Write {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        fleet
+        // Failures count for the fleet: relays taking turns would
+        // otherwise each fail against the CA's limits.
+        let domain = &self.config.domain;
+        let (failures, wait) = fleet
             .store
-            .save_acme_certificate(&self.config.domain, &read(&files.cert)?, &read(&files.key)?)
+            .acme_order_backoff(domain)
             .await
-            .map_err(fleet_error("storing the certificate"))
+            .map_err(fleet_error("reading the fleet's failed orders"))?;
+        if !wait.is_zero() {
+            return Err(AcmeError::Deferred(wait));
+        }
+        if let Err(err) = self.issue().await {
+            let wait = retry_delay(self.retry_first, failures, rand::random());
+            if let Err(err) = fleet
+                .store
+                .acme_order_failed(domain, failures + 1, wait)
+                .await
+            {
+                tracing::warn!(%err, "the failed order is not recorded for the fleet");
+            }
+            return Err(err);
+        }
+        if let Err(err) = fleet.store.acme_order_succeeded(domain).await {
+            tracing::warn!(%err, "the fleet's failed orders are not cleared");
+        }
+        // The certificate is this relay's now whatever happens next; the
+        // others get it once it is stored, at this relay's next look.
+        if let Err(err) = self.push(fleet).await {
+            tracing::warn!(%err, "the new certificate is served here, and stored for the fleet later");
+        }
+        Ok(())
     }
 
     /// One issuance: account, order, challenges, finalization; writes the
@@ -880,12 +933,19 @@ pub async fn mirror(
 
 /// One load of [`mirror`]'s.
 async fn load_challenges(store: &Postgres, relay: &str, domain: &str, challenges: &Challenges) {
-    match store
-        .mirror_acme_challenges(relay, domain, MIRROR_ALIVE)
-        .await
-    {
-        Ok(values) => challenges.set_fleet(values),
-        Err(err) => tracing::warn!(%err, "the fleet's acme challenges could not be loaded"),
+    // Answered before it is said to be: an order may tell the CA to look
+    // as soon as it is recorded.
+    let loaded = match store.acme_challenges(domain).await {
+        Ok((values, seen)) => {
+            challenges.set_fleet(values);
+            store
+                .record_acme_mirror(relay, domain, seen, MIRROR_ALIVE)
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = loaded {
+        tracing::warn!(%err, "the fleet's acme challenges could not be loaded");
     }
 }
 

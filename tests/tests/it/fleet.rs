@@ -84,6 +84,7 @@ async fn a_client_on_one_relay_answers_requests_sent_to_the_others_each_logged_o
         let request = Request::post(format!("/hook-{i}"))
             .header("x-forwarded-for", "6.6.6.6")
             .header("ferry-client-ip", "6.6.6.6")
+            .header("ferry-event-type", "forged.by.a.caller")
             .header("ferry-cluster-secret", FLEET_SECRET)
             .header("ferry-cluster-host", "elsewhere.localhost")
             .body(full(format!("payload {i}")))

@@ -111,6 +111,7 @@ async fn values_of_one_header_name_keep_their_order_and_every_name_arrives() {
         .header("x-multi", "two")
         .header("x-multi", "three, four")
         .header("ferry-client-ip", "6.6.6.6")
+        .header("ferry-event-type", "forged.by.a.caller")
         .body(full(""))
         .expect("valid request");
     let response = send(relay.addr, &host_of(&client.public_url), request).await;

@@ -1354,22 +1354,23 @@ async fn postgres_an_acme_order_waits_its_turn_and_for_every_running_dns_server_
     let store = Postgres::connect(&url).await.expect("connect");
     let domain = "relay.test";
     let alive = Duration::from_secs(30);
+    let mirror = |relay: &'static str, domain: &'static str, alive: Duration| {
+        let store = store.clone();
+        async move {
+            let (values, seen) = store.acme_challenges(domain).await.expect("load");
+            store
+                .record_acme_mirror(relay, domain, seen, alive)
+                .await
+                .expect("record");
+            values
+        }
+    };
     for relay in ["a", "b"] {
-        assert!(store
-            .mirror_acme_challenges(relay, domain, alive)
-            .await
-            .expect("load")
-            .is_empty());
+        assert!(mirror(relay, domain, alive).await.is_empty());
     }
     // One whose time ran out, and one of another domain: not waited for.
-    store
-        .mirror_acme_challenges("stopped", domain, Duration::ZERO)
-        .await
-        .expect("load");
-    store
-        .mirror_acme_challenges("other", "other.test", alive)
-        .await
-        .expect("load");
+    mirror("stopped", domain, Duration::ZERO).await;
+    mirror("other", "other.test", alive).await;
 
     let id = store
         .publish_acme_challenge(domain, "v1", Duration::from_secs(60))
@@ -1379,13 +1380,7 @@ async fn postgres_an_acme_order_waits_its_turn_and_for_every_running_dns_server_
         store.acme_mirrors_behind(domain, id).await.expect("behind"),
         ["a", "b"]
     );
-    assert_eq!(
-        store
-            .mirror_acme_challenges("a", domain, alive)
-            .await
-            .expect("load"),
-        ["v1"]
-    );
+    assert_eq!(mirror("a", domain, alive).await, ["v1"]);
     assert_eq!(
         store.acme_mirrors_behind(domain, id).await.expect("behind"),
         ["b"]
@@ -1406,11 +1401,7 @@ async fn postgres_an_acme_order_waits_its_turn_and_for_every_running_dns_server_
         .withdraw_acme_challenges(domain, &["v1".to_owned()])
         .await
         .expect("withdraw");
-    assert!(store
-        .mirror_acme_challenges("a", domain, alive)
-        .await
-        .expect("load")
-        .is_empty());
+    assert!(mirror("a", domain, alive).await.is_empty());
 
     // One order at a time: the second waits until the first lock is gone.
     let first = store.acme_order_lock(domain).await.expect("the first turn");
@@ -1442,4 +1433,30 @@ async fn postgres_an_acme_order_waits_its_turn_and_for_every_running_dns_server_
         .await
         .expect("the task")
         .expect("the second turn");
+
+    // A failed order holds back the fleet's next one, whichever relay
+    // takes the next turn; a success clears it.
+    let backoff = |store: &Postgres| {
+        let store = store.clone();
+        async move { store.acme_order_backoff(domain).await.expect("backoff") }
+    };
+    assert_eq!(backoff(&store).await, (0, Duration::ZERO));
+    store
+        .acme_order_failed(domain, 1, Duration::from_secs(900))
+        .await
+        .expect("failed");
+    let other = Postgres::connect(&url).await.expect("connect");
+    let (failures, wait) = backoff(&other).await;
+    assert_eq!(failures, 1);
+    assert!(
+        wait > Duration::from_secs(890) && wait <= Duration::from_secs(900),
+        "{wait:?}"
+    );
+    other
+        .acme_order_failed(domain, 2, Duration::ZERO)
+        .await
+        .expect("failed");
+    assert_eq!(backoff(&store).await, (2, Duration::ZERO), "due again");
+    store.acme_order_succeeded(domain).await.expect("succeeded");
+    assert_eq!(backoff(&other).await, (0, Duration::ZERO));
 }

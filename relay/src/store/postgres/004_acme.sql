@@ -27,3 +27,10 @@ CREATE TABLE ferry_acme_mirrors (
     seen BIGINT NOT NULL,
     alive_until TIMESTAMPTZ NOT NULL
 );
+-- The fleet's failed orders per domain and when the next may be made, so
+-- that relays taking turns do not each fail against the CA's limits.
+CREATE TABLE ferry_acme_orders (
+    domain TEXT PRIMARY KEY,
+    failures INTEGER NOT NULL,
+    next_at TIMESTAMPTZ NOT NULL
+);

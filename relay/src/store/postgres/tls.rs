@@ -63,6 +63,30 @@ pub(super) fn libpq_modes(url: &str) -> String {
         .collect()
 }
 
+/// Whether what travels to the database at `url` is safe from the network
+/// between: TLS is required (and always verified), or every host is this
+/// machine (a Unix socket or loopback). A URL that does not parse is not.
+pub fn private_link(url: &str) -> bool {
+    use tokio_postgres::config::{Host, SslMode};
+    let Ok(config) = libpq_modes(url).parse::<tokio_postgres::Config>() else {
+        return false;
+    };
+    if matches!(config.get_ssl_mode(), SslMode::Require) {
+        return true;
+    }
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(|host| match host {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        })
+}
+
 /// What the operator should do about `err`, when it is a TLS problem
 /// between the relay and the database.
 pub(super) fn hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
@@ -116,7 +140,30 @@ pub(super) fn hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static s
 
 #[cfg(test)]
 mod tests {
-    use super::libpq_modes;
+    use super::{libpq_modes, private_link};
+
+    #[test]
+    fn a_link_is_private_with_tls_required_or_on_this_machine() {
+        for url in [
+            "postgres://u@db.example/ferry?sslmode=require",
+            "postgres://u@db.example/ferry?sslmode=verify-full",
+            "postgres://u@127.0.0.1:5432/ferry",
+            "postgres://u@localhost/ferry?sslmode=disable",
+            "postgres://u@[::1]/ferry",
+            "host=/run/postgresql user=u dbname=ferry",
+        ] {
+            assert!(private_link(url), "{url}");
+        }
+        for url in [
+            "postgres://u@db.example/ferry",
+            "postgres://u@db.example/ferry?sslmode=prefer",
+            "postgres://u@127.0.0.1,db.example/ferry",
+            "postgres://u@10.0.0.5/ferry?sslmode=disable",
+            "not a url",
+        ] {
+            assert!(!private_link(url), "{url}");
+        }
+    }
 
     #[test]
     fn verifying_ssl_modes_read_as_require() {
