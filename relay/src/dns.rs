@@ -17,7 +17,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::domain::Label;
@@ -33,6 +33,10 @@ use crate::limits::PerIp;
 
 /// The label under DOMAIN where ACME DNS-01 challenges are answered.
 pub const CHALLENGE_LABEL: &str = "_acme-challenge";
+/// How long the fleet's challenges, once loaded, count as current: past
+/// it, with no load since (the database is out of reach), the challenge
+/// name answers SERVFAIL, so that the CA's resolver asks another relay.
+pub const FLEET_CHALLENGES_FRESH: Duration = Duration::from_secs(30);
 /// TTL of A, AAAA, NS and CAA records.
 const TTL: u32 = 300;
 /// TTL of the SOA record, and how long resolvers may cache "no such
@@ -89,8 +93,9 @@ pub struct Challenges(Arc<Mutex<Published>>);
 struct Published {
     /// Published by this relay's ACME client.
     own: Vec<String>,
-    /// Open in the fleet's database when last loaded.
-    fleet: Vec<String>,
+    /// Open in the fleet's database when last loaded, and when that was;
+    /// `None` off a fleet.
+    fleet: Option<(Vec<String>, Instant)>,
 }
 
 impl Challenges {
@@ -111,16 +116,32 @@ impl Challenges {
             .retain(|v| v != value);
     }
 
-    /// Replaces the values open in the fleet's database.
+    /// Replaces the values open in the fleet's database, loaded now.
     pub fn set_fleet(&self, values: Vec<String>) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).fleet = values;
+        self.set_fleet_loaded_at(values, Instant::now());
+    }
+
+    /// Replaces the values open in the fleet's database, loaded `at`.
+    pub fn set_fleet_loaded_at(&self, values: Vec<String>, at: Instant) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).fleet = Some((values, at));
+    }
+
+    /// Whether the fleet's values were last loaded longer than
+    /// [`FLEET_CHALLENGES_FRESH`] ago: they may lack an open challenge.
+    pub fn stale(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .fleet
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() > FLEET_CHALLENGES_FRESH)
     }
 
     /// The values published now, each once.
     pub fn values(&self) -> Vec<String> {
         let published = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut values = published.own.clone();
-        for value in &published.fleet {
+        for value in published.fleet.iter().flat_map(|(fleet, _)| fleet) {
             if !values.contains(value) {
                 values.push(value.clone());
             }
@@ -345,6 +366,10 @@ impl Zone {
                 RData::HINFO(HINFO::new("RFC8482".into(), String::new())),
             ));
             return response;
+        }
+        if qname == self.challenge_name && kind == RecordType::TXT && self.challenges.stale() {
+            response.metadata.authoritative = false;
+            return code(response, ResponseCode::ServFail);
         }
         match self.lookup(&qname, kind) {
             None => {

@@ -80,7 +80,7 @@ const RENEW_CHECK: Duration = Duration::from_secs(3600);
 const MIRROR_BEAT: Duration = Duration::from_secs(10);
 /// How long a DNS server counts as running after it last said so: an order
 /// waits for it that long at most once it stopped.
-const MIRROR_ALIVE: Duration = Duration::from_secs(30);
+const MIRROR_ALIVE: Duration = crate::dns::FLEET_CHALLENGES_FRESH;
 /// How long an order waits for every running DNS server of the fleet to
 /// load a challenge before it gives up (and tries again later) rather than
 /// have the CA ask one that cannot answer.

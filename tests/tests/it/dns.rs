@@ -228,6 +228,34 @@ async fn challenge_txt_records_exist_only_while_a_challenge_is_open() {
 }
 
 #[tokio::test]
+async fn in_a_fleet_challenges_not_loaded_lately_answer_servfail_so_the_ca_asks_another_relay() {
+    let dns = Dns::start().await;
+    let name = "_acme-challenge.relay.test.";
+    let loaded = std::time::Instant::now();
+    dns.challenges
+        .set_fleet_loaded_at(vec!["fleet-value".into()], loaded);
+    let answer = dns.ask(name, RecordType::TXT).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(answer.answers.len(), 1);
+
+    // The database out of reach for longer than the fleet's challenges
+    // count as current: this relay's answer may lack a new one.
+    let long_ago = loaded
+        .checked_sub(ferry_relay::dns::FLEET_CHALLENGES_FRESH + std::time::Duration::from_secs(1))
+        .expect("an instant that long ago");
+    dns.challenges
+        .set_fleet_loaded_at(vec!["fleet-value".into()], long_ago);
+    let answer = dns.ask(name, RecordType::TXT).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+    assert!(answer.answers.is_empty());
+    // Only the challenge name: the rest of the zone answers as ever.
+    let apex = dns.ask("relay.test.", RecordType::A).await;
+    assert_eq!(apex.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addresses_v4(&apex), [V4]);
+    dns.stop().await;
+}
+
+#[tokio::test]
 async fn an_existing_name_without_the_type_asked_is_nodata() {
     let dns = Dns::start().await;
     assert_nodata(&dns.ask("relay.test.", RecordType::MX).await);
