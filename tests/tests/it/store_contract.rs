@@ -1460,3 +1460,90 @@ async fn postgres_an_acme_order_waits_its_turn_and_for_every_running_dns_server_
     store.acme_order_succeeded(domain).await.expect("succeeded");
     assert_eq!(backoff(&other).await, (0, Duration::ZERO));
 }
+
+#[tokio::test]
+async fn postgres_a_dead_relays_session_holds_its_name_for_its_owner_until_the_hold_ends() {
+    use ferry_relay::store::postgres::{SessionClaim, SessionClaimed};
+
+    let url = ferry_tests::postgres::fresh_database().await;
+    let (dead, survivor) = (
+        Postgres::connect(&url).await.expect("connect"),
+        Postgres::connect(&url).await.expect("connect"),
+    );
+    let claim = |name, relay, owner, lease, hold| SessionClaim {
+        name,
+        relay,
+        url: "http://127.0.0.1:1",
+        owner,
+        session: 1,
+        lease,
+        max_per_owner: None,
+        hold,
+    };
+    let lease = Duration::from_millis(100);
+    let week = Some(Duration::from_secs(7 * 86_400));
+    for (name, owner) in [("kept", "key_owner"), ("anonymous", "")] {
+        let claimed = dead
+            .claim_session(&claim(name, "dead", owner, lease, week))
+            .await
+            .expect("claim");
+        assert_eq!(claimed, SessionClaimed::Yes(None));
+    }
+    // The relay dies: nothing renews the leases, and the rows stay.
+    ferry_tests::within("the dead relay's leases to end", async {
+        while survivor
+            .held_after_crash("kept", Duration::from_secs(60))
+            .await
+            .expect("held")
+            .is_none()
+            || survivor
+                .session_holder("anonymous", "survivor")
+                .await
+                .expect("holder")
+                .is_some()
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+
+    let stranger = |name, hold| claim(name, "survivor", "key_stranger", lease, hold);
+    assert_eq!(
+        survivor
+            .claim_session(&stranger("kept", week))
+            .await
+            .expect("claim"),
+        SessionClaimed::Held
+    );
+    // Anonymous sessions hold nothing, as on one relay.
+    assert_eq!(
+        survivor
+            .held_after_crash("anonymous", Duration::from_secs(60))
+            .await
+            .expect("held"),
+        None
+    );
+    assert_eq!(
+        survivor
+            .claim_session(&stranger("anonymous", week))
+            .await
+            .expect("claim"),
+        SessionClaimed::Yes(None)
+    );
+    // Once the hold has run its time from the lease's end, the name is
+    // anyone's.
+    assert_eq!(
+        survivor
+            .held_after_crash("kept", Duration::ZERO)
+            .await
+            .expect("held"),
+        None
+    );
+    assert_eq!(
+        survivor
+            .claim_session(&stranger("kept", Some(Duration::ZERO)))
+            .await
+            .expect("claim"),
+        SessionClaimed::Yes(None)
+    );
+}
