@@ -188,6 +188,26 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The public web PKI's roots and the CA certificates in the PEM file
+/// `extra` (a private CA, a test CA), for the relay's own HTTPS clients;
+/// the error says why the file cannot be used.
+pub fn roots_with(extra: Option<&Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(|err| err.to_string())?;
+        if certs.is_empty() {
+            return Err("no CERTIFICATE block".into());
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|err| err.to_string())?;
+        }
+    }
+    Ok(roots)
+}
+
 /// A rustls server configuration serving `resolver`'s certificate, offering
 /// HTTP/2 and HTTP/1.1 by ALPN.
 pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {

@@ -230,23 +230,11 @@ impl Acme {
             path: dir.clone(),
             source,
         })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &config.ca_file {
-            let ca_error = |cause: String| AcmeError::CaFile {
-                path: path.clone(),
+        let roots =
+            super::roots_with(config.ca_file.as_deref()).map_err(|cause| AcmeError::CaFile {
+                path: config.ca_file.clone().unwrap_or_default(),
                 cause,
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-                .map_err(|err| ca_error(err.to_string()))?;
-            if certs.is_empty() {
-                return Err(ca_error("no CERTIFICATE block".into()));
-            }
-            for cert in certs {
-                roots.add(cert).map_err(|err| ca_error(err.to_string()))?;
-            }
-        }
+            })?;
         let tls = rustls::ClientConfig::builder_with_provider(super::provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports TLS 1.2 and 1.3")

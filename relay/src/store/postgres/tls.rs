@@ -5,8 +5,6 @@
 
 use std::path::Path;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use tokio_postgres::error::{DbError, SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -15,25 +13,12 @@ use super::StoreError;
 /// Makes the TLS sessions to the database, trusting the public web PKI
 /// and the CA certificates in `ca_file` (`--database-ca`).
 pub(super) fn connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let ca_error = |cause: String| {
-            StoreError(format!(
-                "--database-ca {}: {cause}: give a PEM file with the certificate of the CA that signed the database's certificate",
-                path.display()
-            ))
-        };
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(|err| ca_error(err.to_string()))?;
-        if certs.is_empty() {
-            return Err(ca_error("no CERTIFICATE block".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|err| ca_error(err.to_string()))?;
-        }
-    }
+    let roots = crate::tls::roots_with(ca_file).map_err(|cause| {
+        StoreError(format!(
+            "--database-ca {}: {cause}: give a PEM file with the certificate of the CA that signed the database's certificate",
+            ca_file.unwrap_or(Path::new("")).display()
+        ))
+    })?;
     let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3")
