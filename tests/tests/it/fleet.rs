@@ -506,34 +506,38 @@ async fn reconnected(client: &mut TestClient) -> String {
     name_in(&public_url).to_owned()
 }
 
-#[tokio::test]
-async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_leases_end() {
-    const SHORT_LEASE: Duration = Duration::from_secs(1);
-    let url = ferry_tests::postgres::fresh_database().await;
+/// A relay of the fleet on the database at `url` as a process of its own,
+/// for a test to kill with SIGKILL: a lease of 1 s, and `extra` flags.
+async fn doomed_relay(url: &str, extra: &[&str]) -> ferry_tests::fleet::RelayProcess {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
         .port();
     let cluster = format!("127.0.0.1:{port}");
+    let advertise = format!("http://{cluster}");
+    let mut args = vec![
+        "--database-url",
+        url,
+        "--cluster-listen",
+        &cluster,
+        "--advertise-url",
+        &advertise,
+        "--cluster-secret",
+        FLEET_SECRET,
+        "--cluster-lease",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+    ferry_tests::fleet::RelayProcess::start(&args).await
+}
+
+#[tokio::test]
+async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_leases_end() {
+    const SHORT_LEASE: Duration = Duration::from_secs(1);
+    let url = ferry_tests::postgres::fresh_database().await;
     // The relay that dies is a process of its own, killed with SIGKILL.
-    let doomed = ferry_tests::fleet::RelayProcess::start(
-        &[
-            "--database-url",
-            &url,
-            "--cluster-listen",
-            &cluster,
-            "--advertise-url",
-            &format!("http://{cluster}"),
-            "--cluster-secret",
-            FLEET_SECRET,
-            "--cluster-lease",
-            "1s",
-            "--trusted-proxy",
-            "127.0.0.1/32",
-        ]
-        .map(str::to_owned),
-    )
-    .await;
+    let doomed = doomed_relay(&url, &["--trusted-proxy", "127.0.0.1/32"]).await;
     let survivor = TestRelay::start_in_fleet(
         ferry_relay::Config {
             database_url: Some(url),
@@ -627,27 +631,7 @@ async fn when_a_relay_dies_its_clients_keep_their_names_on_another_and_its_lease
 #[tokio::test]
 async fn a_name_whose_relay_died_stays_held_for_its_owner_and_its_callers_are_recorded_for_them() {
     let url = ferry_tests::postgres::fresh_database().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let cluster = format!("127.0.0.1:{port}");
-    let doomed = ferry_tests::fleet::RelayProcess::start(
-        &[
-            "--database-url",
-            &url,
-            "--cluster-listen",
-            &cluster,
-            "--advertise-url",
-            &format!("http://{cluster}"),
-            "--cluster-secret",
-            FLEET_SECRET,
-            "--cluster-lease",
-            "1s",
-        ]
-        .map(str::to_owned),
-    )
-    .await;
+    let doomed = doomed_relay(&url, &[]).await;
     let survivor = TestRelay::start_in_fleet(
         ferry_relay::Config {
             database_url: Some(url),
