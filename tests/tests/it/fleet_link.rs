@@ -257,6 +257,21 @@ async fn a_forwarded_request_for_another_owner_never_reaches_the_tunnel_that_ser
     request.headers_mut().remove("ferry-cluster-owner");
     let response = send_to_cluster(cluster, request).await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    // So is one without the caller's address, or for a host outside the
+    // fleet's domain: neither reaches a tunnel.
+    let mut request = forwarded(cluster, (&client.name, &owner), Some(FLEET_SECRET), "none");
+    request.headers_mut().remove("ferry-client-ip");
+    let response = send_to_cluster(cluster, request).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let mut request = forwarded(cluster, (&client.name, &owner), Some(FLEET_SECRET), "none");
+    request.headers_mut().insert(
+        "ferry-cluster-host",
+        format!("{}.elsewhere.example", client.name)
+            .parse()
+            .expect("header value"),
+    );
+    let response = send_to_cluster(cluster, request).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
     // The owner's own request is the first to reach the origin.
     let response = send_to_cluster(
