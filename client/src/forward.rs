@@ -427,29 +427,30 @@ impl Forwarder {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Adds `X-Forwarded-For` (appending to what an earlier proxy sent),
 /// `X-Forwarded-Proto` and `X-Forwarded-Host`.
 fn add_forwarded(headers: &mut HeaderMap, meta: Option<&RequestMeta>, public_host: &str) {
     if let Some(ip) = meta.map(|meta| meta.client_ip) {
-        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {ip}"),
             None => ip.to_string(),
         };
-        insert(headers, "x-forwarded-for", &chain);
+        insert(headers, X_FORWARDED_FOR, chain);
     }
-    insert(
-        headers,
-        "x-forwarded-proto",
-        meta.map_or("http", RequestMeta::scheme),
-    );
+    let scheme = meta.map_or("http", RequestMeta::scheme);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     if !public_host.is_empty() {
-        insert(headers, "x-forwarded-host", public_host);
+        insert(headers, X_FORWARDED_HOST, public_host.to_owned());
     }
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), value);
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(name, value);
     }
 }
 

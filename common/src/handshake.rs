@@ -174,36 +174,37 @@ pub mod meta {
 
         /// Writes the metadata headers, replacing any of the same names.
         pub fn insert(&self, headers: &mut HeaderMap) {
-            let values = [
-                (EXCHANGE_ID, self.exchange.to_string()),
-                (CLIENT_IP, self.client_ip.to_string()),
-                (SCHEME, self.scheme().to_owned()),
-            ];
-            for (name, value) in values {
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    headers.insert(HeaderName::from_static(name), value);
-                }
+            // Values that are valid header text by construction, taken as
+            // they are rather than checked and copied again.
+            if let Ok(value) = HeaderValue::try_from(self.exchange.to_string()) {
+                headers.insert(HeaderName::from_static(EXCHANGE_ID), value);
             }
+            if let Ok(value) = HeaderValue::try_from(self.client_ip.to_string()) {
+                headers.insert(HeaderName::from_static(CLIENT_IP), value);
+            }
+            headers.insert(
+                HeaderName::from_static(SCHEME),
+                HeaderValue::from_static(self.scheme()),
+            );
         }
 
         /// Reads and removes the metadata headers; `None` when any is
         /// missing or malformed (a request that did not come from a relay).
         pub fn take(headers: &mut HeaderMap) -> Option<Self> {
-            let mut text = |name: &str| {
-                headers
-                    .remove(name)
-                    .and_then(|v| v.to_str().ok().map(str::to_owned))
-            };
-            let exchange = text(EXCHANGE_ID).and_then(|v| v.parse().ok());
-            let client_ip = text(CLIENT_IP).and_then(|v| v.parse().ok());
-            let https = match text(SCHEME).as_deref() {
+            fn text(value: &Option<HeaderValue>) -> Option<&str> {
+                value.as_ref()?.to_str().ok()
+            }
+            let exchange = headers.remove(EXCHANGE_ID);
+            let client_ip = headers.remove(CLIENT_IP);
+            let scheme = headers.remove(SCHEME);
+            let https = match text(&scheme) {
                 Some("https") => Some(true),
                 Some("http") => Some(false),
                 _ => None,
             };
             Some(Self {
-                exchange: exchange?,
-                client_ip: client_ip?,
+                exchange: text(&exchange)?.parse().ok()?,
+                client_ip: text(&client_ip)?.parse().ok()?,
                 https: https?,
             })
         }

@@ -15,10 +15,23 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::PROXY_AUTHORIZATION,
 ];
 
+/// Hop-by-hop headers that are not standard names in `http`, so not in
+/// [`HOP_BY_HOP`].
+const HOP_BY_HOP_OTHER: &[&str] = &["keep-alive", "proxy-connection"];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || HOP_BY_HOP_OTHER.contains(&name.as_str())
+}
+
 /// Removes hop-by-hop headers: `Connection`, every header it names, and the
 /// fixed list above plus `Keep-Alive` and `Proxy-Connection`. `TE: trailers`
 /// is end-to-end in meaning and kept.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names, rather than a
+    // lookup per hop-by-hop name, on every request and response.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -33,8 +46,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP) {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for name in HOP_BY_HOP_OTHER {
+        headers.remove(*name);
+    }
     if keeps_trailers {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }

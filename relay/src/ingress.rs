@@ -21,7 +21,7 @@ use ferry_common::subdomain::Subdomain;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, debug_span, warn, Instrument};
 
 use crate::activity::capture::{headers_of, Capture, Side};
 use crate::body::{BodyError, BodyFailure, Holding, PacedBody};
@@ -324,7 +324,9 @@ pub(crate) async fn serve(
                 debug!(%err, "connection ended with an error");
             }
         };
-        connections.spawn(connection.instrument(info_span!("conn", %peer)));
+        // At debug, as each request's span: a tunnel's span names its
+        // client, and an enabled span costs a formatted field per connection.
+        connections.spawn(connection.instrument(debug_span!("conn", %peer)));
     }
     drop(listeners.plain);
     drop(tls_listener);
@@ -443,7 +445,9 @@ async fn handle(link: &Link, req: Request<Incoming>) -> Response<Body> {
         }
         Ok(Route::Tunnel(name)) => {
             let exchange = ExchangeId::new();
-            let span = info_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
+            // At debug: nothing inside logs at info or above, and an
+            // enabled span formats its fields on every request.
+            let span = debug_span!("request", %exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
             // A name this relay does not serve may be another relay's.
             let holder = match &state.cluster {
                 Some(cluster) if state.tunnels.get(&name).is_none() => {
@@ -733,7 +737,7 @@ async fn offline(
     if link.forwarded {
         // For the ingress relay, which records it.
         response.headers_mut().insert(
-            hyper::header::HeaderName::from_static(meta::OUTCOME),
+            HeaderName::from_static(meta::OUTCOME),
             HeaderValue::from_static(Outcome::ClientOffline.as_str()),
         );
     }
@@ -992,11 +996,6 @@ async fn forward(
     }
 }
 
-/// Drops what a public caller claims about where it came from: the relay
-/// is the edge, so the client sets `X-Forwarded-*` from the relay's own view
-/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`,
-/// `X-Real-IP` or `Forwarded` would otherwise reach the origin as if a proxy
-/// had said it. Replays drop them from the captured request too.
 /// Turns the head of a WebSocket stream's answer into the caller's `101`,
 /// with the accept key for the key the caller sent.
 fn switching_protocols(parts: &mut http::response::Parts, websocket_key: Option<HeaderValue>) {
@@ -1014,14 +1013,25 @@ fn switching_protocols(parts: &mut http::response::Parts, websocket_key: Option<
     }
 }
 
+/// Drops what a public caller claims about where it came from: the relay
+/// is the edge, so the client sets `X-Forwarded-*` from the relay's own view
+/// (the peer, the scheme, the public host), and a forged `X-Forwarded-For`,
+/// `X-Real-IP` or `Forwarded` would otherwise reach the origin as if a proxy
+/// had said it. Replays drop them from the captured request too.
 pub(crate) fn remove_forwarding_headers(headers: &mut hyper::HeaderMap) {
-    for name in [
+    const FORWARDING: &[&str] = &[
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
         "x-real-ip",
-        header::FORWARDED.as_str(),
-    ] {
+        "forwarded",
+    ];
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| FORWARDING.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    for name in forged {
         headers.remove(name);
     }
 }

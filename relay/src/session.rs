@@ -149,7 +149,7 @@ pub(crate) async fn connect(
         .map(|key| derive_accept_key(key.as_bytes()))
         .unwrap_or_default();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let span = info_span!("tunnel", name = %tunnel.name, id = tunnel.id);
+    let span = info_span!("tunnel", name = %tunnel.name, id = tunnel.id, client = %peer);
     state.spawn(
         run(
             Arc::clone(state),

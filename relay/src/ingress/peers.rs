@@ -32,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info_span, warn, Instrument};
 
 use super::{
     check_declared_size, error_outcome, error_response, forward, relay_body,
@@ -386,7 +386,7 @@ async fn answer_peer(
         owner: Some(owner),
         state,
     };
-    let span = info_span!("forwarded", exchange = %meta.exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
+    let span = debug_span!("forwarded", exchange = %meta.exchange, tunnel = %name, method = %req.method(), path = %req.uri().path());
     let result = forward(&link, name, host, meta.exchange, req, None)
         .instrument(span)
         .await;
