@@ -172,10 +172,22 @@ impl<T> GuardedIo<T> {
         if deadline <= Instant::now() {
             return true;
         }
-        if self.timer.deadline() != deadline {
+        // The deadline moves later with every request; the timer is moved
+        // only when it would fire late, or has fired early, rather than
+        // on every request.
+        let armed = self.timer.deadline();
+        if armed > deadline || (armed < deadline && self.timer.is_elapsed()) {
             self.timer.as_mut().reset(deadline);
         }
-        // Registers the waker for the deadline; a fire means time is up.
+        // Registers the waker for the deadline.
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if self.timer.deadline() == deadline {
+            return true;
+        }
+        // Fired at an earlier deadline: wait for the current one.
+        self.timer.as_mut().reset(deadline);
         self.timer.as_mut().poll(cx).is_ready()
     }
 }
@@ -334,6 +346,31 @@ mod tests {
         let ended = ended.await.unwrap();
         assert_eq!(tokio::time::Instant::now() - ended, TIMEOUTS.idle);
         chatter.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_moves_the_idle_deadline_though_the_timer_fires_at_an_older_one() {
+        let (mut peer, socket) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        let mut io = GuardedIo::new(socket, std::sync::Arc::clone(&activity), TIMEOUTS, places());
+        let requests = tokio::spawn(async move {
+            // Each request ends before the deadline the one before it set,
+            // and after the timer armed for an older deadline has fired.
+            let mut ended = tokio::time::Instant::now();
+            for pause in [5, 40, 100] {
+                tokio::time::sleep(Duration::from_secs(pause)).await;
+                let request = activity.begin();
+                peer.write_all(b"GET").await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                drop(request);
+                ended = tokio::time::Instant::now();
+            }
+            (peer, ended)
+        });
+        let mut buf = [0u8; 8];
+        while io.read(&mut buf).await.unwrap() > 0 {}
+        let (_peer, ended) = requests.await.unwrap();
+        assert_eq!(tokio::time::Instant::now() - ended, TIMEOUTS.idle);
     }
 
     #[tokio::test(start_paused = true)]
