@@ -213,8 +213,9 @@ async fn write(
         // The permits go back only once the entries are stored, so the
         // budget bounds what the writer holds too.
         let (entries, permits): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let entries: Arc<[Exchange]> = entries.into();
         loop {
-            match log.append(entries.clone()).await {
+            match log.append(Arc::clone(&entries)).await {
                 Ok(()) => {
                     stats.written.fetch_add(count, Ordering::Relaxed);
                     stats.written_bytes.fetch_add(size, Ordering::Relaxed);

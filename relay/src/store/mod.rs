@@ -16,6 +16,7 @@ pub mod sqlite;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -529,8 +530,9 @@ pub trait Database: Send + Sync {
 #[async_trait]
 pub trait ActivityLog: Send + Sync {
     /// Stores `entries` in one transaction. An entry whose id is already
-    /// stored replaces it.
-    async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError>;
+    /// stored replaces it. Shared, so that a batch retried after an outage
+    /// is not copied for each attempt.
+    async fn append(&self, entries: Arc<[Exchange]>) -> Result<(), StoreError>;
 
     /// Entries matching `filter`, newest first (by id), starting after
     /// `before` (an id from the previous page), at most `limit`. Without

@@ -720,7 +720,7 @@ impl Database for Sqlite {
 
 #[async_trait]
 impl ActivityLog for Sqlite {
-    async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError> {
+    async fn append(&self, entries: Arc<[Exchange]>) -> Result<(), StoreError> {
         let last_append = self.indexer.as_ref().map(|i| Arc::clone(&i.last_append));
         if let Some(indexer) = &self.indexer {
             indexer.appending.fetch_add(1, Ordering::Relaxed);
@@ -728,7 +728,7 @@ impl ActivityLog for Sqlite {
         let written = self
             .write(move |conn| {
                 let tx = immediate(conn)?;
-                for entry in &entries {
+                for entry in entries.iter() {
                     insert(&tx, entry)?;
                 }
                 tx.commit()?;
@@ -1087,7 +1087,7 @@ mod tests {
                 entry(owner, body)
             })
             .collect();
-        store.append(entries).await.expect("append");
+        store.append(entries.into()).await.expect("append");
         let search = |owner: Option<&str>, text: &str| Filter {
             owner: owner.map(str::to_owned),
             text: Some(text.to_owned()),

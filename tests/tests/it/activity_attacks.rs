@@ -318,7 +318,7 @@ async fn a_search_costs_the_searcher_not_the_whole_log() {
             .expect("list");
         own[0].id = ferry_common::ids::ExchangeId::new();
         own[0].owner = ferry_relay::AccountId::of_token("token-bob").to_string();
-        store.append(own).await.expect("append");
+        store.append(own.into()).await.expect("append");
         let conn = rusqlite::Connection::open(dir.path().join("ferry.db")).expect("open");
         let counted: i64 = conn
             .query_row("SELECT SUM(stored_size) FROM exchanges", [], |r| r.get(0))
@@ -824,7 +824,7 @@ async fn a_search_finds_non_ascii_text_as_written() {
             incomplete: false,
             replayed_at: None,
             dispatch: None,
-        }])
+        }].into())
         .await
         .expect("append");
     let mut missed = Vec::new();

@@ -156,7 +156,7 @@ async fn round_trip_is_byte_exact(store: &(impl ActivityLog + NameRegistry)) {
     empty_response.request_headers = Vec::new();
 
     let all = vec![binary.clone(), answered.clone(), empty_response.clone()];
-    store.append(all.clone()).await.expect("append");
+    store.append(all.clone().into()).await.expect("append");
     for expected in &all {
         let got = store.get(expected.id, None).await.expect("get");
         assert_eq!(got.as_ref(), Some(expected));
@@ -195,8 +195,14 @@ async fn list_pages_newest_first_without_gaps_or_repeats(
             entry(owner, "brave-otter", T0 + i)
         })
         .collect();
-    store.append(entries[..10].to_vec()).await.expect("append");
-    store.append(entries[10..].to_vec()).await.expect("append");
+    store
+        .append(entries[..10].to_vec().into())
+        .await
+        .expect("append");
+    store
+        .append(entries[10..].to_vec().into())
+        .await
+        .expect("append");
 
     for filter in [Filter::default(), owned_by("acct_a")] {
         let expected: Vec<ExchangeId> = entries
@@ -241,7 +247,7 @@ async fn filters_select_alone_and_combined(store: &(impl ActivityLog + NameRegis
     e4.response = None;
     e4.outcome = Outcome::TargetUnreachable;
     store
-        .append(vec![e1.clone(), e2.clone(), e3.clone(), e4.clone()])
+        .append(vec![e1.clone(), e2.clone(), e3.clone(), e4.clone()].into())
         .await
         .expect("append");
     let [e1, e2, e3, e4] = [e1.id, e2.id, e3.id, e4.id];
@@ -414,7 +420,7 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
         &with_nul,
     ];
     store
-        .append(all.iter().map(|e| (*e).clone()).collect())
+        .append(all.iter().map(|e| (*e).clone()).collect::<Vec<_>>().into())
         .await
         .expect("append");
 
@@ -474,7 +480,10 @@ async fn text_search_is_case_insensitive_and_owner_scoped(
 
 async fn get_is_owner_scoped(store: &(impl ActivityLog + NameRegistry)) {
     let mine = entry("acct_a", "t", T0);
-    store.append(vec![mine.clone()]).await.expect("append");
+    store
+        .append(vec![mine.clone()].into())
+        .await
+        .expect("append");
     let get = |owner| store.get(mine.id, owner);
     assert_eq!(get(Some("acct_a")).await.expect("get"), Some(mine.clone()));
     assert_eq!(get(None).await.expect("get"), Some(mine.clone()));
@@ -490,8 +499,14 @@ async fn committed_after_follows_commits_not_ids(store: &(impl ActivityLog + Nam
     let newer = entry("acct_a", "t", T0 + 1);
     assert!(older.id < newer.id);
     // The newer request completes first.
-    store.append(vec![newer.clone()]).await.expect("append");
-    store.append(vec![older.clone()]).await.expect("append");
+    store
+        .append(vec![newer.clone()].into())
+        .await
+        .expect("append");
+    store
+        .append(vec![older.clone()].into())
+        .await
+        .expect("append");
 
     let tail = store
         .committed_after(&Filter::default(), 0, 10)
@@ -548,7 +563,7 @@ async fn append_of_a_stored_id_replaces_it_as_a_new_commit(
     first.request_body = body("searchable-before");
     let other = entry("acct_a", "t", T0 + 1);
     store
-        .append(vec![first.clone(), other.clone()])
+        .append(vec![first.clone(), other.clone()].into())
         .await
         .expect("append");
     let before = store
@@ -561,7 +576,10 @@ async fn append_of_a_stored_id_replaces_it_as_a_new_commit(
     fuller.response = entry("acct_a", "t", T0).response;
     fuller.outcome = Outcome::Answered;
     fuller.request_body = body("searchable-after");
-    store.append(vec![fuller.clone()]).await.expect("append");
+    store
+        .append(vec![fuller.clone()].into())
+        .await
+        .expect("append");
 
     assert_eq!(
         store.get(first.id, None).await.expect("get"),
@@ -600,7 +618,7 @@ async fn append_of_a_stored_id_replaces_it_as_a_new_commit(
     let mut last = fuller.clone();
     last.error = Some("the last word".to_owned());
     store
-        .append(vec![fuller.clone(), last.clone()])
+        .append(vec![fuller.clone(), last.clone()].into())
         .await
         .expect("append");
     assert_eq!(
@@ -625,7 +643,10 @@ async fn append_of_a_stored_id_replaces_it_as_a_new_commit(
 async fn mark_replayed_succeeds_once(store: &(impl ActivityLog + NameRegistry)) {
     let mut offline = entry("acct_a", "t", T0);
     offline.outcome = Outcome::ClientOffline;
-    store.append(vec![offline.clone()]).await.expect("append");
+    store
+        .append(vec![offline.clone()].into())
+        .await
+        .expect("append");
     assert!(store
         .mark_replayed(offline.id, T0 + 10)
         .await
@@ -657,12 +678,15 @@ async fn missed_lists_offline_captures_not_yet_replayed(store: &(impl ActivityLo
     let mut other_owner = entry("acct_b", "t", T0 + 4);
     other_owner.outcome = Outcome::ClientOffline;
     store
-        .append(vec![
-            offline.clone(),
-            replayed.clone(),
-            answered.clone(),
-            other_owner.clone(),
-        ])
+        .append(
+            vec![
+                offline.clone(),
+                replayed.clone(),
+                answered.clone(),
+                other_owner.clone(),
+            ]
+            .into(),
+        )
         .await
         .expect("append");
     let missed = |owner: Option<&str>| Filter {
@@ -692,8 +716,8 @@ async fn prune_removes_entries_past_the_age(store: &(impl ActivityLog + NameRegi
     let young: Vec<Exchange> = (0..5)
         .map(|i| entry("acct_a", "t", T0 + 100 * SECOND + i))
         .collect();
-    store.append(old.clone()).await.expect("append");
-    store.append(young.clone()).await.expect("append");
+    store.append(old.clone().into()).await.expect("append");
+    store.append(young.clone().into()).await.expect("append");
 
     let retention = Retention {
         max_age: Duration::from_secs(50),
@@ -736,7 +760,7 @@ async fn prune_removes_the_oldest_beyond_the_total_size(store: &(impl ActivityLo
         .collect();
     let size = entries[0].stored_size();
     assert!(entries.iter().all(|e| e.stored_size() == size));
-    store.append(entries.clone()).await.expect("append");
+    store.append(entries.clone().into()).await.expect("append");
 
     let retention = Retention {
         max_bytes: 4 * size + size / 2,
@@ -765,8 +789,8 @@ async fn prune_takes_a_flooding_owner_s_oldest_and_spares_the_others(
         .collect();
     let size = quiet[0].stored_size();
     assert!(flood.iter().all(|e| e.stored_size() == size));
-    store.append(quiet.clone()).await.expect("append");
-    store.append(flood.clone()).await.expect("append");
+    store.append(quiet.clone().into()).await.expect("append");
+    store.append(flood.clone().into()).await.expect("append");
 
     let retention = Retention {
         max_bytes_per_owner: 4 * size,
@@ -922,7 +946,7 @@ on_both!(
 async fn sqlite_file_keeps_everything_across_a_reopen() {
     let Fresh { _dir, path, store } = Fresh::new();
     let entries: Vec<Exchange> = (0..5).map(|i| entry("acct_a", "t", T0 + i)).collect();
-    store.append(entries.clone()).await.expect("append");
+    store.append(entries.clone().into()).await.expect("append");
     let name = NameRecord {
         name: "alpha".to_owned(),
         owner: "acct_a".to_owned(),
@@ -943,7 +967,10 @@ async fn sqlite_file_keeps_everything_across_a_reopen() {
     assert_eq!(store.name("alpha").await.expect("name"), Some(name));
     assert_eq!(store.last_seq().await.expect("last_seq"), last);
     let later = entry("acct_a", "t", T0 + 9);
-    store.append(vec![later.clone()]).await.expect("append");
+    store
+        .append(vec![later.clone()].into())
+        .await
+        .expect("append");
     assert!(store.seq_of(later.id, None).await.expect("seq_of") > Some(last));
     let search = Filter {
         text: Some("/HOOK".to_owned()),
@@ -963,7 +990,10 @@ async fn sqlite_file_keeps_everything_across_a_reopen() {
 async fn sqlite_read_only_reads_and_refuses_writes() {
     let Fresh { _dir, path, store } = Fresh::new();
     let first = entry("acct_a", "t", T0);
-    store.append(vec![first.clone()]).await.expect("append");
+    store
+        .append(vec![first.clone()].into())
+        .await
+        .expect("append");
 
     // Beside a running writer, as a command beside the relay.
     let reader = Sqlite::open_read_only(&path).expect("open read-only");
@@ -972,7 +1002,10 @@ async fn sqlite_read_only_reads_and_refuses_writes() {
         Some(first.clone())
     );
     let second = entry("acct_a", "t", T0 + 1);
-    store.append(vec![second.clone()]).await.expect("append");
+    store
+        .append(vec![second.clone()].into())
+        .await
+        .expect("append");
     assert_eq!(
         listed(&reader, &Filter::default()).await,
         vec![second.id, first.id]
@@ -987,7 +1020,7 @@ async fn sqlite_read_only_reads_and_refuses_writes() {
         vec![second.id, first.id]
     );
     assert!(reader
-        .append(vec![entry("acct_a", "t", T0 + 2)])
+        .append(vec![entry("acct_a", "t", T0 + 2)].into())
         .await
         .is_err());
     assert!(reader.mark_replayed(first.id, T0).await.is_err());
@@ -1069,7 +1102,7 @@ async fn postgres_stores_on_one_database_see_each_others_entries_and_names() {
     let url = ferry_tests::postgres::fresh_database().await;
     let one = Postgres::connect(&url).await.expect("connect");
     let first: Vec<Exchange> = (0..3).map(|i| entry("acct_a", "t", T0 + i)).collect();
-    one.append(first.clone()).await.expect("append");
+    one.append(first.clone().into()).await.expect("append");
     let alpha = NameRecord {
         name: "alpha".to_owned(),
         owner: "acct_a".to_owned(),
@@ -1100,7 +1133,9 @@ async fn postgres_stores_on_one_database_see_each_others_entries_and_names() {
     // And the other way round.
     let last_of_one = one.last_seq().await.expect("last_seq");
     let second = entry("acct_b", "u", T0 + 10);
-    two.append(vec![second.clone()]).await.expect("append");
+    two.append(vec![second.clone()].into())
+        .await
+        .expect("append");
     let beta = NameRecord {
         name: "beta".to_owned(),
         owner: "acct_b".to_owned(),
@@ -1155,7 +1190,7 @@ async fn postgres_tail_never_skips_an_entry_committed_by_another_relay() {
             let relay = relay.clone();
             writers.push(tokio::spawn(async move {
                 for batch in batches {
-                    relay.append(batch).await.expect("append");
+                    relay.append(batch.into()).await.expect("append");
                 }
             }));
         }
@@ -1212,7 +1247,10 @@ async fn postgres_relays_pruning_at_once_remove_the_excess_once() {
             .map(|i| entry("acct_a", "t", T0 + round * 1000 + i))
             .collect();
         let size = entries[0].stored_size();
-        relays[0].append(entries.clone()).await.expect("append");
+        relays[0]
+            .append(entries.clone().into())
+            .await
+            .expect("append");
         let excess = (kept.len() + entries.len() - KEEP) as u64;
         kept.extend(entries);
         kept.drain(..kept.len() - KEEP);
@@ -1281,7 +1319,7 @@ async fn postgres_a_search_past_its_time_fails_as_too_slow() {
     let url = ferry_tests::postgres::fresh_database().await;
     let store = Postgres::connect(&url).await.expect("connect");
     store
-        .append(vec![entry("acct_a", "t", T0)])
+        .append(vec![entry("acct_a", "t", T0)].into())
         .await
         .expect("append");
     // A query stuck behind another session's lock runs as long as one
@@ -1320,7 +1358,7 @@ async fn postgres_a_nul_in_a_text_field_is_stored_as_a_replacement_not_a_failed_
     odd.error = Some("the target said \0 and hung up".to_owned());
     let plain = entry("acct_a", "t", T0 + 1);
     store
-        .append(vec![odd.clone(), plain.clone()])
+        .append(vec![odd.clone(), plain.clone()].into())
         .await
         .expect("a NUL does not fail the batch");
     let got = store.get(odd.id, None).await.expect("get").expect("stored");

@@ -7,6 +7,7 @@
 //! recomputes what is over the limit under a lock at every step.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -390,7 +391,7 @@ impl Postgres {
 
 #[async_trait]
 impl ActivityLog for Postgres {
-    async fn append(&self, entries: Vec<Exchange>) -> Result<(), StoreError> {
+    async fn append(&self, entries: Arc<[Exchange]>) -> Result<(), StoreError> {
         if entries.is_empty() {
             return Ok(());
         }
