@@ -446,10 +446,30 @@ fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-/// The time of day in UTC to the millisecond, as `ferry log` prints it.
-fn clock(at: SystemTime) -> String {
-    let full = rfc3339(at);
-    full.get(11..23).map_or_else(|| full.clone(), str::to_owned)
+/// The time of day in UTC to the millisecond, as `ferry log` prints it:
+/// written in place, since it starts every request's line.
+struct Clock(SystemTime);
+
+fn clock(at: SystemTime) -> Clock {
+    Clock(at)
+}
+
+impl std::fmt::Display for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let since = self
+            .0
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let of_day = since.as_secs() % 86_400;
+        write!(
+            f,
+            "{:02}:{:02}:{:02}.{:03}",
+            of_day / 3600,
+            of_day / 60 % 60,
+            of_day % 60,
+            since.subsec_millis()
+        )
+    }
 }
 
 #[cfg(test)]
@@ -468,6 +488,21 @@ mod tests {
             relay: "ws://127.0.0.1:8080".to_owned(),
             relay_note: Some("embedded".to_owned()),
             dashboard: Some("http://127.0.0.1:8080/".to_owned()),
+        }
+    }
+
+    #[test]
+    fn the_clock_is_the_time_of_day_of_the_rfc3339_form() {
+        for millis in [
+            0,
+            999,
+            1_700_000_000_123,
+            1_764_374_399_999,
+            4_102_444_800_001,
+        ] {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+            let full = super::rfc3339(at);
+            assert_eq!(super::clock(at).to_string(), full[11..23], "{full}");
         }
     }
 
