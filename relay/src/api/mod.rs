@@ -868,6 +868,7 @@ fn metrics(state: &State) -> Response<Body> {
          # HELP ferry_capture_shed_total Exchanges stored without their bodies because the capture queue was full.\n# TYPE ferry_capture_shed_total counter\nferry_capture_shed_total {}\n\
          # HELP ferry_capture_dropped_total Exchanges lost: the capture queue was full, or the write failed.\n# TYPE ferry_capture_dropped_total counter\nferry_capture_dropped_total {}\n\
          # HELP ferry_capture_failing Whether the last activity log write failed.\n# TYPE ferry_capture_failing gauge\nferry_capture_failing {}\n\
+         # HELP ferry_search_index_backlog Stored exchanges not yet in the search index, which fills it while the log is idle (searches check them one by one meanwhile).\n# TYPE ferry_search_index_backlog gauge\nferry_search_index_backlog {}\n\
          # HELP ferry_dispatch_attempts_total Webhook delivery attempts made.\n# TYPE ferry_dispatch_attempts_total counter\nferry_dispatch_attempts_total {}\n\
          # HELP ferry_dispatch_succeeded_total Webhook deliveries that succeeded.\n# TYPE ferry_dispatch_succeeded_total counter\nferry_dispatch_succeeded_total {}\n\
          # HELP ferry_dispatch_failed_total Webhook deliveries that failed for good.\n# TYPE ferry_dispatch_failed_total counter\nferry_dispatch_failed_total {}\n\
@@ -882,6 +883,7 @@ fn metrics(state: &State) -> Response<Body> {
         state.recorder.stats().shed.load(Ordering::Relaxed),
         state.recorder.stats().dropped.load(Ordering::Relaxed),
         u8::from(state.recorder.health().borrow().is_some()),
+        state.log.search_backlog(),
         state.dispatcher.stats().attempts.load(Ordering::Relaxed),
         state.dispatcher.stats().succeeded.load(Ordering::Relaxed),
         state.dispatcher.stats().failed.load(Ordering::Relaxed),

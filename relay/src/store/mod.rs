@@ -534,6 +534,13 @@ pub trait ActivityLog: Send + Sync {
     /// is not copied for each attempt.
     async fn append(&self, entries: Arc<[Exchange]>) -> Result<(), StoreError>;
 
+    /// About how many stored entries wait for the search index, which a
+    /// store may fill after the append (they are searched one by one
+    /// meanwhile); 0 where the append indexes them.
+    fn search_backlog(&self) -> u64 {
+        0
+    }
+
     /// Entries matching `filter`, newest first (by id), starting after
     /// `before` (an id from the previous page), at most `limit`. Without
     /// `bodies` the bodies' bytes are left empty (their sizes and flags

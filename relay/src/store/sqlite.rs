@@ -9,7 +9,7 @@
 //! durable queue) and `delivery_attempts`.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -195,6 +195,8 @@ struct Indexer {
     last_append: Arc<Mutex<std::time::Instant>>,
     /// Appends waiting for the writer: the index steps aside for them.
     appending: Arc<AtomicUsize>,
+    /// How far the log and its index have come, for the backlog gauge.
+    progress: Arc<Progress>,
     /// The thread, joined when the store is dropped.
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -212,19 +214,46 @@ impl Drop for Sqlite {
 }
 
 /// Entries one index step takes: a few milliseconds of the writer's time.
-const INDEX_STEP: i64 = 16;
+const INDEX_STEP: i64 = 256;
 /// How long the writer must have been idle before the index takes a step:
 /// under a steady flow of captures the index waits for a lull.
 const INDEX_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_millis(50);
 /// How often the indexer looks for work without being woken.
 const INDEX_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// The last sequence number stored, and the last one indexed.
+#[derive(Debug, Default)]
+struct Progress {
+    appended: AtomicI64,
+    indexed: AtomicI64,
+}
+
+impl Progress {
+    fn read(conn: &Connection) -> Result<Self, StoreError> {
+        let appended = conn.query_row("SELECT coalesce(max(seq), 0) FROM exchanges", [], |r| {
+            r.get(0)
+        })?;
+        let indexed = conn.query_row(
+            "SELECT indexed_through FROM exchange_search_progress",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Self {
+            appended: AtomicI64::new(appended),
+            indexed: AtomicI64::new(indexed),
+        })
+    }
+}
+
 fn run_indexer(
     writer: Arc<Mutex<Connection>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     wake: std::sync::mpsc::Receiver<()>,
-    last_append: Arc<Mutex<std::time::Instant>>,
-    appending: Arc<AtomicUsize>,
+    (last_append, appending, progress): (
+        Arc<Mutex<std::time::Instant>>,
+        Arc<AtomicUsize>,
+        Arc<Progress>,
+    ),
 ) {
     while !stop.load(Ordering::Relaxed) {
         let _ = wake.recv_timeout(INDEX_CHECK_EVERY);
@@ -243,8 +272,12 @@ fn run_indexer(
             }
             let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
             match index_step(&mut conn) {
-                Ok(done) if done < INDEX_STEP => break,
-                Ok(_) => {}
+                Ok((done, through)) => {
+                    progress.indexed.store(through, Ordering::Relaxed);
+                    if done < INDEX_STEP {
+                        break;
+                    }
+                }
                 Err(err) => {
                     tracing::warn!(%err, "search index step failed; retried later");
                     break;
@@ -255,8 +288,8 @@ fn run_indexer(
 }
 
 /// Indexes up to [`INDEX_STEP`] entries past the index's watermark;
-/// returns how many it took.
-fn index_step(conn: &mut Connection) -> Result<i64, StoreError> {
+/// returns how many it took, and the watermark after.
+fn index_step(conn: &mut Connection) -> Result<(i64, i64), StoreError> {
     let tx = immediate(conn)?;
     let through: i64 = tx
         .prepare_cached("SELECT indexed_through FROM exchange_search_progress")?
@@ -280,7 +313,8 @@ fn index_step(conn: &mut Connection) -> Result<i64, StoreError> {
             .execute([last])?;
     }
     tx.commit()?;
-    Ok(i64::try_from(rows.len()).unwrap_or(0))
+    let through = rows.last().map_or(through, |(last, _)| *last);
+    Ok((i64::try_from(rows.len()).unwrap_or(0), through))
 }
 
 /// The search text of a row read as owner, url, request headers and body,
@@ -355,6 +389,7 @@ impl Sqlite {
         writer.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut writer)?;
         register_matches(&writer)?;
+        let progress = Arc::new(Progress::read(&writer)?);
         let readers = (0..READERS)
             .map(|_| {
                 let reader = Connection::open_with_flags(
@@ -374,13 +409,16 @@ impl Sqlite {
         let thread = std::thread::Builder::new()
             .name("ferry-search-index".to_owned())
             .spawn({
-                let (writer, stop, last_append, appending) = (
+                let (writer, stop, shared) = (
                     Arc::clone(&writer),
                     Arc::clone(&stop),
-                    Arc::clone(&last_append),
-                    Arc::clone(&appending),
+                    (
+                        Arc::clone(&last_append),
+                        Arc::clone(&appending),
+                        Arc::clone(&progress),
+                    ),
                 );
-                move || run_indexer(writer, stop, woken, last_append, appending)
+                move || run_indexer(writer, stop, woken, shared)
             })
             .map_err(failed)?;
         Ok(Self {
@@ -392,6 +430,7 @@ impl Sqlite {
                 wake,
                 last_append,
                 appending,
+                progress,
                 thread: Some(thread),
             }),
         })
@@ -720,8 +759,20 @@ impl Database for Sqlite {
 
 #[async_trait]
 impl ActivityLog for Sqlite {
+    fn search_backlog(&self) -> u64 {
+        self.indexer.as_ref().map_or(0, |indexer| {
+            let progress = &indexer.progress;
+            let appended = progress.appended.load(Ordering::Relaxed);
+            u64::try_from(appended.saturating_sub(progress.indexed.load(Ordering::Relaxed)))
+                .unwrap_or(0)
+        })
+    }
+
     async fn append(&self, entries: Arc<[Exchange]>) -> Result<(), StoreError> {
-        let last_append = self.indexer.as_ref().map(|i| Arc::clone(&i.last_append));
+        let last_append = self
+            .indexer
+            .as_ref()
+            .map(|i| (Arc::clone(&i.last_append), Arc::clone(&i.progress)));
         if let Some(indexer) = &self.indexer {
             indexer.appending.fetch_add(1, Ordering::Relaxed);
         }
@@ -732,9 +783,12 @@ impl ActivityLog for Sqlite {
                     insert(&tx, entry)?;
                 }
                 tx.commit()?;
-                if let Some(last_append) = last_append {
+                if let Some((last_append, progress)) = last_append {
                     *last_append.lock().unwrap_or_else(PoisonError::into_inner) =
                         std::time::Instant::now();
+                    progress
+                        .appended
+                        .fetch_max(conn.last_insert_rowid(), Ordering::Relaxed);
                 }
                 Ok(())
             })
@@ -1109,16 +1163,29 @@ mod tests {
             );
         }
         assert_eq!(before, [10, 10, 0], "found one by one before indexing");
+        assert_eq!(store.search_backlog(), 100, "none indexed yet");
         let writer = store.writer.clone().expect("writable");
         loop {
             let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
-            if index_step(&mut conn).expect("index step") < INDEX_STEP {
+            if index_step(&mut conn).expect("index step").0 < INDEX_STEP {
                 break;
             }
         }
         for (query, expected) in queries.iter().zip(before) {
             let found = store.list(query, None, 1000, false).await.expect("list");
             assert_eq!(found.len(), expected, "{query:?} through the index");
+        }
+        drop(store);
+        let store = Sqlite::open(&dir.path().join("ferry.db")).expect("reopen");
+        assert_eq!(store.search_backlog(), 0, "read back from the file");
+        let more: Vec<Exchange> = (0..3).map(|_| entry("acct_a", "more")).collect();
+        store.append(more.into()).await.expect("append");
+        assert_eq!(store.search_backlog(), 3);
+        // The index's own thread takes them once the log is idle.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.search_backlog() > 0 {
+            assert!(std::time::Instant::now() < deadline, "never indexed");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 }
