@@ -1,5 +1,6 @@
 //! A relay's `/metrics`, read over HTTP as any scraper would, and the
-//! waits built on it: until no tunnel is left, until capture has caught up.
+//! waits built on it: until no tunnel is left, until capture and the
+//! search index have caught up.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -109,6 +110,28 @@ pub async fn capture_caught_up(relay: SocketAddr) -> Result<(CaptureCounts, Dura
                 "the activity log had stored {} of {} requests {CATCH_UP_WAIT:?} after the load",
                 capture.written + capture.dropped,
                 capture.forwarded
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until the relay's search index has taken every stored entry: on
+/// SQLite it fills while the log is idle, so right after a load it works
+/// for seconds, on CPU the next run would otherwise share. Returns how long
+/// it took.
+pub async fn search_index_caught_up(relay: SocketAddr) -> Result<Duration, String> {
+    let started = Instant::now();
+    loop {
+        let backlog = Metrics::read(relay)
+            .await?
+            .value("ferry_search_index_backlog")?;
+        if backlog == 0 {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > CATCH_UP_WAIT {
+            return Err(format!(
+                "the search index still lacked {backlog} entries {CATCH_UP_WAIT:?} after the load"
             ));
         }
         tokio::time::sleep(POLL).await;

@@ -336,11 +336,13 @@ impl Stack {
         })
     }
 
-    /// Waits until the relay has stored what the last run left queued, so
-    /// that its writer takes no CPU from the next run.
+    /// Waits until the relay has stored and indexed what the last run left
+    /// queued, so that its writer and search index take no CPU from the
+    /// next run.
     async fn settle(&self) -> Result<(), String> {
         if self.capture == Capture::On {
             metrics::capture_caught_up(self.relay_addr).await?;
+            metrics::search_index_caught_up(self.relay_addr).await?;
         }
         Ok(())
     }
@@ -539,7 +541,8 @@ pub async fn run(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
 async fn capture_cost(bin: &Path, settings: &Settings) -> Result<Vec<Row>, String> {
     let on = Stack::start(bin, settings, Capture::On).await?;
     let off = Stack::start(bin, settings, Capture::Off).await?;
-    let (mut with, mut without, mut catch_up) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut with, mut without, mut catch_up, mut indexing) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..settings.rounds {
         let without_run = run_load(
             bin,
@@ -556,6 +559,12 @@ async fn capture_cost(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
         // What the writer still holds when the load ends, in seconds of
         // writing; the next run waits for it.
         let (_, took) = metrics::capture_caught_up(on.relay_addr).await?;
+        // Nor does its search index run into the next capture-off run.
+        indexing.push(
+            metrics::search_index_caught_up(on.relay_addr)
+                .await?
+                .as_secs_f64(),
+        );
         for (outcome, side) in [(&without_run, "off"), (&with_run, "on")] {
             if outcome.requests == 0 {
                 return Err(format!(
@@ -589,6 +598,8 @@ async fn capture_cost(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
             .at_most(0.0, "dropped"),
         Row::new(name, "captures shed (stored without bodies)").only(counts.shed as f64),
         Row::new(name, "s until all was stored after a run").only(median(&mut catch_up)),
+        Row::new(name, "s more until the search index had every entry")
+            .only(median(&mut indexing)),
     ])
 }
 
