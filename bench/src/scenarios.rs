@@ -598,8 +598,7 @@ async fn capture_cost(bin: &Path, settings: &Settings) -> Result<Vec<Row>, Strin
             .at_most(0.0, "dropped"),
         Row::new(name, "captures shed (stored without bodies)").only(counts.shed as f64),
         Row::new(name, "s until all was stored after a run").only(median(&mut catch_up)),
-        Row::new(name, "s more until the search index had every entry")
-            .only(median(&mut indexing)),
+        Row::new(name, "s more until the search index had every entry").only(median(&mut indexing)),
     ])
 }
 

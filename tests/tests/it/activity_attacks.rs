@@ -799,32 +799,35 @@ async fn a_search_finds_non_ascii_text_as_written() {
         ferry_relay::store::sqlite::Sqlite::open(&dir.path().join("ferry.db")).expect("store");
     let text = "Grüße aus ÄRGERNIS";
     store
-        .append(vec![Exchange {
-            id: ferry_common::ids::ExchangeId::new(),
-            tunnel: "demo".to_owned(),
-            owner: String::new(),
-            kind: Kind::Tunnel,
-            replay_of: None,
-            received_at: 1,
-            method: "POST".to_owned(),
-            url: "http://demo.localhost/".to_owned(),
-            http_version: "HTTP/1.1".to_owned(),
-            remote_addr: "127.0.0.1:1".to_owned(),
-            request_headers: Vec::new(),
-            request_body: CapturedBody {
-                size: text.len() as u64,
-                bytes: text.as_bytes().to_vec().into(),
-                truncated: false,
-            },
-            response: None,
-            responded_at: None,
-            done_at: Some(1),
-            outcome: Outcome::Answered,
-            error: None,
-            incomplete: false,
-            replayed_at: None,
-            dispatch: None,
-        }].into())
+        .append(
+            vec![Exchange {
+                id: ferry_common::ids::ExchangeId::new(),
+                tunnel: "demo".to_owned(),
+                owner: String::new(),
+                kind: Kind::Tunnel,
+                replay_of: None,
+                received_at: 1,
+                method: "POST".to_owned(),
+                url: "http://demo.localhost/".to_owned(),
+                http_version: "HTTP/1.1".to_owned(),
+                remote_addr: "127.0.0.1:1".to_owned(),
+                request_headers: Vec::new(),
+                request_body: CapturedBody {
+                    size: text.len() as u64,
+                    bytes: text.as_bytes().to_vec().into(),
+                    truncated: false,
+                },
+                response: None,
+                responded_at: None,
+                done_at: Some(1),
+                outcome: Outcome::Answered,
+                error: None,
+                incomplete: false,
+                replayed_at: None,
+                dispatch: None,
+            }]
+            .into(),
+        )
         .await
         .expect("append");
     let mut missed = Vec::new();
