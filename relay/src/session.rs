@@ -228,7 +228,7 @@ async fn claim_in_fleet(
                 err.to_string(),
             ),
             crate::cluster::ClaimError::Store(_) => {
-                warn!(%err, "tunnel refused: the fleet's database did not answer");
+                warn!(%err, tunnel = %tunnel.name, "tunnel refused: the fleet's database did not answer");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",

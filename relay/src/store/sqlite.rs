@@ -230,9 +230,11 @@ struct Progress {
 
 impl Progress {
     fn read(conn: &Connection) -> Result<Self, StoreError> {
-        let appended = conn.query_row("SELECT coalesce(max(seq), 0) FROM exchanges", [], |r| {
-            r.get(0)
-        })?;
+        let appended = conn.query_row(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'exchanges'), 0)",
+            [],
+            |r| r.get(0),
+        )?;
         let indexed = conn.query_row(
             "SELECT indexed_through FROM exchange_search_progress",
             [],
@@ -271,13 +273,9 @@ fn run_indexer(
                 continue;
             }
             let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
-            match index_step(&mut conn) {
-                Ok((done, through)) => {
-                    progress.indexed.store(through, Ordering::Relaxed);
-                    if done < INDEX_STEP {
-                        break;
-                    }
-                }
+            match index_step(&mut conn, &progress) {
+                Ok(done) if done < INDEX_STEP => break,
+                Ok(_) => {}
                 Err(err) => {
                     tracing::warn!(%err, "search index step failed; retried later");
                     break;
@@ -287,19 +285,23 @@ fn run_indexer(
     }
 }
 
-/// Indexes up to [`INDEX_STEP`] entries past the index's watermark;
-/// returns how many it took, and the watermark after.
-fn index_step(conn: &mut Connection) -> Result<(i64, i64), StoreError> {
+/// Indexes up to [`INDEX_STEP`] entries past the index's watermark and
+/// records the new one in `progress`; returns how many it took.
+fn index_step(conn: &mut Connection, progress: &Progress) -> Result<i64, StoreError> {
     let tx = immediate(conn)?;
     let through: i64 = tx
         .prepare_cached("SELECT indexed_through FROM exchange_search_progress")?
         .query_row([], |r| r.get(0))?;
+    // Only the prefix of each body that the search text keeps: a step
+    // never loads whole captured bodies.
     let rows: Vec<(i64, String)> = {
         let mut statement = tx.prepare_cached(
-            "SELECT seq, owner, url, request_headers, request_body, response_headers, response_body
+            "SELECT seq, owner, url, request_headers, substr(request_body, 1, ?3),
+                 response_headers, substr(response_body, 1, ?3)
              FROM exchanges WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = statement.query_map(params![through, INDEX_STEP], |row| {
+        let prefix = i64::try_from(super::SEARCH_BODY_PREFIX).unwrap_or(i64::MAX);
+        let rows = statement.query_map(params![through, INDEX_STEP, prefix], |row| {
             Ok((row.get::<_, i64>(0)?, searchable_row(row)?))
         })?;
         rows.collect::<Result<_, _>>()?
@@ -308,13 +310,26 @@ fn index_step(conn: &mut Connection) -> Result<(i64, i64), StoreError> {
         tx.prepare_cached("INSERT INTO exchange_search (rowid, text) VALUES (?1, ?2)")?
             .execute(params![seq, text])?;
     }
-    if let Some((last, _)) = rows.last() {
+    let taken = i64::try_from(rows.len()).unwrap_or(0);
+    let mut now_through = rows.last().map_or(through, |(last, _)| *last);
+    if taken < INDEX_STEP {
+        // Every entry there is has been taken (the write lock is held), so
+        // the watermark moves past entries removed before their turn too,
+        // up to the last sequence number ever given.
+        let given: i64 = tx
+            .prepare_cached(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'exchanges'), 0)",
+            )?
+            .query_row([], |r| r.get(0))?;
+        now_through = now_through.max(given);
+    }
+    if now_through != through {
         tx.prepare_cached("UPDATE exchange_search_progress SET indexed_through = ?1")?
-            .execute([last])?;
+            .execute([now_through])?;
     }
     tx.commit()?;
-    let through = rows.last().map_or(through, |(last, _)| *last);
-    Ok((i64::try_from(rows.len()).unwrap_or(0), through))
+    progress.indexed.store(now_through, Ordering::Relaxed);
+    Ok(taken)
 }
 
 /// The search text of a row read as owner, url, request headers and body,
@@ -1094,6 +1109,9 @@ mod tests {
     use bytes::Bytes;
     use ferry_common::ids::ExchangeId;
 
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
     use super::{index_step, Sqlite, INDEX_STEP};
     use crate::store::{ActivityLog, CapturedBody, Exchange, Filter, Kind, Outcome};
 
@@ -1163,29 +1181,70 @@ mod tests {
             );
         }
         assert_eq!(before, [10, 10, 0], "found one by one before indexing");
-        assert_eq!(store.search_backlog(), 100, "none indexed yet");
-        let writer = store.writer.clone().expect("writable");
-        loop {
-            let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
-            if index_step(&mut conn).expect("index step").0 < INDEX_STEP {
-                break;
-            }
-        }
+        index_all(&store);
         for (query, expected) in queries.iter().zip(before) {
             let found = store.list(query, None, 1000, false).await.expect("list");
             assert_eq!(found.len(), expected, "{query:?} through the index");
         }
+    }
+
+    /// Runs index steps until the index has every entry.
+    fn index_all(store: &Sqlite) {
+        let writer = store.writer.clone().expect("writable");
+        let progress = Arc::clone(&store.indexer.as_ref().expect("indexer").progress);
+        let mut conn = writer.lock().unwrap_or_else(PoisonError::into_inner);
+        while index_step(&mut conn, &progress).expect("index step") == INDEX_STEP {}
+    }
+
+    /// Stops the index's own thread, so that the test alone moves it.
+    fn stop_index_thread(store: &mut Sqlite) {
+        let indexer = store.indexer.as_mut().expect("indexer");
+        indexer.stop.store(true, Ordering::Relaxed);
+        let _ = indexer.wake.try_send(());
+        if let Some(thread) = indexer.thread.take() {
+            thread.join().expect("the index thread");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_search_backlog_counts_what_the_index_lacks_and_ends_at_zero() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ferry.db");
+        let mut store = Sqlite::open(&path).expect("store");
+        stop_index_thread(&mut store);
+        let batch =
+            |n: usize| -> Arc<[Exchange]> { (0..n).map(|_| entry("acct_a", "x")).collect() };
+        store.append(batch(300)).await.expect("append");
+        assert_eq!(store.search_backlog(), 300);
+        index_all(&store);
+        assert_eq!(store.search_backlog(), 0);
+        // Entries removed before the index reached them (a prune) still
+        // let the backlog end.
+        store.append(batch(5)).await.expect("append");
+        assert_eq!(store.search_backlog(), 5);
+        store
+            .writer
+            .as_ref()
+            .expect("writable")
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .execute("DELETE FROM exchanges WHERE seq > 302", [])
+            .expect("delete");
+        index_all(&store);
+        assert_eq!(store.search_backlog(), 0, "past the removed entries");
+        // Read back from the file; the thread takes new entries by itself.
+        store.append(batch(2)).await.expect("append");
         drop(store);
-        let store = Sqlite::open(&dir.path().join("ferry.db")).expect("reopen");
-        assert_eq!(store.search_backlog(), 0, "read back from the file");
-        let more: Vec<Exchange> = (0..3).map(|_| entry("acct_a", "more")).collect();
-        store.append(more.into()).await.expect("append");
-        assert_eq!(store.search_backlog(), 3);
-        // The index's own thread takes them once the log is idle.
+        let store = Sqlite::open(&path).expect("reopen");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while store.search_backlog() > 0 {
             assert!(std::time::Instant::now() < deadline, "never indexed");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        let found = store
+            .list(&Filter::default(), None, 1000, false)
+            .await
+            .expect("list");
+        assert_eq!(found.len(), 304);
     }
 }
