@@ -338,14 +338,15 @@ fn searchable_row(row: &Row<'_>) -> rusqlite::Result<String> {
     let owner: String = row.get(1)?;
     let url: String = row.get(2)?;
     let request_headers: Vec<u8> = row.get(3)?;
-    let request_body: Vec<u8> = row.get(4)?;
+    // Read through `substr`, which makes an empty body NULL.
+    let request_body: Option<Vec<u8>> = row.get(4)?;
     let response_headers: Option<Vec<u8>> = row.get(5)?;
     let response_body: Option<Vec<u8>> = row.get(6)?;
     Ok(search_text_of(
         &owner,
         &url,
         &decode_headers(&request_headers).unwrap_or_default(),
-        &request_body,
+        &request_body.unwrap_or_default(),
         &decode_headers(&response_headers.unwrap_or_default()).unwrap_or_default(),
         &response_body.unwrap_or_default(),
     ))
@@ -1212,8 +1213,12 @@ mod tests {
         let path = dir.path().join("ferry.db");
         let mut store = Sqlite::open(&path).expect("store");
         stop_index_thread(&mut store);
-        let batch =
-            |n: usize| -> Arc<[Exchange]> { (0..n).map(|_| entry("acct_a", "x")).collect() };
+        // Half with no body, as a GET has.
+        let batch = |n: usize| -> Arc<[Exchange]> {
+            (0..n)
+                .map(|i| entry("acct_a", if i % 2 == 0 { "" } else { "x" }))
+                .collect()
+        };
         store.append(batch(300)).await.expect("append");
         assert_eq!(store.search_backlog(), 300);
         index_all(&store);
