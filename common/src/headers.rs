@@ -138,6 +138,30 @@ mod tests {
     }
 
     #[test]
+    fn strips_hop_by_hop_headers_that_come_without_connection() {
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "te",
+            "transfer-encoding",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.append(name, HeaderValue::from_static("x"));
+            headers.append("x-keep", HeaderValue::from_static("a"));
+            remove_hop_by_hop(&mut headers);
+            let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-keep"], "{name}");
+        }
+        let mut end_to_end = HeaderMap::new();
+        end_to_end.append("x-keep", HeaderValue::from_static("a"));
+        end_to_end.append("content-type", HeaderValue::from_static("text/plain"));
+        let before = end_to_end.clone();
+        remove_hop_by_hop(&mut end_to_end);
+        assert_eq!(end_to_end, before);
+    }
+
+    #[test]
     fn strips_forged_metadata() {
         let mut headers = HeaderMap::new();
         headers.append("ferry-client-ip", HeaderValue::from_static("6.6.6.6"));

@@ -213,7 +213,9 @@ impl Drop for Sqlite {
     }
 }
 
-/// Entries one index step takes: a few milliseconds of the writer's time.
+/// Entries one index step takes: about 8 ms of the writer's time, which an
+/// append waits at most; FTS5 writes a segment per commit, so larger steps
+/// cost less per entry.
 const INDEX_STEP: i64 = 256;
 /// How long the writer must have been idle before the index takes a step:
 /// under a steady flow of captures the index waits for a lull.
@@ -228,13 +230,17 @@ struct Progress {
     indexed: AtomicI64,
 }
 
+/// The last sequence number the log ever gave, removed entries included.
+fn last_seq_given(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'exchanges'), 0)",
+    )?
+    .query_row([], |r| r.get(0))
+}
+
 impl Progress {
     fn read(conn: &Connection) -> Result<Self, StoreError> {
-        let appended = conn.query_row(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'exchanges'), 0)",
-            [],
-            |r| r.get(0),
-        )?;
+        let appended = last_seq_given(conn)?;
         let indexed = conn.query_row(
             "SELECT indexed_through FROM exchange_search_progress",
             [],
@@ -316,12 +322,7 @@ fn index_step(conn: &mut Connection, progress: &Progress) -> Result<i64, StoreEr
         // Every entry there is has been taken (the write lock is held), so
         // the watermark moves past entries removed before their turn too,
         // up to the last sequence number ever given.
-        let given: i64 = tx
-            .prepare_cached(
-                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'exchanges'), 0)",
-            )?
-            .query_row([], |r| r.get(0))?;
-        now_through = now_through.max(given);
+        now_through = now_through.max(last_seq_given(&tx)?);
     }
     if now_through != through {
         tx.prepare_cached("UPDATE exchange_search_progress SET indexed_through = ?1")?
@@ -1107,11 +1108,11 @@ fn name_of(row: &Row<'_>) -> rusqlite::Result<NameRecord> {
 mod tests {
     use std::sync::PoisonError;
 
-    use bytes::Bytes;
-    use ferry_common::ids::ExchangeId;
-
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
+
+    use bytes::Bytes;
+    use ferry_common::ids::ExchangeId;
 
     use super::{index_step, Sqlite, INDEX_STEP};
     use crate::store::{ActivityLog, CapturedBody, Exchange, Filter, Kind, Outcome};
